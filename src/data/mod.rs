@@ -1,0 +1,1 @@
+//! Data: ImageFolder trees -> WebDataset tar shards -> decoded, augmented batches. OWNER: data helper.

@@ -1,0 +1,30 @@
+//! # devise — a DeViSE trainer (Frome et al., "DeViSE: A Deep Visual-Semantic Embedding Model",
+//! NeurIPS 2013)
+//!
+//! A CNN encodes an image, a linear projection maps its features into a word-embedding space,
+//! and a hinge rank loss (margin 0.1) pulls the image toward its label's vector and away from the
+//! other labels'. At test time the nearest label vectors are the prediction, so labels never seen
+//! in training can be recognised (zero-shot).
+//!
+//! Modules, in the order data flows through them:
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`storage`] | `object_store` URLs (plain paths, `file://`) behind one small blocking API |
+//! | [`data`] | ImageFolder -> WebDataset tar shards + manifest; shard reader, decode, augmentation, batches, the data cursor; the synthetic shapes dataset |
+//! | [`text`] | word-vector files (word2vec bin/text, GloVe, fastText) -> `label_embedding` per wnid (paper A.2) |
+//! | [`model`] | image encoder (`tch::vision` ResNets, a small ConvNet) + softmax head + linear projection `M` (§3) |
+//! | [`loss`] | softmax cross-entropy and the hinge rank loss (§3.3, eq. 1) |
+//! | [`optim`] | SGD with momentum and Adagrad with state of our own (checkpointable), LR schedule |
+//! | [`train`] | the training loop, stage by stage (softmax -> devise -> finetune) |
+//! | [`collective`] | the gradient all-reduce the loop calls (single-process backend today) |
+//! | [`checkpoint`] | crash-safe checkpoints: temporary name, atomic publish, `LATEST` last |
+//! | [`eval`] | flat hit@k on seen classes and zero-shot label sets; softmax baseline; chance |
+//! | [`report`] | JSON + Markdown report in the run directory, terminal summary |
+//!
+//! Configuration: [`config::RunConfig`] nests each component's own `Config`; it is validated once
+//! into a [`plan::Plan`] holding every derived number.
+
+pub mod storage;
+pub mod data;
+pub mod text;

@@ -1,0 +1,1 @@
+//! Label embeddings from word vectors (paper appendix A.2). OWNER: text helper.
