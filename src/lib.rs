@@ -28,3 +28,7 @@
 pub mod storage;
 pub mod data;
 pub mod text;
+pub mod model;
+pub mod loss;
+pub mod optim;
+pub mod collective;

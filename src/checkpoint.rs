@@ -1,0 +1,411 @@
+//! Crash-safe checkpoints under the run directory (STYLE.md point 7):
+//!
+//! ```text
+//! <run dir>/checkpoints/step-000001000/model.safetensors      every model variable, torchvision-style names
+//!                                      optimizer.safetensors  the current stage's optimizer state
+//!                                      train_state.json       step, stage, data cursor, samples seen, seed
+//!                                      config.toml            the resolved run configuration
+//!                                      manifest.json          size + sha256 of each file above (written last)
+//! <run dir>/checkpoints/LATEST          "step-000001000" (written after the step is published)
+//! ```
+//!
+//! Publishing: on a local file system the step is written as `step-N.tmp/` and renamed to
+//! `step-N/` in one `rename(2)`, so a reader sees all of it or none. On object stores (no rename)
+//! the files are written in place and `manifest.json` is written last: a step without a manifest
+//! is incomplete. Either way a reader never trusts a step without its manifest and verifies every
+//! file's size and sha256 before loading; `LATEST` is only a hint, checked like any other step.
+//!
+//! Failure: any I/O error aborts the save with the error (nothing is swallowed); the previous
+//! checkpoints are untouched, and retention deletes old steps only after the new one is published
+//! and verified.
+use crate::data::reader::Cursor;
+use crate::storage::Store;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use tch::{Kind, Tensor};
+
+/// `[checkpoint]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Save every this many optimizer steps (0: only at the end of each stage and on preemption).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Keep the newest this many checkpoints (at least 1).
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Also keep every checkpoint whose step is a multiple of this (0: none).
+    #[serde(default)]
+    pub keep_every_steps: u64,
+}
+
+fn default_keep_last() -> usize {
+    3
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { every_steps: 0, keep_last: default_keep_last(), keep_every_steps: 0 }
+    }
+}
+
+impl Config {
+    /// Checks the section; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.keep_last == 0 {
+            bail!("checkpoint.keep_last must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Everything besides tensors that a resume needs. All randomness is derived, not stored: the
+/// libtorch generator is re-seeded from `(seed, step)` before every step, and the data pipeline's
+/// order and augmentation come from `(seed, epoch, slot)`; so `seed`, `step` and `cursor` are the
+/// complete RNG state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimizer steps completed, counted across stages.
+    pub step: u64,
+    /// Name of the stage that step belongs to (`softmax`, `devise`, `finetune`).
+    pub stage: String,
+    /// Position of the training stream after `step` (shared by all ranks: the global order).
+    pub cursor: Cursor,
+    /// Training images consumed so far, all ranks together.
+    pub samples_seen: u64,
+    /// The run's seed.
+    pub seed: u64,
+    /// World size the checkpoint was written with.
+    pub world_size: usize,
+}
+
+/// A loaded checkpoint.
+pub struct Loaded {
+    /// Step directory URL it was loaded from.
+    pub url: String,
+    /// Model variables by name.
+    pub model: Vec<(String, Tensor)>,
+    /// Optimizer state by name.
+    pub optimizer: Vec<(String, Tensor)>,
+    /// Train state.
+    pub state: TrainState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    step: u64,
+    files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileEntry {
+    bytes: u64,
+    sha256: String,
+}
+
+/// `step-000001000` for step 1000.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:09}")
+}
+
+fn parse_step_dir(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.len() == 9 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        digits.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Serialises named tensors (float32/float64/int64, any device) to safetensors bytes.
+pub fn tensors_to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    struct Owned {
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    }
+    impl safetensors::View for &Owned {
+        fn dtype(&self) -> safetensors::Dtype {
+            self.dtype
+        }
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+        fn data(&self) -> Cow<'_, [u8]> {
+            Cow::Borrowed(&self.data)
+        }
+        fn data_len(&self) -> usize {
+            self.data.len()
+        }
+    }
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+        let dtype = match t.kind() {
+            Kind::Float => safetensors::Dtype::F32,
+            Kind::Double => safetensors::Dtype::F64,
+            Kind::Int64 => safetensors::Dtype::I64,
+            other => bail!("tensor '{name}': dtype {other:?} is not supported in checkpoints"),
+        };
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.copy_data_u8(&mut data, numel);
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.clone(), Owned { dtype, shape, data }));
+    }
+    let views: Vec<(String, &Owned)> = owned.iter().map(|(n, o)| (n.clone(), o)).collect();
+    Ok(safetensors::serialize(views, None)?)
+}
+
+/// Parses safetensors bytes into named CPU tensors, sorted by name. `source` names the file in errors.
+pub fn safetensors_to_tensors(bytes: &[u8], source: &str) -> Result<Vec<(String, Tensor)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{source}: not a valid safetensors file"))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            safetensors::Dtype::F32 => Kind::Float,
+            safetensors::Dtype::F64 => Kind::Double,
+            safetensors::Dtype::I64 => Kind::Int64,
+            other => bail!("{source}: tensor '{name}' has unsupported dtype {other:?}"),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        out.push((name, Tensor::from_data_size(view.data(), &shape, kind)));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Writes checkpoint `step` under `<run>/checkpoints/`, publishes it atomically, updates
+/// `LATEST`, then applies retention. Returns the step directory's URL. Only rank 0 calls this.
+pub fn save(
+    run: &Store,
+    cfg: &Config,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    state: &TrainState,
+    config_toml: &str,
+) -> Result<String> {
+    let name = step_dir_name(state.step);
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        ("model.safetensors", tensors_to_safetensors(model)?),
+        ("optimizer.safetensors", tensors_to_safetensors(optimizer)?),
+        ("train_state.json", serde_json::to_vec_pretty(state)?),
+        ("config.toml", config_toml.as_bytes().to_vec()),
+    ];
+    let manifest = Manifest {
+        step: state.step,
+        files: files
+            .iter()
+            .map(|(n, d)| (n.to_string(), FileEntry { bytes: d.len() as u64, sha256: sha256_hex(d) }))
+            .collect(),
+    };
+    files.push(("manifest.json", serde_json::to_vec_pretty(&manifest)?));
+
+    if let Some(root) = run.local_path() {
+        // Local file system: write step-N.tmp/, then one atomic rename to step-N/.
+        let dir = root.join("checkpoints");
+        let tmp = dir.join(format!("{name}.tmp"));
+        let fin = dir.join(&name);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        for (file, data) in &files {
+            let path = tmp.join(file);
+            let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            std::io::Write::write_all(&mut f, data).with_context(|| format!("writing {}", path.display()))?;
+            f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+        }
+        if fin.exists() {
+            // Same step written again (e.g. preempted exactly at a stage end): replace it.
+            std::fs::remove_dir_all(&fin).with_context(|| format!("replacing {}", fin.display()))?;
+        }
+        std::fs::rename(&tmp, &fin)
+            .with_context(|| format!("publishing {} -> {}", tmp.display(), fin.display()))?;
+    } else {
+        // Object store: files in place, manifest last (a step without manifest is incomplete).
+        for (file, data) in files {
+            run.put(&format!("checkpoints/{name}/{file}"), data.into())?;
+        }
+    }
+    verify(run, state.step).with_context(|| format!("verifying freshly written checkpoint {name}"))?;
+    run.put("checkpoints/LATEST", format!("{name}\n").into())?;
+
+    let steps = list_steps(run)?;
+    for old in retention(&steps, cfg.keep_last, cfg.keep_every_steps) {
+        if old == state.step {
+            continue;
+        }
+        delete_step(run, old)?;
+    }
+    Ok(run.child_url(&format!("checkpoints/{name}")))
+}
+
+/// Steps that have a directory (complete or not) under `checkpoints/`, ascending. `.tmp` folders
+/// are never listed.
+pub fn list_steps(run: &Store) -> Result<Vec<u64>> {
+    let mut steps: Vec<u64> = run
+        .list("checkpoints/")?
+        .into_iter()
+        .filter_map(|(path, _)| {
+            let mut parts = path.split('/');
+            let (_, dir) = (parts.next()?, parts.next()?);
+            parse_step_dir(dir)
+        })
+        .collect();
+    steps.sort_unstable();
+    steps.dedup();
+    Ok(steps)
+}
+
+/// Which checkpoints to delete (a pure function, unit-tested): everything except the newest
+/// `keep_last` steps and the steps that are multiples of `keep_every` (when > 0). The newest step
+/// is always kept.
+pub fn retention(steps: &[u64], keep_last: usize, keep_every: u64) -> Vec<u64> {
+    let mut sorted = steps.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let keep_from = sorted.len().saturating_sub(keep_last.max(1));
+    sorted
+        .iter()
+        .enumerate()
+        .filter(|&(i, &s)| i < keep_from && !(keep_every > 0 && s % keep_every == 0))
+        .map(|(_, &s)| s)
+        .collect()
+}
+
+fn delete_step(run: &Store, step: u64) -> Result<()> {
+    let name = step_dir_name(step);
+    if let Some(root) = run.local_path() {
+        let dir = root.join("checkpoints").join(&name);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("deleting {}", dir.display()))
+    } else {
+        // Manifest first, so a half-deleted step is never mistaken for a complete one.
+        run.delete(&format!("checkpoints/{name}/manifest.json"))?;
+        for (path, _) in run.list(&format!("checkpoints/{name}/"))? {
+            run.delete(&path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that step `step` has a manifest and every file matches its size and sha256. Returns
+/// the files' bytes by name.
+fn verify(run: &Store, step: u64) -> Result<BTreeMap<String, bytes::Bytes>> {
+    let name = step_dir_name(step);
+    let manifest_bytes = run
+        .get(&format!("checkpoints/{name}/manifest.json"))
+        .with_context(|| format!("checkpoint {name} has no manifest.json (incomplete)"))?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .with_context(|| format!("checkpoint {name}: manifest.json is not valid"))?;
+    if manifest.step != step {
+        bail!("checkpoint {name}: manifest says step {}", manifest.step);
+    }
+    let mut out = BTreeMap::new();
+    for (file, entry) in &manifest.files {
+        let data = run.get(&format!("checkpoints/{name}/{file}"))?;
+        if data.len() as u64 != entry.bytes {
+            bail!("checkpoint {name}/{file}: {} bytes, manifest says {}", data.len(), entry.bytes);
+        }
+        if sha256_hex(&data) != entry.sha256 {
+            bail!("checkpoint {name}/{file}: sha256 mismatch (corrupt)");
+        }
+        out.insert(file.clone(), data);
+    }
+    for needed in ["model.safetensors", "optimizer.safetensors", "train_state.json"] {
+        if !out.contains_key(needed) {
+            bail!("checkpoint {name}: manifest lists no {needed}");
+        }
+    }
+    Ok(out)
+}
+
+/// The newest complete, verified step, or None. `LATEST` is tried first; when it is missing or
+/// points at a broken step, every step is tried newest first, with a warning per broken one.
+pub fn find_latest(run: &Store) -> Result<Option<u64>> {
+    let mut candidates = list_steps(run)?;
+    candidates.reverse();
+    if run.exists("checkpoints/LATEST")? {
+        let text = run.get("checkpoints/LATEST")?;
+        match std::str::from_utf8(&text).ok().and_then(|s| parse_step_dir(s.trim())) {
+            Some(step) => {
+                candidates.retain(|&s| s != step);
+                candidates.insert(0, step);
+            }
+            None => tracing::warn!("{}: LATEST is unreadable; scanning", run.child_url("checkpoints/LATEST")),
+        }
+    }
+    for step in candidates {
+        match verify(run, step) {
+            Ok(_) => return Ok(Some(step)),
+            Err(e) => tracing::warn!("skipping checkpoint {}: {e:#}", step_dir_name(step)),
+        }
+    }
+    Ok(None)
+}
+
+/// Loads and verifies step `step` of run directory `run`.
+pub fn load(run: &Store, step: u64) -> Result<Loaded> {
+    let files = verify(run, step)?;
+    let url = run.child_url(&format!("checkpoints/{}", step_dir_name(step)));
+    let model = safetensors_to_tensors(&files["model.safetensors"], &format!("{url}/model.safetensors"))?;
+    let optimizer =
+        safetensors_to_tensors(&files["optimizer.safetensors"], &format!("{url}/optimizer.safetensors"))?;
+    let state: TrainState = serde_json::from_slice(&files["train_state.json"])
+        .with_context(|| format!("{url}/train_state.json"))?;
+    Ok(Loaded { url, model, optimizer, state })
+}
+
+/// Loads a checkpoint given its step directory URL (`.../checkpoints/step-000001000`).
+pub fn load_url(url: &str) -> Result<Loaded> {
+    let trimmed = url.trim_end_matches('/');
+    let (parent, dir) = trimmed.rsplit_once('/').context("checkpoint URL has no '/'")?;
+    let step = parse_step_dir(dir)
+        .with_context(|| format!("{url}: expected a step directory named step-NNNNNNNNN"))?;
+    let run_url = parent
+        .strip_suffix("/checkpoints")
+        .with_context(|| format!("{url}: expected .../checkpoints/{dir}"))?;
+    load(&Store::open(run_url)?, step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_keeps_last_and_every() {
+        assert_eq!(retention(&[100, 200, 300, 400, 500], 2, 0), vec![100, 200, 300]);
+        assert_eq!(retention(&[100, 200, 300, 400, 500], 2, 200), vec![100, 300]);
+        assert_eq!(retention(&[500], 1, 0), Vec::<u64>::new());
+        assert_eq!(retention(&[], 3, 0), Vec::<u64>::new());
+        // keep_last 0 still keeps the newest.
+        assert_eq!(retention(&[1, 2], 0, 0), vec![1]);
+    }
+
+    #[test]
+    fn step_names_round_trip() {
+        assert_eq!(step_dir_name(1000), "step-000001000");
+        assert_eq!(parse_step_dir("step-000001000"), Some(1000));
+        assert_eq!(parse_step_dir("step-000001000.tmp"), None);
+        assert_eq!(parse_step_dir("LATEST"), None);
+    }
+
+    #[test]
+    fn safetensors_round_trip_is_bit_exact() {
+        let a = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
+        let b = Tensor::from_slice(&[1i64, -2, 3]);
+        let bytes = tensors_to_safetensors(&[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())]).unwrap();
+        let back = safetensors_to_tensors(&bytes, "mem").unwrap();
+        assert_eq!(back[0].0, "a");
+        assert!(back[0].1.equal(&a));
+        assert!(back[1].1.equal(&b));
+    }
+}

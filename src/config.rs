@@ -1,0 +1,135 @@
+//! The run configuration: TOML through the `config` crate, then `DEVISE__SECTION__KEY`
+//! environment overrides, then `--set section.key=value` flags (later wins). Each component owns
+//! its section (`data::Config`, `text::Config`, ...); this file only nests them. Every section is
+//! `deny_unknown_fields`, so a misspelt key is an error naming it. [`crate::plan::Plan`] is what
+//! the rest of the program uses.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// `[run]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Run name (report titles, logs).
+    pub name: String,
+    /// Run directory URL: checkpoints, `metrics.jsonl`, `eval/`, `report.{json,md}`.
+    pub dir: String,
+    /// Seed of every random choice (weights init, data order, augmentation, loss sampling).
+    #[serde(default)]
+    pub seed: u64,
+    /// libtorch intra-op threads (0: libtorch's default, usually the number of cores).
+    #[serde(default)]
+    pub threads: usize,
+    /// `cpu`, `cuda` (local GPU `LOCAL_RANK`), or `auto` (CUDA when available).
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// The whole run configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// `[run]`
+    pub run: RunSection,
+    /// `[data]`
+    pub data: crate::data::Config,
+    /// `[labels]`
+    pub labels: crate::split::Config,
+    /// `[text]`
+    pub text: crate::text::Config,
+    /// `[model]`
+    pub model: crate::model::Config,
+    /// `[loss]`
+    #[serde(default = "default_loss")]
+    pub loss: crate::loss::Config,
+    /// `[train]`
+    pub train: crate::train::Config,
+    /// `[checkpoint]`
+    #[serde(default)]
+    pub checkpoint: crate::checkpoint::Config,
+    /// `[eval]`
+    #[serde(default)]
+    pub eval: crate::eval::Config,
+}
+
+fn default_loss() -> crate::loss::Config {
+    crate::loss::Config { margin: 0.1, stop_at_first_violation: false }
+}
+
+impl RunConfig {
+    /// Layers TOML text (`source` names it in errors), `DEVISE__*` environment variables and
+    /// `overrides` (`section.key=value`; the value is parsed as TOML, else taken as a string).
+    pub fn load(toml_text: &str, source: &str, overrides: &[String]) -> Result<RunConfig> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(toml_text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("DEVISE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        for item in overrides {
+            let Some((key, value)) = item.split_once('=') else {
+                bail!("--set {item}: expected section.key=value");
+            };
+            let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            builder = builder
+                .set_override(key.trim(), toml_to_config(parsed))
+                .with_context(|| format!("--set {item}"))?;
+        }
+        let merged = builder.build().with_context(|| format!("reading {source}"))?;
+        let cfg: RunConfig = merged
+            .try_deserialize()
+            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        cfg.validate().with_context(|| format!("{source}: invalid configuration"))?;
+        Ok(cfg)
+    }
+
+    /// Loads a TOML file (see [`RunConfig::load`]).
+    pub fn load_file(path: &str, overrides: &[String]) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
+        Self::load(&text, path, overrides)
+    }
+
+    /// Per-section checks; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        self.data.validate()?;
+        self.model.validate()?;
+        self.loss.validate()?;
+        self.train.validate()?;
+        self.checkpoint.validate()?;
+        self.eval.validate()?;
+        if !matches!(self.run.device.as_str(), "cpu" | "cuda" | "auto") {
+            bail!("run.device must be cpu, cuda or auto, got '{}'", self.run.device);
+        }
+        Ok(())
+    }
+
+    /// The resolved configuration as TOML (stored in every checkpoint and the report).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot serialise config: {e}\n"))
+    }
+}
+
+fn toml_to_config(v: toml::Value) -> config::Value {
+    match v {
+        toml::Value::String(s) => s.into(),
+        toml::Value::Integer(i) => i.into(),
+        toml::Value::Float(f) => f.into(),
+        toml::Value::Boolean(b) => b.into(),
+        toml::Value::Datetime(d) => d.to_string().into(),
+        toml::Value::Array(a) => a.into_iter().map(toml_to_config).collect::<Vec<_>>().into(),
+        toml::Value::Table(t) => t
+            .into_iter()
+            .map(|(k, v)| (k, toml_to_config(v)))
+            .collect::<std::collections::HashMap<_, _>>()
+            .into(),
+    }
+}

@@ -1,0 +1,226 @@
+//! The DeViSE model (paper §3): an image encoder `v(image)`, a softmax head used for the
+//! pretraining stage (the paper's softmax baseline), and the linear projection `M` into the word
+//! space. The model holds architecture only: it never knows its rank (STYLE.md point 5).
+//!
+//! Parameter names follow torchvision under three prefixes, so PyTorch users recognise them in the
+//! safetensors checkpoint: `encoder.conv1.weight`, `encoder.layer1.0.bn1.running_mean`, ...,
+//! `classifier.weight` `[num_classes, feature_dim]`, `projection.weight` `[embed_dim, feature_dim]`.
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Tensor};
+
+/// Which image encoder to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoder {
+    /// ResNet-18 from `tch::vision::resnet` (512-d features).
+    Resnet18,
+    /// ResNet-34 from `tch::vision::resnet` (512-d features).
+    Resnet34,
+    /// ResNet-50 from `tch::vision::resnet` (2048-d features).
+    Resnet50,
+    /// A small VGG-style CNN for CPU budgets: a stride-2 3x3 stem, then one stage per entry of
+    /// `widths` (two 3x3 conv-BN-ReLU, 2x2 max-pool between stages), global average pool.
+    /// Feature dimension = the last width.
+    Convnet,
+}
+
+/// `[model]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Image encoder architecture.
+    pub encoder: Encoder,
+    /// Channel widths of the `convnet` stages (ignored by the ResNets).
+    #[serde(default = "default_widths")]
+    pub widths: Vec<i64>,
+}
+
+fn default_widths() -> Vec<i64> {
+    vec![32, 64, 128, 256]
+}
+
+impl Config {
+    /// Checks the section; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.encoder == Encoder::Convnet
+            && (self.widths.is_empty() || self.widths.iter().any(|&w| w <= 0))
+        {
+            bail!("model.widths must be a non-empty list of positive channel counts");
+        }
+        Ok(())
+    }
+
+    /// Dimension of `v(image)`, the encoder's output.
+    pub fn feature_dim(&self) -> i64 {
+        match self.encoder {
+            Encoder::Resnet18 | Encoder::Resnet34 => 512,
+            Encoder::Resnet50 => 2048,
+            Encoder::Convnet => *self.widths.last().unwrap_or(&0),
+        }
+    }
+}
+
+/// Encoder + softmax head + projection, all in one `VarStore` (so one checkpoint holds them).
+pub struct DeviseModel {
+    /// All variables, trainable and not (BatchNorm running statistics).
+    pub vs: nn::VarStore,
+    encoder: Box<dyn ModuleT>,
+    classifier: nn::Linear,
+    projection: nn::Linear,
+    /// Dimension of the encoder output `v(image)`.
+    pub feature_dim: i64,
+    /// Dimension of the word space (the label vectors' dimension).
+    pub embed_dim: i64,
+    /// Number of softmax classes (the seen training labels).
+    pub num_classes: i64,
+}
+
+impl DeviseModel {
+    /// Builds a freshly initialised model on `device`. Initialisation draws from libtorch's global
+    /// generator: seed it first (`tch::manual_seed`) for reproducible weights.
+    pub fn new(cfg: &Config, num_classes: i64, embed_dim: i64, device: Device) -> DeviseModel {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let enc = &root / "encoder";
+        let encoder: Box<dyn ModuleT> = match cfg.encoder {
+            Encoder::Resnet18 => Box::new(tch::vision::resnet::resnet18_no_final_layer(&enc)),
+            Encoder::Resnet34 => Box::new(tch::vision::resnet::resnet34_no_final_layer(&enc)),
+            Encoder::Resnet50 => Box::new(tch::vision::resnet::resnet50_no_final_layer(&enc)),
+            Encoder::Convnet => Box::new(convnet(&enc, &cfg.widths)),
+        };
+        let feature_dim = cfg.feature_dim();
+        let classifier =
+            nn::linear(&root / "classifier", feature_dim, num_classes, Default::default());
+        // The projection starts small so initial image embeddings are near the origin and the
+        // hinge terms all start active (every margin violated), as in a fresh DeViSE layer.
+        let projection = nn::linear(
+            &root / "projection",
+            feature_dim,
+            embed_dim,
+            nn::LinearConfig {
+                ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.01 / (feature_dim as f64).sqrt() },
+                bs_init: Some(nn::Init::Const(0.0)),
+                bias: true,
+            },
+        );
+        DeviseModel { vs, encoder, classifier, projection, feature_dim, embed_dim, num_classes }
+    }
+
+    /// `v(image)`: images `[batch, 3, H, W]` (normalised float) -> features `[batch, feature_dim]`.
+    /// `train` selects BatchNorm's batch statistics (and updates the running ones).
+    pub fn features(&self, images: &Tensor, train: bool) -> Tensor {
+        self.encoder.forward_t(images, train)
+    }
+
+    /// Softmax logits `[batch, num_classes]` from features `[batch, feature_dim]`.
+    pub fn logits(&self, features: &Tensor) -> Tensor {
+        features.apply(&self.classifier)
+    }
+
+    /// `image_embedding = M v(image)`: `[batch, embed_dim]` from features `[batch, feature_dim]`.
+    /// Not normalised: the paper scores a label by the dot product `t_label · M v` (§3.3).
+    pub fn image_embedding(&self, features: &Tensor) -> Tensor {
+        features.apply(&self.projection)
+    }
+
+    /// Named trainable parameters whose name starts with one of `prefixes` (e.g. `"encoder."`),
+    /// sorted by name so every rank and every resume sees the same order.
+    pub fn parameters(&self, prefixes: &[&str]) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, t)| t.requires_grad() && prefixes.iter().any(|p| name.starts_with(p)))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
+    /// Every variable (parameters and BatchNorm statistics), sorted by name: what a checkpoint holds.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
+    /// Copies `tensors` into the variables of the same name. Every variable must be present with
+    /// the same shape; errors name the first missing or mismatched one.
+    pub fn load_state_dict(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        let vars = self.vs.variables();
+        let by_name: std::collections::HashMap<&str, &Tensor> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        for (name, var) in &vars {
+            let Some(src) = by_name.get(name.as_str()) else {
+                bail!("checkpoint has no tensor '{name}'");
+            };
+            if src.size() != var.size() {
+                bail!("tensor '{name}': checkpoint shape {:?}, model shape {:?}", src.size(), var.size());
+            }
+            tch::no_grad(|| var.shallow_clone().copy_(src));
+        }
+        if let Some((extra, _)) = tensors.iter().find(|(n, _)| !vars.contains_key(n)) {
+            bail!("checkpoint tensor '{extra}' is not a variable of this model (wrong model.encoder?)");
+        }
+        Ok(())
+    }
+}
+
+fn conv_bn(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT {
+    let conv = nn::conv2d(
+        &p / "conv",
+        c_in,
+        c_out,
+        3,
+        nn::ConvConfig { stride, padding: 1, bias: false, ..Default::default() },
+    );
+    let bn = nn::batch_norm2d(&p / "bn", c_out, Default::default());
+    nn::func_t(move |xs, train| xs.apply(&conv).apply_t(&bn, train).relu())
+}
+
+/// The small `convnet` encoder: stem (3x3, stride 2) then per stage two conv-BN-ReLU and a 2x2
+/// max-pool (none after the last), global average pool -> `[batch, widths.last()]`.
+fn convnet(p: &nn::Path, widths: &[i64]) -> impl ModuleT {
+    let mut seq = nn::seq_t().add(conv_bn(p / "stem", 3, widths[0], 2));
+    let mut c_in = widths[0];
+    for (i, &w) in widths.iter().enumerate() {
+        let stage = p / format!("stage{i}");
+        seq = seq.add(conv_bn(&stage / "0", c_in, w, 1)).add(conv_bn(&stage / "1", w, w, 1));
+        if i + 1 < widths.len() {
+            seq = seq.add_fn(|xs| xs.max_pool2d_default(2));
+        }
+        c_in = w;
+    }
+    seq.add_fn(|xs| xs.adaptive_avg_pool2d([1, 1]).flat_view())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_and_names() {
+        tch::manual_seed(0);
+        let cfg = Config { encoder: Encoder::Convnet, widths: vec![8, 16] };
+        let m = DeviseModel::new(&cfg, 5, 7, Device::Cpu);
+        let x = Tensor::randn([2, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
+        let f = m.features(&x, true);
+        assert_eq!(f.size(), vec![2, 16]);
+        assert_eq!(m.logits(&f).size(), vec![2, 5]);
+        assert_eq!(m.image_embedding(&f).size(), vec![2, 7]);
+        let names: Vec<String> = m.state_dict().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"projection.weight".to_string()));
+        assert!(names.contains(&"encoder.stem.bn.running_mean".to_string()));
+        assert!(m.parameters(&["encoder."]).iter().all(|(n, _)| n.starts_with("encoder.")));
+    }
+
+    #[test]
+    fn resnet18_feature_dim() {
+        let cfg = Config { encoder: Encoder::Resnet18, widths: default_widths() };
+        let m = DeviseModel::new(&cfg, 3, 4, Device::Cpu);
+        let x = Tensor::randn([1, 3, 64, 64], (tch::Kind::Float, Device::Cpu));
+        assert_eq!(m.features(&x, false).size(), vec![1, 512]);
+        assert!(m.state_dict().iter().any(|(n, _)| n == "encoder.layer1.0.conv1.weight"));
+    }
+}
