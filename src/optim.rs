@@ -33,7 +33,7 @@ pub enum Schedule {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Algorithm: `sgd` or `adagrad`.
-    pub optimizer: Algorithm,
+    pub algorithm: Algorithm,
     /// Peak learning rate.
     pub lr: f64,
     /// SGD momentum (ignored by Adagrad).
@@ -112,7 +112,7 @@ impl Optimizer {
     pub fn new(cfg: &Config, params: Vec<(String, Tensor)>) -> Optimizer {
         let state = params
             .iter()
-            .map(|(name, p)| (state_name(cfg.optimizer, name), p.zeros_like().detach()))
+            .map(|(name, p)| (state_name(cfg.algorithm, name), p.zeros_like().detach()))
             .collect();
         Optimizer { cfg: cfg.clone(), params, state }
     }
@@ -157,9 +157,9 @@ impl Optimizer {
                     continue;
                 }
                 let g = if self.cfg.weight_decay != 0.0 { g + p * self.cfg.weight_decay } else { g };
-                let state = self.state.get_mut(&state_name(self.cfg.optimizer, name)).expect("state per param");
+                let state = self.state.get_mut(&state_name(self.cfg.algorithm, name)).expect("state per param");
                 let mut p = p.shallow_clone();
-                match self.cfg.optimizer {
+                match self.cfg.algorithm {
                     Algorithm::Sgd => {
                         let _ = state.g_mul_scalar_(self.cfg.momentum).g_add_(&g);
                         let _ = p.g_sub_(&(&*state * lr));
@@ -209,7 +209,7 @@ mod tests {
 
     fn cfg(optimizer: Algorithm) -> Config {
         Config {
-            optimizer,
+            algorithm: optimizer,
             lr: 0.5,
             momentum: 0.9,
             weight_decay: 0.0,

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Purpose:  README's test command. Installs what the tests need (scripts/setup.sh, idempotent),
+#           then runs formatting/lint checks and every test. Tests read real data from ../shared.
+# Hardware: 2 CPU cores; no GPU.
+# Command:  bash scripts/test.sh
+# Time:     ~10 min from a clean clone (cold build), ~2 min warm.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+export LIBTORCH="$PWD/.deps/libtorch"
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

@@ -1,0 +1,236 @@
+//! Evaluation (paper §4): flat hit@k for k = 1, 2, 5, 10, 20 on
+//! - seen classes: validation images of the training labels, ranked among the training labels, by
+//!   DeViSE (nearest label vectors) and by the softmax baseline (the pretrained classifier);
+//! - zero-shot: validation images of the unseen labels, ranked among the unseen labels only
+//!   ("DeViSE-0") and among seen + unseen labels ("DeViSE+seen", the paper's DeViSE+1K shape).
+//!
+//! Prediction ranks synsets directly by `t_label · M v` (the paper's "simpler variant", appendix
+//! A.2): one unit vector per label, no term-to-synset expansion. With unit label vectors this is
+//! the same ranking as cosine similarity. Chance at k is `min(k, candidates) / candidates`.
+//!
+//! Data parallel: each rank evaluates its share of the images; hit counts are summed over ranks
+//! with the collective before dividing, so every rank computes the same numbers.
+use crate::collective::Collective;
+use crate::data::reader::eval_batches;
+use crate::model::DeviseModel;
+use crate::plan::Plan;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+
+/// The k of hit@k, as in the paper's tables.
+pub const HIT_KS: [usize; 5] = [1, 2, 5, 10, 20];
+
+/// `[eval]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Images per forward pass.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_batch_size() -> usize {
+    256
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { batch_size: default_batch_size() }
+    }
+}
+
+impl Config {
+    /// Checks the section; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            bail!("eval.batch_size must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// One row of a results table: hit@k of one model on one image set with one candidate set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlatHits {
+    /// Images evaluated (all ranks).
+    pub images: u64,
+    /// Number of candidate labels ranked.
+    pub candidates: usize,
+    /// k -> fraction of images whose true label is in the top k.
+    pub hit_at_k: BTreeMap<usize, f64>,
+    /// k -> chance rate `min(k, candidates) / candidates`.
+    pub chance_at_k: BTreeMap<usize, f64>,
+}
+
+/// What a stage-end evaluation measured, keyed by row name (`seen/softmax`, `seen/devise`,
+/// `zero_shot/devise_0`, `zero_shot/devise_plus_seen`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageEval {
+    /// Stage evaluated (`softmax`, `devise`, `finetune`).
+    pub stage: String,
+    /// Optimizer step at which it was evaluated.
+    pub step: u64,
+    /// Rows.
+    pub rows: BTreeMap<String, FlatHits>,
+    /// Wall time of the evaluation, seconds.
+    pub seconds: f64,
+}
+
+/// Accumulates hit counts for one row.
+struct HitCounter {
+    hits: [u64; HIT_KS.len()],
+    images: u64,
+    candidates: usize,
+}
+
+impl HitCounter {
+    fn new(candidates: usize) -> Self {
+        HitCounter { hits: [0; HIT_KS.len()], images: 0, candidates }
+    }
+
+    /// scores `[batch, candidates]`, labels `[batch]` (indices into the candidates).
+    fn add(&mut self, scores: &Tensor, labels: &Tensor) -> Result<()> {
+        let kmax = (*HIT_KS.last().unwrap()).min(self.candidates) as i64;
+        let (_, top) = scores.topk(kmax, 1, true, true); // [batch, kmax]
+        let hit = top.eq_tensor(&labels.unsqueeze(1)); // [batch, kmax]
+        let first_hit = hit.to_kind(Kind::Int64).cumsum(1, Kind::Int64).clamp_max(1); // [batch, kmax]
+        for (i, &k) in HIT_KS.iter().enumerate() {
+            let col = (k.min(self.candidates) as i64) - 1;
+            self.hits[i] += i64::try_from(first_hit.select(1, col).sum(Kind::Int64))? as u64;
+        }
+        self.images += labels.size()[0] as u64;
+        Ok(())
+    }
+
+    fn finish(&self, collective: &dyn Collective) -> Result<FlatHits> {
+        let mut counts: Vec<f64> = self.hits.iter().map(|&h| h as f64).collect();
+        counts.push(self.images as f64);
+        let mut t = [Tensor::from_slice(&counts).to_kind(Kind::Double)];
+        // mean * world_size = sum over ranks (exact for counts below 2^53).
+        collective.all_reduce_mean(&mut t)?;
+        let summed: Vec<f64> = Vec::<f64>::try_from(&t[0] * collective.world_size() as f64)?;
+        let images = summed[HIT_KS.len()].round() as u64;
+        let mut hit_at_k = BTreeMap::new();
+        let mut chance_at_k = BTreeMap::new();
+        for (i, &k) in HIT_KS.iter().enumerate() {
+            hit_at_k.insert(k, if images == 0 { 0.0 } else { summed[i].round() / images as f64 });
+            chance_at_k.insert(k, k.min(self.candidates) as f64 / self.candidates as f64);
+        }
+        Ok(FlatHits { images, candidates: self.candidates, hit_at_k, chance_at_k })
+    }
+}
+
+/// Which rows a stage's evaluation produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heads {
+    /// The softmax classifier (after the `softmax` stage): `seen/softmax`.
+    Softmax,
+    /// The projection (after `devise` / `finetune`): `seen/devise`, `seen/devise_plus_unseen`,
+    /// `zero_shot/devise_0`, `zero_shot/devise_plus_seen`.
+    Devise,
+}
+
+/// Evaluates `model` on the validation split. `stage`/`step` label the result.
+pub fn evaluate(
+    model: &DeviseModel,
+    plan: &Plan,
+    heads: Heads,
+    collective: &dyn Collective,
+    device: Device,
+    stage: &str,
+    step: u64,
+) -> Result<StageEval> {
+    let started = std::time::Instant::now();
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let n_seen = plan.seen.len();
+    let n_unseen = plan.unseen.len();
+    let seen_labels = plan.seen_label_embedding().to(device); // [seen, dim]
+    let unseen_labels = plan.unseen_label_embedding().to(device); // [unseen, dim]
+    let all_labels = Tensor::cat(&[&seen_labels, &unseen_labels], 0); // [seen + unseen, dim]
+    let mut rows = BTreeMap::new();
+    let batch_size = plan.eval_batch_size;
+
+    // Seen classes.
+    let mut softmax = HitCounter::new(n_seen);
+    let mut devise = HitCounter::new(n_seen);
+    let mut devise_plus = HitCounter::new(n_seen + n_unseen);
+    for batch in eval_batches(&plan.data, &plan.manifest, &plan.data.val_split, plan.seen_val_map.clone(), batch_size, rank, world)? {
+        let batch = batch?;
+        let (images, labels) = batch_tensors(&batch, device);
+        tch::no_grad(|| -> Result<()> {
+            let features = model.features(&images, false); // [batch, feature_dim]
+            match heads {
+                Heads::Softmax => softmax.add(&model.logits(&features), &labels)?,
+                Heads::Devise => {
+                    let emb = model.image_embedding(&features); // [batch, dim]
+                    devise.add(&emb.matmul(&seen_labels.tr()), &labels)?;
+                    devise_plus.add(&emb.matmul(&all_labels.tr()), &labels)?;
+                }
+            }
+            Ok(())
+        })?;
+    }
+    match heads {
+        Heads::Softmax => {
+            rows.insert("seen/softmax".to_string(), softmax.finish(collective)?);
+        }
+        Heads::Devise => {
+            rows.insert("seen/devise".to_string(), devise.finish(collective)?);
+            if n_unseen > 0 {
+                rows.insert("seen/devise_plus_unseen".to_string(), devise_plus.finish(collective)?);
+            }
+        }
+    }
+
+    // Zero-shot: unseen classes (only the projection can rank them).
+    if heads == Heads::Devise && n_unseen > 0 {
+        let mut zero = HitCounter::new(n_unseen);
+        let mut zero_plus = HitCounter::new(n_seen + n_unseen);
+        for batch in eval_batches(&plan.data, &plan.manifest, &plan.data.val_split, plan.unseen_val_map.clone(), batch_size, rank, world)? {
+            let batch = batch?;
+            let (images, labels) = batch_tensors(&batch, device);
+            tch::no_grad(|| -> Result<()> {
+                let emb = model.image_embedding(&model.features(&images, false));
+                zero.add(&emb.matmul(&unseen_labels.tr()), &labels)?;
+                // In the combined candidate list unseen label i sits at n_seen + i.
+                zero_plus.add(&emb.matmul(&all_labels.tr()), &(&labels + n_seen as i64))?;
+                Ok(())
+            })?;
+        }
+        rows.insert("zero_shot/devise_0".to_string(), zero.finish(collective)?);
+        rows.insert("zero_shot/devise_plus_seen".to_string(), zero_plus.finish(collective)?);
+    }
+    Ok(StageEval { stage: stage.to_string(), step, rows, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// A data batch as tensors on `device`: images `[n, 3, s, s]` float, labels `[n]` int64.
+pub fn batch_tensors(batch: &crate::data::reader::Batch, device: Device) -> (Tensor, Tensor) {
+    let s = batch.image_size as i64;
+    let images = Tensor::from_slice(&batch.images).view([batch.n as i64, 3, s, s]).to(device);
+    let labels = Tensor::from_slice(&batch.labels).to(device);
+    (images, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::SingleProcess;
+
+    #[test]
+    fn hit_at_k_by_hand() {
+        // 3 candidates; image 0 true label 2 ranked 1st; image 1 true label 0 ranked 3rd.
+        let scores = Tensor::from_slice(&[0.1f32, 0.2, 0.9, 0.1, 0.5, 0.3]).view([2, 3]);
+        let labels = Tensor::from_slice(&[2i64, 0]);
+        let mut c = HitCounter::new(3);
+        c.add(&scores, &labels).unwrap();
+        let r = c.finish(&SingleProcess).unwrap();
+        assert_eq!(r.images, 2);
+        assert_eq!(r.hit_at_k[&1], 0.5);
+        assert_eq!(r.hit_at_k[&2], 0.5);
+        assert_eq!(r.hit_at_k[&5], 1.0); // k > candidates: every label is in the top k
+        assert!((r.chance_at_k[&1] - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(r.chance_at_k[&20], 1.0);
+    }
+}

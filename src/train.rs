@@ -1,0 +1,472 @@
+//! The training loop, top to bottom (STYLE.md point 1): resume, then
+//! `for step in first..=last { train_step(..); log / eval / checkpoint when due }`, then the report.
+//!
+//! Stages follow the paper's recipe (§3.3): `softmax` (encoder + classifier, cross-entropy: the
+//! pretraining and the softmax baseline), `devise` (projection only, encoder frozen), `finetune`
+//! (encoder + projection). Steps are numbered globally across stages; each stage gets a fresh
+//! optimizer. At the end of each stage the model is evaluated (`eval/<stage>.json`) and a
+//! checkpoint is written.
+//!
+//! Exact resume: weights, optimizer state, the data cursor and the step are checkpointed, and all
+//! randomness is derived from `(seed, step)` (libtorch generator, re-seeded before each step) and
+//! `(seed, epoch, slot)` (data order and augmentation), so a resumed run continues with the same
+//! batches, the same random choices and the same losses as an uninterrupted one.
+use crate::checkpoint::{self, TrainState};
+use crate::collective::Collective;
+use crate::config::RunConfig;
+use crate::data::reader::TrainStream;
+use crate::eval::{self, Heads, StageEval};
+use crate::loss;
+use crate::model::DeviseModel;
+use crate::optim::Optimizer;
+use crate::plan::{Plan, StageKind, StagePlan};
+use crate::storage::Store;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
+
+/// `[train]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Images per optimizer step, all ranks together.
+    pub global_batch_size: usize,
+    /// Write a metrics line (and a log line) every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every_steps: u64,
+    /// `[train.softmax]`: classifier pretraining.
+    pub softmax: StageConfig,
+    /// `[train.devise]`: projection with the encoder frozen.
+    pub devise: StageConfig,
+    /// `[train.finetune]`: encoder + projection.
+    pub finetune: StageConfig,
+}
+
+fn default_log_every() -> u64 {
+    10
+}
+
+/// One stage: how long, and with what optimizer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Epochs over the seen-class training images (fractions allowed; 0 skips the stage).
+    pub epochs: f64,
+    /// Optimizer and learning-rate schedule.
+    pub optimizer: crate::optim::Config,
+}
+
+impl Config {
+    /// Checks the section; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.global_batch_size == 0 {
+            bail!("train.global_batch_size must be > 0");
+        }
+        if self.log_every_steps == 0 {
+            bail!("train.log_every_steps must be > 0");
+        }
+        for (name, st) in [("softmax", &self.softmax), ("devise", &self.devise), ("finetune", &self.finetune)] {
+            if !(st.epochs.is_finite() && st.epochs >= 0.0) {
+                bail!("train.{name}.epochs must be >= 0, got {}", st.epochs);
+            }
+            st.optimizer.validate(&format!("train.{name}.optimizer"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where to start from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The latest complete checkpoint of the run directory, else a fresh start.
+    Auto,
+    /// A fresh start; an existing checkpoint in the run directory is an error.
+    Never,
+    /// This checkpoint step directory URL.
+    From(String),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => Resume::Auto,
+            "never" | "no" => Resume::Never,
+            url => Resume::From(url.to_string()),
+        })
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All steps done, report written.
+    Completed {
+        /// URL of `report.md`.
+        report: String,
+    },
+    /// Stopped by the stop flag (SIGTERM/SIGUSR1) after checkpointing.
+    Preempted {
+        /// URL of the checkpoint written.
+        checkpoint: String,
+    },
+}
+
+/// Options that are not configuration: how this process was started.
+pub struct RunOptions {
+    /// Where to start.
+    pub resume: Resume,
+    /// Set by a signal handler (or a test): finish the current step, checkpoint, return.
+    pub stop: Arc<AtomicBool>,
+    /// Stop (as if preempted) after this global step; for tests and debugging.
+    pub stop_after_step: Option<u64>,
+}
+
+/// Runs (or resumes) training and evaluation to the end of the plan, then writes the report.
+pub fn train(cfg: &RunConfig, plan: &Plan, opts: &RunOptions, collective: &dyn Collective) -> Result<Outcome> {
+    let started = Instant::now();
+    let device = select_device(&cfg.run.device)?;
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    let is_rank0 = collective.rank() == 0;
+    let run = Store::open(&cfg.run.dir)?;
+    tch::manual_seed(cfg.run.seed as i64);
+    let mut model = DeviseModel::new(&cfg.model, plan.seen.len() as i64, plan.embed_dim as i64, device);
+    let seen_labels = plan.seen_label_embedding().to(device); // [seen, embed_dim]
+
+    // Resume: rank 0 picks the checkpoint, every rank loads the one it names.
+    let resumed = resolve_resume(&run, &opts.resume, collective)?;
+    let mut state = match &resumed {
+        Some(ck) => {
+            model.load_state_dict(&ck.model).with_context(|| format!("loading {}", ck.url))?;
+            tracing::info!("resumed from {} at step {}", ck.url, ck.state.step);
+            ck.state.clone()
+        }
+        None => TrainState {
+            step: 0,
+            stage: plan.stages[0].kind.name().to_string(),
+            cursor: Default::default(),
+            samples_seen: 0,
+            seed: cfg.run.seed,
+            world_size: plan.world_size,
+        },
+    };
+    let mut metrics = Metrics::open(&run, state.step, is_rank0)?;
+    let mut evals = read_evals(&run)?;
+    evals.retain(|e| e.step <= state.step);
+    tracing::info!("plan:\n{}", plan.summary());
+
+    let mut stream = TrainStream::start(
+        &cfg.data,
+        &plan.manifest,
+        plan.train_label_map.clone(),
+        plan.per_rank_batch_size,
+        cfg.run.seed,
+        state.cursor,
+        collective.rank(),
+        collective.world_size(),
+    )?;
+    let mut optimizer: Option<(StageKind, Optimizer)> = None;
+    let mut window = Window::default();
+
+    for step in state.step + 1..=plan.total_steps {
+        let stage = plan.stage_at(step);
+        if optimizer.as_ref().map(|(k, _)| *k) != Some(stage.kind) {
+            optimizer = Some((stage.kind, stage_optimizer(&model, stage, resumed.as_ref(), step)?));
+        }
+        let (_, opt) = optimizer.as_mut().expect("set above");
+
+        let wait = Instant::now();
+        let (batch, cursor) = stream.next_batch().with_context(|| format!("step {step}: reading training data"))?;
+        let data_wait = wait.elapsed();
+        let lr = stage.optimizer.lr_at(step - stage.first_step, stage.steps());
+        tch::manual_seed(step_seed(cfg.run.seed, step));
+        let loss = train_step(&model, opt, collective, stage.kind, &batch, &seen_labels, &cfg.loss, lr, device)?;
+        if !loss.is_finite() {
+            bail!("step {step} ({}): loss is {loss}; stopping (lower the learning rate?)", stage.kind.name());
+        }
+
+        state.step = step;
+        state.stage = stage.kind.name().to_string();
+        state.cursor = cursor;
+        state.samples_seen += plan.global_batch_size as u64;
+        window.add(loss, batch.n, data_wait, wait.elapsed());
+
+        if step % cfg.train.log_every_steps == 0 || step == stage.last_step {
+            let line = window.take(step, stage.kind, lr, &stream.stats());
+            tracing::info!("{}", window_line(&line));
+            metrics.write(&line)?;
+        }
+        let stage_end = step == stage.last_step;
+        if stage_end {
+            let heads = if stage.kind == StageKind::Softmax { Heads::Softmax } else { Heads::Devise };
+            let result = eval::evaluate(&model, plan, heads, collective, device, stage.kind.name(), step)?;
+            log_eval(&result);
+            if is_rank0 {
+                run.put(&format!("eval/{}.json", stage.kind.name()), serde_json::to_vec_pretty(&result)?.into())?;
+                metrics.write(&eval_line(&result))?;
+            }
+            evals.retain(|e| e.stage != result.stage);
+            evals.push(result);
+        }
+        let stopping = opts.stop.load(Ordering::SeqCst) || opts.stop_after_step == Some(step);
+        let due = cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0;
+        if stage_end || due || stopping {
+            let url = save_checkpoint(&run, cfg, &model, opt, &state, collective)?;
+            if stopping {
+                tracing::warn!("stopping after step {step}: checkpoint {url}");
+                return Ok(Outcome::Preempted { checkpoint: url });
+            }
+        }
+    }
+
+    let report = if is_rank0 {
+        crate::report::write(&run, cfg, plan, &evals, &metrics.lines, started.elapsed(), &stream.stats())?
+    } else {
+        String::new()
+    };
+    collective.barrier()?;
+    Ok(Outcome::Completed { report })
+}
+
+/// One optimizer step on one batch; returns the batch's loss (this rank's).
+#[allow(clippy::too_many_arguments)]
+fn train_step(
+    model: &DeviseModel,
+    opt: &mut Optimizer,
+    collective: &dyn Collective,
+    kind: StageKind,
+    batch: &crate::data::reader::Batch,
+    seen_labels: &Tensor,
+    loss_cfg: &loss::Config,
+    lr: f64,
+    device: Device,
+) -> Result<f64> {
+    let (images, labels) = eval::batch_tensors(batch, device); // [n, 3, s, s], [n]
+    opt.zero_grad();
+    let loss = match kind {
+        StageKind::Softmax => loss::softmax_cross_entropy(&model.logits(&model.features(&images, true)), &labels),
+        StageKind::Devise => {
+            // Frozen encoder: running statistics, no graph through it.
+            let features = tch::no_grad(|| model.features(&images, false));
+            loss::hinge_rank_loss(&model.image_embedding(&features), seen_labels, &labels, loss_cfg)
+        }
+        StageKind::Finetune => {
+            let features = model.features(&images, true);
+            loss::hinge_rank_loss(&model.image_embedding(&features), seen_labels, &labels, loss_cfg)
+        }
+    };
+    loss.backward();
+    let mut grads = opt.grads();
+    collective.all_reduce_mean(&mut grads)?;
+    opt.step(lr);
+    Ok(f64::try_from(&loss)?)
+}
+
+/// The optimizer for `stage`: fresh, or with the checkpoint's state when resuming inside the
+/// stage the checkpoint was written in.
+fn stage_optimizer(
+    model: &DeviseModel,
+    stage: &StagePlan,
+    resumed: Option<&checkpoint::Loaded>,
+    step: u64,
+) -> Result<Optimizer> {
+    let prefixes: &[&str] = match stage.kind {
+        StageKind::Softmax => &["encoder.", "classifier."],
+        StageKind::Devise => &["projection."],
+        StageKind::Finetune => &["encoder.", "projection."],
+    };
+    let mut opt = Optimizer::new(&stage.optimizer, model.parameters(prefixes));
+    if let Some(ck) = resumed {
+        if ck.state.step + 1 == step && ck.state.stage == stage.kind.name() && ck.state.step != stage.last_step {
+            opt.load_state_dict(&ck.optimizer).with_context(|| format!("optimizer state of {}", ck.url))?;
+        }
+    }
+    Ok(opt)
+}
+
+fn save_checkpoint(
+    run: &Store,
+    cfg: &RunConfig,
+    model: &DeviseModel,
+    opt: &Optimizer,
+    state: &TrainState,
+    collective: &dyn Collective,
+) -> Result<String> {
+    let url = if collective.rank() == 0 {
+        checkpoint::save(run, &cfg.checkpoint, &model.state_dict(), &opt.state_dict(), state, &cfg.to_toml())?
+    } else {
+        String::new()
+    };
+    collective.barrier()?;
+    Ok(url)
+}
+
+/// Rank 0 resolves `resume` to a checkpoint URL (or none) and broadcasts it; every rank loads it.
+fn resolve_resume(run: &Store, resume: &Resume, collective: &dyn Collective) -> Result<Option<checkpoint::Loaded>> {
+    let chosen = if collective.rank() == 0 {
+        match resume {
+            Resume::Auto => checkpoint::find_latest(run)?
+                .map(|step| run.child_url(&format!("checkpoints/{}", checkpoint::step_dir_name(step))))
+                .unwrap_or_default(),
+            Resume::Never => {
+                if let Some(step) = checkpoint::find_latest(run)? {
+                    bail!("{} already has checkpoint step {step}; use --resume auto or a new run.dir", run.url());
+                }
+                String::new()
+            }
+            Resume::From(url) => url.clone(),
+        }
+    } else {
+        String::new()
+    };
+    let chosen = String::from_utf8(collective.broadcast_bytes(chosen.into_bytes())?)?;
+    if chosen.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(checkpoint::load_url(&chosen)?))
+}
+
+/// libtorch generator seed for `step`: a SplitMix64 mix of (seed, step), so every step's random
+/// choices are independent of how the run got there.
+pub fn step_seed(seed: u64, step: u64) -> i64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+fn select_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("run.device = cuda but libtorch sees no CUDA device");
+            }
+            Device::Cuda(0)
+        }
+        _ => Device::cuda_if_available(),
+    })
+}
+
+/// Running totals between two metric lines.
+#[derive(Default)]
+struct Window {
+    loss_sum: f64,
+    steps: u64,
+    images: u64,
+    data_wait: Duration,
+    elapsed: Duration,
+}
+
+impl Window {
+    fn add(&mut self, loss: f64, images: usize, data_wait: Duration, elapsed: Duration) {
+        self.loss_sum += loss;
+        self.steps += 1;
+        self.images += images as u64;
+        self.data_wait += data_wait;
+        self.elapsed += elapsed;
+    }
+
+    fn take(&mut self, step: u64, kind: StageKind, lr: f64, stats: &crate::data::reader::DataStats) -> serde_json::Value {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let line = serde_json::json!({
+            "step": step,
+            "stage": kind.name(),
+            "train/loss": self.loss_sum / self.steps.max(1) as f64,
+            "train/lr": lr,
+            "throughput/images_per_sec": self.images as f64 / secs,
+            "time/step_ms": 1000.0 * secs / self.steps.max(1) as f64,
+            "time/data_wait_pct": 100.0 * self.data_wait.as_secs_f64() / secs,
+            "data/decode_errors": stats.decode_errors,
+            "data/shard_errors": stats.shard_errors,
+        });
+        *self = Window::default();
+        line
+    }
+}
+
+fn window_line(v: &serde_json::Value) -> String {
+    format!(
+        "step {:>6} {:<8} loss {:.4} lr {:.2e} {:.0} img/s data wait {:.0}%",
+        v["step"],
+        v["stage"].as_str().unwrap_or(""),
+        v["train/loss"].as_f64().unwrap_or(f64::NAN),
+        v["train/lr"].as_f64().unwrap_or(f64::NAN),
+        v["throughput/images_per_sec"].as_f64().unwrap_or(0.0),
+        v["time/data_wait_pct"].as_f64().unwrap_or(0.0)
+    )
+}
+
+fn eval_line(e: &StageEval) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("step".into(), e.step.into());
+    m.insert("stage".into(), e.stage.clone().into());
+    for (row, hits) in &e.rows {
+        for (k, v) in &hits.hit_at_k {
+            m.insert(format!("eval/{row}/hit_at_{k}"), (*v).into());
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
+fn log_eval(e: &StageEval) {
+    for (row, hits) in &e.rows {
+        let ks: Vec<String> = hits.hit_at_k.iter().map(|(k, v)| format!("@{k} {:.3}", v)).collect();
+        tracing::info!("eval after {} (step {}): {row} ({} images, {} candidates) hit{}", e.stage, e.step, hits.images, hits.candidates, ks.join(" "));
+    }
+}
+
+/// `metrics.jsonl` in the run directory: one JSON object per line. On resume, lines past the
+/// checkpoint's step are dropped, so the file reads as one uninterrupted run.
+struct Metrics<'a> {
+    run: &'a Store,
+    lines: Vec<serde_json::Value>,
+    enabled: bool,
+}
+
+impl<'a> Metrics<'a> {
+    fn open(run: &'a Store, resumed_step: u64, enabled: bool) -> Result<Self> {
+        let mut lines = Vec::new();
+        if enabled && run.exists("metrics.jsonl")? {
+            let text = run.get("metrics.jsonl")?;
+            for (i, line) in String::from_utf8_lossy(&text).lines().enumerate() {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", run.child_url("metrics.jsonl"), i + 1))?;
+                if v["step"].as_u64().is_some_and(|s| s <= resumed_step) {
+                    lines.push(v);
+                }
+            }
+        }
+        Ok(Metrics { run, lines, enabled })
+    }
+
+    fn write(&mut self, line: &serde_json::Value) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.lines.push(line.clone());
+        let mut text = String::new();
+        for l in &self.lines {
+            text.push_str(&l.to_string());
+            text.push('\n');
+        }
+        self.run.put("metrics.jsonl", text.into_bytes().into())
+    }
+}
+
+fn read_evals(run: &Store) -> Result<Vec<StageEval>> {
+    let mut out = Vec::new();
+    for kind in [StageKind::Softmax, StageKind::Devise, StageKind::Finetune] {
+        let name = format!("eval/{}.json", kind.name());
+        if run.exists(&name)? {
+            let bytes = run.get(&name)?;
+            out.push(serde_json::from_slice(&bytes).with_context(|| run.child_url(&name))?);
+        }
+    }
+    Ok(out)
+}
