@@ -84,12 +84,17 @@ pub struct LabelEmbeddings {
 impl LabelEmbeddings {
     /// Entries with no vector, in request order.
     pub fn unmapped(&self) -> Vec<&LabelEntry> {
-        self.entries.iter().filter(|e| e.mapping.is_none()).collect()
+        self.entries
+            .iter()
+            .filter(|e| e.mapping.is_none())
+            .collect()
     }
 
     /// True when `wnid` was requested and has a vector.
     pub fn is_mapped(&self, wnid: &str) -> bool {
-        self.entries.iter().any(|e| e.wnid == wnid && e.mapping.is_some())
+        self.entries
+            .iter()
+            .any(|e| e.wnid == wnid && e.mapping.is_some())
     }
 
     /// Row-major `[wnids.len(), dim]` matrix of unit label embeddings, rows in `wnids` order.
@@ -201,7 +206,11 @@ struct Candidate {
 
 /// L2-normalises in f64; `None` for a zero or non-finite vector.
 fn normalise(v: &[f32]) -> Option<Vec<f32>> {
-    let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    let norm = v
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
     if !(norm.is_finite() && norm > 0.0) {
         return None;
     }
@@ -271,7 +280,10 @@ fn map_name(wnid: &str, name: &str, vectors: &WordVectors) -> Option<Candidate> 
         }
         words.push(word);
     }
-    let mean: Vec<f32> = sum.iter().map(|s| (s / words.len() as f64) as f32).collect();
+    let mean: Vec<f32> = sum
+        .iter()
+        .map(|s| (s / words.len() as f64) as f32)
+        .collect();
     usable(MatchKind::TokenMean, words, &mean)
 }
 
@@ -306,7 +318,11 @@ pub fn map_labels(
                 vector: c.vector,
             })
         });
-        entries.push(LabelEntry { wnid: wnid.clone(), names: label_names.clone(), mapping });
+        entries.push(LabelEntry {
+            wnid: wnid.clone(),
+            names: label_names.clone(),
+            mapping,
+        });
     }
 
     let unmapped: Vec<String> = entries
@@ -315,7 +331,10 @@ pub fn map_labels(
         .map(|e| format!("{} ({})", e.wnid, e.names.join(", ")))
         .collect();
     for label in &unmapped {
-        tracing::warn!(label = label.as_str(), "no word vector for any name of this label");
+        tracing::warn!(
+            label = label.as_str(),
+            "no word vector for any name of this label"
+        );
     }
     if !unmapped.is_empty() && on_unmapped == OnUnmapped::Error {
         bail!(
@@ -348,7 +367,10 @@ pub fn map_labels(
         dim: vectors.dim,
         entries,
         coincident,
-        vectors_report: ReadReport { rows_read: vectors.len(), ..ReadReport::default() },
+        vectors_report: ReadReport {
+            rows_read: vectors.len(),
+            ..ReadReport::default()
+        },
     })
 }
 
@@ -357,7 +379,9 @@ fn coincident_groups(entries: &[LabelEntry]) -> Vec<Vec<String>> {
     let mut groups: Vec<Vec<String>> = Vec::new();
     let mut group_of: HashMap<Vec<u32>, usize> = HashMap::new();
     for entry in entries {
-        let Some(mapping) = &entry.mapping else { continue };
+        let Some(mapping) = &entry.mapping else {
+            continue;
+        };
         let bits: Vec<u32> = mapping.vector.iter().map(|x| x.to_bits()).collect();
         let next = groups.len();
         let g = *group_of.entry(bits).or_insert(next);
@@ -375,7 +399,10 @@ mod tests {
     use super::*;
 
     fn vocab(rows: &[(&str, &[f32])]) -> WordVectors {
-        let mut v = WordVectors { dim: rows[0].1.len(), ..WordVectors::default() };
+        let mut v = WordVectors {
+            dim: rows[0].1.len(),
+            ..WordVectors::default()
+        };
         for (w, x) in rows {
             v.index.insert((*w).to_owned(), v.words.len());
             v.words.push((*w).to_owned());
@@ -415,18 +442,34 @@ mod tests {
             ("n5", &["Red-circle"]),
         ]);
         let e = map_labels(&wnids, &names, &v, OnUnmapped::Error).unwrap();
-        let via: Vec<MatchKind> = e.entries.iter().map(|e| e.mapping.as_ref().unwrap().via).collect();
+        let via: Vec<MatchKind> = e
+            .entries
+            .iter()
+            .map(|e| e.mapping.as_ref().unwrap().via)
+            .collect();
         use MatchKind::*;
         assert_eq!(via, [Exact, Lowercase, Phrase, TokenMean, TokenMean]);
         let m = |i: usize| e.entries[i].mapping.as_ref().unwrap();
-        assert_eq!(m(0).vector, [0.0, 1.0, 0.0], "exact 'Apple' wins over 'apple'");
+        assert_eq!(
+            m(0).vector,
+            [0.0, 1.0, 0.0],
+            "exact 'Apple' wins over 'apple'"
+        );
         assert_eq!(m(1).words, ["tabby"]);
         assert_eq!(m(2).words, ["great_white_shark"]);
         assert_eq!(m(3).words, ["red", "circle"]);
         // mean of [2,0,0] and [0,4,0] = [1,2,0] -> /sqrt(5)
         let s5 = 5f32.sqrt();
-        assert!(m(3).vector.iter().zip([1.0 / s5, 2.0 / s5, 0.0]).all(|(a, b)| (a - b).abs() < 1e-6));
-        assert_eq!(m(4).words, ["red", "circle"], "tokens fall back to lowercase");
+        assert!(m(3)
+            .vector
+            .iter()
+            .zip([1.0 / s5, 2.0 / s5, 0.0])
+            .all(|(a, b)| (a - b).abs() < 1e-6));
+        assert_eq!(
+            m(4).words,
+            ["red", "circle"],
+            "tokens fall back to lowercase"
+        );
         for entry in &e.entries {
             assert!((norm(&entry.mapping.as_ref().unwrap().vector) - 1.0).abs() < 1e-6);
         }
@@ -438,18 +481,27 @@ mod tests {
 
     #[test]
     fn first_name_that_maps_wins_and_zero_vectors_are_skipped() {
-        let v = vocab(&[("zero", &[0.0, 0.0]), ("b", &[0.0, 2.0]), ("c", &[5.0, 0.0])]);
+        let v = vocab(&[
+            ("zero", &[0.0, 0.0]),
+            ("b", &[0.0, 2.0]),
+            ("c", &[5.0, 0.0]),
+        ]);
         let (wnids, names) = table(&[("n1", &["nope", "zero", "b", "c"]), ("n2", &["zero"])]);
         let e = map_labels(&wnids, &names, &v, OnUnmapped::Skip).unwrap();
         let m = e.entries[0].mapping.as_ref().unwrap();
-        assert_eq!((m.name.as_str(), m.vector.as_slice()), ("b", &[0.0, 1.0][..]));
+        assert_eq!(
+            (m.name.as_str(), m.vector.as_slice()),
+            ("b", &[0.0, 1.0][..])
+        );
         assert_eq!(e.unmapped().len(), 1);
         assert!(!e.is_mapped("n2") && e.is_mapped("n1"));
         let err = e.matrix(&["n2".to_owned()]).unwrap_err().to_string();
         assert!(err.contains("n2") && err.contains("zero"), "{err}");
         let err = e.matrix(&["n9".to_owned()]).unwrap_err().to_string();
         assert!(err.contains("n9"), "{err}");
-        let err = map_labels(&wnids, &names, &v, OnUnmapped::Error).unwrap_err().to_string();
+        let err = map_labels(&wnids, &names, &v, OnUnmapped::Error)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("n2 (zero)"), "{err}");
     }
 
@@ -467,14 +519,29 @@ mod tests {
         let (_, names) = table(&[("n1", &["a"])]);
         let err = map_labels(&["n2".to_owned()], &names, &v, OnUnmapped::Skip).unwrap_err();
         assert!(err.to_string().contains("n2"));
-        assert!(map_labels(&["n1".to_owned(), "n1".to_owned()], &names, &v, OnUnmapped::Skip).is_err());
+        assert!(map_labels(
+            &["n1".to_owned(), "n1".to_owned()],
+            &names,
+            &v,
+            OnUnmapped::Skip
+        )
+        .is_err());
     }
 
     #[test]
     fn candidates() {
         assert_eq!(
             candidate_words("Great white-shark"),
-            ["Great white-shark", "great white-shark", "Great_white-shark", "great_white-shark", "Great", "great", "white", "shark"]
+            [
+                "Great white-shark",
+                "great white-shark",
+                "Great_white-shark",
+                "great_white-shark",
+                "Great",
+                "great",
+                "white",
+                "shark"
+            ]
         );
         assert_eq!(candidate_words("dog"), ["dog"]);
     }

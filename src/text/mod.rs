@@ -69,9 +69,15 @@ pub fn load_label_embeddings(cfg: &Config, wnids: &[String]) -> Result<LabelEmbe
             keep.extend(labels::candidate_words(name));
         }
     }
-    let (vectors, report) = vectors::read_vectors_file(&cfg.vectors, cfg.vectors_format, Some(&keep))?;
+    let (vectors, report) =
+        vectors::read_vectors_file(&cfg.vectors, cfg.vectors_format, Some(&keep))?;
     let mut embeddings = labels::map_labels(wnids, &names, &vectors, cfg.on_unmapped)
-        .with_context(|| format!("mapping labels of {} to vectors of {}", cfg.names, cfg.vectors))?;
+        .with_context(|| {
+            format!(
+                "mapping labels of {} to vectors of {}",
+                cfg.names, cfg.vectors
+            )
+        })?;
     embeddings.vectors_report = report;
     Ok(embeddings)
 }

@@ -295,7 +295,7 @@ impl<'a> Sink<'a> {
             Some(keep) => keep.len(),
             None => count_hint.unwrap_or(0),
         };
-        let rows = rows.min((64 << 20) / dim.max(1)); // at most 256 MB up front
+        let rows = rows.min((4 << 20) / dim.max(1)); // at most 16 MB up front; grows as read
         self.vectors.data.reserve(rows * dim);
     }
 
@@ -318,7 +318,7 @@ impl<'a> Sink<'a> {
             Err(_) => {
                 let lossy = String::from_utf8_lossy(word).into_owned();
                 self.warn(format!(
-                    "{}: {location}: word is not valid UTF-8, stored as '{lossy}'",
+                    "{}: {location}: word is not valid UTF-8, stored as {lossy:?}",
                     self.source
                 ));
                 lossy
@@ -326,12 +326,15 @@ impl<'a> Sink<'a> {
         };
         if self.vectors.index.contains_key(&word) {
             self.warn(format!(
-                "{}: {location}: duplicate word '{word}': keeping its first vector (gensim-compatible)",
-                self.source
+                "{}: {location}: duplicate word {}: keeping its first vector (gensim-compatible)",
+                self.source,
+                show(word.as_bytes())
             ));
             return;
         }
-        self.vectors.index.insert(word.clone(), self.vectors.words.len());
+        self.vectors
+            .index
+            .insert(word.clone(), self.vectors.words.len());
         self.vectors.words.push(word);
         self.vectors.data.extend_from_slice(values);
     }
@@ -441,7 +444,11 @@ struct Lines<R> {
 
 impl<R: BufRead> Lines<R> {
     fn new(reader: R) -> Self {
-        Lines { reader, buf: Vec::with_capacity(4096), line_no: 0 }
+        Lines {
+            reader,
+            buf: Vec::with_capacity(4096),
+            line_no: 0,
+        }
     }
 
     /// The next non-blank line, trimmed (see [`trim_end`]), with its 1-based number.
@@ -486,7 +493,10 @@ fn read_text<R: BufRead>(reader: R, has_header: bool, sink: &mut Sink) -> Result
     let mut dim = None;
     let mut dim_from = String::new();
     if has_header {
-        let Some((line_no, line)) = lines.next_nonblank().with_context(|| format!("reading {source}"))? else {
+        let Some((line_no, line)) = lines
+            .next_nonblank()
+            .with_context(|| format!("reading {source}"))?
+        else {
             bail!("{source}: empty file (expected a `count dim` header line)");
         };
         let Some((count, header_dim)) = parse_header(line) else {
@@ -505,7 +515,10 @@ fn read_text<R: BufRead>(reader: R, has_header: bool, sink: &mut Sink) -> Result
     loop {
         if let Some(count) = sink.header_count {
             if sink.rows_read == count {
-                if let Some((line_no, _)) = lines.next_nonblank().with_context(|| format!("reading {source}"))? {
+                if let Some((line_no, _)) = lines
+                    .next_nonblank()
+                    .with_context(|| format!("reading {source}"))?
+                {
                     sink.warn(format!(
                         "{source}: header says {count} vectors but data continues at line {line_no}; the rest of the file is ignored"
                     ));
@@ -513,9 +526,15 @@ fn read_text<R: BufRead>(reader: R, has_header: bool, sink: &mut Sink) -> Result
                 return Ok(());
             }
         }
-        let Some((line_no, line)) = lines.next_nonblank().with_context(|| format!("reading {source}"))? else {
+        let Some((line_no, line)) = lines
+            .next_nonblank()
+            .with_context(|| format!("reading {source}"))?
+        else {
             if let Some(count) = sink.header_count {
-                bail!("{source}: header says {count} vectors, EOF after {}", sink.rows_read);
+                bail!(
+                    "{source}: header says {count} vectors, EOF after {}",
+                    sink.rows_read
+                );
             }
             return Ok(());
         };
@@ -528,7 +547,10 @@ fn read_text<R: BufRead>(reader: R, has_header: bool, sink: &mut Sink) -> Result
             Some(dim) => dim,
             None => {
                 let found = count_fields(rest);
-                check_dim(found, &format!("{source}: line {line_no}: first row (word {})", show(word)))?;
+                check_dim(
+                    found,
+                    &format!("{source}: line {line_no}: first row (word {})", show(word)),
+                )?;
                 sink.set_dim(found, None);
                 dim_from = format!("line {line_no}");
                 *dim.insert(found)
@@ -556,7 +578,8 @@ fn read_text<R: BufRead>(reader: R, has_header: bool, sink: &mut Sink) -> Result
 /// Parses exactly `dim` finite floats into `out`; the error text describes the problem.
 fn parse_text_values(rest: &[u8], dim: usize, out: &mut Vec<f32>) -> Result<(), String> {
     out.clear();
-    let text = std::str::from_utf8(rest).map_err(|_| "values are not valid UTF-8 text".to_owned())?;
+    let text =
+        std::str::from_utf8(rest).map_err(|_| "values are not valid UTF-8 text".to_owned())?;
     let mut n = 0;
     for (i, field) in text.split_ascii_whitespace().enumerate() {
         n += 1;
@@ -584,7 +607,10 @@ fn read_binary<R: BufRead>(mut reader: R, sink: &mut Sink) -> Result<()> {
     let source = sink.source;
     let io = |e: std::io::Error| anyhow::Error::new(e).context(format!("reading {source}"));
     let mut header = Vec::new();
-    (&mut reader).take(4096).read_until(b'\n', &mut header).map_err(io)?;
+    (&mut reader)
+        .take(4096)
+        .read_until(b'\n', &mut header)
+        .map_err(io)?;
     let header_line = strip_bom(trim_end(&header));
     let Some((count, dim)) = parse_header(header_line) else {
         bail!(
@@ -611,7 +637,10 @@ fn read_binary<R: BufRead>(mut reader: R, sink: &mut Sink) -> Result<()> {
             .map_err(io)?;
         offset += n as u64;
         if n == 0 {
-            bail!("{source}: header says {count} vectors, EOF after {}", sink.rows_read);
+            bail!(
+                "{source}: header says {count} vectors, EOF after {}",
+                sink.rows_read
+            );
         }
         if word.last() != Some(&b' ') {
             if n > MAX_WORD_BYTES {
@@ -705,7 +734,10 @@ fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> 
 
 /// True when a binary vector's bytes are printable ASCII with a space: the digits of a text row.
 fn looks_like_text(raw: &[u8]) -> bool {
-    raw.contains(&b' ') && raw.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\n' || b == b'\r')
+    raw.contains(&b' ')
+        && raw
+            .iter()
+            .all(|&b| (0x20..0x7f).contains(&b) || b == b'\n' || b == b'\r')
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -796,7 +828,10 @@ fn detect(prefix: &[u8], eof: bool) -> Result<(Format, Option<String>)> {
     }
     let (word, values) = split_word(first);
     let text = std::str::from_utf8(values).unwrap_or("");
-    let numbers = text.split_ascii_whitespace().filter(|f| f.parse::<f32>().is_ok()).count();
+    let numbers = text
+        .split_ascii_whitespace()
+        .filter(|f| f.parse::<f32>().is_ok())
+        .count();
     if !word.is_empty() && numbers >= 1 && numbers == count_fields(values) {
         return Ok((Format::Glove, None));
     }
@@ -809,7 +844,10 @@ fn detect(prefix: &[u8], eof: bool) -> Result<(Format, Option<String>)> {
 /// True when `region` could be part of a text vector file: valid UTF-8 (a character cut at the
 /// end of an incomplete prefix is allowed) and no control bytes other than `\t`, `\r`, `\n`.
 fn is_textual(region: &[u8], complete: bool) -> bool {
-    if region.iter().any(|&b| (b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || b == 0x7f) {
+    if region
+        .iter()
+        .any(|&b| (b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || b == 0x7f)
+    {
         return false;
     }
     match std::str::from_utf8(region) {
@@ -843,7 +881,11 @@ mod tests {
 
     #[test]
     fn binary_with_and_without_newlines_and_keep() {
-        let rows: &[(&str, &[f32])] = &[("a", &[1.0, 2.0]), ("\u{e9}t\u{e9}", &[0.5, -0.5]), ("c", &[3.0, 4.0])];
+        let rows: &[(&str, &[f32])] = &[
+            ("a", &[1.0, 2.0]),
+            ("\u{e9}t\u{e9}", &[0.5, -0.5]),
+            ("c", &[3.0, 4.0]),
+        ];
         for newline in [false, true] {
             let bytes = binary(rows, newline);
             let (v, r) = read(&bytes, Format::Auto).unwrap();
@@ -852,7 +894,8 @@ mod tests {
             assert_eq!(v.get("c"), Some(&[3.0, 4.0][..]));
             assert_eq!(r.rows_read, 3);
             let keep: HashSet<String> = ["c".to_owned(), "zzz".to_owned()].into();
-            let (v, r) = read_vectors(&bytes[..], "t", Format::Word2vecBinary, Some(&keep)).unwrap();
+            let (v, r) =
+                read_vectors(&bytes[..], "t", Format::Word2vecBinary, Some(&keep)).unwrap();
             assert_eq!(v.words, ["c"]);
             assert_eq!(v.data, [3.0, 4.0]);
             assert_eq!(r.rows_read, 3);
@@ -863,20 +906,27 @@ mod tests {
     fn binary_truncated_and_non_finite() {
         let bytes = binary(&[("a", &[1.0, 2.0]), ("b", &[3.0, 4.0])], false);
         for cut in 4..bytes.len() {
-            let err = read(&bytes[..cut], Format::Word2vecBinary).unwrap_err().to_string();
+            let err = read(&bytes[..cut], Format::Word2vecBinary)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("test"), "{err}");
         }
         let bytes = binary(&[("a", &[1.0, f32::NAN])], false);
-        let err = read(&bytes, Format::Word2vecBinary).unwrap_err().to_string();
+        let err = read(&bytes, Format::Word2vecBinary)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("'a'") || err.contains("\"a\""), "{err}");
         assert!(err.contains("not finite"), "{err}");
     }
 
     #[test]
     fn text_read_as_binary_is_an_error() {
-        let err = read(b"2 4\na 0.1 0.2 0.3 0.4\nb 0.1 0.2 0.3 0.4\n", Format::Word2vecBinary)
-            .unwrap_err()
-            .to_string();
+        let err = read(
+            b"2 4\na 0.1 0.2 0.3 0.4\nb 0.1 0.2 0.3 0.4\n",
+            Format::Word2vecBinary,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("word2vec-text"), "{err}");
     }
 
@@ -898,15 +948,32 @@ mod tests {
 
     #[test]
     fn text_errors_name_line_and_word() {
-        let err = read(b"1 2\nw 1 nan\n", Format::Auto).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("\"w\"") && err.contains("not finite"), "{err}");
+        let err = read(b"1 2\nw 1 nan\n", Format::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("\"w\"") && err.contains("not finite"),
+            "{err}"
+        );
         let err = read(b"1 2\nw 1 x\n", Format::Auto).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("not a number"), "{err}");
-        let err = read(b"a 1 2\nb 1\n", Format::Glove).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("has 1 values, expected 2"), "{err}");
-        let err = read(b"a 1 2\n", Format::Word2vecText).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains("not a number"),
+            "{err}"
+        );
+        let err = read(b"a 1 2\nb 1\n", Format::Glove)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("has 1 values, expected 2"),
+            "{err}"
+        );
+        let err = read(b"a 1 2\n", Format::Word2vecText)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("glove"), "{err}");
-        let err = read(b"3 3\na 1 2 3\n", Format::Glove).unwrap_err().to_string();
+        let err = read(b"3 3\na 1 2 3\n", Format::Glove)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("word2vec-text"), "{err}");
     }
 
@@ -914,7 +981,10 @@ mod tests {
     fn detection_rules() {
         assert!(read(b"", Format::Auto).is_err());
         assert!(read(b"hello world\n", Format::Auto).is_err());
-        assert!(read(&[0x1f, 0x8b, 8, 0], Format::Auto).unwrap_err().to_string().contains("gzip"));
+        assert!(read(&[0x1f, 0x8b, 8, 0], Format::Auto)
+            .unwrap_err()
+            .to_string()
+            .contains("gzip"));
         // A header-looking line followed by dimension-1 rows of a different dim: GloVe dim 1.
         let (v, r) = read(b"2 5\nx 0.5\n", Format::Auto).unwrap();
         assert_eq!(r.format, Format::Glove);
@@ -934,13 +1004,16 @@ mod tests {
         assert_eq!(v.words, ["w", "W"]);
         assert_eq!(v.get("w"), Some(&[1.0, 0.0][..]));
         assert_eq!(r.warnings.len(), 1);
-        assert!(r.warnings[0].contains("'w'"));
+        assert!(r.warnings[0].contains("duplicate word \"w\""));
     }
 
     #[test]
     fn local_paths() {
         assert_eq!(local_path("/a/b.txt").unwrap(), PathBuf::from("/a/b.txt"));
-        assert_eq!(local_path("file:///a/b%20c.txt").unwrap(), PathBuf::from("/a/b c.txt"));
+        assert_eq!(
+            local_path("file:///a/b%20c.txt").unwrap(),
+            PathBuf::from("/a/b c.txt")
+        );
         assert!(local_path("s3://bucket/v.bin").is_err());
     }
 }
