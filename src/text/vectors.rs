@@ -35,7 +35,8 @@
 //! - Duplicate words: the first occurrence wins (gensim-compatible) and a warning names the word.
 //!   `apple` and `Apple` are different words.
 //! - Truncated binary records, implausible headers (`dim` above [`MAX_DIM`]), a text file read
-//!   as `word2vec-binary`, gzip input: clear errors, never a panic, hang or garbage read.
+//!   as `word2vec-binary` (recognised from the first vector's bytes when `dim >= 4`), gzip input:
+//!   clear errors, never a panic, hang or garbage read.
 //!
 //! With `keep = Some(words)` only those exact words are stored and only their rows are parsed:
 //! other rows are skipped after reading their word (text: the line is not split; binary: the
@@ -45,7 +46,8 @@
 //!
 //! # Auto-detection
 //!
-//! [`Format::Auto`] reads a prefix (at least the first two lines, at most 16 MiB) and decides:
+//! [`Format::Auto`] reads a prefix (the first two lines and at least 64 KiB, at most 16 MiB) and
+//! decides:
 //!
 //! 1. First non-blank line exactly two unsigned integers `count dim` (a header):
 //!    - if the bytes after it are not text (a control byte other than `\t\r\n`, or invalid
@@ -89,6 +91,10 @@ const MAX_WARNINGS: usize = 50;
 
 /// Auto-detection reads at most this many bytes ahead (enough for two lines of any real file).
 const MAX_PREFIX_BYTES: usize = 16 << 20;
+
+/// Auto-detection reads at least this many bytes ahead (or to EOF), so the binary/text test sees
+/// a whole first record of any common dimension even when `\n` bytes occur in binary floats.
+const MIN_PREFIX_BYTES: usize = 64 << 10;
 
 /// Word-vector file format. Serialized in kebab-case (`"word2vec-binary"`, ...); see the module
 /// documentation for the exact layout of each.
@@ -750,9 +756,11 @@ struct Prefix {
 }
 
 /// Reads ahead until the prefix holds two complete non-blank lines (the candidate header and the
-/// first row), EOF, or [`MAX_PREFIX_BYTES`].
+/// first row) and at least [`MIN_PREFIX_BYTES`], or EOF, or [`MAX_PREFIX_BYTES`]. Each byte is
+/// scanned once, whatever the reader's buffer size.
 fn read_prefix<R: BufRead>(reader: &mut R) -> std::io::Result<Prefix> {
     let mut bytes = Vec::new();
+    let (mut scanned, mut line_start, mut complete_lines) = (0, 0, 0);
     loop {
         let buf = reader.fill_buf()?;
         if buf.is_empty() {
@@ -761,13 +769,17 @@ fn read_prefix<R: BufRead>(reader: &mut R) -> std::io::Result<Prefix> {
         let take = buf.len().min(MAX_PREFIX_BYTES - bytes.len());
         bytes.extend_from_slice(&buf[..take]);
         reader.consume(take);
-        let complete_lines = bytes
-            .split(|&b| b == b'\n')
-            .rev()
-            .skip(1) // the piece after the last '\n' is not complete
-            .filter(|line| !trim_end(line).is_empty())
-            .count();
-        if complete_lines >= 2 || bytes.len() >= MAX_PREFIX_BYTES {
+        for (i, &b) in bytes.iter().enumerate().skip(scanned) {
+            if b == b'\n' {
+                if !trim_end(&bytes[line_start..i]).is_empty() {
+                    complete_lines += 1;
+                }
+                line_start = i + 1;
+            }
+        }
+        scanned = bytes.len();
+        let enough = complete_lines >= 2 && bytes.len() >= MIN_PREFIX_BYTES;
+        if enough || bytes.len() >= MAX_PREFIX_BYTES {
             return Ok(Prefix { bytes, eof: false });
         }
     }
@@ -996,6 +1008,26 @@ mod tests {
         // Implausible dims are errors, not allocations.
         assert!(read(b"1 99999999999\nx ", Format::Word2vecBinary).is_err());
         assert!(read(b"99999999999999 3\n", Format::Word2vecBinary).is_err());
+    }
+
+    #[test]
+    fn detection_through_a_one_byte_buffer() {
+        // The first float starts with a '\n' byte: the first two "lines" look like text.
+        let tricky = f32::from_le_bytes([b'\n', b'A', b'A', 0x3f]);
+        let bytes = binary(&[("x", &[tricky, 0.5]), ("y", &[1.0, 2.0])], false);
+        let reader = BufReader::with_capacity(1, &bytes[..]);
+        let (v, r) = read_vectors(reader, "t", Format::Auto, None).unwrap();
+        assert_eq!(r.format, Format::Word2vecBinary);
+        assert_eq!(v.get("x"), Some(&[tricky, 0.5][..]));
+        let text = b"the 1 2\nof 3 4\n".repeat(10_000);
+        let reader = BufReader::with_capacity(1, &text[..]);
+        let (v, r) = read_vectors(reader, "t", Format::Auto, None).unwrap();
+        assert_eq!((r.format, v.len(), r.rows_read), (Format::Glove, 2, 20_000));
+        assert_eq!(
+            r.warnings.len(),
+            50 + 1,
+            "warnings are capped, the rest counted"
+        );
     }
 
     #[test]
