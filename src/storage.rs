@@ -1,13 +1,348 @@
-//! Object storage behind one small blocking API. OWNER: data helper. See CONTRACT below.
+//! Object storage behind one small blocking API.
 //!
-//! CONTRACT (keep these names/signatures; add more if useful):
-//! - `pub fn runtime() -> &'static tokio::runtime::Runtime` — one shared runtime for blocking calls.
-//! - `pub struct Store` — a "directory" URL: plain path, `file:///abs/path`, (later s3://, gs://...).
-//!   - `Store::open(url: &str) -> anyhow::Result<Store>` (creates a local directory if missing)
-//!   - `fn url(&self) -> &str`, `fn child_url(&self, name: &str) -> String`
-//!   - `fn local_path(&self) -> Option<std::path::PathBuf>` (Some for local file systems)
-//!   - `fn get(&self, name: &str) -> anyhow::Result<bytes::Bytes>` (error names the URL)
-//!   - `fn put(&self, name: &str, data: bytes::Bytes) -> anyhow::Result<()>` (atomic per object)
-//!   - `fn list(&self, prefix: &str) -> anyhow::Result<Vec<(String, u64)>>` (relative names, sizes, sorted)
-//!   - `fn exists(&self, name: &str) -> anyhow::Result<bool>`, `fn delete(&self, name: &str) -> anyhow::Result<()>`
-//!   `name`s are '/'-separated keys relative to the store's URL.
+//! A [`Store`] is a "directory" URL: a plain path (`runs/x`, `/data/shards`), a `file://` URL,
+//! or `memory://` (tests). Locations stay URL strings end to end (`Store::child_url`), never
+//! `PathBuf`s, so cloud schemes (`s3://`, `gs://`, `az://`) slot in later: they go through
+//! [`object_store::parse_url`] exactly like `memory://` does today and only need the matching
+//! `object_store` cargo feature enabled (today: `fs` only, so they fail with a clear error).
+//!
+//! Every call blocks the calling thread on one shared tokio runtime ([`runtime`]). Do not call
+//! it from inside an async task (tokio panics on nested `block_on`); the trainer is synchronous.
+//!
+//! Names passed to the methods are `/`-separated keys relative to the store's URL (`"a/b.tar"`).
+//! They must not contain empty, `.` or `..` segments (`object_store::path::Path::parse` rules).
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+use url::Url;
+
+/// The process-wide tokio runtime that every blocking [`Store`] call runs on (2 worker threads,
+/// I/O + time drivers enabled). Created on first use; never shut down.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("devise-storage")
+            .enable_all()
+            .build()
+            .expect("creating the storage tokio runtime")
+    })
+}
+
+/// A "directory" in an object store, addressed by a URL string.
+///
+/// Cheap to clone (the backend is shared). Objects are written whole and atomically
+/// ([`Store::put`]); readers never observe a half-written object.
+#[derive(Clone)]
+pub struct Store {
+    /// What the caller passed, minus trailing `/` (so `child_url` never doubles slashes).
+    url: String,
+    /// `Some(dir)` when the store is the local file system.
+    local: Option<PathBuf>,
+    backend: Arc<dyn ObjectStore>,
+    /// Prefix of every object inside `backend` (empty for local stores, which are rooted at
+    /// the directory itself).
+    base: ObjectPath,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("url", &self.url).finish()
+    }
+}
+
+impl Store {
+    /// Opens the directory `url`: a plain path (relative to the current directory or absolute),
+    /// `file:///abs/dir`, or `memory://` (a fresh, empty in-process store per call).
+    ///
+    /// A local directory is created (with parents) if missing.
+    ///
+    /// Errors: unparseable URL, a scheme whose `object_store` feature is not compiled in, a local
+    /// directory that cannot be created.
+    pub fn open(url: &str) -> Result<Store> {
+        Self::open_inner(url, true)
+    }
+
+    /// Like [`Store::open`], but a missing local directory is an error instead of being created
+    /// (readers use this so a typo in a path does not leave an empty directory behind).
+    pub fn open_existing(url: &str) -> Result<Store> {
+        Self::open_inner(url, false)
+    }
+
+    fn open_inner(url: &str, create: bool) -> Result<Store> {
+        let trimmed = url.trim();
+        if trimmed.is_empty() {
+            bail!("empty storage URL");
+        }
+        // Drop trailing '/' unless that would destroy the URL ("/", "memory://", "file:///").
+        let stripped = trimmed.trim_end_matches('/');
+        let keep = if stripped.is_empty() || stripped.ends_with(':') {
+            trimmed
+        } else {
+            stripped
+        };
+        match local_dir_of(trimmed)? {
+            Some(dir) => {
+                if create {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating directory {}", dir.display()))?;
+                } else if !dir.is_dir() {
+                    bail!("{url}: no such directory");
+                }
+                let backend = LocalFileSystem::new_with_prefix(&dir)
+                    .with_context(|| format!("opening local store {url}"))?;
+                Ok(Store {
+                    url: keep.to_string(),
+                    local: Some(dir),
+                    backend: Arc::new(backend),
+                    base: ObjectPath::default(),
+                })
+            }
+            None => {
+                let parsed = Url::parse(trimmed).with_context(|| format!("parsing URL {url}"))?;
+                let (backend, base) = object_store::parse_url(&parsed)
+                    .with_context(|| format!("opening object store {url}"))?;
+                Ok(Store {
+                    url: keep.to_string(),
+                    local: None,
+                    backend: Arc::from(backend),
+                    base,
+                })
+            }
+        }
+    }
+
+    /// The URL this store was opened with (trailing `/` removed).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL of object `name` inside this store (`<url>/<name>`); it can be passed to
+    /// [`Store::open`] again when `name` is a "directory".
+    pub fn child_url(&self, name: &str) -> String {
+        let name = name.trim_start_matches('/');
+        if self.url.ends_with('/') {
+            format!("{}{name}", self.url)
+        } else {
+            format!("{}/{name}", self.url)
+        }
+    }
+
+    /// The local directory behind this store: `Some` for plain paths and `file://` URLs,
+    /// `None` for remote and in-memory stores.
+    pub fn local_path(&self) -> Option<PathBuf> {
+        self.local.clone()
+    }
+
+    fn key(&self, name: &str) -> Result<ObjectPath> {
+        let name = name.trim_matches('/');
+        let full = if self.base.as_ref().is_empty() {
+            name.to_string()
+        } else if name.is_empty() {
+            self.base.as_ref().to_string()
+        } else {
+            format!("{}/{name}", self.base.as_ref())
+        };
+        ObjectPath::parse(&full).map_err(|e| anyhow!("invalid object name {name:?}: {e}"))
+    }
+
+    /// Reads the whole object `name`. Errors (missing object, I/O) name the full URL.
+    pub fn get(&self, name: &str) -> Result<Bytes> {
+        let key = self.key(name)?;
+        let backend = self.backend.clone();
+        runtime()
+            .block_on(async move { backend.get(&key).await?.bytes().await })
+            .with_context(|| format!("reading {}", self.child_url(name)))
+    }
+
+    /// Writes the object `name` (replacing any previous one). Atomic per object: local stores
+    /// write a temporary file and rename it; cloud stores publish on upload completion.
+    /// Errors name the full URL.
+    pub fn put(&self, name: &str, data: Bytes) -> Result<()> {
+        let key = self.key(name)?;
+        let backend = self.backend.clone();
+        runtime()
+            .block_on(async move { backend.put(&key, PutPayload::from(data)).await })
+            .map(|_| ())
+            .with_context(|| format!("writing {}", self.child_url(name)))
+    }
+
+    /// Every object whose relative name starts with `prefix` (a plain string prefix, so `"train-"`
+    /// matches `train-000000.tar`; `""` lists everything, recursively), as
+    /// `(relative name, size in bytes)` sorted by name. A missing directory lists as empty.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let prefix = prefix.trim_start_matches('/');
+        // object_store prefixes match whole path segments; list the directory part and filter
+        // the rest as a string.
+        let dir = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let dir_key = self.key(dir)?;
+        let backend = self.backend.clone();
+        let listed: Vec<object_store::ObjectMeta> = runtime()
+            .block_on(async move {
+                let root = if dir_key.as_ref().is_empty() {
+                    None
+                } else {
+                    Some(&dir_key)
+                };
+                backend.list(root).try_collect().await
+            })
+            .with_context(|| format!("listing {}", self.child_url(prefix)))?;
+        let base = self.base.as_ref();
+        let mut out: Vec<(String, u64)> = listed
+            .into_iter()
+            .filter_map(|meta| {
+                let loc = meta.location.as_ref();
+                let rel = if base.is_empty() {
+                    loc
+                } else {
+                    loc.strip_prefix(base)?.strip_prefix('/')?
+                };
+                rel.starts_with(prefix)
+                    .then(|| (rel.to_string(), meta.size))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Whether object `name` exists. Errors only on I/O failures other than "not found".
+    pub fn exists(&self, name: &str) -> Result<bool> {
+        let key = self.key(name)?;
+        let backend = self.backend.clone();
+        match runtime().block_on(async move { backend.head(&key).await }) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("checking {}", self.child_url(name))),
+        }
+    }
+
+    /// Deletes object `name`. Idempotent: deleting a missing object is not an error (as on S3).
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let key = self.key(name)?;
+        let backend = self.backend.clone();
+        match runtime().block_on(async move { backend.delete(&key).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("deleting {}", self.child_url(name))),
+        }
+    }
+}
+
+/// `Some(absolute dir)` when `url` names the local file system (plain path or `file://`).
+fn local_dir_of(url: &str) -> Result<Option<PathBuf>> {
+    let is_url = url.contains("://");
+    if !is_url {
+        let p = PathBuf::from(url);
+        let abs = if p.is_absolute() {
+            p
+        } else {
+            std::env::current_dir()
+                .context("reading the current directory")?
+                .join(p)
+        };
+        return Ok(Some(abs));
+    }
+    let parsed = Url::parse(url).with_context(|| format!("parsing URL {url}"))?;
+    if parsed.scheme() == "file" {
+        let p = parsed
+            .to_file_path()
+            .map_err(|()| anyhow!("{url}: not a local file URL (host part present?)"))?;
+        return Ok(Some(p));
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_roundtrip_list_exists_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("new/sub");
+        let store = Store::open(root.to_str().unwrap()).unwrap();
+        assert!(root.is_dir(), "open creates the directory");
+        assert_eq!(store.local_path().unwrap(), root);
+        store.put("b.txt", Bytes::from_static(b"bee")).unwrap();
+        store.put("a/x.bin", Bytes::from_static(b"12345")).unwrap();
+        store.put("train-1.tar", Bytes::from_static(b"t")).unwrap();
+        assert_eq!(&store.get("a/x.bin").unwrap()[..], b"12345");
+        assert_eq!(
+            store.list("").unwrap(),
+            vec![
+                ("a/x.bin".to_string(), 5),
+                ("b.txt".to_string(), 3),
+                ("train-1.tar".to_string(), 1)
+            ]
+        );
+        assert_eq!(
+            store.list("train-").unwrap(),
+            vec![("train-1.tar".to_string(), 1)]
+        );
+        assert_eq!(store.list("a/").unwrap().len(), 1);
+        assert_eq!(store.list("a/x").unwrap().len(), 1);
+        assert!(store.list("zzz/").unwrap().is_empty());
+        assert!(store.exists("b.txt").unwrap());
+        assert!(!store.exists("nope").unwrap());
+        store.delete("b.txt").unwrap();
+        store.delete("b.txt").unwrap();
+        assert!(!store.exists("b.txt").unwrap());
+        // no temporary files are left behind by put
+        let names: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn file_url_and_child_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = Url::from_directory_path(dir.path()).unwrap().to_string();
+        assert!(url.ends_with('/'));
+        let store = Store::open(&url).unwrap();
+        assert_eq!(store.url(), url.trim_end_matches('/'));
+        store.put("m.json", Bytes::from_static(b"{}")).unwrap();
+        assert!(dir.path().join("m.json").is_file());
+        let child = store.child_url("m.json");
+        assert!(child.starts_with("file:///") && child.ends_with("/m.json"), "{child}");
+        // a child "directory" URL opens as a store again
+        let sub = Store::open(&store.child_url("sub")).unwrap();
+        sub.put("k", Bytes::from_static(b"v")).unwrap();
+        assert_eq!(store.list("sub/").unwrap(), vec![("sub/k".to_string(), 1)]);
+    }
+
+    #[test]
+    fn errors_name_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let err = format!("{:#}", store.get("missing.tar").unwrap_err());
+        assert!(err.contains(&store.child_url("missing.tar")), "{err}");
+        let missing = dir.path().join("absent");
+        let err = format!("{:#}", Store::open_existing(missing.to_str().unwrap()).unwrap_err());
+        assert!(err.contains("absent"), "{err}");
+        assert!(!missing.exists());
+    }
+
+    #[test]
+    fn memory_store() {
+        let store = Store::open("memory://").unwrap();
+        assert!(store.local_path().is_none());
+        store.put("a/b", Bytes::from_static(b"1")).unwrap();
+        assert_eq!(&store.get("a/b").unwrap()[..], b"1");
+        assert_eq!(store.list("a").unwrap(), vec![("a/b".to_string(), 1)]);
+    }
+
+    #[test]
+    fn cloud_schemes_fail_clearly_without_their_feature() {
+        let err = format!("{:#}", Store::open("s3://bucket/prefix").unwrap_err());
+        assert!(err.contains("s3://bucket/prefix"), "{err}");
+    }
+}

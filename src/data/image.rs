@@ -1,0 +1,525 @@
+//! Image bytes -> 8-bit RGB -> normalised CHW `f32`: decoding with format sniffing and a
+//! decompression-bomb guard, RandomResizedCrop + flip for training, resize + centre crop for
+//! evaluation.
+//!
+//! The transforms follow torchvision's ImageNet recipe (`RandomResizedCrop`,
+//! `RandomHorizontalFlip`, `Resize(round(s/0.875))` + `CenterCrop(s)`, `Normalize`), with one
+//! fused step: the crop rectangle is resampled straight into the output buffer by a separable,
+//! antialiased triangle (bilinear) filter, PIL's `Image.resize(BILINEAR)` algorithm, so no
+//! intermediate resized image is allocated.
+//!
+//! Policies (torchvision's `ImageFolder` loader, `PIL.Image.convert("RGB")`, unless noted):
+//! - the format is sniffed from magic bytes, never taken from the file name (ImageNet holds a PNG
+//!   named `.JPEG`, field case B06); JPEG and PNG are compiled in, anything else is an error;
+//! - greyscale is replicated to 3 channels; 16-bit samples are scaled to 0..255 (`x/257`,
+//!   rounded); alpha is DROPPED, not composited (transparent pixels show their stored colour);
+//!   palette images are expanded; CMYK / YCCK (Adobe) JPEGs are converted to RGB (B05);
+//! - EXIF orientation is ignored (as PIL does unless asked);
+//! - a JPEG without an end-of-image marker after its scan data is rejected as truncated (B07):
+//!   the decoder would otherwise fill the missing part with grey. There is no "keep partial
+//!   images" option: such samples are skipped and counted.
+
+use std::io::Cursor;
+
+use ::image::codecs::jpeg::JpegDecoder;
+use ::image::codecs::png::PngDecoder;
+use ::image::{DynamicImage, ImageDecoder, Limits, RgbImage};
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::Config;
+
+/// Decodes `bytes` (JPEG or PNG, whatever the file name says) to 8-bit RGB, `[height][width][3]`.
+///
+/// The width and height are read from the format header first; an image with more than
+/// `max_pixels` pixels is rejected before any pixel buffer is allocated (field case B10:
+/// "image 30000x30000 exceeds max_pixels (89478485)").
+///
+/// Errors: unknown or unsupported format (named from its magic bytes), truncated or corrupt data,
+/// too many pixels. Never panics on hostile input.
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
+    let dynamic = match sniff(bytes) {
+        Sniffed::Jpeg => {
+            let info = scan_jpeg(bytes)?;
+            check_pixels(info.width, info.height, max_pixels)?;
+            if !info.has_eoi {
+                bail!(
+                    "truncated JPEG {}x{}: no end-of-image marker after the scan data",
+                    info.width,
+                    info.height
+                );
+            }
+            let mut decoder = JpegDecoder::new(Cursor::new(bytes)).context("JPEG header")?;
+            decoder.set_limits(limits_for(max_pixels))?;
+            DynamicImage::from_decoder(decoder).context("JPEG decode")?
+        }
+        Sniffed::Png => {
+            let (w, h) = png_dimensions(bytes)?;
+            check_pixels(w, h, max_pixels)?;
+            let decoder = PngDecoder::with_limits(Cursor::new(bytes), limits_for(max_pixels))
+                .context("PNG header")?;
+            DynamicImage::from_decoder(decoder).context("PNG decode")?
+        }
+        Sniffed::Other(name) => bail!("unsupported image format: {name} (JPEG and PNG only)"),
+    };
+    Ok(dynamic.into_rgb8())
+}
+
+fn limits_for(max_pixels: u64) -> Limits {
+    let mut limits = Limits::default();
+    // The header check above is the real guard; this bounds the decoder's own allocations
+    // (16-bit RGBA output is 8 bytes/pixel) as a second line.
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    limits
+}
+
+fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<()> {
+    if width == 0 || height == 0 {
+        bail!("image {width}x{height} has no pixels");
+    }
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
+        bail!("image {width}x{height} exceeds max_pixels ({max_pixels})");
+    }
+    Ok(())
+}
+
+enum Sniffed {
+    Jpeg,
+    Png,
+    Other(&'static str),
+}
+
+fn sniff(b: &[u8]) -> Sniffed {
+    if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Sniffed::Jpeg
+    } else if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Sniffed::Png
+    } else if b.starts_with(b"GIF8") {
+        Sniffed::Other("GIF")
+    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
+        Sniffed::Other("WebP")
+    } else if b.starts_with(b"BM") {
+        Sniffed::Other("BMP")
+    } else if b.starts_with(b"II*\0") || b.starts_with(b"MM\0*") {
+        Sniffed::Other("TIFF")
+    } else if b.is_empty() {
+        Sniffed::Other("empty file")
+    } else {
+        Sniffed::Other("unknown (no JPEG or PNG signature)")
+    }
+}
+
+/// Width and height from a PNG's IHDR chunk (bytes 16..24).
+fn png_dimensions(b: &[u8]) -> Result<(u32, u32)> {
+    if b.len() < 24 || &b[12..16] != b"IHDR" {
+        bail!("truncated or corrupt PNG: no IHDR chunk");
+    }
+    let w = u32::from_be_bytes(b[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(b[20..24].try_into().unwrap());
+    Ok((w, h))
+}
+
+struct JpegInfo {
+    width: u32,
+    height: u32,
+    /// An end-of-image marker follows the first scan's data.
+    has_eoi: bool,
+}
+
+/// Walks the JPEG marker segments up to the first start-of-scan: the frame header gives the
+/// dimensions; then looks for the end-of-image marker (`FF D9`). Inside entropy-coded data a
+/// `FF` byte is always followed by `00` or a restart marker, so `FF D9` after the scan start is
+/// the real end of image (ITU T.81, B.1.1.5).
+fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
+    let truncated = || anyhow!("truncated JPEG: ends inside its headers");
+    let mut i = 2; // after SOI
+    let mut dims: Option<(u32, u32)> = None;
+    loop {
+        if i >= b.len() {
+            return Err(truncated());
+        }
+        if b[i] != 0xFF {
+            bail!("corrupt JPEG: expected a marker at byte {i}");
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1; // fill bytes
+        }
+        let marker = *b.get(i).ok_or_else(truncated)?;
+        i += 1;
+        match marker {
+            0x01 | 0xD0..=0xD8 => continue, // standalone markers
+            0xD9 => bail!("corrupt JPEG: end of image before any scan"),
+            _ => {}
+        }
+        if i + 2 > b.len() {
+            return Err(truncated());
+        }
+        let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+        if len < 2 {
+            bail!("corrupt JPEG: segment length {len} at byte {i}");
+        }
+        let seg = b.get(i + 2..i + len).ok_or_else(truncated)?;
+        let is_sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if is_sof {
+            if seg.len() < 5 {
+                bail!("corrupt JPEG: short frame header");
+            }
+            let h = u16::from_be_bytes([seg[1], seg[2]]) as u32;
+            let w = u16::from_be_bytes([seg[3], seg[4]]) as u32;
+            if h == 0 {
+                bail!("unsupported JPEG: height defined by a DNL marker");
+            }
+            dims = Some((w, h));
+        }
+        i += len;
+        if marker == 0xDA {
+            break;
+        }
+    }
+    let (width, height) = dims.ok_or_else(|| anyhow!("corrupt JPEG: scan before frame header"))?;
+    let has_eoi = b[i.min(b.len())..].windows(2).any(|w| w == [0xFF, 0xD9]);
+    Ok(JpegInfo {
+        width,
+        height,
+        has_eoi,
+    })
+}
+
+/// A source rectangle in pixel units (may be fractional), origin top-left.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rect {
+    pub x: f64,
+    pub y: f64,
+    pub w: f64,
+    pub h: f64,
+}
+
+/// RandomResizedCrop parameters (torchvision `RandomResizedCrop.get_params`): an integer crop
+/// `(x, y, w, h)` of a `width x height` image covering `U(scale.0, scale.1)` of its area with
+/// aspect ratio `w/h` log-uniform in [3/4, 4/3]; 10 tries, then a centre crop clamped to that
+/// ratio range. Always `0 < w <= width`, `0 < h <= height`, inside the image.
+pub fn random_resized_crop_params(
+    width: u32,
+    height: u32,
+    scale: (f32, f32),
+    rng: &mut impl rand::Rng,
+) -> (u32, u32, u32, u32) {
+    let (wf, hf) = (width as f64, height as f64);
+    let area = wf * hf;
+    let (lo_r, hi_r) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0 as f64..=scale.1 as f64);
+        let aspect = rng.random_range(lo_r..=hi_r).exp();
+        let w = (target * aspect).sqrt().round() as u32;
+        let h = (target / aspect).sqrt().round() as u32;
+        if w > 0 && w <= width && h > 0 && h <= height {
+            let y = rng.random_range(0..=height - h);
+            let x = rng.random_range(0..=width - w);
+            return (x, y, w, h);
+        }
+    }
+    let ratio = wf / hf;
+    let (w, h) = if ratio < 3.0 / 4.0 {
+        (width, ((wf / (3.0 / 4.0)).round() as u32).clamp(1, height))
+    } else if ratio > 4.0 / 3.0 {
+        (((hf * (4.0 / 3.0)).round() as u32).clamp(1, width), height)
+    } else {
+        (width, height)
+    };
+    ((width - w) / 2, (height - h) / 2, w, h)
+}
+
+/// Training transform into `out` (`[3, s, s]` CHW, `s = cfg.image_size`, normalised
+/// `(x/255 - mean) / std`): with `cfg.augment`, RandomResizedCrop (area scale
+/// `(cfg.min_crop_scale, 1)`, ratio 3/4..4/3) resized to `s x s` and a horizontal flip with
+/// probability 0.5; without, exactly [`eval_transform`] (and `rng` is not used).
+///
+/// Panics if `out.len() != 3*s*s` (a caller bug, not a data error).
+pub fn train_transform(
+    img: &RgbImage,
+    cfg: &Config,
+    rng: &mut impl rand::Rng,
+    out: &mut [f32],
+) {
+    if !cfg.augment {
+        return eval_transform(img, cfg, out);
+    }
+    let (x, y, w, h) =
+        random_resized_crop_params(img.width(), img.height(), (cfg.min_crop_scale, 1.0), rng);
+    let flip = rng.random_bool(0.5);
+    let rect = Rect {
+        x: x as f64,
+        y: y as f64,
+        w: w as f64,
+        h: h as f64,
+    };
+    // torchvision crops, then resizes: the filter never reads outside the crop.
+    let bounds = (x, y, x + w, y + h);
+    resample_chw(img, rect, bounds, cfg.image_size as usize, flip, cfg, out);
+}
+
+/// Eval transform into `out` (`[3, s, s]` CHW, normalised): resize so the shorter side is
+/// [`Config::eval_resize_px`] (longer side `int(r * long / short)`, torchvision `Resize`), then
+/// centre crop `s x s` (offsets `round((side - s) / 2)`, torchvision `CenterCrop`).
+///
+/// Panics if `out.len() != 3*s*s`.
+pub fn eval_transform(img: &RgbImage, cfg: &Config, out: &mut [f32]) {
+    let s = cfg.image_size as usize;
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    let r = cfg.eval_resize_px().max(cfg.image_size) as f64;
+    let (rw, rh) = if w <= h {
+        (r, (r * h / w).floor().max(r))
+    } else {
+        ((r * w / h).floor().max(r), r)
+    };
+    let left = ((rw - s as f64) / 2.0).round();
+    let top = ((rh - s as f64) / 2.0).round();
+    let (sx, sy) = (w / rw, h / rh); // source pixels per resized pixel
+    let rect = Rect {
+        x: left * sx,
+        y: top * sy,
+        w: s as f64 * sx,
+        h: s as f64 * sy,
+    };
+    let bounds = (0, 0, img.width(), img.height());
+    resample_chw(img, rect, bounds, s, false, cfg, out);
+}
+
+/// Per-output-pixel filter taps along one axis: `(first source index, weights)`.
+fn axis_weights(start: f64, len: f64, n: usize, lo: u32, hi: u32) -> Vec<(usize, Vec<f32>)> {
+    let scale = len / n as f64;
+    let filter_scale = scale.max(1.0); // widen the kernel when shrinking (antialiasing)
+    let support = filter_scale; // triangle filter: radius 1 in output pixels
+    (0..n)
+        .map(|i| {
+            let center = start + (i as f64 + 0.5) * scale;
+            let a = ((center - support).floor() as i64).clamp(lo as i64, hi as i64 - 1) as usize;
+            let b = ((center + support).ceil() as i64).clamp(a as i64 + 1, hi as i64) as usize;
+            let mut w: Vec<f32> = (a..b)
+                .map(|j| {
+                    let d = ((j as f64 + 0.5 - center) / filter_scale).abs();
+                    (1.0 - d).max(0.0) as f32
+                })
+                .collect();
+            let sum: f32 = w.iter().sum();
+            if sum > 0.0 {
+                w.iter_mut().for_each(|x| *x /= sum);
+            } else {
+                // centre outside the readable range (clamped): nearest pixel
+                let nearest = (center.floor() as i64).clamp(a as i64, b as i64 - 1) as usize;
+                w.iter_mut().for_each(|x| *x = 0.0);
+                w[nearest - a] = 1.0;
+            }
+            (a, w)
+        })
+        .collect()
+}
+
+/// Resamples `rect` of `img` to `s x s` into `out` `[3, s, s]`, normalised; reads only pixels in
+/// `bounds = (x0, y0, x1, y1)` (exclusive ends). `flip` mirrors horizontally.
+fn resample_chw(
+    img: &RgbImage,
+    rect: Rect,
+    bounds: (u32, u32, u32, u32),
+    s: usize,
+    flip: bool,
+    cfg: &Config,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), 3 * s * s, "output buffer must be [3, {s}, {s}]");
+    let xs = axis_weights(rect.x, rect.w, s, bounds.0, bounds.2);
+    let ys = axis_weights(rect.y, rect.h, s, bounds.1, bounds.3);
+    let y_lo = ys.iter().map(|(a, _)| *a).min().unwrap_or(0);
+    let y_hi = ys.iter().map(|(a, w)| a + w.len()).max().unwrap_or(0);
+    let width = img.width() as usize;
+    let raw = img.as_raw();
+    // Horizontal pass: rows y_lo..y_hi -> tmp [rows, s, 3]
+    let rows = y_hi - y_lo;
+    let mut tmp = vec![0f32; rows * s * 3];
+    for r in 0..rows {
+        let row = &raw[(y_lo + r) * width * 3..(y_lo + r + 1) * width * 3];
+        let dst = &mut tmp[r * s * 3..(r + 1) * s * 3];
+        for (ox, (a, w)) in xs.iter().enumerate() {
+            let (mut c0, mut c1, mut c2) = (0f32, 0f32, 0f32);
+            for (k, wk) in w.iter().enumerate() {
+                let p = &row[(a + k) * 3..(a + k) * 3 + 3];
+                c0 += wk * p[0] as f32;
+                c1 += wk * p[1] as f32;
+                c2 += wk * p[2] as f32;
+            }
+            dst[ox * 3] = c0;
+            dst[ox * 3 + 1] = c1;
+            dst[ox * 3 + 2] = c2;
+        }
+    }
+    // Vertical pass + normalise: out[c][oy][ox] = (v/255 - mean[c]) / std[c]
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * cfg.std[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| -cfg.mean[c] / cfg.std[c]);
+    let plane = s * s;
+    let mut acc = vec![0f32; s * 3];
+    for (oy, (a, w)) in ys.iter().enumerate() {
+        acc.iter_mut().for_each(|v| *v = 0.0);
+        for (k, wk) in w.iter().enumerate() {
+            let src = &tmp[(a + k - y_lo) * s * 3..(a + k - y_lo + 1) * s * 3];
+            for (v, x) in acc.iter_mut().zip(src) {
+                *v += wk * x;
+            }
+        }
+        for ox in 0..s {
+            let dx = if flip { s - 1 - ox } else { ox };
+            for c in 0..3 {
+                // Round like an 8-bit resize would not: keep full precision, but clamp the
+                // filter's tiny overshoot-free range to 0..255 anyway for safety.
+                let v = acc[ox * 3 + c].clamp(0.0, 255.0);
+                out[c * plane + oy * s + dx] = v * scale[c] + shift[c];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::image::Rgb;
+    use rand::SeedableRng;
+
+    fn cfg(s: u32) -> Config {
+        Config::new("unused", s)
+    }
+
+    #[test]
+    fn rrc_params_stay_inside_and_respect_scale_and_ratio() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for &(w, h) in &[(64u32, 64u32), (500, 375), (375, 500), (10, 300), (300, 10), (1, 1)] {
+            for _ in 0..500 {
+                let (x, y, cw, ch) = random_resized_crop_params(w, h, (0.25, 1.0), &mut rng);
+                assert!(cw > 0 && ch > 0 && x + cw <= w && y + ch <= h, "{w}x{h}: {x},{y},{cw},{ch}");
+                // Not a fallback: area and ratio within range (up to rounding).
+                let normal = w as f64 / (h as f64) > 0.75 && (w as f64 / h as f64) < 4.0 / 3.0;
+                if normal && w >= 64 {
+                    let frac = (cw * ch) as f64 / (w * h) as f64;
+                    assert!(frac > 0.2 && frac <= 1.0, "{frac}");
+                    let r = cw as f64 / ch as f64;
+                    assert!(r > 0.7 && r < 1.43, "{r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eval_shape_and_constant_image_normalisation() {
+        let c = cfg(8);
+        let img = RgbImage::from_pixel(13, 29, Rgb([255, 0, 128]));
+        let mut out = vec![f32::NAN; 3 * 8 * 8];
+        eval_transform(&img, &c, &mut out);
+        let expect = |ch: usize, v: f32| (v / 255.0 - c.mean[ch]) / c.std[ch];
+        for (i, v) in out.iter().enumerate() {
+            let ch = i / 64;
+            let want = expect(ch, [255.0, 0.0, 128.0][ch]);
+            assert!((v - want).abs() < 1e-4, "ch {ch}: {v} vs {want}");
+        }
+    }
+
+    #[test]
+    fn identity_resample_is_exact_and_chw() {
+        // eval with eval_resize == image_size on a square image of that size: pixels pass through.
+        let mut c = cfg(4);
+        c.eval_resize = Some(4);
+        c.mean = [0.0; 3];
+        c.std = [1.0; 3];
+        let img = RgbImage::from_fn(4, 4, |x, y| Rgb([(x * 10) as u8, (y * 10) as u8, 7]));
+        let mut out = vec![0f32; 48];
+        eval_transform(&img, &c, &mut out);
+        for y in 0..4 {
+            for x in 0..4 {
+                assert!((out[y * 4 + x] * 255.0 - (x * 10) as f32).abs() < 1e-3);
+                assert!((out[16 + y * 4 + x] * 255.0 - (y * 10) as f32).abs() < 1e-3);
+                assert!((out[32 + y * 4 + x] * 255.0 - 7.0).abs() < 1e-3);
+            }
+        }
+    }
+
+    #[test]
+    fn eval_centre_crop_takes_the_middle() {
+        // 4x8 (w x h) image, top half black, bottom half white, image_size 4, resize 4:
+        // resized stays 4x8, centre crop rows 2..6 -> half black, half white.
+        let mut c = cfg(4);
+        c.eval_resize = Some(4);
+        c.mean = [0.0; 3];
+        c.std = [1.0; 3];
+        let img = RgbImage::from_fn(4, 8, |_, y| if y < 4 { Rgb([0; 3]) } else { Rgb([255; 3]) });
+        let mut out = vec![0f32; 48];
+        eval_transform(&img, &c, &mut out);
+        assert!(out[0] < 1e-3 && out[4] < 1e-3); // rows 0,1 of the crop = source rows 2,3
+        assert!(out[8] > 0.999 && out[12] > 0.999);
+    }
+
+    #[test]
+    fn flip_mirrors_and_no_augment_equals_eval() {
+        let img = RgbImage::from_fn(32, 32, |x, y| Rgb([(x * 8) as u8, (y * 8) as u8, 0]));
+        let mut c = cfg(16);
+        c.augment = false;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let mut a = vec![0f32; 3 * 256];
+        let mut b = vec![0f32; 3 * 256];
+        train_transform(&img, &c, &mut rng, &mut a);
+        eval_transform(&img, &c, &mut b);
+        assert_eq!(a, b);
+        // Full-image crop with min scale 1 and a square image: flips show up as mirrored rows.
+        c.augment = true;
+        c.min_crop_scale = 1.0;
+        let mut seen = [false; 2];
+        for seed in 0..20 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            train_transform(&img, &c, &mut rng, &mut a);
+            let increasing = a[15] > a[0];
+            seen[increasing as usize] = true;
+        }
+        assert_eq!(seen, [true, true], "both flipped and unflipped crops occur");
+    }
+
+    #[test]
+    fn downscale_is_antialiased() {
+        // 1-pixel checkerboard shrunk 8x averages to grey, not to aliased stripes.
+        let img = RgbImage::from_fn(64, 64, |x, y| if (x + y) % 2 == 0 { Rgb([255; 3]) } else { Rgb([0; 3]) });
+        let mut c = cfg(8);
+        c.eval_resize = Some(8);
+        c.mean = [0.0; 3];
+        c.std = [1.0; 3];
+        let mut out = vec![0f32; 3 * 64];
+        eval_transform(&img, &c, &mut out);
+        for v in out {
+            assert!((v - 0.5).abs() < 0.05, "{v}");
+        }
+    }
+
+    #[test]
+    fn sniffing_and_errors() {
+        assert!(decode_rgb(b"", 100).unwrap_err().to_string().contains("empty"));
+        assert!(decode_rgb(b"GIF89a....", 100).unwrap_err().to_string().contains("GIF"));
+        // PNG round trip through the encoder, including grey -> RGB.
+        let grey = ::image::GrayImage::from_pixel(5, 3, ::image::Luma([77]));
+        let mut png = Vec::new();
+        DynamicImage::ImageLuma8(grey)
+            .write_to(&mut Cursor::new(&mut png), ::image::ImageFormat::Png)
+            .unwrap();
+        let rgb = decode_rgb(&png, 100).unwrap();
+        assert_eq!(rgb.dimensions(), (5, 3));
+        assert_eq!(rgb.get_pixel(2, 1).0, [77, 77, 77]);
+        let err = decode_rgb(&png, 14).unwrap_err().to_string();
+        assert!(err.contains("image 5x3 exceeds max_pixels (14)"), "{err}");
+    }
+
+    #[test]
+    fn truncated_jpeg_is_rejected_at_every_cut() {
+        let img = RgbImage::from_fn(16, 16, |x, y| Rgb([(x * 16) as u8, (y * 16) as u8, 99]));
+        let mut jpg = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut jpg), ::image::ImageFormat::Jpeg)
+            .unwrap();
+        assert_eq!(decode_rgb(&jpg, 1000).unwrap().dimensions(), (16, 16));
+        for cut in 0..jpg.len() - 2 {
+            assert!(decode_rgb(&jpg[..cut], 1000).is_err(), "cut at {cut} accepted");
+        }
+    }
+}
