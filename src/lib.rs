@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`storage`] | `object_store` URLs (plain paths, `file://`) behind one small blocking API |
 //! | [`data`] | ImageFolder -> WebDataset tar shards + manifest; shard reader, decode, augmentation, batches, the data cursor; the synthetic shapes dataset |
+//! | [`split`] | which classes are seen (trained on) and unseen (zero-shot) |
 //! | [`text`] | word-vector files (word2vec bin/text, GloVe, fastText) -> `label_embedding` per wnid (paper A.2) |
 //! | [`model`] | image encoder (`tch::vision` ResNets, a small ConvNet) + softmax head + linear projection `M` (§3) |
 //! | [`loss`] | softmax cross-entropy and the hinge rank loss (§3.3, eq. 1) |
@@ -21,14 +22,23 @@
 //! | [`checkpoint`] | crash-safe checkpoints: temporary name, atomic publish, `LATEST` last |
 //! | [`eval`] | flat hit@k on seen classes and zero-shot label sets; softmax baseline; chance |
 //! | [`report`] | JSON + Markdown report in the run directory, terminal summary |
+//! | [`demo`] | the embedded default run: synthetic shapes with real GloVe names, end to end |
 //!
 //! Configuration: [`config::RunConfig`] nests each component's own `Config`; it is validated once
 //! into a [`plan::Plan`] holding every derived number.
 
 pub mod storage;
 pub mod data;
+pub mod split;
 pub mod text;
 pub mod model;
 pub mod loss;
 pub mod optim;
+pub mod train;
 pub mod collective;
+pub mod checkpoint;
+pub mod eval;
+pub mod report;
+pub mod config;
+pub mod plan;
+pub mod demo;
