@@ -15,3 +15,18 @@ pub fn shared_dir() -> Option<PathBuf> {
     eprintln!("SKIP: ../shared not found at {}", dir.display());
     None
 }
+
+/// Extracts `train/` and `val/` of the given Tiny ImageNet wnids from
+/// `../shared/data/tiny-imagenet-200.tar.gz` into `dst` (an ImageFolder tree
+/// `dst/tiny-imagenet-200/{train,val}/<wnid>/`). Returns the tree's root.
+#[allow(dead_code)]
+pub fn extract_tiny_classes(shared: &std::path::Path, wnids: &[&str], dst: &std::path::Path) -> PathBuf {
+    let mut cmd = std::process::Command::new("tar");
+    cmd.arg("xzf").arg(shared.join("data/tiny-imagenet-200.tar.gz")).arg("-C").arg(dst);
+    for w in wnids {
+        cmd.arg(format!("tiny-imagenet-200/train/{w}")).arg(format!("tiny-imagenet-200/val/{w}"));
+    }
+    let status = cmd.status().expect("running tar");
+    assert!(status.success(), "tar failed: {status}");
+    dst.join("tiny-imagenet-200")
+}
