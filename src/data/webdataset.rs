@@ -72,6 +72,8 @@ pub struct SampleReader<R: Read> {
     current: Option<Sample>,
     /// Keys of samples already yielded, to detect non-adjacent members.
     closed: HashSet<String>,
+    /// An error found while the sample before it was being closed; returned on the next call.
+    pending_error: Option<ShardError>,
     done: bool,
     missing_end: bool,
 }
@@ -85,6 +87,7 @@ impl<R: Read> SampleReader<R> {
             offset: 0,
             current: None,
             closed: HashSet::new(),
+            pending_error: None,
             done: false,
             missing_end: false,
         }
@@ -152,9 +155,10 @@ impl<R: Read> SampleReader<R> {
         Ok(data)
     }
 
-    /// Next member as `(path, data, header offset)`, skipping directories and metadata entries.
-    /// `Ok(None)` at the end of the archive.
-    fn next_member(&mut self) -> Result<Option<(String, Vec<u8>, u64)>, ShardError> {
+    /// Next regular member's header as `(path, data size, header offset)`, skipping
+    /// directories and metadata entries (whose data it consumes). The member's data is NOT read:
+    /// the caller reads it with `read_data`. `Ok(None)` at the end of the archive.
+    fn next_header(&mut self) -> Result<Option<(String, u64, u64)>, ShardError> {
         let mut long_name: Option<String> = None;
         loop {
             let header_at = self.offset;
@@ -201,48 +205,77 @@ impl<R: Read> SampleReader<R> {
                 reason: format!("unreadable size field: {e}"),
             })?;
             let raw_path = String::from_utf8_lossy(&header.path_bytes()).into_owned();
-            let kind = header.entry_type();
-            let data = self.read_data(size, &format!("member {raw_path:?}"))?;
             use tar::EntryType;
-            match kind {
+            match header.entry_type() {
+                EntryType::Regular | EntryType::Continuous => {
+                    let path = long_name.take().unwrap_or(raw_path);
+                    return Ok(Some((path, size, header_at)));
+                }
                 EntryType::GNULongName => {
+                    let data = self.read_data(size, "a GNU long-name record")?;
                     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
                     long_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
                 }
                 EntryType::XHeader => {
+                    let data = self.read_data(size, "a pax header")?;
                     if let Some(p) = pax_path(&data) {
                         long_name = Some(p);
                     }
                 }
-                EntryType::Regular | EntryType::Continuous => {
-                    let path = long_name.take().unwrap_or(raw_path);
-                    return Ok(Some((path, data, header_at)));
-                }
                 // Directories, links, global pax headers, ...: not sample members.
-                _ => long_name = None,
+                _ => {
+                    self.read_data(size, &format!("member {raw_path:?}"))?;
+                    long_name = None;
+                }
             }
         }
     }
 
     fn step(&mut self) -> Result<Option<Sample>, ShardError> {
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
         loop {
-            let Some((path, data, at)) = self.next_member()? else {
+            let Some((path, size, at)) = self.next_header()? else {
                 return Ok(self.current.take());
             };
             let (dir, base) = match path.rfind('/') {
                 Some(i) => (&path[..=i], &path[i + 1..]),
                 None => ("", path.as_str()),
             };
-            let Some(dot) = base.find('.') else {
-                tracing::warn!(shard = %self.shard, member = %path, "tar member without an extension ignored");
-                continue;
+            let what = format!("member {path:?}");
+            let dot = match base.find('.') {
+                Some(dot) if dot > 0 => dot,
+                _ => {
+                    tracing::warn!(shard = %self.shard, member = %path, "tar member without a key or an extension ignored");
+                    self.read_data(size, &what)?;
+                    continue;
+                }
             };
-            if dot == 0 {
-                tracing::warn!(shard = %self.shard, member = %path, "tar member with an empty key ignored");
-                continue;
-            }
             let key = format!("{dir}{}", &base[..dot]);
             let field = base[dot + 1..].to_ascii_lowercase();
+            if self.current.as_ref().is_some_and(|c| c.key != key) {
+                // A new key starts: the current sample is complete before this member's data is
+                // read, so a cut inside that data still yields it (B01).
+                let done = self.current.take().expect("checked");
+                if self.closed.contains(&key) {
+                    // Interleaved members: `done` may be a fragment too; yield nothing more.
+                    return Err(ShardError::NonContiguous { key, offset: at });
+                }
+                self.closed.insert(done.key.clone());
+                match self.read_data(size, &what) {
+                    Ok(data) => {
+                        self.current = Some(Sample {
+                            key,
+                            fields: BTreeMap::from([(field, data)]),
+                            offset: at,
+                        });
+                    }
+                    Err(e) => self.pending_error = Some(e),
+                }
+                return Ok(Some(done));
+            }
+            let data = self.read_data(size, &what)?;
             match &mut self.current {
                 Some(cur) if cur.key == key => {
                     if cur.fields.contains_key(&field) {
@@ -254,19 +287,16 @@ impl<R: Read> SampleReader<R> {
                     }
                     cur.fields.insert(field, data);
                 }
-                _ => {
+                Some(_) => unreachable!("a different key was handled above"),
+                None => {
                     if self.closed.contains(&key) {
                         return Err(ShardError::NonContiguous { key, offset: at });
                     }
-                    let next = Sample {
-                        key: key.clone(),
+                    self.current = Some(Sample {
+                        key,
                         fields: BTreeMap::from([(field, data)]),
                         offset: at,
-                    };
-                    if let Some(done) = self.current.replace(next) {
-                        self.closed.insert(done.key.clone());
-                        return Ok(Some(done));
-                    }
+                    });
                 }
             }
         }
