@@ -134,9 +134,19 @@ pub struct DataStats {
 /// One sample of a loaded shard, classified.
 #[derive(Debug)]
 enum Entry {
-    Ok { key: String, class: usize, image: Vec<u8> },
-    Incomplete { key: String, missing: &'static str },
-    InvalidLabel { key: String, cls: String },
+    Ok {
+        key: String,
+        class: usize,
+        image: Vec<u8>,
+    },
+    Incomplete {
+        key: String,
+        missing: &'static str,
+    },
+    InvalidLabel {
+        key: String,
+        cls: String,
+    },
 }
 
 /// A shard read, verified and parsed: entries in tar order.
@@ -179,19 +189,26 @@ fn parse_shard(reader: impl std::io::Read, url: &str, name: &str, n_classes: usi
         let mut sample = match item {
             Ok(s) => s,
             Err(e) => {
-                let msg = format!("shard {url}: {e}; {} samples before it are used", entries.len());
+                let msg = format!(
+                    "shard {url}: {e}; {} samples before it are used",
+                    entries.len()
+                );
                 tracing::warn!("{msg}");
                 error = Some(msg);
                 break;
             }
         };
         let key = std::mem::take(&mut sample.key);
-        let image = IMAGE_FIELDS
-            .iter()
-            .find_map(|f| sample.fields.remove(*f));
+        let image = IMAGE_FIELDS.iter().find_map(|f| sample.fields.remove(*f));
         let entry = match (sample.fields.get("cls"), image) {
-            (None, _) => Entry::Incomplete { key, missing: "cls" },
-            (Some(_), None) => Entry::Incomplete { key, missing: "jpg" },
+            (None, _) => Entry::Incomplete {
+                key,
+                missing: "cls",
+            },
+            (Some(_), None) => Entry::Incomplete {
+                key,
+                missing: "jpg",
+            },
             (Some(cls), Some(image)) => {
                 let text = String::from_utf8_lossy(cls).trim().to_string();
                 match text.parse::<usize>() {
@@ -317,7 +334,10 @@ impl Walker {
     fn enter_epoch(&mut self, epoch: u64, position: u64) {
         let plan = &self.plan;
         let mut order: Vec<usize> = (0..plan.shards.len()).collect();
-        shuffle(&mut order, &mut ChaCha8Rng::seed_from_u64(mix(&[plan.seed, TAG_SHARDS, epoch])));
+        shuffle(
+            &mut order,
+            &mut ChaCha8Rng::seed_from_u64(mix(&[plan.seed, TAG_SHARDS, epoch])),
+        );
         let mut starts = Vec::with_capacity(order.len());
         let mut acc = 0;
         for &k in &order {
@@ -827,7 +847,9 @@ pub fn eval_batches(
     rank: usize,
     world_size: usize,
 ) -> Result<EvalBatches> {
-    let plan = make_plan(cfg, manifest, split, label_map, batch_size, 0, rank, world_size)?;
+    let plan = make_plan(
+        cfg, manifest, split, label_map, batch_size, 0, rank, world_size,
+    )?;
     let info = manifest.split(split)?;
     let accepted_total: u64 = info
         .class_counts
@@ -982,13 +1004,19 @@ mod tests {
                 Entry::InvalidLabel { key, cls } => format!("{key}:bad {cls}"),
             })
             .collect();
-        assert_eq!(kinds, ["a:ok1", "b:missing cls", "c:bad 7", "d:missing jpg"]);
+        assert_eq!(
+            kinds,
+            ["a:ok1", "b:missing cls", "c:bad 7", "d:missing jpg"]
+        );
     }
 
     #[test]
     fn eval_expected_share() {
         // 10 accepted over 3 ranks: 4, 3, 3
         let share = |n: u64, w: u64, r: u64| n / w + u64::from(n % w > r);
-        assert_eq!([share(10, 3, 0), share(10, 3, 1), share(10, 3, 2)], [4, 3, 3]);
+        assert_eq!(
+            [share(10, 3, 0), share(10, 3, 1), share(10, 3, 2)],
+            [4, 3, 3]
+        );
     }
 }

@@ -192,7 +192,13 @@ impl<R: Read> SampleReader<R> {
             let computed: u32 = block
                 .iter()
                 .enumerate()
-                .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u32 })
+                .map(|(i, &b)| {
+                    if (148..156).contains(&i) {
+                        32
+                    } else {
+                        b as u32
+                    }
+                })
                 .sum();
             if stored != computed {
                 return Err(ShardError::BadHeader {
@@ -419,7 +425,12 @@ mod tests {
 
     #[test]
     fn truncation_anywhere_never_panics_and_keeps_earlier_samples() {
-        let t = tar_of(&[("a.jpg", &[7u8; 700]), ("a.cls", b"1"), ("b.jpg", &[8u8; 300]), ("b.cls", b"2")]);
+        let t = tar_of(&[
+            ("a.jpg", &[7u8; 700]),
+            ("a.cls", b"1"),
+            ("b.jpg", &[8u8; 300]),
+            ("b.cls", b"2"),
+        ]);
         for cut in 0..t.len() {
             let (s, err, _) = collect(&t[..cut]);
             // A sample is yielded complete or not at all.
@@ -441,6 +452,9 @@ mod tests {
         let mut t = tar_of(&[("a.jpg", b"x")]);
         t[0] ^= 1;
         let (_, err, _) = collect(&t);
-        assert!(matches!(err, Some(ShardError::BadHeader { offset: 0, .. })), "{err:?}");
+        assert!(
+            matches!(err, Some(ShardError::BadHeader { offset: 0, .. })),
+            "{err:?}"
+        );
     }
 }

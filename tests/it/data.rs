@@ -68,7 +68,8 @@ fn tiny_shards() -> Option<(PathBuf, Manifest)> {
         let m = build_shards(&src, dst.path().to_str().unwrap(), &options(7)).unwrap();
         Some((dst, m))
     });
-    got.as_ref().map(|(d, m)| (d.path().to_path_buf(), m.clone()))
+    got.as_ref()
+        .map(|(d, m)| (d.path().to_path_buf(), m.clone()))
 }
 
 fn options(seed: u64) -> BuildOptions {
@@ -110,7 +111,9 @@ fn take(stream: &mut TrainStream, n: usize) -> Vec<(devise::data::Batch, Cursor)
 #[test]
 fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
     let Some(src) = tiny_subset() else { return };
-    let Some((dir, m)) = tiny_shards() else { return };
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
     assert_eq!(m.format, FORMAT);
     assert_eq!(m.classes, CLASSES);
     let train = &m.splits["train"];
@@ -118,7 +121,11 @@ fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
     assert_eq!((train.samples, val.samples), (1500, 150));
     assert_eq!(train.class_counts, [500, 500, 500]);
     assert_eq!(val.class_counts, [50, 50, 50]);
-    assert!(train.shards.len() > 3, "several shards: {}", train.shards.len());
+    assert!(
+        train.shards.len() > 3,
+        "several shards: {}",
+        train.shards.len()
+    );
     assert_eq!(read_manifest(dir.to_str().unwrap()).unwrap(), m);
 
     let store = Store::open(dir.to_str().unwrap()).unwrap();
@@ -139,7 +146,10 @@ fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
             for s in samples {
                 assert_eq!(s.fields.keys().collect::<Vec<_>>(), ["cls", "jpg", "json"]);
                 let wnid = &labels[&s.key];
-                let cls: usize = std::str::from_utf8(&s.fields["cls"]).unwrap().parse().unwrap();
+                let cls: usize = std::str::from_utf8(&s.fields["cls"])
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 assert_eq!(&m.classes[cls], wnid, "{}", s.key);
                 let meta: serde_json::Value = serde_json::from_slice(&s.fields["json"]).unwrap();
                 let source = format!("{split}/{wnid}/{}.JPEG", s.key);
@@ -156,7 +166,11 @@ fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
         }
         assert_eq!(seen, info.samples);
     }
-    assert_eq!(first_shard_classes.len(), 3, "shuffled before sharding: shards mix classes");
+    assert_eq!(
+        first_shard_classes.len(),
+        3,
+        "shuffled before sharding: shards mix classes"
+    );
 
     // Same tree, same seed -> byte-identical shards; another seed -> another order.
     let again = tempfile::tempdir().unwrap();
@@ -203,7 +217,9 @@ fn greyscale_images_come_out_rgb() {
 
 #[test]
 fn train_stream_is_deterministic_and_covers_each_epoch_once() {
-    let Some((dir, m)) = tiny_shards() else { return };
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
     let mut cfg = config(&dir, 32);
     cfg.eval_resize = Some(36);
     let start = |seed| {
@@ -211,12 +227,27 @@ fn train_stream_is_deterministic_and_covers_each_epoch_once() {
     };
     let (mut a, mut b, mut c) = (start(1), start(1), start(2));
     let (ba, bb, bc) = (take(&mut a, 30), take(&mut b, 30), take(&mut c, 3));
-    assert_eq!(ba, bb, "same seed, same batches (keys, labels, pixels, cursors)");
+    assert_eq!(
+        ba, bb,
+        "same seed, same batches (keys, labels, pixels, cursors)"
+    );
     assert_ne!(ba[0].0.keys, bc[0].0.keys, "another seed, another order");
 
     // 1500 samples / 50 = 30 batches = exactly one epoch: every sample once, cursor -> {1, 0}.
-    assert_eq!(ba[29].1, Cursor { epoch: 1, position: 0 });
-    assert_eq!(ba[0].1, Cursor { epoch: 0, position: 50 });
+    assert_eq!(
+        ba[29].1,
+        Cursor {
+            epoch: 1,
+            position: 0
+        }
+    );
+    assert_eq!(
+        ba[0].1,
+        Cursor {
+            epoch: 0,
+            position: 50
+        }
+    );
     let epoch0: Vec<&String> = ba.iter().flat_map(|(b, _)| &b.keys).collect();
     let unique: BTreeSet<_> = epoch0.iter().collect();
     assert_eq!(unique.len(), 1500);
@@ -244,28 +275,47 @@ fn train_stream_is_deterministic_and_covers_each_epoch_once() {
     let e1: Vec<&String> = next.iter().flat_map(|(b, _)| &b.keys).collect();
     assert_ne!(e1, epoch0[..100].to_vec());
     let s = a.stats();
-    assert_eq!((s.samples, s.decode_errors, s.shard_errors, s.filtered), (1600, 0, 0, 0));
+    assert_eq!(
+        (s.samples, s.decode_errors, s.shard_errors, s.filtered),
+        (1600, 0, 0, 0)
+    );
 }
 
 #[test]
 fn resume_from_a_saved_cursor_is_sample_exact() {
-    let Some((dir, m)) = tiny_shards() else { return };
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
     let mut cfg = config(&dir, 24);
     cfg.prefetch_batches = 2;
     // 37 does not divide 1500: batches straddle the epoch boundary (after batch 40).
-    let start = |cursor| {
-        TrainStream::start(&cfg, &m, all_labels(&m), 37, 11, cursor, 0, 1).unwrap()
-    };
+    let start =
+        |cursor| TrainStream::start(&cfg, &m, all_labels(&m), 37, 11, cursor, 0, 1).unwrap();
     let mut full = start(Cursor::default());
     let reference = take(&mut full, 46);
-    assert_eq!(reference[40].1, Cursor { epoch: 1, position: 17 });
+    assert_eq!(
+        reference[40].1,
+        Cursor {
+            epoch: 1,
+            position: 17
+        }
+    );
     for k in [0usize, 12, 39, 40] {
         let saved = reference[k].1;
         let mut resumed = start(saved);
         let got = take(&mut resumed, 45 - k);
         for (i, (g, r)) in got.iter().zip(&reference[k + 1..]).enumerate() {
-            assert_eq!(g.0.keys, r.0.keys, "resume from batch {k}: batch {} keys", k + 1 + i);
-            assert!(g.0.images == r.0.images, "resume from batch {k}: batch {} pixels", k + 1 + i);
+            assert_eq!(
+                g.0.keys,
+                r.0.keys,
+                "resume from batch {k}: batch {} keys",
+                k + 1 + i
+            );
+            assert!(
+                g.0.images == r.0.images,
+                "resume from batch {k}: batch {} pixels",
+                k + 1 + i
+            );
             assert_eq!(g.1, r.1);
         }
     }
@@ -273,11 +323,14 @@ fn resume_from_a_saved_cursor_is_sample_exact() {
 
 #[test]
 fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
-    let Some((dir, m)) = tiny_shards() else { return };
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
     let cfg = config(&dir, 16);
     // Class 1 (tailed frog) held out, as an unseen zero-shot class would be.
     let map = vec![Some(0), None, Some(1)];
-    let mut one = TrainStream::start(&cfg, &m, map.clone(), 40, 3, Cursor::default(), 0, 1).unwrap();
+    let mut one =
+        TrainStream::start(&cfg, &m, map.clone(), 40, 3, Cursor::default(), 0, 1).unwrap();
     let mut r0 = TrainStream::start(&cfg, &m, map.clone(), 20, 3, Cursor::default(), 0, 2).unwrap();
     let mut r1 = TrainStream::start(&cfg, &m, map.clone(), 20, 3, Cursor::default(), 1, 2).unwrap();
     for _ in 0..30 {
@@ -304,13 +357,18 @@ fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
         .unwrap();
     assert!(err.to_string().contains("label map"), "{err}");
     assert!(TrainStream::start(&cfg, &m, vec![Some(0); 2], 8, 0, Cursor::default(), 0, 1).is_err());
-    let beyond = Cursor { epoch: 0, position: 1501 };
+    let beyond = Cursor {
+        epoch: 0,
+        position: 1501,
+    };
     assert!(TrainStream::start(&cfg, &m, map, 8, 0, beyond, 0, 1).is_err());
 }
 
 #[test]
 fn eval_covers_every_accepted_sample_once_across_ranks() {
-    let Some((dir, m)) = tiny_shards() else { return };
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
     let src = tiny_subset().unwrap();
     let truth = source_labels(&src, "val");
     let cfg = config(&dir, 56);
@@ -332,8 +390,14 @@ fn eval_covers_every_accepted_sample_once_across_ranks() {
     let unique: BTreeSet<_> = keys.iter().collect();
     assert_eq!((keys.len(), unique.len()), (150, 150));
     // Deterministic: the same pass twice gives identical pixels.
-    let a: Vec<_> = eval_batches(&cfg, &m, "val", all_labels(&m), 64, 0, 1).unwrap().map(|b| b.unwrap()).collect();
-    let b: Vec<_> = eval_batches(&cfg, &m, "val", all_labels(&m), 64, 0, 1).unwrap().map(|b| b.unwrap()).collect();
+    let a: Vec<_> = eval_batches(&cfg, &m, "val", all_labels(&m), 64, 0, 1)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    let b: Vec<_> = eval_batches(&cfg, &m, "val", all_labels(&m), 64, 0, 1)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
     assert_eq!(a, b);
     assert!(eval_batches(&cfg, &m, "test", all_labels(&m), 8, 0, 1).is_err());
 }
@@ -341,19 +405,42 @@ fn eval_covers_every_accepted_sample_once_across_ranks() {
 #[test]
 fn shapes_dataset_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = ShapesOptions { image_size: 32, train_per_class: 12, val_per_class: 4, seed: 5 };
+    let opts = ShapesOptions {
+        image_size: 32,
+        train_per_class: 12,
+        val_per_class: 4,
+        seed: 5,
+    };
     let t = Instant::now();
     let ds = generate_shapes(&dir.path().join("src"), &opts).unwrap();
     eprintln!("shapes: 25 x 16 images rendered in {:?}", t.elapsed());
     assert_eq!(ds.classes.len(), 25);
-    assert_eq!(ds.unseen, ["blue_triangle", "green_square", "purple_cross", "red_circle", "yellow_star"]);
+    assert_eq!(
+        ds.unseen,
+        [
+            "blue_triangle",
+            "green_square",
+            "purple_cross",
+            "red_circle",
+            "yellow_star"
+        ]
+    );
     assert_eq!(ds.seen.len(), 20);
-    for word in ["red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "star", "cross"] {
-        let n = ds.seen.iter().filter(|c| c.split('_').any(|w| w == word)).count();
+    for word in [
+        "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "star", "cross",
+    ] {
+        let n = ds
+            .seen
+            .iter()
+            .filter(|c| c.split('_').any(|w| w == word))
+            .count();
         assert_eq!(n, 4, "{word} appears in 4 seen classes");
     }
     let split = std::fs::read_to_string(dir.path().join("src/split.tsv")).unwrap();
-    assert!(split.starts_with("# wnid\tsplit\tnames\nblue_circle\tseen\tblue circle\n"), "{split}");
+    assert!(
+        split.starts_with("# wnid\tsplit\tnames\nblue_circle\tseen\tblue circle\n"),
+        "{split}"
+    );
     assert!(split.contains("red_circle\tunseen\tred circle\n"));
     let names = std::fs::read_to_string(dir.path().join("src/names.tsv")).unwrap();
     assert_eq!(names.lines().count(), 25);
@@ -365,17 +452,24 @@ fn shapes_dataset_end_to_end() {
     // Deterministic: same seed, same bytes.
     let again = tempfile::tempdir().unwrap();
     generate_shapes(again.path(), &opts).unwrap();
-    assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(again.path().join("train/red_star/red_star_11.JPEG")).unwrap());
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        std::fs::read(again.path().join("train/red_star/red_star_11.JPEG")).unwrap()
+    );
 
     // Through shards and the train stream, with unseen classes filtered out.
     let shards = dir.path().join("shards");
-    let m = build_shards(&dir.path().join("src"), shards.to_str().unwrap(), &BuildOptions {
-        splits: vec!["train".into(), "val".into()],
-        classes: None,
-        shard_size_bytes: 64 * 1024,
-        seed: 0,
-        progress: false,
-    })
+    let m = build_shards(
+        &dir.path().join("src"),
+        shards.to_str().unwrap(),
+        &BuildOptions {
+            splits: vec!["train".into(), "val".into()],
+            classes: None,
+            shard_size_bytes: 64 * 1024,
+            seed: 0,
+            progress: false,
+        },
+    )
     .unwrap();
     assert_eq!(m.classes, ds.classes);
     let map: Vec<Option<i64>> = {
@@ -395,7 +489,10 @@ fn shapes_dataset_end_to_end() {
     for _ in 0..20 {
         let (b, _) = stream.next_batch().unwrap();
         assert!(b.labels.iter().all(|l| (0..20).contains(l)));
-        assert!(b.keys.iter().all(|k| !ds.unseen.iter().any(|u| k.starts_with(u.as_str()))));
+        assert!(b
+            .keys
+            .iter()
+            .all(|k| !ds.unseen.iter().any(|u| k.starts_with(u.as_str()))));
     }
 }
 
@@ -413,7 +510,9 @@ fn field(name: &str) -> Option<Vec<u8>> {
 fn one_shard(tar: &[u8], samples: u64, n_classes: usize) -> (tempfile::TempDir, Manifest) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().to_str().unwrap()).unwrap();
-    store.put("train-000000.tar", Bytes::copy_from_slice(tar)).unwrap();
+    store
+        .put("train-000000.tar", Bytes::copy_from_slice(tar))
+        .unwrap();
     let mut class_counts = vec![0; n_classes];
     class_counts[0] = samples;
     let split = SplitInfo {
@@ -431,19 +530,42 @@ fn one_shard(tar: &[u8], samples: u64, n_classes: usize) -> (tempfile::TempDir, 
         classes: (0..n_classes).map(|i| format!("c{i:04}")).collect(),
         splits: BTreeMap::from([("train".into(), split.clone()), ("val".into(), split)]),
     };
-    store.put("manifest.json", Bytes::from(serde_json::to_vec(&m).unwrap())).unwrap();
+    store
+        .put(
+            "manifest.json",
+            Bytes::from(serde_json::to_vec(&m).unwrap()),
+        )
+        .unwrap();
     (dir, m)
 }
 
 /// One eval pass over the fixture shard: (keys, labels, stats).
-fn eval_fixture(tar: &[u8], samples: u64, n_classes: usize, size: u32) -> (Vec<String>, Vec<i64>, devise::data::DataStats) {
+fn eval_fixture(
+    tar: &[u8],
+    samples: u64,
+    n_classes: usize,
+    size: u32,
+) -> (Vec<String>, Vec<i64>, devise::data::DataStats) {
     let (dir, m) = one_shard(tar, samples, n_classes);
     let cfg = config(dir.path(), size);
-    let mut it = eval_batches(&cfg, &m, "val", (0..n_classes as i64).map(Some).collect(), 8, 0, 1).unwrap();
+    let mut it = eval_batches(
+        &cfg,
+        &m,
+        "val",
+        (0..n_classes as i64).map(Some).collect(),
+        8,
+        0,
+        1,
+    )
+    .unwrap();
     let (mut keys, mut labels) = (Vec::new(), Vec::new());
     for b in &mut it {
         let b = b.unwrap();
-        assert_eq!(b.images.len(), b.n * 3 * (size * size) as usize, "every image 3 x s x s");
+        assert_eq!(
+            b.images.len(),
+            b.n * 3 * (size * size) as usize,
+            "every image 3 x s x s"
+        );
         keys.extend(b.keys);
         labels.extend(b.labels);
     }
@@ -452,27 +574,56 @@ fn eval_fixture(tar: &[u8], samples: u64, n_classes: usize, size: u32) -> (Vec<S
 
 #[test]
 fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
-    let (Some(full), Some(cut)) = (field("B01_full_shard.tar"), field("B01_truncated_shard.tar")) else { return };
+    let (Some(full), Some(cut)) = (
+        field("B01_full_shard.tar"),
+        field("B01_truncated_shard.tar"),
+    ) else {
+        return;
+    };
     let (keys, labels, stats) = eval_fixture(&full, 3, 3, 16);
-    assert_eq!((keys, labels), (vec!["000000".into(), "000001".into(), "000002".into()], vec![0, 1, 2]));
+    assert_eq!(
+        (keys, labels),
+        (
+            vec!["000000".into(), "000001".into(), "000002".into()],
+            vec![0, 1, 2]
+        )
+    );
     assert_eq!(stats.shard_errors, 0);
 
-    let items: Vec<_> = SampleReader::new(&cut[..], "B01_truncated_shard.tar").map(|i| i.map(|s| s.key)).collect();
+    let items: Vec<_> = SampleReader::new(&cut[..], "B01_truncated_shard.tar")
+        .map(|i| i.map(|s| s.key))
+        .collect();
     assert_eq!(items.len(), 3);
     assert_eq!(items[0].as_ref().unwrap(), "000000");
     assert_eq!(items[1].as_ref().unwrap(), "000001");
     let err = items[2].as_ref().unwrap_err();
-    assert!(matches!(err, ShardError::Truncated { offset: 6059, .. }), "{err:?}");
+    assert!(
+        matches!(err, ShardError::Truncated { offset: 6059, .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("6059"));
 
     let (keys, labels, stats) = eval_fixture(&cut, 3, 3, 16);
-    assert_eq!((keys, labels), (vec!["000000".into(), "000001".into()], vec![0, 1]));
+    assert_eq!(
+        (keys, labels),
+        (vec!["000000".into(), "000001".into()], vec![0, 1])
+    );
     assert_eq!(stats.shard_errors, 1);
 
     // Training continues past it: two good samples per epoch, the shard error counted per visit.
     let (dir, m) = one_shard(&cut, 3, 3);
     let cfg = config(dir.path(), 16);
-    let mut s = TrainStream::start(&cfg, &m, vec![Some(0), Some(1), Some(2)], 3, 0, Cursor::default(), 0, 1).unwrap();
+    let mut s = TrainStream::start(
+        &cfg,
+        &m,
+        vec![Some(0), Some(1), Some(2)],
+        3,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
     let (b, c) = s.next_batch().unwrap();
     let set: BTreeSet<_> = b.keys.iter().cloned().collect();
     assert_eq!(set.len(), 2, "{:?}", b.keys); // 000000 + 000001 (+ one of them again from epoch 1)
@@ -483,7 +634,12 @@ fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
 
 #[test]
 fn b02_missing_cls_is_skipped_never_labelled_zero() {
-    let (Some(missing), Some(unclosed)) = (field("B02_missing_cls.tar"), field("B02_unclosed_shard.tar")) else { return };
+    let (Some(missing), Some(unclosed)) = (
+        field("B02_missing_cls.tar"),
+        field("B02_unclosed_shard.tar"),
+    ) else {
+        return;
+    };
     let (keys, labels, stats) = eval_fixture(&missing, 3, 3, 16);
     assert_eq!(keys, ["000000", "000002"]);
     assert_eq!(labels, [0, 2]);
@@ -497,17 +653,28 @@ fn b02_missing_cls_is_skipped_never_labelled_zero() {
     let (keys, _, stats) = eval_fixture(&unclosed, 2, 3, 16);
     assert_eq!(keys, ["000000"]);
     assert_eq!(stats.incomplete_samples, 1, "000001 reported incomplete");
-    assert_eq!(stats.shard_errors, 0, "EOF on a header boundary is tolerated");
+    assert_eq!(
+        stats.shard_errors, 0,
+        "EOF on a header boundary is tolerated"
+    );
 }
 
 #[test]
 fn b04_noncontiguous_and_duplicate_members_are_shard_errors() {
-    let (Some(noncontig), Some(dup)) = (field("B04_noncontiguous.tar"), field("B04_duplicate_member.tar")) else { return };
+    let (Some(noncontig), Some(dup)) = (
+        field("B04_noncontiguous.tar"),
+        field("B04_duplicate_member.tar"),
+    ) else {
+        return;
+    };
     let items: Vec<_> = SampleReader::new(&noncontig[..], "B04_noncontiguous.tar").collect();
     let oks = items.iter().filter(|i| i.is_ok()).count();
     assert!(oks <= 1, "no regrouped half-samples: {items:?}");
     let err = items.last().unwrap().as_ref().unwrap_err();
-    assert!(matches!(err, ShardError::NonContiguous { key, .. } if key == "000000"), "{err:?}");
+    assert!(
+        matches!(err, ShardError::NonContiguous { key, .. } if key == "000000"),
+        "{err:?}"
+    );
     let (keys, _, stats) = eval_fixture(&noncontig, 2, 3, 16);
     assert!(keys.is_empty());
     assert_eq!(stats.shard_errors, 1);
@@ -515,7 +682,11 @@ fn b04_noncontiguous_and_duplicate_members_are_shard_errors() {
     let items: Vec<_> = SampleReader::new(&dup[..], "B04_duplicate_member.tar").collect();
     assert_eq!(items.len(), 1);
     let err = items[0].as_ref().unwrap_err();
-    assert!(err.to_string().contains("duplicate field jpg in sample 000000"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("duplicate field jpg in sample 000000"),
+        "{err}"
+    );
     let (keys, _, stats) = eval_fixture(&dup, 2, 3, 16);
     assert!(keys.is_empty());
     assert_eq!(stats.shard_errors, 1);
@@ -523,7 +694,9 @@ fn b04_noncontiguous_and_duplicate_members_are_shard_errors() {
 
 #[test]
 fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
-    let (Some(jpg), Some(tar)) = (field("B05_cmyk.jpg"), field("B05_cmyk_shard.tar")) else { return };
+    let (Some(jpg), Some(tar)) = (field("B05_cmyk.jpg"), field("B05_cmyk_shard.tar")) else {
+        return;
+    };
     let img = decode_rgb(&jpg, 1 << 20).unwrap();
     assert_eq!(img.dimensions(), (32, 32));
     let mut mean = [0f64; 3];
@@ -534,19 +707,31 @@ fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
     }
     let pil = [200.0, 92.0, 92.1];
     for c in 0..3 {
-        assert!((mean[c] - pil[c]).abs() < 10.0, "mean RGB {mean:?} vs PIL {pil:?}");
+        assert!(
+            (mean[c] - pil[c]).abs() < 10.0,
+            "mean RGB {mean:?} vs PIL {pil:?}"
+        );
     }
     let (keys, labels, stats) = eval_fixture(&tar, 1, 3, 32);
-    assert_eq!((keys, labels), (vec!["n01440764_cmyk".to_string()], vec![0]));
+    assert_eq!(
+        (keys, labels),
+        (vec!["n01440764_cmyk".to_string()], vec![0])
+    );
     assert_eq!(stats.decode_errors, 0);
 }
 
 #[test]
 fn b06_png_named_jpg_is_decoded_as_png() {
-    let (Some(png), Some(tar)) = (field("B06_png_named.jpg"), field("B06_png_named_shard.tar")) else { return };
+    let (Some(png), Some(tar)) = (field("B06_png_named.jpg"), field("B06_png_named_shard.tar"))
+    else {
+        return;
+    };
     assert_eq!(decode_rgb(&png, 1 << 20).unwrap().dimensions(), (20, 20));
     let (keys, labels, stats) = eval_fixture(&tar, 1, 1000, 16);
-    assert_eq!((keys, labels), (vec!["n02105855_2933".to_string()], vec![228]));
+    assert_eq!(
+        (keys, labels),
+        (vec!["n02105855_2933".to_string()], vec![228])
+    );
     assert_eq!(stats.decode_errors, 0);
     // The same shard with a manifest of 100 classes: cls 228 is not a class -> skipped, reported.
     let (keys, _, stats) = eval_fixture(&tar, 1, 100, 16);
@@ -575,7 +760,17 @@ fn b07_truncated_jpegs_are_skipped_not_fatal() {
     // In training the bad sample is topped up: full batches, only 000001.
     let (dir, m) = one_shard(&tar, 2, 3);
     let cfg = config(dir.path(), 16);
-    let mut s = TrainStream::start(&cfg, &m, vec![Some(0), Some(1), Some(2)], 3, 0, Cursor::default(), 0, 1).unwrap();
+    let mut s = TrainStream::start(
+        &cfg,
+        &m,
+        vec![Some(0), Some(1), Some(2)],
+        3,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
     let (b, _) = s.next_batch().unwrap();
     assert_eq!(b.keys, ["000001", "000001", "000001"]);
     assert!(s.stats().decode_errors >= 1);
@@ -583,8 +778,16 @@ fn b07_truncated_jpegs_are_skipped_not_fatal() {
 
 #[test]
 fn b08_mixed_channel_layouts_stack_into_one_batch() {
-    let Some(tar) = field("B08_mixed_channels_shard.tar") else { return };
-    for name in ["B08_gray.jpg", "B08_gray16.png", "B08_la.png", "B08_palette_trns.png", "B08_rgba.png"] {
+    let Some(tar) = field("B08_mixed_channels_shard.tar") else {
+        return;
+    };
+    for name in [
+        "B08_gray.jpg",
+        "B08_gray16.png",
+        "B08_la.png",
+        "B08_palette_trns.png",
+        "B08_rgba.png",
+    ] {
         let img = decode_rgb(&field(name).unwrap(), 1 << 20).unwrap();
         assert_eq!(img.dimensions(), (24, 24), "{name}");
     }
@@ -601,18 +804,31 @@ fn b08_mixed_channel_layouts_stack_into_one_batch() {
 
 #[test]
 fn b10_decompression_bombs_are_rejected_from_the_header() {
-    let (Some(png), Some(jpg)) = (field("B10_png_30000x30000.png"), field("B10_jpeg_sof_65000.jpg")) else { return };
+    let (Some(png), Some(jpg)) = (
+        field("B10_png_30000x30000.png"),
+        field("B10_jpeg_sof_65000.jpg"),
+    ) else {
+        return;
+    };
     let t = Instant::now();
     let e = decode_rgb(&png, 89_478_485).unwrap_err().to_string();
     assert!(e.contains("image 30000x30000 exceeds max_pixels"), "{e}");
     let e = decode_rgb(&jpg, 89_478_485).unwrap_err().to_string();
     assert!(e.contains("image 65000x65000 exceeds max_pixels"), "{e}");
-    assert!(t.elapsed() < Duration::from_millis(200), "rejected quickly: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "rejected quickly: {:?}",
+        t.elapsed()
+    );
     // Inside a shard: skipped and counted, the stream goes on.
     let mut b = tar::Builder::new(Vec::new());
-    for (key, data, cls) in [("bomb", &png, "0"), ("ok", &field("B07_good.jpg").unwrap(), "1")] {
+    for (key, data, cls) in [
+        ("bomb", &png, "0"),
+        ("ok", &field("B07_good.jpg").unwrap(), "1"),
+    ] {
         devise::data::webdataset::append_member(&mut b, &format!("{key}.png"), data).unwrap();
-        devise::data::webdataset::append_member(&mut b, &format!("{key}.cls"), cls.as_bytes()).unwrap();
+        devise::data::webdataset::append_member(&mut b, &format!("{key}.cls"), cls.as_bytes())
+            .unwrap();
     }
     let bytes = b.into_inner().unwrap();
     let (keys, _, stats) = eval_fixture(&bytes, 2, 2, 16);
@@ -622,7 +838,9 @@ fn b10_decompression_bombs_are_rejected_from_the_header() {
 
 #[test]
 fn sha_mismatch_skips_the_shard_and_io_errors_are_fatal() {
-    let Some(full) = field("B01_full_shard.tar") else { return };
+    let Some(full) = field("B01_full_shard.tar") else {
+        return;
+    };
     let (dir, mut m) = one_shard(&full, 3, 3);
     let cfg = config(dir.path(), 16);
     m.splits.get_mut("val").unwrap().shards[0].sha256 = "00".repeat(32);
@@ -631,7 +849,17 @@ fn sha_mismatch_skips_the_shard_and_io_errors_are_fatal() {
     assert_eq!(it.stats().shard_errors, 1);
     // Every shard bad: the train stream errors instead of spinning forever.
     m.splits.get_mut("train").unwrap().shards[0].sha256 = "00".repeat(32);
-    let mut s = TrainStream::start(&cfg, &m, vec![Some(0), Some(1), Some(2)], 2, 0, Cursor::default(), 0, 1).unwrap();
+    let mut s = TrainStream::start(
+        &cfg,
+        &m,
+        vec![Some(0), Some(1), Some(2)],
+        2,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
     let err = format!("{:#}", s.next_batch().unwrap_err());
     assert!(err.contains("no usable sample"), "{err}");
     assert!(s.next_batch().is_err(), "stays failed");
@@ -639,7 +867,17 @@ fn sha_mismatch_skips_the_shard_and_io_errors_are_fatal() {
     let (dir, m) = one_shard(&full, 3, 3);
     std::fs::remove_file(dir.path().join("train-000000.tar")).unwrap();
     let cfg = config(dir.path(), 16);
-    let mut s = TrainStream::start(&cfg, &m, vec![Some(0), Some(1), Some(2)], 2, 0, Cursor::default(), 0, 1).unwrap();
+    let mut s = TrainStream::start(
+        &cfg,
+        &m,
+        vec![Some(0), Some(1), Some(2)],
+        2,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
     let err = format!("{:#}", s.next_batch().unwrap_err());
     assert!(err.contains("train-000000.tar"), "{err}");
     drop(s); // and dropping a failed stream does not hang
@@ -647,11 +885,14 @@ fn sha_mismatch_skips_the_shard_and_io_errors_are_fatal() {
 
 #[test]
 fn dropping_a_stream_mid_flight_stops_its_thread() {
-    let Some((dir, m)) = tiny_shards() else { return };
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
     let cfg = config(&dir, 16);
     let t = Instant::now();
     for _ in 0..5 {
-        let mut s = TrainStream::start(&cfg, &m, all_labels(&m), 64, 0, Cursor::default(), 0, 1).unwrap();
+        let mut s =
+            TrainStream::start(&cfg, &m, all_labels(&m), 64, 0, Cursor::default(), 0, 1).unwrap();
         s.next_batch().unwrap();
         drop(s);
     }
@@ -663,11 +904,14 @@ fn dropping_a_stream_mid_flight_stops_its_thread() {
 #[test]
 #[ignore]
 fn throughput_tiny_imagenet() {
-    let Some((dir, m)) = tiny_shards() else { return };
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
     for (size, augment) in [(64u32, true), (56, true), (64, false)] {
         let mut cfg = config(&dir, size);
         cfg.augment = augment;
-        let mut s = TrainStream::start(&cfg, &m, all_labels(&m), 128, 0, Cursor::default(), 0, 1).unwrap();
+        let mut s =
+            TrainStream::start(&cfg, &m, all_labels(&m), 128, 0, Cursor::default(), 0, 1).unwrap();
         s.next_batch().unwrap(); // warm-up: first shard, thread start
         let t = Instant::now();
         let n = 40;
