@@ -188,9 +188,13 @@ fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
 /// A source rectangle in pixel units (may be fractional), origin top-left.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rect {
+    /// Left edge, source pixels.
     pub x: f64,
+    /// Top edge, source pixels.
     pub y: f64,
+    /// Width, source pixels.
     pub w: f64,
+    /// Height, source pixels.
     pub h: f64,
 }
 

@@ -87,6 +87,14 @@ impl Manifest {
         })
     }
 
+    /// sha256 (hex) of the manifest's canonical JSON. Store it beside a saved
+    /// [`crate::data::Cursor`]: a different value at resume means the shard directory was rebuilt
+    /// and the cursor no longer names the same samples.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a manifest always serialises");
+        hex::encode(Sha256::digest(json))
+    }
+
     /// Checks internal consistency (format, sorted unique classes, counts adding up).
     pub fn check(&self) -> Result<()> {
         if self.format != FORMAT {
@@ -472,7 +480,11 @@ mod tests {
             )]),
         };
         m.check().unwrap();
+        let fp = m.fingerprint();
+        assert_eq!(fp.len(), 64);
+        assert_eq!(fp, m.clone().fingerprint());
         m.splits.get_mut("train").unwrap().class_counts = vec![1, 1];
+        assert_ne!(fp, m.fingerprint());
         assert!(m.check().is_err());
         m.splits.get_mut("train").unwrap().class_counts = vec![1, 2];
         m.classes = vec!["b".into(), "a".into()];

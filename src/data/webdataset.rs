@@ -42,23 +42,46 @@ pub struct Sample {
 pub enum ShardError {
     /// The archive ends inside a header or a member's data (interrupted upload, B01).
     #[error("truncated at byte {offset} (inside {what})")]
-    Truncated { offset: u64, what: String },
+    Truncated {
+        /// Bytes present (where the data ends).
+        offset: u64,
+        /// What was being read when it ended.
+        what: String,
+    },
     /// A header whose checksum does not match (corruption, or not a tar at all).
     #[error("bad tar header at byte {offset}: {reason}")]
-    BadHeader { offset: u64, reason: String },
+    BadHeader {
+        /// Byte offset of the header.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A key seen earlier reappears after a different key (members not adjacent, B04).
     #[error("sample key {key:?} reappears at byte {offset} after other samples (members of a sample must be adjacent)")]
-    NonContiguous { key: String, offset: u64 },
+    NonContiguous {
+        /// The reappearing key.
+        key: String,
+        /// Byte offset of the member header where it reappears.
+        offset: u64,
+    },
     /// The same field twice within one sample (`tar -r` append, B04).
     #[error("duplicate field {field} in sample {key} (at byte {offset})")]
     DuplicateField {
+        /// Field (extension), e.g. `jpg`.
         field: String,
+        /// Sample key.
         key: String,
+        /// Byte offset of the second member's header.
         offset: u64,
     },
     /// An I/O error of the underlying reader other than EOF.
     #[error("read error at byte {offset}: {message}")]
-    Io { offset: u64, message: String },
+    Io {
+        /// Bytes consumed before the error.
+        offset: u64,
+        /// The I/O error, as text.
+        message: String,
+    },
 }
 
 /// Iterator over the samples of one tar shard. See the module docs for the failure policy.

@@ -706,6 +706,7 @@ fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
         }
     }
     let pil = [200.0, 92.0, 92.1];
+    eprintln!("B05 mean RGB {mean:.1?} (PIL {pil:?})");
     for c in 0..3 {
         assert!(
             (mean[c] - pil[c]).abs() < 10.0,
@@ -899,6 +900,26 @@ fn dropping_a_stream_mid_flight_stops_its_thread() {
     assert!(t.elapsed() < Duration::from_secs(30));
 }
 
+/// Rendering speed of the demo dataset at its intended size (25 classes x 300 images, 32 px):
+/// `cargo test --test it data::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_shapes_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ShapesOptions {
+        image_size: 32,
+        train_per_class: 260,
+        val_per_class: 40,
+        seed: 0,
+    };
+    let t = Instant::now();
+    generate_shapes(dir.path(), &opts).unwrap();
+    eprintln!(
+        "generate_shapes: 7500 images of 32 px in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
 /// Throughput of the train stream on Tiny ImageNet (64px JPEGs), 2 decode threads:
 /// `cargo test --test it data::throughput -- --ignored --nocapture`.
 #[test]
@@ -924,5 +945,44 @@ fn throughput_tiny_imagenet() {
             (n * 128) as f64 / secs,
             n * 128
         );
+    }
+}
+
+#[test]
+fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
+    let (Some(good), Some(bad)) = (field("B07_good.jpg"), field("B07_truncated_60pct.jpg")) else {
+        return;
+    };
+    // 7 samples, s3 undecodable.
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..7 {
+        let data = if i == 3 { &bad } else { &good };
+        devise::data::webdataset::append_member(&mut b, &format!("s{i}.jpg"), data).unwrap();
+        devise::data::webdataset::append_member(&mut b, &format!("s{i}.cls"), b"0").unwrap();
+    }
+    let bytes = b.into_inner().unwrap();
+    let (dir, m) = one_shard(&bytes, 7, 1);
+    let cfg = config(dir.path(), 16);
+    let start =
+        |rank, cursor| TrainStream::start(&cfg, &m, vec![Some(0)], 2, 9, cursor, rank, 2).unwrap();
+    let (mut r0, mut r1) = (start(0, Cursor::default()), start(1, Cursor::default()));
+    let (a, b) = (take(&mut r0, 12), take(&mut r1, 12));
+    for ((ba, ca), (bb, cb)) in a.iter().zip(&b) {
+        assert_eq!(ca, cb, "ranks agree on every cursor");
+        assert_eq!((ba.n, bb.n), (2, 2), "batches stay full");
+        assert!(!ba.keys.contains(&"s3".to_string()) && !bb.keys.contains(&"s3".to_string()));
+    }
+    let failures = r0.stats().decode_errors + r1.stats().decode_errors;
+    assert!(failures >= 3, "s3 came up in several epochs: {failures}");
+    // Resume each rank from a shared cursor: identical continuation.
+    for k in [2usize, 5] {
+        for (rank, reference) in [(0, &a), (1, &b)] {
+            let mut s = start(rank, reference[k].1);
+            let got = take(&mut s, 11 - k);
+            for (g, r) in got.iter().zip(&reference[k + 1..]) {
+                assert_eq!(g.0.keys, r.0.keys, "rank {rank} resumed from batch {k}");
+                assert!(g.0.images == r.0.images);
+            }
+        }
     }
 }
