@@ -467,7 +467,7 @@ fn shapes_dataset_end_to_end() {
             classes: None,
             shard_size_bytes: 64 * 1024,
             seed: 0,
-            progress: false,
+            progress: true, // exercises the progress bar template
         },
     )
     .unwrap();
