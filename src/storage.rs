@@ -298,7 +298,10 @@ mod tests {
         store.delete("b.txt").unwrap();
         assert!(!store.exists("b.txt").unwrap());
         // no temporary files are left behind by put
-        let names: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 
@@ -312,7 +315,10 @@ mod tests {
         store.put("m.json", Bytes::from_static(b"{}")).unwrap();
         assert!(dir.path().join("m.json").is_file());
         let child = store.child_url("m.json");
-        assert!(child.starts_with("file:///") && child.ends_with("/m.json"), "{child}");
+        assert!(
+            child.starts_with("file:///") && child.ends_with("/m.json"),
+            "{child}"
+        );
         // a child "directory" URL opens as a store again
         let sub = Store::open(&store.child_url("sub")).unwrap();
         sub.put("k", Bytes::from_static(b"v")).unwrap();
@@ -326,7 +332,10 @@ mod tests {
         let err = format!("{:#}", store.get("missing.tar").unwrap_err());
         assert!(err.contains(&store.child_url("missing.tar")), "{err}");
         let missing = dir.path().join("absent");
-        let err = format!("{:#}", Store::open_existing(missing.to_str().unwrap()).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Store::open_existing(missing.to_str().unwrap()).unwrap_err()
+        );
         assert!(err.contains("absent"), "{err}");
         assert!(!missing.exists());
     }

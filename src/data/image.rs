@@ -188,9 +188,13 @@ fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
 /// A source rectangle in pixel units (may be fractional), origin top-left.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rect {
+    /// Left edge, source pixels.
     pub x: f64,
+    /// Top edge, source pixels.
     pub y: f64,
+    /// Width, source pixels.
     pub w: f64,
+    /// Height, source pixels.
     pub h: f64,
 }
 
@@ -235,12 +239,7 @@ pub fn random_resized_crop_params(
 /// probability 0.5; without, exactly [`eval_transform`] (and `rng` is not used).
 ///
 /// Panics if `out.len() != 3*s*s` (a caller bug, not a data error).
-pub fn train_transform(
-    img: &RgbImage,
-    cfg: &Config,
-    rng: &mut impl rand::Rng,
-    out: &mut [f32],
-) {
+pub fn train_transform(img: &RgbImage, cfg: &Config, rng: &mut impl rand::Rng, out: &mut [f32]) {
     if !cfg.augment {
         return eval_transform(img, cfg, out);
     }
@@ -390,10 +389,20 @@ mod tests {
     #[test]
     fn rrc_params_stay_inside_and_respect_scale_and_ratio() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        for &(w, h) in &[(64u32, 64u32), (500, 375), (375, 500), (10, 300), (300, 10), (1, 1)] {
+        for &(w, h) in &[
+            (64u32, 64u32),
+            (500, 375),
+            (375, 500),
+            (10, 300),
+            (300, 10),
+            (1, 1),
+        ] {
             for _ in 0..500 {
                 let (x, y, cw, ch) = random_resized_crop_params(w, h, (0.25, 1.0), &mut rng);
-                assert!(cw > 0 && ch > 0 && x + cw <= w && y + ch <= h, "{w}x{h}: {x},{y},{cw},{ch}");
+                assert!(
+                    cw > 0 && ch > 0 && x + cw <= w && y + ch <= h,
+                    "{w}x{h}: {x},{y},{cw},{ch}"
+                );
                 // Not a fallback: area and ratio within range (up to rounding).
                 let normal = w as f64 / (h as f64) > 0.75 && (w as f64 / h as f64) < 4.0 / 3.0;
                 if normal && w >= 64 {
@@ -481,7 +490,13 @@ mod tests {
     #[test]
     fn downscale_is_antialiased() {
         // 1-pixel checkerboard shrunk 8x averages to grey, not to aliased stripes.
-        let img = RgbImage::from_fn(64, 64, |x, y| if (x + y) % 2 == 0 { Rgb([255; 3]) } else { Rgb([0; 3]) });
+        let img = RgbImage::from_fn(64, 64, |x, y| {
+            if (x + y) % 2 == 0 {
+                Rgb([255; 3])
+            } else {
+                Rgb([0; 3])
+            }
+        });
         let mut c = cfg(8);
         c.eval_resize = Some(8);
         c.mean = [0.0; 3];
@@ -495,8 +510,14 @@ mod tests {
 
     #[test]
     fn sniffing_and_errors() {
-        assert!(decode_rgb(b"", 100).unwrap_err().to_string().contains("empty"));
-        assert!(decode_rgb(b"GIF89a....", 100).unwrap_err().to_string().contains("GIF"));
+        assert!(decode_rgb(b"", 100)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(decode_rgb(b"GIF89a....", 100)
+            .unwrap_err()
+            .to_string()
+            .contains("GIF"));
         // PNG round trip through the encoder, including grey -> RGB.
         let grey = ::image::GrayImage::from_pixel(5, 3, ::image::Luma([77]));
         let mut png = Vec::new();
@@ -519,7 +540,10 @@ mod tests {
             .unwrap();
         assert_eq!(decode_rgb(&jpg, 1000).unwrap().dimensions(), (16, 16));
         for cut in 0..jpg.len() - 2 {
-            assert!(decode_rgb(&jpg[..cut], 1000).is_err(), "cut at {cut} accepted");
+            assert!(
+                decode_rgb(&jpg[..cut], 1000).is_err(),
+                "cut at {cut} accepted"
+            );
         }
     }
 }

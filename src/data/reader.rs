@@ -118,7 +118,8 @@ pub struct DataStats {
     pub samples: u64,
     /// Samples skipped because their image failed to decode (truncated, corrupt, too large...).
     pub decode_errors: u64,
-    /// Shards with a content problem (sha256 mismatch, truncation, malformed grouping), per load.
+    /// Visits of shards with a content problem (sha256 mismatch, truncation, malformed grouping):
+    /// counted each time the stream enters such a shard (once per epoch).
     pub shard_errors: u64,
     /// Samples skipped for a missing component (`.cls` or the image).
     pub incomplete_samples: u64,
@@ -134,14 +135,26 @@ pub struct DataStats {
 /// One sample of a loaded shard, classified.
 #[derive(Debug)]
 enum Entry {
-    Ok { key: String, class: usize, image: Vec<u8> },
-    Incomplete { key: String, missing: &'static str },
-    InvalidLabel { key: String, cls: String },
+    Ok {
+        key: String,
+        class: usize,
+        image: Vec<u8>,
+    },
+    Incomplete {
+        key: String,
+        missing: &'static str,
+    },
+    InvalidLabel {
+        key: String,
+        cls: String,
+    },
 }
 
 /// A shard read, verified and parsed: entries in tar order.
 #[derive(Debug)]
 struct LoadedShard {
+    /// Index in the manifest split's shard list.
+    index: usize,
     name: String,
     entries: Vec<Entry>,
     /// Content problem (sha mismatch, truncation, ...), already warned about.
@@ -150,7 +163,12 @@ struct LoadedShard {
 
 /// Reads shard `info` from `store`. `Err` only for I/O failures (fatal); content problems are
 /// recorded in `LoadedShard::error` (and warned).
-fn load_shard(store: &Store, info: &ShardInfo, n_classes: usize) -> Result<LoadedShard> {
+fn load_shard(
+    store: &Store,
+    info: &ShardInfo,
+    index: usize,
+    n_classes: usize,
+) -> Result<LoadedShard> {
     let bytes = store.get(&info.name)?;
     let url = store.child_url(&info.name);
     let sha = hex::encode(Sha256::digest(&bytes));
@@ -163,35 +181,49 @@ fn load_shard(store: &Store, info: &ShardInfo, n_classes: usize) -> Result<Loade
         );
         tracing::warn!("{error}");
         return Ok(LoadedShard {
+            index,
             name: info.name.clone(),
             entries: Vec::new(),
             error: Some(error),
         });
     }
-    Ok(parse_shard(&bytes[..], &url, &info.name, n_classes))
+    Ok(parse_shard(&bytes[..], &url, index, &info.name, n_classes))
 }
 
 /// Parses tar bytes into classified entries (see [`crate::data::webdataset`] for the policy).
-fn parse_shard(reader: impl std::io::Read, url: &str, name: &str, n_classes: usize) -> LoadedShard {
+fn parse_shard(
+    reader: impl std::io::Read,
+    url: &str,
+    index: usize,
+    name: &str,
+    n_classes: usize,
+) -> LoadedShard {
     let mut entries = Vec::new();
     let mut error = None;
     for item in SampleReader::new(reader, url) {
         let mut sample = match item {
             Ok(s) => s,
             Err(e) => {
-                let msg = format!("shard {url}: {e}; {} samples before it are used", entries.len());
+                let msg = format!(
+                    "shard {url}: {e}; {} samples before it are used",
+                    entries.len()
+                );
                 tracing::warn!("{msg}");
                 error = Some(msg);
                 break;
             }
         };
         let key = std::mem::take(&mut sample.key);
-        let image = IMAGE_FIELDS
-            .iter()
-            .find_map(|f| sample.fields.remove(*f));
+        let image = IMAGE_FIELDS.iter().find_map(|f| sample.fields.remove(*f));
         let entry = match (sample.fields.get("cls"), image) {
-            (None, _) => Entry::Incomplete { key, missing: "cls" },
-            (Some(_), None) => Entry::Incomplete { key, missing: "jpg" },
+            (None, _) => Entry::Incomplete {
+                key,
+                missing: "cls",
+            },
+            (Some(_), None) => Entry::Incomplete {
+                key,
+                missing: "jpg",
+            },
             (Some(cls), Some(image)) => {
                 let text = String::from_utf8_lossy(cls).trim().to_string();
                 match text.parse::<usize>() {
@@ -203,6 +235,7 @@ fn parse_shard(reader: impl std::io::Read, url: &str, name: &str, n_classes: usi
         entries.push(entry);
     }
     LoadedShard {
+        index,
         name: name.to_string(),
         entries,
         error,
@@ -272,7 +305,7 @@ struct Walker {
     starts: Vec<u64>,
     /// Shard the cursor is in: (index into `order`, its in-shard permutation, the shard).
     current: Option<(usize, Vec<u32>, Arc<LoadedShard>)>,
-    /// Next shard being fetched in a helper thread: (index into `order`, result channel).
+    /// Next shard being fetched in a helper thread: (manifest shard index, result channel).
     prefetch: Option<(usize, mpsc::Receiver<Result<LoadedShard>>)>,
     /// Fetch the next shard in the background (off for look-ahead clones).
     prefetching: bool,
@@ -314,22 +347,34 @@ impl Walker {
         }
     }
 
+    /// Epoch `epoch`'s shard order: manifest shard indices.
+    fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.plan.shards.len()).collect();
+        let seed = mix(&[self.plan.seed, TAG_SHARDS, epoch]);
+        shuffle(&mut order, &mut ChaCha8Rng::seed_from_u64(seed));
+        order
+    }
+
+    /// Moves to `position` of `epoch`. The loaded shard and a pending prefetch are kept: they
+    /// are keyed by manifest shard index, which is valid in any epoch.
     fn enter_epoch(&mut self, epoch: u64, position: u64) {
-        let plan = &self.plan;
-        let mut order: Vec<usize> = (0..plan.shards.len()).collect();
-        shuffle(&mut order, &mut ChaCha8Rng::seed_from_u64(mix(&[plan.seed, TAG_SHARDS, epoch])));
+        let order = self.epoch_order(epoch);
         let mut starts = Vec::with_capacity(order.len());
         let mut acc = 0;
         for &k in &order {
             starts.push(acc);
-            acc += plan.shards[k].samples;
+            acc += self.plan.shards[k].samples;
         }
         self.epoch = epoch;
         self.position = position;
         self.order = order;
         self.starts = starts;
-        self.current = None;
-        self.prefetch = None;
+        // `current` is keyed by position in the old order: invalidate the key (usize::MAX never
+        // matches) but keep the shard, so `load` can reuse it if the new order visits it first.
+        self.current = self
+            .current
+            .take()
+            .map(|(_, _, shard)| (usize::MAX, Vec::new(), shard));
     }
 
     fn sample_perm(&self, shard: usize) -> Vec<u32> {
@@ -340,16 +385,16 @@ impl Walker {
         perm
     }
 
-    fn spawn_fetch(&self, t: usize) -> mpsc::Receiver<Result<LoadedShard>> {
+    /// Fetches, verifies and parses manifest shard `k` in a helper thread.
+    fn spawn_fetch(&self, k: usize) -> mpsc::Receiver<Result<LoadedShard>> {
         let (tx, rx) = mpsc::sync_channel(1);
         let plan = self.plan.clone();
-        let k = self.order[t];
         std::thread::Builder::new()
             .name("devise-shard-fetch".into())
             .spawn(move || {
                 let info = &plan.shards[k];
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    load_shard(&plan.store, info, plan.n_classes)
+                    load_shard(&plan.store, info, k, plan.n_classes)
                 }))
                 .unwrap_or_else(|p| Err(anyhow!("shard fetch panicked: {}", panic_text(&p))));
                 let _ = tx.send(r);
@@ -358,32 +403,41 @@ impl Walker {
         rx
     }
 
-    /// Loads shard `order[t]` (from the prefetch if it is that one) and starts fetching the next.
-    fn load(&mut self, t: usize, stats: &mut DataStats) -> Result<Arc<LoadedShard>> {
+    /// Loads shard `order[t]` (reusing the loaded one or the prefetch when it is that shard)
+    /// and starts fetching the shard after it (crossing into the next epoch's order if needed).
+    fn load(&mut self, t: usize) -> Result<Arc<LoadedShard>> {
         let k = self.order[t];
-        let rx = match self.prefetch.take() {
-            Some((pt, rx)) if pt == t => rx,
-            _ => self.spawn_fetch(t),
+        let shard = match &self.current {
+            Some((_, _, loaded)) if loaded.index == k => loaded.clone(),
+            _ => {
+                let rx = match self.prefetch.take() {
+                    Some((pk, rx)) if pk == k => rx,
+                    _ => self.spawn_fetch(k),
+                };
+                let shard = rx
+                    .recv()
+                    .map_err(|_| anyhow!("shard fetch thread vanished"))?
+                    .with_context(|| format!("loading shard {}", self.plan.shards[k].name))?;
+                let (parsed, expected) = (shard.entries.len() as u64, self.plan.shards[k].samples);
+                if parsed > expected && shard.error.is_none() {
+                    tracing::warn!(
+                        shard = %shard.name,
+                        "shard holds {parsed} samples, the manifest says {expected}; the extra ones are ignored"
+                    );
+                }
+                Arc::new(shard)
+            }
         };
-        let shard = rx
-            .recv()
-            .map_err(|_| anyhow!("shard fetch thread vanished"))?
-            .with_context(|| format!("loading shard {}", self.plan.shards[k].name))?;
-        if shard.error.is_some() {
-            stats.shard_errors += 1;
+        if self.prefetching && self.prefetch.is_none() {
+            let next = match self.order.get(t + 1) {
+                Some(&k2) => k2,
+                None => self.epoch_order(self.epoch + 1)[0],
+            };
+            if next != k {
+                self.prefetch = Some((next, self.spawn_fetch(next)));
+            }
         }
-        let parsed = shard.entries.len() as u64;
-        let expected = self.plan.shards[k].samples;
-        if parsed > expected && shard.error.is_none() {
-            tracing::warn!(
-                shard = %shard.name,
-                "shard holds {parsed} samples, the manifest says {expected}; the extra ones are ignored"
-            );
-        }
-        if self.prefetching && t + 1 < self.order.len() {
-            self.prefetch = Some((t + 1, self.spawn_fetch(t + 1)));
-        }
-        Ok(Arc::new(shard))
+        Ok(shard)
     }
 
     /// Consumes one slot, counting skips into `stats` (if given; look-ahead walkers pass `None`
@@ -396,8 +450,12 @@ impl Walker {
         let t = self.starts.partition_point(|&s| s <= self.position) - 1;
         let needs_load = !matches!(&self.current, Some((ct, _, _)) if *ct == t);
         if needs_load {
-            let mut scratch = DataStats::default();
-            let shard = self.load(t, stats.as_deref_mut().unwrap_or(&mut scratch))?;
+            let shard = self.load(t)?;
+            if shard.error.is_some() {
+                if let Some(s) = stats.as_deref_mut() {
+                    s.shard_errors += 1; // once per visit of a bad shard
+                }
+            }
             let perm = self.sample_perm(self.order[t]);
             self.current = Some((t, perm, shard));
         }
@@ -827,7 +885,9 @@ pub fn eval_batches(
     rank: usize,
     world_size: usize,
 ) -> Result<EvalBatches> {
-    let plan = make_plan(cfg, manifest, split, label_map, batch_size, 0, rank, world_size)?;
+    let plan = make_plan(
+        cfg, manifest, split, label_map, batch_size, 0, rank, world_size,
+    )?;
     let info = manifest.split(split)?;
     let accepted_total: u64 = info
         .class_counts
@@ -871,8 +931,13 @@ impl EvalBatches {
             let info = &self.plan.shards[self.next_shard];
             self.next_shard += 1;
             let shard = Arc::new(
-                load_shard(&self.plan.store, info, self.plan.n_classes)
-                    .with_context(|| format!("loading shard {}", info.name))?,
+                load_shard(
+                    &self.plan.store,
+                    info,
+                    self.next_shard - 1,
+                    self.plan.n_classes,
+                )
+                .with_context(|| format!("loading shard {}", info.name))?,
             );
             if shard.error.is_some() {
                 self.stats.shard_errors += 1;
@@ -971,7 +1036,7 @@ mod tests {
         add(&mut b, "c.cls", b"7");
         add(&mut b, "d.cls", b"0");
         let bytes = b.into_inner().unwrap();
-        let shard = parse_shard(&bytes[..], "mem://x.tar", "x.tar", 3);
+        let shard = parse_shard(&bytes[..], "mem://x.tar", 0, "x.tar", 3);
         assert!(shard.error.is_none());
         let kinds: Vec<String> = shard
             .entries
@@ -982,13 +1047,19 @@ mod tests {
                 Entry::InvalidLabel { key, cls } => format!("{key}:bad {cls}"),
             })
             .collect();
-        assert_eq!(kinds, ["a:ok1", "b:missing cls", "c:bad 7", "d:missing jpg"]);
+        assert_eq!(
+            kinds,
+            ["a:ok1", "b:missing cls", "c:bad 7", "d:missing jpg"]
+        );
     }
 
     #[test]
     fn eval_expected_share() {
         // 10 accepted over 3 ranks: 4, 3, 3
         let share = |n: u64, w: u64, r: u64| n / w + u64::from(n % w > r);
-        assert_eq!([share(10, 3, 0), share(10, 3, 1), share(10, 3, 2)], [4, 3, 3]);
+        assert_eq!(
+            [share(10, 3, 0), share(10, 3, 1), share(10, 3, 2)],
+            [4, 3, 3]
+        );
     }
 }

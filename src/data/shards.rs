@@ -87,6 +87,14 @@ impl Manifest {
         })
     }
 
+    /// sha256 (hex) of the manifest's canonical JSON. Store it beside a saved
+    /// [`crate::data::Cursor`]: a different value at resume means the shard directory was rebuilt
+    /// and the cursor no longer names the same samples.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a manifest always serialises");
+        hex::encode(Sha256::digest(json))
+    }
+
     /// Checks internal consistency (format, sorted unique classes, counts adding up).
     pub fn check(&self) -> Result<()> {
         if self.format != FORMAT {
@@ -186,7 +194,9 @@ pub fn build_shards(src: &Path, dst_url: &str, opts: &BuildOptions) -> Result<Ma
         if !dir.is_dir() {
             bail!("split folder {} does not exist", dir.display());
         }
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
                 found.insert(entry.file_name().to_string_lossy().into_owned(), ());
@@ -218,7 +228,11 @@ pub fn build_shards(src: &Path, dst_url: &str, opts: &BuildOptions) -> Result<Ma
     }
     let total: usize = per_split.iter().map(|(_, f)| f.len()).sum();
     if total == 0 {
-        bail!("no images found under {} for splits {:?}", src.display(), opts.splits);
+        bail!(
+            "no images found under {} for splits {:?}",
+            src.display(),
+            opts.splits
+        );
     }
     let bar = if opts.progress {
         let bar = indicatif::ProgressBar::new(total as u64);
@@ -239,7 +253,14 @@ pub fn build_shards(src: &Path, dst_url: &str, opts: &BuildOptions) -> Result<Ma
         bar.set_message(format!("sharding {split}"));
         let mut rng = ChaCha8Rng::seed_from_u64(mix(&[opts.seed, fnv1a(split.as_bytes())]));
         shuffle(&mut files, &mut rng);
-        let info = write_split(&store, &split, &files, &classes, opts.shard_size_bytes, &bar)?;
+        let info = write_split(
+            &store,
+            &split,
+            &files,
+            &classes,
+            opts.shard_size_bytes,
+            &bar,
+        )?;
         splits.insert(split, info);
     }
     bar.finish_and_clear();
@@ -263,7 +284,9 @@ fn list_split(src: &Path, split: &str, classes: &[String]) -> Result<Vec<SourceF
             continue; // a class may be absent from one split (count 0)
         }
         let mut names: Vec<(String, PathBuf)> = Vec::new();
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let ext = name.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
@@ -287,7 +310,10 @@ fn list_split(src: &Path, split: &str, classes: &[String]) -> Result<Vec<SourceF
     let mut stems: Vec<&str> = files.iter().map(|f| f.stem.as_str()).collect();
     stems.sort_unstable();
     if stems.windows(2).any(|w| w[0] == w[1]) {
-        tracing::warn!(split, "file stems collide across classes; keys become <wnid>_<stem>");
+        tracing::warn!(
+            split,
+            "file stems collide across classes; keys become <wnid>_<stem>"
+        );
         for f in &mut files {
             f.stem = format!("{}_{}", classes[f.class].replace('.', "_"), f.stem);
         }
@@ -308,7 +334,8 @@ fn write_split(
     let mut builder = tar::Builder::new(Vec::new());
     let mut in_shard = 0u64;
     for f in files {
-        let data = std::fs::read(&f.path).with_context(|| format!("reading {}", f.path.display()))?;
+        let data =
+            std::fs::read(&f.path).with_context(|| format!("reading {}", f.path.display()))?;
         let meta = serde_json::json!({"wnid": classes[f.class], "source": f.rel});
         let before = builder.get_ref().len();
         append_sample(&mut builder, f, &data, &meta)?;
@@ -343,8 +370,16 @@ fn append_sample(
 ) -> Result<()> {
     let ext = if f.is_png { "png" } else { "jpg" };
     append_member(builder, &format!("{}.{ext}", f.stem), data)?;
-    append_member(builder, &format!("{}.cls", f.stem), f.class.to_string().as_bytes())?;
-    append_member(builder, &format!("{}.json", f.stem), meta.to_string().as_bytes())?;
+    append_member(
+        builder,
+        &format!("{}.cls", f.stem),
+        f.class.to_string().as_bytes(),
+    )?;
+    append_member(
+        builder,
+        &format!("{}.json", f.stem),
+        meta.to_string().as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -445,7 +480,11 @@ mod tests {
             )]),
         };
         m.check().unwrap();
+        let fp = m.fingerprint();
+        assert_eq!(fp.len(), 64);
+        assert_eq!(fp, m.clone().fingerprint());
         m.splits.get_mut("train").unwrap().class_counts = vec![1, 1];
+        assert_ne!(fp, m.fingerprint());
         assert!(m.check().is_err());
         m.splits.get_mut("train").unwrap().class_counts = vec![1, 2];
         m.classes = vec!["b".into(), "a".into()];

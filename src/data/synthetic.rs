@@ -76,7 +76,11 @@ pub fn generate_shapes(dst: &Path, opts: &ShapesOptions) -> Result<ShapesDataset
     let mut all = Vec::new(); // (id, name, unseen)
     for (ci, (colour, _)) in COLOURS.iter().enumerate() {
         for (si, shape) in SHAPES.iter().enumerate() {
-            all.push((format!("{colour}_{shape}"), format!("{colour} {shape}"), ci == si));
+            all.push((
+                format!("{colour}_{shape}"),
+                format!("{colour} {shape}"),
+                ci == si,
+            ));
         }
     }
     all.sort();
@@ -97,7 +101,9 @@ pub fn generate_shapes(dst: &Path, opts: &ShapesOptions) -> Result<ShapesDataset
             .flat_map(|(c, s)| (0..per_class).map(move |i| (c, s, i)))
             .collect();
         for (c, s) in (0..COLOURS.len()).flat_map(|c| (0..SHAPES.len()).map(move |s| (c, s))) {
-            let dir = dst.join(split_name).join(format!("{}_{}", COLOURS[c].0, SHAPES[s]));
+            let dir = dst
+                .join(split_name)
+                .join(format!("{}_{}", COLOURS[c].0, SHAPES[s]));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let split_tag = fnv1a(split_name.as_bytes());
@@ -109,11 +115,19 @@ pub fn generate_shapes(dst: &Path, opts: &ShapesOptions) -> Result<ShapesDataset
             ::image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90)
                 .encode_image(&img)
                 .context("JPEG encode")?;
-            write(&dst.join(split_name).join(&id).join(format!("{id}_{i}.JPEG")), &jpg)
+            write(
+                &dst.join(split_name)
+                    .join(&id)
+                    .join(format!("{id}_{i}.JPEG")),
+                &jpg,
+            )
         })?;
     }
     let ids = |f: fn(bool) -> bool| -> Vec<String> {
-        all.iter().filter(|(_, _, u)| f(*u)).map(|(id, _, _)| id.clone()).collect()
+        all.iter()
+            .filter(|(_, _, u)| f(*u))
+            .map(|(id, _, _)| id.clone())
+            .collect()
     };
     Ok(ShapesDataset {
         classes: ids(|_| true),
@@ -229,7 +243,11 @@ mod tests {
             let area = masks[a].iter().filter(|&&b| b).count();
             assert!(area > 40, "shape {a} area {area}");
             for b in a + 1..5 {
-                let diff = masks[a].iter().zip(&masks[b]).filter(|(x, y)| x != y).count();
+                let diff = masks[a]
+                    .iter()
+                    .zip(&masks[b])
+                    .filter(|(x, y)| x != y)
+                    .count();
                 assert!(diff > 20, "shapes {a} and {b} differ in only {diff} points");
             }
         }

@@ -42,23 +42,46 @@ pub struct Sample {
 pub enum ShardError {
     /// The archive ends inside a header or a member's data (interrupted upload, B01).
     #[error("truncated at byte {offset} (inside {what})")]
-    Truncated { offset: u64, what: String },
+    Truncated {
+        /// Bytes present (where the data ends).
+        offset: u64,
+        /// What was being read when it ended.
+        what: String,
+    },
     /// A header whose checksum does not match (corruption, or not a tar at all).
     #[error("bad tar header at byte {offset}: {reason}")]
-    BadHeader { offset: u64, reason: String },
+    BadHeader {
+        /// Byte offset of the header.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A key seen earlier reappears after a different key (members not adjacent, B04).
     #[error("sample key {key:?} reappears at byte {offset} after other samples (members of a sample must be adjacent)")]
-    NonContiguous { key: String, offset: u64 },
+    NonContiguous {
+        /// The reappearing key.
+        key: String,
+        /// Byte offset of the member header where it reappears.
+        offset: u64,
+    },
     /// The same field twice within one sample (`tar -r` append, B04).
     #[error("duplicate field {field} in sample {key} (at byte {offset})")]
     DuplicateField {
+        /// Field (extension), e.g. `jpg`.
         field: String,
+        /// Sample key.
         key: String,
+        /// Byte offset of the second member's header.
         offset: u64,
     },
     /// An I/O error of the underlying reader other than EOF.
     #[error("read error at byte {offset}: {message}")]
-    Io { offset: u64, message: String },
+    Io {
+        /// Bytes consumed before the error.
+        offset: u64,
+        /// The I/O error, as text.
+        message: String,
+    },
 }
 
 /// Iterator over the samples of one tar shard. See the module docs for the failure policy.
@@ -72,6 +95,8 @@ pub struct SampleReader<R: Read> {
     current: Option<Sample>,
     /// Keys of samples already yielded, to detect non-adjacent members.
     closed: HashSet<String>,
+    /// An error found while the sample before it was being closed; returned on the next call.
+    pending_error: Option<ShardError>,
     done: bool,
     missing_end: bool,
 }
@@ -85,6 +110,7 @@ impl<R: Read> SampleReader<R> {
             offset: 0,
             current: None,
             closed: HashSet::new(),
+            pending_error: None,
             done: false,
             missing_end: false,
         }
@@ -152,9 +178,10 @@ impl<R: Read> SampleReader<R> {
         Ok(data)
     }
 
-    /// Next member as `(path, data, header offset)`, skipping directories and metadata entries.
-    /// `Ok(None)` at the end of the archive.
-    fn next_member(&mut self) -> Result<Option<(String, Vec<u8>, u64)>, ShardError> {
+    /// Next regular member's header as `(path, data size, header offset)`, skipping
+    /// directories and metadata entries (whose data it consumes). The member's data is NOT read:
+    /// the caller reads it with `read_data`. `Ok(None)` at the end of the archive.
+    fn next_header(&mut self) -> Result<Option<(String, u64, u64)>, ShardError> {
         let mut long_name: Option<String> = None;
         loop {
             let header_at = self.offset;
@@ -188,7 +215,13 @@ impl<R: Read> SampleReader<R> {
             let computed: u32 = block
                 .iter()
                 .enumerate()
-                .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u32 })
+                .map(|(i, &b)| {
+                    if (148..156).contains(&i) {
+                        32
+                    } else {
+                        b as u32
+                    }
+                })
                 .sum();
             if stored != computed {
                 return Err(ShardError::BadHeader {
@@ -201,48 +234,77 @@ impl<R: Read> SampleReader<R> {
                 reason: format!("unreadable size field: {e}"),
             })?;
             let raw_path = String::from_utf8_lossy(&header.path_bytes()).into_owned();
-            let kind = header.entry_type();
-            let data = self.read_data(size, &format!("member {raw_path:?}"))?;
             use tar::EntryType;
-            match kind {
+            match header.entry_type() {
+                EntryType::Regular | EntryType::Continuous => {
+                    let path = long_name.take().unwrap_or(raw_path);
+                    return Ok(Some((path, size, header_at)));
+                }
                 EntryType::GNULongName => {
+                    let data = self.read_data(size, "a GNU long-name record")?;
                     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
                     long_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
                 }
                 EntryType::XHeader => {
+                    let data = self.read_data(size, "a pax header")?;
                     if let Some(p) = pax_path(&data) {
                         long_name = Some(p);
                     }
                 }
-                EntryType::Regular | EntryType::Continuous => {
-                    let path = long_name.take().unwrap_or(raw_path);
-                    return Ok(Some((path, data, header_at)));
-                }
                 // Directories, links, global pax headers, ...: not sample members.
-                _ => long_name = None,
+                _ => {
+                    self.read_data(size, &format!("member {raw_path:?}"))?;
+                    long_name = None;
+                }
             }
         }
     }
 
     fn step(&mut self) -> Result<Option<Sample>, ShardError> {
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
         loop {
-            let Some((path, data, at)) = self.next_member()? else {
+            let Some((path, size, at)) = self.next_header()? else {
                 return Ok(self.current.take());
             };
             let (dir, base) = match path.rfind('/') {
                 Some(i) => (&path[..=i], &path[i + 1..]),
                 None => ("", path.as_str()),
             };
-            let Some(dot) = base.find('.') else {
-                tracing::warn!(shard = %self.shard, member = %path, "tar member without an extension ignored");
-                continue;
+            let what = format!("member {path:?}");
+            let dot = match base.find('.') {
+                Some(dot) if dot > 0 => dot,
+                _ => {
+                    tracing::warn!(shard = %self.shard, member = %path, "tar member without a key or an extension ignored");
+                    self.read_data(size, &what)?;
+                    continue;
+                }
             };
-            if dot == 0 {
-                tracing::warn!(shard = %self.shard, member = %path, "tar member with an empty key ignored");
-                continue;
-            }
             let key = format!("{dir}{}", &base[..dot]);
             let field = base[dot + 1..].to_ascii_lowercase();
+            if self.current.as_ref().is_some_and(|c| c.key != key) {
+                // A new key starts: the current sample is complete before this member's data is
+                // read, so a cut inside that data still yields it (B01).
+                let done = self.current.take().expect("checked");
+                if self.closed.contains(&key) {
+                    // Interleaved members: `done` may be a fragment too; yield nothing more.
+                    return Err(ShardError::NonContiguous { key, offset: at });
+                }
+                self.closed.insert(done.key.clone());
+                match self.read_data(size, &what) {
+                    Ok(data) => {
+                        self.current = Some(Sample {
+                            key,
+                            fields: BTreeMap::from([(field, data)]),
+                            offset: at,
+                        });
+                    }
+                    Err(e) => self.pending_error = Some(e),
+                }
+                return Ok(Some(done));
+            }
+            let data = self.read_data(size, &what)?;
             match &mut self.current {
                 Some(cur) if cur.key == key => {
                     if cur.fields.contains_key(&field) {
@@ -254,19 +316,16 @@ impl<R: Read> SampleReader<R> {
                     }
                     cur.fields.insert(field, data);
                 }
-                _ => {
+                Some(_) => unreachable!("a different key was handled above"),
+                None => {
                     if self.closed.contains(&key) {
                         return Err(ShardError::NonContiguous { key, offset: at });
                     }
-                    let next = Sample {
-                        key: key.clone(),
+                    self.current = Some(Sample {
+                        key,
                         fields: BTreeMap::from([(field, data)]),
                         offset: at,
-                    };
-                    if let Some(done) = self.current.replace(next) {
-                        self.closed.insert(done.key.clone());
-                        return Ok(Some(done));
-                    }
+                    });
                 }
             }
         }
@@ -389,7 +448,12 @@ mod tests {
 
     #[test]
     fn truncation_anywhere_never_panics_and_keeps_earlier_samples() {
-        let t = tar_of(&[("a.jpg", &[7u8; 700]), ("a.cls", b"1"), ("b.jpg", &[8u8; 300]), ("b.cls", b"2")]);
+        let t = tar_of(&[
+            ("a.jpg", &[7u8; 700]),
+            ("a.cls", b"1"),
+            ("b.jpg", &[8u8; 300]),
+            ("b.cls", b"2"),
+        ]);
         for cut in 0..t.len() {
             let (s, err, _) = collect(&t[..cut]);
             // A sample is yielded complete or not at all.
@@ -411,6 +475,9 @@ mod tests {
         let mut t = tar_of(&[("a.jpg", b"x")]);
         t[0] ^= 1;
         let (_, err, _) = collect(&t);
-        assert!(matches!(err, Some(ShardError::BadHeader { offset: 0, .. })), "{err:?}");
+        assert!(
+            matches!(err, Some(ShardError::BadHeader { offset: 0, .. })),
+            "{err:?}"
+        );
     }
 }

@@ -1,0 +1,988 @@
+//! Scope: `devise::data` and `devise::storage` end to end on real files.
+//!
+//! - Tiny ImageNet subset (3 classes of `../shared/data/tiny-imagenet-200.tar.gz`, extracted
+//!   once into `CARGO_TARGET_TMPDIR`): build shards, read them back, labels, greyscale -> RGB,
+//!   determinism, sample-exact resume from a saved cursor (mid-epoch and across an epoch
+//!   boundary), epochs differ, ranks partition the global batch, eval covers every sample once.
+//! - Field cases B01 B02 B04 B05 B06 B07 B08 B10 of `../shared/field-cases/` (MANIFEST.json):
+//!   each fixture tar is served through a one-shard manifest, so the real reader policy runs.
+//! - The synthetic shapes dataset through the same path.
+//! - `throughput_tiny_imagenet` (ignored; run with `--ignored --nocapture`) prints images/s.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use devise::data::image::decode_rgb;
+use devise::data::shards::{ShardInfo, SplitInfo, FORMAT};
+use devise::data::synthetic::{generate_shapes, ShapesOptions};
+use devise::data::webdataset::{SampleReader, ShardError};
+use devise::data::{
+    build_shards, eval_batches, read_manifest, BuildOptions, Config, Cursor, Manifest, TrainStream,
+};
+use devise::storage::Store;
+use sha2::{Digest, Sha256};
+
+use crate::common::shared_dir;
+
+/// goldfish (no greyscale), tailed frog (2 greyscale train images), + n01698640 (4 train, 1 val).
+const CLASSES: [&str; 3] = ["n01443537", "n01644900", "n01698640"];
+
+/// `<tmp>/tiny3/tiny-imagenet-200/{train,val}/<wnid>/*.JPEG` for [`CLASSES`], extracted once.
+fn tiny_subset() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let shared = shared_dir()?;
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("devise-tiny3");
+        let root = out.join("tiny-imagenet-200");
+        if !out.join("done").exists() {
+            let _ = std::fs::remove_dir_all(&out);
+            std::fs::create_dir_all(&out).unwrap();
+            let mut cmd = std::process::Command::new("tar");
+            cmd.arg("xzf")
+                .arg(shared.join("data/tiny-imagenet-200.tar.gz"))
+                .arg("-C")
+                .arg(&out)
+                .arg("--wildcards");
+            for c in CLASSES {
+                cmd.arg(format!("tiny-imagenet-200/train/{c}/*"));
+                cmd.arg(format!("tiny-imagenet-200/val/{c}/*"));
+            }
+            let status = cmd.status().expect("running tar");
+            assert!(status.success(), "tar failed: {status}");
+            std::fs::write(out.join("done"), b"").unwrap();
+        }
+        Some(root)
+    })
+    .clone()
+}
+
+/// Shards of the subset (200 KB shards -> several per split), built once per test process.
+fn tiny_shards() -> Option<(PathBuf, Manifest)> {
+    static SHARDS: OnceLock<Option<(tempfile::TempDir, Manifest)>> = OnceLock::new();
+    let got = SHARDS.get_or_init(|| {
+        let src = tiny_subset()?;
+        let dst = tempfile::tempdir().unwrap();
+        let m = build_shards(&src, dst.path().to_str().unwrap(), &options(7)).unwrap();
+        Some((dst, m))
+    });
+    got.as_ref()
+        .map(|(d, m)| (d.path().to_path_buf(), m.clone()))
+}
+
+fn options(seed: u64) -> BuildOptions {
+    BuildOptions {
+        splits: vec!["train".into(), "val".into()],
+        classes: None,
+        shard_size_bytes: 200_000,
+        seed,
+        progress: false,
+    }
+}
+
+fn config(shards: &Path, size: u32) -> Config {
+    let mut cfg = Config::new(shards.to_str().unwrap(), size);
+    cfg.decode_threads = 2;
+    cfg
+}
+
+fn all_labels(m: &Manifest) -> Vec<Option<i64>> {
+    (0..m.classes.len() as i64).map(Some).collect()
+}
+
+/// `stem -> wnid` of every file of `split` in the extracted tree.
+fn source_labels(root: &Path, split: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for c in CLASSES {
+        for e in std::fs::read_dir(root.join(split).join(c)).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            out.insert(name.trim_end_matches(".JPEG").to_string(), c.to_string());
+        }
+    }
+    out
+}
+
+fn take(stream: &mut TrainStream, n: usize) -> Vec<(devise::data::Batch, Cursor)> {
+    (0..n).map(|_| stream.next_batch().unwrap()).collect()
+}
+
+#[test]
+fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
+    let Some(src) = tiny_subset() else { return };
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
+    assert_eq!(m.format, FORMAT);
+    assert_eq!(m.classes, CLASSES);
+    let train = &m.splits["train"];
+    let val = &m.splits["val"];
+    assert_eq!((train.samples, val.samples), (1500, 150));
+    assert_eq!(train.class_counts, [500, 500, 500]);
+    assert_eq!(val.class_counts, [50, 50, 50]);
+    assert!(
+        train.shards.len() > 3,
+        "several shards: {}",
+        train.shards.len()
+    );
+    assert_eq!(read_manifest(dir.to_str().unwrap()).unwrap(), m);
+
+    let store = Store::open(dir.to_str().unwrap()).unwrap();
+    let mut first_shard_classes = BTreeSet::new();
+    for (split, info) in [("train", train), ("val", val)] {
+        let labels = source_labels(&src, split);
+        let mut seen = 0;
+        for (i, shard) in info.shards.iter().enumerate() {
+            assert_eq!(shard.name, format!("{split}-{i:06}.tar"));
+            let bytes = store.get(&shard.name).unwrap();
+            assert_eq!(bytes.len() as u64, shard.bytes);
+            assert!(shard.bytes <= 200_000);
+            assert_eq!(hex::encode(Sha256::digest(&bytes)), shard.sha256);
+            let samples: Vec<_> = SampleReader::new(&bytes[..], &shard.name)
+                .map(|s| s.unwrap())
+                .collect();
+            assert_eq!(samples.len() as u64, shard.samples);
+            for s in samples {
+                assert_eq!(s.fields.keys().collect::<Vec<_>>(), ["cls", "jpg", "json"]);
+                let wnid = &labels[&s.key];
+                let cls: usize = std::str::from_utf8(&s.fields["cls"])
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert_eq!(&m.classes[cls], wnid, "{}", s.key);
+                let meta: serde_json::Value = serde_json::from_slice(&s.fields["json"]).unwrap();
+                let source = format!("{split}/{wnid}/{}.JPEG", s.key);
+                assert_eq!(meta["wnid"], wnid.as_str());
+                assert_eq!(meta["source"], source.as_str());
+                // ORIGINAL bytes, not re-encoded.
+                let original = std::fs::read(src.join(&source)).unwrap();
+                assert!(s.fields["jpg"] == original, "{source} was re-encoded");
+                if split == "train" && i == 0 {
+                    first_shard_classes.insert(cls);
+                }
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, info.samples);
+    }
+    assert_eq!(
+        first_shard_classes.len(),
+        3,
+        "shuffled before sharding: shards mix classes"
+    );
+
+    // Same tree, same seed -> byte-identical shards; another seed -> another order.
+    let again = tempfile::tempdir().unwrap();
+    let m2 = build_shards(&src, again.path().to_str().unwrap(), &options(7)).unwrap();
+    assert_eq!(m2, m);
+    let other = tempfile::tempdir().unwrap();
+    let m3 = build_shards(&src, other.path().to_str().unwrap(), &options(8)).unwrap();
+    assert_ne!(m3.splits["train"].shards[0].sha256, train.shards[0].sha256);
+
+    // Restricting classes; a typo is an error.
+    let mut opts = options(7);
+    opts.classes = Some(vec!["n01698640".into()]);
+    let sub = tempfile::tempdir().unwrap();
+    let m4 = build_shards(&src, sub.path().to_str().unwrap(), &opts).unwrap();
+    assert_eq!(m4.classes, ["n01698640"]);
+    assert_eq!(m4.splits["train"].samples, 500);
+    opts.classes = Some(vec!["n99999999".into()]);
+    let err = build_shards(&src, sub.path().to_str().unwrap(), &opts).unwrap_err();
+    assert!(err.to_string().contains("n99999999"), "{err}");
+    opts.classes = None;
+    opts.splits = vec!["test".into()];
+    assert!(build_shards(&src, sub.path().to_str().unwrap(), &opts).is_err());
+}
+
+#[test]
+fn greyscale_images_come_out_rgb() {
+    let Some(src) = tiny_subset() else { return };
+    let dir = src.join("train/n01698640");
+    let mut grey = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        // one-component JPEG: SOF0 component count byte
+        let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        if bytes[sof + 9] != 1 {
+            continue;
+        }
+        grey += 1;
+        let img = decode_rgb(&bytes, 1 << 20).unwrap();
+        assert_eq!(img.dimensions(), (64, 64));
+        assert!(img.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+    }
+    assert_eq!(grey, 4, "the subset's greyscale images");
+}
+
+#[test]
+fn train_stream_is_deterministic_and_covers_each_epoch_once() {
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
+    let mut cfg = config(&dir, 32);
+    cfg.eval_resize = Some(36);
+    let start = |seed| {
+        TrainStream::start(&cfg, &m, all_labels(&m), 50, seed, Cursor::default(), 0, 1).unwrap()
+    };
+    let (mut a, mut b, mut c) = (start(1), start(1), start(2));
+    let (ba, bb, bc) = (take(&mut a, 30), take(&mut b, 30), take(&mut c, 3));
+    assert_eq!(
+        ba, bb,
+        "same seed, same batches (keys, labels, pixels, cursors)"
+    );
+    assert_ne!(ba[0].0.keys, bc[0].0.keys, "another seed, another order");
+
+    // 1500 samples / 50 = 30 batches = exactly one epoch: every sample once, cursor -> {1, 0}.
+    assert_eq!(
+        ba[29].1,
+        Cursor {
+            epoch: 1,
+            position: 0
+        }
+    );
+    assert_eq!(
+        ba[0].1,
+        Cursor {
+            epoch: 0,
+            position: 50
+        }
+    );
+    let epoch0: Vec<&String> = ba.iter().flat_map(|(b, _)| &b.keys).collect();
+    let unique: BTreeSet<_> = epoch0.iter().collect();
+    assert_eq!(unique.len(), 1500);
+    let mut labels = [0; 3];
+    for (batch, _) in &ba {
+        assert_eq!(batch.n, 50);
+        assert_eq!(batch.image_size, 32);
+        assert_eq!(batch.images.len(), 50 * 3 * 32 * 32);
+        assert!(batch.images.iter().all(|v| v.is_finite()));
+        for l in &batch.labels {
+            labels[*l as usize] += 1;
+        }
+    }
+    assert_eq!(labels, [500, 500, 500]);
+    // Labels match the source tree.
+    let src = tiny_subset().unwrap();
+    let truth = source_labels(&src, "train");
+    for (batch, _) in &ba[..3] {
+        for (k, l) in batch.keys.iter().zip(&batch.labels) {
+            assert_eq!(truth[k], CLASSES[*l as usize]);
+        }
+    }
+    // The next epoch visits the samples in another order.
+    let next = take(&mut a, 2);
+    let e1: Vec<&String> = next.iter().flat_map(|(b, _)| &b.keys).collect();
+    assert_ne!(e1, epoch0[..100].to_vec());
+    let s = a.stats();
+    assert_eq!(
+        (s.samples, s.decode_errors, s.shard_errors, s.filtered),
+        (1600, 0, 0, 0)
+    );
+}
+
+#[test]
+fn resume_from_a_saved_cursor_is_sample_exact() {
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
+    let mut cfg = config(&dir, 24);
+    cfg.prefetch_batches = 2;
+    // 37 does not divide 1500: batches straddle the epoch boundary (after batch 40).
+    let start =
+        |cursor| TrainStream::start(&cfg, &m, all_labels(&m), 37, 11, cursor, 0, 1).unwrap();
+    let mut full = start(Cursor::default());
+    let reference = take(&mut full, 46);
+    assert_eq!(
+        reference[40].1,
+        Cursor {
+            epoch: 1,
+            position: 17
+        }
+    );
+    for k in [0usize, 12, 39, 40] {
+        let saved = reference[k].1;
+        let mut resumed = start(saved);
+        let got = take(&mut resumed, 45 - k);
+        for (i, (g, r)) in got.iter().zip(&reference[k + 1..]).enumerate() {
+            assert_eq!(
+                g.0.keys,
+                r.0.keys,
+                "resume from batch {k}: batch {} keys",
+                k + 1 + i
+            );
+            assert!(
+                g.0.images == r.0.images,
+                "resume from batch {k}: batch {} pixels",
+                k + 1 + i
+            );
+            assert_eq!(g.1, r.1);
+        }
+    }
+}
+
+#[test]
+fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
+    let cfg = config(&dir, 16);
+    // Class 1 (tailed frog) held out, as an unseen zero-shot class would be.
+    let map = vec![Some(0), None, Some(1)];
+    let mut one =
+        TrainStream::start(&cfg, &m, map.clone(), 40, 3, Cursor::default(), 0, 1).unwrap();
+    let mut r0 = TrainStream::start(&cfg, &m, map.clone(), 20, 3, Cursor::default(), 0, 2).unwrap();
+    let mut r1 = TrainStream::start(&cfg, &m, map.clone(), 20, 3, Cursor::default(), 1, 2).unwrap();
+    for _ in 0..30 {
+        let (g, cg) = one.next_batch().unwrap();
+        let (a, ca) = r0.next_batch().unwrap();
+        let (b, cb) = r1.next_batch().unwrap();
+        assert!(g.labels.iter().all(|l| *l == 0 || *l == 1));
+        assert_eq!(cg, ca);
+        assert_eq!(ca, cb, "ranks agree on the cursor");
+        let even: Vec<_> = g.keys.iter().step_by(2).cloned().collect();
+        let odd: Vec<_> = g.keys.iter().skip(1).step_by(2).cloned().collect();
+        assert_eq!(a.keys, even, "rank 0 keeps j % 2 == 0 of the global batch");
+        assert_eq!(b.keys, odd);
+        let rows = 3 * 16 * 16;
+        assert!(a.images[..rows] == g.images[..rows]);
+    }
+    let s = one.stats();
+    assert_eq!(s.samples, 1200);
+    // 1200 accepted of 2/3 of the slots: about 600 tailed-frog slots were filtered.
+    assert!((550..=650).contains(&s.filtered), "{s:?}");
+    // A label map that accepts nothing is refused up front.
+    let err = TrainStream::start(&cfg, &m, vec![None; 3], 8, 0, Cursor::default(), 0, 1)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("label map"), "{err}");
+    assert!(TrainStream::start(&cfg, &m, vec![Some(0); 2], 8, 0, Cursor::default(), 0, 1).is_err());
+    let beyond = Cursor {
+        epoch: 0,
+        position: 1501,
+    };
+    assert!(TrainStream::start(&cfg, &m, map, 8, 0, beyond, 0, 1).is_err());
+}
+
+#[test]
+fn eval_covers_every_accepted_sample_once_across_ranks() {
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
+    let src = tiny_subset().unwrap();
+    let truth = source_labels(&src, "val");
+    let cfg = config(&dir, 56);
+    let mut keys = Vec::new();
+    for rank in 0..3 {
+        let it = eval_batches(&cfg, &m, "val", all_labels(&m), 16, rank, 3).unwrap();
+        assert_eq!(it.expected_samples(), 50);
+        let batches: Vec<_> = it.map(|b| b.unwrap()).collect();
+        let sizes: Vec<usize> = batches.iter().map(|b| b.n).collect();
+        assert_eq!(sizes, [16, 16, 16, 2], "last batch partial");
+        for b in batches {
+            assert_eq!(b.images.len(), b.n * 3 * 56 * 56);
+            for (k, l) in b.keys.iter().zip(&b.labels) {
+                assert_eq!(truth[k], CLASSES[*l as usize]);
+            }
+            keys.extend(b.keys);
+        }
+    }
+    let unique: BTreeSet<_> = keys.iter().collect();
+    assert_eq!((keys.len(), unique.len()), (150, 150));
+    // Deterministic: the same pass twice gives identical pixels.
+    let a: Vec<_> = eval_batches(&cfg, &m, "val", all_labels(&m), 64, 0, 1)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    let b: Vec<_> = eval_batches(&cfg, &m, "val", all_labels(&m), 64, 0, 1)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    assert_eq!(a, b);
+    assert!(eval_batches(&cfg, &m, "test", all_labels(&m), 8, 0, 1).is_err());
+}
+
+#[test]
+fn shapes_dataset_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ShapesOptions {
+        image_size: 32,
+        train_per_class: 12,
+        val_per_class: 4,
+        seed: 5,
+    };
+    let t = Instant::now();
+    let ds = generate_shapes(&dir.path().join("src"), &opts).unwrap();
+    eprintln!("shapes: 25 x 16 images rendered in {:?}", t.elapsed());
+    assert_eq!(ds.classes.len(), 25);
+    assert_eq!(
+        ds.unseen,
+        [
+            "blue_triangle",
+            "green_square",
+            "purple_cross",
+            "red_circle",
+            "yellow_star"
+        ]
+    );
+    assert_eq!(ds.seen.len(), 20);
+    for word in [
+        "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "star", "cross",
+    ] {
+        let n = ds
+            .seen
+            .iter()
+            .filter(|c| c.split('_').any(|w| w == word))
+            .count();
+        assert_eq!(n, 4, "{word} appears in 4 seen classes");
+    }
+    let split = std::fs::read_to_string(dir.path().join("src/split.tsv")).unwrap();
+    assert!(
+        split.starts_with("# wnid\tsplit\tnames\nblue_circle\tseen\tblue circle\n"),
+        "{split}"
+    );
+    assert!(split.contains("red_circle\tunseen\tred circle\n"));
+    let names = std::fs::read_to_string(dir.path().join("src/names.tsv")).unwrap();
+    assert_eq!(names.lines().count(), 25);
+    assert!(names.contains("purple_star\tpurple star\n"));
+    let img = dir.path().join("src/train/red_star/red_star_11.JPEG");
+    let rgb = decode_rgb(&std::fs::read(&img).unwrap(), 1 << 20).unwrap();
+    assert_eq!(rgb.dimensions(), (32, 32));
+
+    // Deterministic: same seed, same bytes.
+    let again = tempfile::tempdir().unwrap();
+    generate_shapes(again.path(), &opts).unwrap();
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        std::fs::read(again.path().join("train/red_star/red_star_11.JPEG")).unwrap()
+    );
+
+    // Through shards and the train stream, with unseen classes filtered out.
+    let shards = dir.path().join("shards");
+    let m = build_shards(
+        &dir.path().join("src"),
+        shards.to_str().unwrap(),
+        &BuildOptions {
+            splits: vec!["train".into(), "val".into()],
+            classes: None,
+            shard_size_bytes: 64 * 1024,
+            seed: 0,
+            progress: true, // exercises the progress bar template
+        },
+    )
+    .unwrap();
+    assert_eq!(m.classes, ds.classes);
+    let map: Vec<Option<i64>> = {
+        let mut next = 0;
+        m.classes
+            .iter()
+            .map(|c| {
+                ds.seen.contains(c).then(|| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect()
+    };
+    let cfg = config(&shards, 32);
+    let mut stream = TrainStream::start(&cfg, &m, map, 16, 0, Cursor::default(), 0, 1).unwrap();
+    for _ in 0..20 {
+        let (b, _) = stream.next_batch().unwrap();
+        assert!(b.labels.iter().all(|l| (0..20).contains(l)));
+        assert!(b
+            .keys
+            .iter()
+            .all(|k| !ds.unseen.iter().any(|u| k.starts_with(u.as_str()))));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field cases
+
+fn field(name: &str) -> Option<Vec<u8>> {
+    let dir = shared_dir()?.join("field-cases");
+    Some(std::fs::read(dir.join(name)).unwrap())
+}
+
+/// Serves `tar` as the only shard of split "train" (and "val") with `n_classes` classes and a
+/// manifest claiming `samples` samples, sha256 of the bytes as given (so the content policy,
+/// not the checksum, is what runs). Returns (dir, manifest).
+fn one_shard(tar: &[u8], samples: u64, n_classes: usize) -> (tempfile::TempDir, Manifest) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    store
+        .put("train-000000.tar", Bytes::copy_from_slice(tar))
+        .unwrap();
+    let mut class_counts = vec![0; n_classes];
+    class_counts[0] = samples;
+    let split = SplitInfo {
+        samples,
+        shards: vec![ShardInfo {
+            name: "train-000000.tar".into(),
+            samples,
+            bytes: tar.len() as u64,
+            sha256: hex::encode(Sha256::digest(tar)),
+        }],
+        class_counts,
+    };
+    let m = Manifest {
+        format: FORMAT.into(),
+        classes: (0..n_classes).map(|i| format!("c{i:04}")).collect(),
+        splits: BTreeMap::from([("train".into(), split.clone()), ("val".into(), split)]),
+    };
+    store
+        .put(
+            "manifest.json",
+            Bytes::from(serde_json::to_vec(&m).unwrap()),
+        )
+        .unwrap();
+    (dir, m)
+}
+
+/// One eval pass over the fixture shard: (keys, labels, stats).
+fn eval_fixture(
+    tar: &[u8],
+    samples: u64,
+    n_classes: usize,
+    size: u32,
+) -> (Vec<String>, Vec<i64>, devise::data::DataStats) {
+    let (dir, m) = one_shard(tar, samples, n_classes);
+    let cfg = config(dir.path(), size);
+    let mut it = eval_batches(
+        &cfg,
+        &m,
+        "val",
+        (0..n_classes as i64).map(Some).collect(),
+        8,
+        0,
+        1,
+    )
+    .unwrap();
+    let (mut keys, mut labels) = (Vec::new(), Vec::new());
+    for b in &mut it {
+        let b = b.unwrap();
+        assert_eq!(
+            b.images.len(),
+            b.n * 3 * (size * size) as usize,
+            "every image 3 x s x s"
+        );
+        keys.extend(b.keys);
+        labels.extend(b.labels);
+    }
+    (keys, labels, it.stats())
+}
+
+#[test]
+fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
+    let (Some(full), Some(cut)) = (
+        field("B01_full_shard.tar"),
+        field("B01_truncated_shard.tar"),
+    ) else {
+        return;
+    };
+    let (keys, labels, stats) = eval_fixture(&full, 3, 3, 16);
+    assert_eq!(
+        (keys, labels),
+        (
+            vec!["000000".into(), "000001".into(), "000002".into()],
+            vec![0, 1, 2]
+        )
+    );
+    assert_eq!(stats.shard_errors, 0);
+
+    let items: Vec<_> = SampleReader::new(&cut[..], "B01_truncated_shard.tar")
+        .map(|i| i.map(|s| s.key))
+        .collect();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0].as_ref().unwrap(), "000000");
+    assert_eq!(items[1].as_ref().unwrap(), "000001");
+    let err = items[2].as_ref().unwrap_err();
+    assert!(
+        matches!(err, ShardError::Truncated { offset: 6059, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("6059"));
+
+    let (keys, labels, stats) = eval_fixture(&cut, 3, 3, 16);
+    assert_eq!(
+        (keys, labels),
+        (vec!["000000".into(), "000001".into()], vec![0, 1])
+    );
+    assert_eq!(stats.shard_errors, 1);
+
+    // Training continues past it: two good samples per epoch, the shard error counted per visit.
+    let (dir, m) = one_shard(&cut, 3, 3);
+    let cfg = config(dir.path(), 16);
+    let mut s = TrainStream::start(
+        &cfg,
+        &m,
+        vec![Some(0), Some(1), Some(2)],
+        3,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
+    let (b, c) = s.next_batch().unwrap();
+    let set: BTreeSet<_> = b.keys.iter().cloned().collect();
+    assert_eq!(set.len(), 2, "{:?}", b.keys); // 000000 + 000001 (+ one of them again from epoch 1)
+    assert!(b.keys.iter().all(|k| k == "000000" || k == "000001"));
+    assert_eq!(c.epoch, 1);
+    assert!(s.stats().shard_errors >= 2);
+}
+
+#[test]
+fn b02_missing_cls_is_skipped_never_labelled_zero() {
+    let (Some(missing), Some(unclosed)) = (
+        field("B02_missing_cls.tar"),
+        field("B02_unclosed_shard.tar"),
+    ) else {
+        return;
+    };
+    let (keys, labels, stats) = eval_fixture(&missing, 3, 3, 16);
+    assert_eq!(keys, ["000000", "000002"]);
+    assert_eq!(labels, [0, 2]);
+    assert_eq!(stats.incomplete_samples, 1);
+    assert_eq!(stats.shard_errors, 0);
+
+    let mut r = SampleReader::new(&unclosed[..], "B02_unclosed_shard.tar");
+    let keys: Vec<String> = (&mut r).map(|s| s.unwrap().key).collect();
+    assert_eq!(keys, ["000000", "000001"]);
+    assert!(r.missing_end_of_archive());
+    let (keys, _, stats) = eval_fixture(&unclosed, 2, 3, 16);
+    assert_eq!(keys, ["000000"]);
+    assert_eq!(stats.incomplete_samples, 1, "000001 reported incomplete");
+    assert_eq!(
+        stats.shard_errors, 0,
+        "EOF on a header boundary is tolerated"
+    );
+}
+
+#[test]
+fn b04_noncontiguous_and_duplicate_members_are_shard_errors() {
+    let (Some(noncontig), Some(dup)) = (
+        field("B04_noncontiguous.tar"),
+        field("B04_duplicate_member.tar"),
+    ) else {
+        return;
+    };
+    let items: Vec<_> = SampleReader::new(&noncontig[..], "B04_noncontiguous.tar").collect();
+    let oks = items.iter().filter(|i| i.is_ok()).count();
+    assert!(oks <= 1, "no regrouped half-samples: {items:?}");
+    let err = items.last().unwrap().as_ref().unwrap_err();
+    assert!(
+        matches!(err, ShardError::NonContiguous { key, .. } if key == "000000"),
+        "{err:?}"
+    );
+    let (keys, _, stats) = eval_fixture(&noncontig, 2, 3, 16);
+    assert!(keys.is_empty());
+    assert_eq!(stats.shard_errors, 1);
+
+    let items: Vec<_> = SampleReader::new(&dup[..], "B04_duplicate_member.tar").collect();
+    assert_eq!(items.len(), 1);
+    let err = items[0].as_ref().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("duplicate field jpg in sample 000000"),
+        "{err}"
+    );
+    let (keys, _, stats) = eval_fixture(&dup, 2, 3, 16);
+    assert!(keys.is_empty());
+    assert_eq!(stats.shard_errors, 1);
+}
+
+#[test]
+fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
+    let (Some(jpg), Some(tar)) = (field("B05_cmyk.jpg"), field("B05_cmyk_shard.tar")) else {
+        return;
+    };
+    let img = decode_rgb(&jpg, 1 << 20).unwrap();
+    assert_eq!(img.dimensions(), (32, 32));
+    let mut mean = [0f64; 3];
+    for p in img.pixels() {
+        for c in 0..3 {
+            mean[c] += p[c] as f64 / 1024.0;
+        }
+    }
+    let pil = [200.0, 92.0, 92.1];
+    eprintln!("B05 mean RGB {mean:.1?} (PIL {pil:?})");
+    for c in 0..3 {
+        assert!(
+            (mean[c] - pil[c]).abs() < 10.0,
+            "mean RGB {mean:?} vs PIL {pil:?}"
+        );
+    }
+    let (keys, labels, stats) = eval_fixture(&tar, 1, 3, 32);
+    assert_eq!(
+        (keys, labels),
+        (vec!["n01440764_cmyk".to_string()], vec![0])
+    );
+    assert_eq!(stats.decode_errors, 0);
+}
+
+#[test]
+fn b06_png_named_jpg_is_decoded_as_png() {
+    let (Some(png), Some(tar)) = (field("B06_png_named.jpg"), field("B06_png_named_shard.tar"))
+    else {
+        return;
+    };
+    assert_eq!(decode_rgb(&png, 1 << 20).unwrap().dimensions(), (20, 20));
+    let (keys, labels, stats) = eval_fixture(&tar, 1, 1000, 16);
+    assert_eq!(
+        (keys, labels),
+        (vec!["n02105855_2933".to_string()], vec![228])
+    );
+    assert_eq!(stats.decode_errors, 0);
+    // The same shard with a manifest of 100 classes: cls 228 is not a class -> skipped, reported.
+    let (keys, _, stats) = eval_fixture(&tar, 1, 100, 16);
+    assert!(keys.is_empty());
+    assert_eq!(stats.invalid_labels, 1);
+}
+
+#[test]
+fn b07_truncated_jpegs_are_skipped_not_fatal() {
+    let (Some(cut), Some(headers), Some(good), Some(tar)) = (
+        field("B07_truncated_60pct.jpg"),
+        field("B07_headers_only.jpg"),
+        field("B07_good.jpg"),
+        field("B07_truncated_shard.tar"),
+    ) else {
+        return;
+    };
+    assert!(decode_rgb(&good, 1 << 20).is_ok());
+    let e = decode_rgb(&cut, 1 << 20).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+    assert!(decode_rgb(&headers, 1 << 20).is_err());
+    let (keys, labels, stats) = eval_fixture(&tar, 2, 3, 16);
+    assert_eq!((keys, labels), (vec!["000001".to_string()], vec![1]));
+    assert_eq!(stats.decode_errors, 1);
+
+    // In training the bad sample is topped up: full batches, only 000001.
+    let (dir, m) = one_shard(&tar, 2, 3);
+    let cfg = config(dir.path(), 16);
+    let mut s = TrainStream::start(
+        &cfg,
+        &m,
+        vec![Some(0), Some(1), Some(2)],
+        3,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
+    let (b, _) = s.next_batch().unwrap();
+    assert_eq!(b.keys, ["000001", "000001", "000001"]);
+    assert!(s.stats().decode_errors >= 1);
+}
+
+#[test]
+fn b08_mixed_channel_layouts_stack_into_one_batch() {
+    let Some(tar) = field("B08_mixed_channels_shard.tar") else {
+        return;
+    };
+    for name in [
+        "B08_gray.jpg",
+        "B08_gray16.png",
+        "B08_la.png",
+        "B08_palette_trns.png",
+        "B08_rgba.png",
+    ] {
+        let img = decode_rgb(&field(name).unwrap(), 1 << 20).unwrap();
+        assert_eq!(img.dimensions(), (24, 24), "{name}");
+    }
+    // 16-bit grey is scaled, not clipped or wrapped: its mean stays in range and non-trivial.
+    let g16 = decode_rgb(&field("B08_gray16.png").unwrap(), 1 << 20).unwrap();
+    let max = g16.pixels().map(|p| p[0]).max().unwrap();
+    let min = g16.pixels().map(|p| p[0]).min().unwrap();
+    assert!(max > min, "16-bit grey kept its contrast ({min}..{max})");
+    let (keys, labels, stats) = eval_fixture(&tar, 5, 5, 224);
+    assert_eq!(keys, ["000000", "000001", "000002", "000003", "000004"]);
+    assert_eq!(labels, [0, 1, 2, 3, 4]);
+    assert_eq!(stats.decode_errors, 0);
+}
+
+#[test]
+fn b10_decompression_bombs_are_rejected_from_the_header() {
+    let (Some(png), Some(jpg)) = (
+        field("B10_png_30000x30000.png"),
+        field("B10_jpeg_sof_65000.jpg"),
+    ) else {
+        return;
+    };
+    let t = Instant::now();
+    let e = decode_rgb(&png, 89_478_485).unwrap_err().to_string();
+    assert!(e.contains("image 30000x30000 exceeds max_pixels"), "{e}");
+    let e = decode_rgb(&jpg, 89_478_485).unwrap_err().to_string();
+    assert!(e.contains("image 65000x65000 exceeds max_pixels"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "rejected quickly: {:?}",
+        t.elapsed()
+    );
+    // Inside a shard: skipped and counted, the stream goes on.
+    let mut b = tar::Builder::new(Vec::new());
+    for (key, data, cls) in [
+        ("bomb", &png, "0"),
+        ("ok", &field("B07_good.jpg").unwrap(), "1"),
+    ] {
+        devise::data::webdataset::append_member(&mut b, &format!("{key}.png"), data).unwrap();
+        devise::data::webdataset::append_member(&mut b, &format!("{key}.cls"), cls.as_bytes())
+            .unwrap();
+    }
+    let bytes = b.into_inner().unwrap();
+    let (keys, _, stats) = eval_fixture(&bytes, 2, 2, 16);
+    assert_eq!(keys, ["ok"]);
+    assert_eq!(stats.decode_errors, 1);
+}
+
+#[test]
+fn sha_mismatch_skips_the_shard_and_io_errors_are_fatal() {
+    let Some(full) = field("B01_full_shard.tar") else {
+        return;
+    };
+    let (dir, mut m) = one_shard(&full, 3, 3);
+    let cfg = config(dir.path(), 16);
+    m.splits.get_mut("val").unwrap().shards[0].sha256 = "00".repeat(32);
+    let mut it = eval_batches(&cfg, &m, "val", vec![Some(0), Some(1), Some(2)], 8, 0, 1).unwrap();
+    assert!(it.next().is_none());
+    assert_eq!(it.stats().shard_errors, 1);
+    // Every shard bad: the train stream errors instead of spinning forever.
+    m.splits.get_mut("train").unwrap().shards[0].sha256 = "00".repeat(32);
+    let mut s = TrainStream::start(
+        &cfg,
+        &m,
+        vec![Some(0), Some(1), Some(2)],
+        2,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
+    let err = format!("{:#}", s.next_batch().unwrap_err());
+    assert!(err.contains("no usable sample"), "{err}");
+    assert!(s.next_batch().is_err(), "stays failed");
+    // A missing shard object is an I/O error naming the URL, surfaced by next_batch.
+    let (dir, m) = one_shard(&full, 3, 3);
+    std::fs::remove_file(dir.path().join("train-000000.tar")).unwrap();
+    let cfg = config(dir.path(), 16);
+    let mut s = TrainStream::start(
+        &cfg,
+        &m,
+        vec![Some(0), Some(1), Some(2)],
+        2,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
+    let err = format!("{:#}", s.next_batch().unwrap_err());
+    assert!(err.contains("train-000000.tar"), "{err}");
+    drop(s); // and dropping a failed stream does not hang
+}
+
+#[test]
+fn dropping_a_stream_mid_flight_stops_its_thread() {
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
+    let cfg = config(&dir, 16);
+    let t = Instant::now();
+    for _ in 0..5 {
+        let mut s =
+            TrainStream::start(&cfg, &m, all_labels(&m), 64, 0, Cursor::default(), 0, 1).unwrap();
+        s.next_batch().unwrap();
+        drop(s);
+    }
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+/// Rendering speed of the demo dataset at its intended size (25 classes x 300 images, 32 px):
+/// `cargo test --test it data::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_shapes_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ShapesOptions {
+        image_size: 32,
+        train_per_class: 260,
+        val_per_class: 40,
+        seed: 0,
+    };
+    let t = Instant::now();
+    generate_shapes(dir.path(), &opts).unwrap();
+    eprintln!(
+        "generate_shapes: 7500 images of 32 px in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// Throughput of the train stream on Tiny ImageNet (64px JPEGs), 2 decode threads:
+/// `cargo test --test it data::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_tiny_imagenet() {
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
+    for (size, augment) in [(64u32, true), (56, true), (64, false)] {
+        let mut cfg = config(&dir, size);
+        cfg.augment = augment;
+        let mut s =
+            TrainStream::start(&cfg, &m, all_labels(&m), 128, 0, Cursor::default(), 0, 1).unwrap();
+        s.next_batch().unwrap(); // warm-up: first shard, thread start
+        let t = Instant::now();
+        let n = 40;
+        for _ in 0..n {
+            s.next_batch().unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "TrainStream image_size {size} augment {augment}: {:.0} images/s ({} images in {secs:.2}s, 2 decode threads)",
+            (n * 128) as f64 / secs,
+            n * 128
+        );
+    }
+}
+
+#[test]
+fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
+    let (Some(good), Some(bad)) = (field("B07_good.jpg"), field("B07_truncated_60pct.jpg")) else {
+        return;
+    };
+    // 7 samples, s3 undecodable.
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..7 {
+        let data = if i == 3 { &bad } else { &good };
+        devise::data::webdataset::append_member(&mut b, &format!("s{i}.jpg"), data).unwrap();
+        devise::data::webdataset::append_member(&mut b, &format!("s{i}.cls"), b"0").unwrap();
+    }
+    let bytes = b.into_inner().unwrap();
+    let (dir, m) = one_shard(&bytes, 7, 1);
+    let cfg = config(dir.path(), 16);
+    let start =
+        |rank, cursor| TrainStream::start(&cfg, &m, vec![Some(0)], 2, 9, cursor, rank, 2).unwrap();
+    let (mut r0, mut r1) = (start(0, Cursor::default()), start(1, Cursor::default()));
+    let (a, b) = (take(&mut r0, 12), take(&mut r1, 12));
+    for ((ba, ca), (bb, cb)) in a.iter().zip(&b) {
+        assert_eq!(ca, cb, "ranks agree on every cursor");
+        assert_eq!((ba.n, bb.n), (2, 2), "batches stay full");
+        assert!(!ba.keys.contains(&"s3".to_string()) && !bb.keys.contains(&"s3".to_string()));
+    }
+    let failures = r0.stats().decode_errors + r1.stats().decode_errors;
+    assert!(failures >= 3, "s3 came up in several epochs: {failures}");
+    // Resume each rank from a shared cursor: identical continuation.
+    for k in [2usize, 5] {
+        for (rank, reference) in [(0, &a), (1, &b)] {
+            let mut s = start(rank, reference[k].1);
+            let got = take(&mut s, 11 - k);
+            for (g, r) in got.iter().zip(&reference[k + 1..]) {
+                assert_eq!(g.0.keys, r.0.keys, "rank {rank} resumed from batch {k}");
+                assert!(g.0.images == r.0.images);
+            }
+        }
+    }
+}
