@@ -48,7 +48,11 @@ fn default_keep_last() -> usize {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { every_steps: 0, keep_last: default_keep_last(), keep_every_steps: 0 }
+        Config {
+            every_steps: 0,
+            keep_last: default_keep_last(),
+            keep_every_steps: 0,
+        }
     }
 }
 
@@ -80,6 +84,9 @@ pub struct TrainState {
     pub seed: u64,
     /// World size the checkpoint was written with.
     pub world_size: usize,
+    /// `Manifest::fingerprint()` of the training shards: the cursor only means something for
+    /// the same shard build, so a resume against rebuilt shards is refused.
+    pub shards_fingerprint: String,
 }
 
 /// A loaded checkpoint.
@@ -204,7 +211,15 @@ pub fn save(
         step: state.step,
         files: files
             .iter()
-            .map(|(n, d)| (n.to_string(), FileEntry { bytes: d.len() as u64, sha256: sha256_hex(d) }))
+            .map(|(n, d)| {
+                (
+                    n.to_string(),
+                    FileEntry {
+                        bytes: d.len() as u64,
+                        sha256: sha256_hex(d),
+                    },
+                )
+            })
             .collect(),
     };
     files.push(("manifest.json", serde_json::to_vec_pretty(&manifest)?));
@@ -215,18 +230,23 @@ pub fn save(
         let tmp = dir.join(format!("{name}.tmp"));
         let fin = dir.join(&name);
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("removing stale {}", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         for (file, data) in &files {
             let path = tmp.join(file);
-            let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            std::io::Write::write_all(&mut f, data).with_context(|| format!("writing {}", path.display()))?;
-            f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+            let mut f = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            std::io::Write::write_all(&mut f, data)
+                .with_context(|| format!("writing {}", path.display()))?;
+            f.sync_all()
+                .with_context(|| format!("syncing {}", path.display()))?;
         }
         if fin.exists() {
             // Same step written again (e.g. preempted exactly at a stage end): replace it.
-            std::fs::remove_dir_all(&fin).with_context(|| format!("replacing {}", fin.display()))?;
+            std::fs::remove_dir_all(&fin)
+                .with_context(|| format!("replacing {}", fin.display()))?;
         }
         std::fs::rename(&tmp, &fin)
             .with_context(|| format!("publishing {} -> {}", tmp.display(), fin.display()))?;
@@ -236,7 +256,8 @@ pub fn save(
             run.put(&format!("checkpoints/{name}/{file}"), data.into())?;
         }
     }
-    verify(run, state.step).with_context(|| format!("verifying freshly written checkpoint {name}"))?;
+    verify(run, state.step)
+        .with_context(|| format!("verifying freshly written checkpoint {name}"))?;
     run.put("checkpoints/LATEST", format!("{name}\n").into())?;
 
     let steps = list_steps(run)?;
@@ -313,14 +334,22 @@ fn verify(run: &Store, step: u64) -> Result<BTreeMap<String, bytes::Bytes>> {
     for (file, entry) in &manifest.files {
         let data = run.get(&format!("checkpoints/{name}/{file}"))?;
         if data.len() as u64 != entry.bytes {
-            bail!("checkpoint {name}/{file}: {} bytes, manifest says {}", data.len(), entry.bytes);
+            bail!(
+                "checkpoint {name}/{file}: {} bytes, manifest says {}",
+                data.len(),
+                entry.bytes
+            );
         }
         if sha256_hex(&data) != entry.sha256 {
             bail!("checkpoint {name}/{file}: sha256 mismatch (corrupt)");
         }
         out.insert(file.clone(), data);
     }
-    for needed in ["model.safetensors", "optimizer.safetensors", "train_state.json"] {
+    for needed in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "train_state.json",
+    ] {
         if !out.contains_key(needed) {
             bail!("checkpoint {name}: manifest lists no {needed}");
         }
@@ -335,12 +364,18 @@ pub fn find_latest(run: &Store) -> Result<Option<u64>> {
     candidates.reverse();
     if run.exists("checkpoints/LATEST")? {
         let text = run.get("checkpoints/LATEST")?;
-        match std::str::from_utf8(&text).ok().and_then(|s| parse_step_dir(s.trim())) {
+        match std::str::from_utf8(&text)
+            .ok()
+            .and_then(|s| parse_step_dir(s.trim()))
+        {
             Some(step) => {
                 candidates.retain(|&s| s != step);
                 candidates.insert(0, step);
             }
-            None => tracing::warn!("{}: LATEST is unreadable; scanning", run.child_url("checkpoints/LATEST")),
+            None => tracing::warn!(
+                "{}: LATEST is unreadable; scanning",
+                run.child_url("checkpoints/LATEST")
+            ),
         }
     }
     for step in candidates {
@@ -356,18 +391,30 @@ pub fn find_latest(run: &Store) -> Result<Option<u64>> {
 pub fn load(run: &Store, step: u64) -> Result<Loaded> {
     let files = verify(run, step)?;
     let url = run.child_url(&format!("checkpoints/{}", step_dir_name(step)));
-    let model = safetensors_to_tensors(&files["model.safetensors"], &format!("{url}/model.safetensors"))?;
-    let optimizer =
-        safetensors_to_tensors(&files["optimizer.safetensors"], &format!("{url}/optimizer.safetensors"))?;
+    let model = safetensors_to_tensors(
+        &files["model.safetensors"],
+        &format!("{url}/model.safetensors"),
+    )?;
+    let optimizer = safetensors_to_tensors(
+        &files["optimizer.safetensors"],
+        &format!("{url}/optimizer.safetensors"),
+    )?;
     let state: TrainState = serde_json::from_slice(&files["train_state.json"])
         .with_context(|| format!("{url}/train_state.json"))?;
-    Ok(Loaded { url, model, optimizer, state })
+    Ok(Loaded {
+        url,
+        model,
+        optimizer,
+        state,
+    })
 }
 
 /// Loads a checkpoint given its step directory URL (`.../checkpoints/step-000001000`).
 pub fn load_url(url: &str) -> Result<Loaded> {
     let trimmed = url.trim_end_matches('/');
-    let (parent, dir) = trimmed.rsplit_once('/').context("checkpoint URL has no '/'")?;
+    let (parent, dir) = trimmed
+        .rsplit_once('/')
+        .context("checkpoint URL has no '/'")?;
     let step = parse_step_dir(dir)
         .with_context(|| format!("{url}: expected a step directory named step-NNNNNNNNN"))?;
     let run_url = parent
@@ -382,8 +429,14 @@ mod tests {
 
     #[test]
     fn retention_keeps_last_and_every() {
-        assert_eq!(retention(&[100, 200, 300, 400, 500], 2, 0), vec![100, 200, 300]);
-        assert_eq!(retention(&[100, 200, 300, 400, 500], 2, 200), vec![100, 300]);
+        assert_eq!(
+            retention(&[100, 200, 300, 400, 500], 2, 0),
+            vec![100, 200, 300]
+        );
+        assert_eq!(
+            retention(&[100, 200, 300, 400, 500], 2, 200),
+            vec![100, 300]
+        );
         assert_eq!(retention(&[500], 1, 0), Vec::<u64>::new());
         assert_eq!(retention(&[], 3, 0), Vec::<u64>::new());
         // keep_last 0 still keeps the newest.
@@ -402,7 +455,11 @@ mod tests {
     fn safetensors_round_trip_is_bit_exact() {
         let a = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
         let b = Tensor::from_slice(&[1i64, -2, 3]);
-        let bytes = tensors_to_safetensors(&[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())]).unwrap();
+        let bytes = tensors_to_safetensors(&[
+            ("a".into(), a.shallow_clone()),
+            ("b".into(), b.shallow_clone()),
+        ])
+        .unwrap();
         let back = safetensors_to_tensors(&bytes, "mem").unwrap();
         assert_eq!(back[0].0, "a");
         assert!(back[0].1.equal(&a));

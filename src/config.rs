@@ -57,7 +57,10 @@ pub struct RunConfig {
 }
 
 fn default_loss() -> crate::loss::Config {
-    crate::loss::Config { margin: 0.1, stop_at_first_violation: false }
+    crate::loss::Config {
+        margin: 0.1,
+        stop_at_first_violation: false,
+    }
 }
 
 impl RunConfig {
@@ -84,17 +87,21 @@ impl RunConfig {
                 .set_override(key.trim(), toml_to_config(parsed))
                 .with_context(|| format!("--set {item}"))?;
         }
-        let merged = builder.build().with_context(|| format!("reading {source}"))?;
+        let merged = builder
+            .build()
+            .with_context(|| format!("reading {source}"))?;
         let cfg: RunConfig = merged
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
-        cfg.validate().with_context(|| format!("{source}: invalid configuration"))?;
+        cfg.validate()
+            .with_context(|| format!("{source}: invalid configuration"))?;
         Ok(cfg)
     }
 
     /// Loads a TOML file (see [`RunConfig::load`]).
     pub fn load_file(path: &str, overrides: &[String]) -> Result<RunConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
         Self::load(&text, path, overrides)
     }
 
@@ -107,7 +114,10 @@ impl RunConfig {
         self.checkpoint.validate()?;
         self.eval.validate()?;
         if !matches!(self.run.device.as_str(), "cpu" | "cuda" | "auto") {
-            bail!("run.device must be cpu, cuda or auto, got '{}'", self.run.device);
+            bail!(
+                "run.device must be cpu, cuda or auto, got '{}'",
+                self.run.device
+            );
         }
         Ok(())
     }

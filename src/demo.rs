@@ -24,10 +24,21 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
     let images = data.join("shapes");
     let shards = data.join("shards");
     if !images.join("split.tsv").exists() {
-        let opts = ShapesOptions { image_size: 32, train_per_class: 240, val_per_class: 40, seed: 7 };
+        let opts = ShapesOptions {
+            image_size: 32,
+            train_per_class: 240,
+            val_per_class: 40,
+            seed: 7,
+        };
         tracing::info!("rendering the shapes dataset into {}", images.display());
         let ds = generate_shapes(&images, &opts).context("generating the shapes dataset")?;
-        tracing::info!("{} classes: {} seen, {} unseen {:?}", ds.classes.len(), ds.seen.len(), ds.unseen.len(), ds.unseen);
+        tracing::info!(
+            "{} classes: {} seen, {} unseen {:?}",
+            ds.classes.len(),
+            ds.seen.len(),
+            ds.unseen.len(),
+            ds.unseen
+        );
     }
     let shards_url = shards.to_string_lossy().to_string();
     if !shards.join("manifest.json").exists() {
@@ -43,13 +54,23 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
     let mut all = vec![
         format!("run.dir={}", quote(&out.join("run").to_string_lossy())),
         format!("data.shards={}", quote(&shards_url)),
-        format!("labels.split={}", quote(&images.join("split.tsv").to_string_lossy())),
-        format!("text.names={}", quote(&images.join("names.tsv").to_string_lossy())),
+        format!(
+            "labels.split={}",
+            quote(&images.join("split.tsv").to_string_lossy())
+        ),
+        format!(
+            "text.names={}",
+            quote(&images.join("names.tsv").to_string_lossy())
+        ),
     ];
     all.extend(overrides.iter().cloned());
     let cfg = RunConfig::load(DEMO_TOML, "configs/demo.toml (embedded)", &all)?;
     let plan = Plan::build(&cfg, 0, 1)?;
-    let opts = RunOptions { resume: Resume::Auto, stop, stop_after_step: None };
+    let opts = RunOptions {
+        resume: Resume::Auto,
+        stop,
+        stop_after_step: None,
+    };
     train(&cfg, &plan, &opts, &SingleProcess)
 }
 

@@ -37,7 +37,9 @@ fn default_batch_size() -> usize {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { batch_size: default_batch_size() }
+        Config {
+            batch_size: default_batch_size(),
+        }
     }
 }
 
@@ -87,7 +89,11 @@ struct HitCounter {
 
 impl HitCounter {
     fn new(candidates: usize) -> Self {
-        HitCounter { hits: [0; HIT_KS.len()], images: 0, candidates }
+        HitCounter {
+            hits: [0; HIT_KS.len()],
+            images: 0,
+            candidates,
+        }
     }
 
     /// scores `[batch, candidates]`, labels `[batch]` (indices into the candidates).
@@ -115,10 +121,22 @@ impl HitCounter {
         let mut hit_at_k = BTreeMap::new();
         let mut chance_at_k = BTreeMap::new();
         for (i, &k) in HIT_KS.iter().enumerate() {
-            hit_at_k.insert(k, if images == 0 { 0.0 } else { summed[i].round() / images as f64 });
+            hit_at_k.insert(
+                k,
+                if images == 0 {
+                    0.0
+                } else {
+                    summed[i].round() / images as f64
+                },
+            );
             chance_at_k.insert(k, k.min(self.candidates) as f64 / self.candidates as f64);
         }
-        Ok(FlatHits { images, candidates: self.candidates, hit_at_k, chance_at_k })
+        Ok(FlatHits {
+            images,
+            candidates: self.candidates,
+            hit_at_k,
+            chance_at_k,
+        })
     }
 }
 
@@ -156,7 +174,15 @@ pub fn evaluate(
     let mut softmax = HitCounter::new(n_seen);
     let mut devise = HitCounter::new(n_seen);
     let mut devise_plus = HitCounter::new(n_seen + n_unseen);
-    for batch in eval_batches(&plan.data, &plan.manifest, &plan.data.val_split, plan.seen_val_map.clone(), batch_size, rank, world)? {
+    for batch in eval_batches(
+        &plan.data,
+        &plan.manifest,
+        &plan.data.val_split,
+        plan.seen_val_map.clone(),
+        batch_size,
+        rank,
+        world,
+    )? {
         let batch = batch?;
         let (images, labels) = batch_tensors(&batch, device);
         tch::no_grad(|| -> Result<()> {
@@ -179,7 +205,10 @@ pub fn evaluate(
         Heads::Devise => {
             rows.insert("seen/devise".to_string(), devise.finish(collective)?);
             if n_unseen > 0 {
-                rows.insert("seen/devise_plus_unseen".to_string(), devise_plus.finish(collective)?);
+                rows.insert(
+                    "seen/devise_plus_unseen".to_string(),
+                    devise_plus.finish(collective)?,
+                );
             }
         }
     }
@@ -188,7 +217,15 @@ pub fn evaluate(
     if heads == Heads::Devise && n_unseen > 0 {
         let mut zero = HitCounter::new(n_unseen);
         let mut zero_plus = HitCounter::new(n_seen + n_unseen);
-        for batch in eval_batches(&plan.data, &plan.manifest, &plan.data.val_split, plan.unseen_val_map.clone(), batch_size, rank, world)? {
+        for batch in eval_batches(
+            &plan.data,
+            &plan.manifest,
+            &plan.data.val_split,
+            plan.unseen_val_map.clone(),
+            batch_size,
+            rank,
+            world,
+        )? {
             let batch = batch?;
             let (images, labels) = batch_tensors(&batch, device);
             tch::no_grad(|| -> Result<()> {
@@ -200,15 +237,25 @@ pub fn evaluate(
             })?;
         }
         rows.insert("zero_shot/devise_0".to_string(), zero.finish(collective)?);
-        rows.insert("zero_shot/devise_plus_seen".to_string(), zero_plus.finish(collective)?);
+        rows.insert(
+            "zero_shot/devise_plus_seen".to_string(),
+            zero_plus.finish(collective)?,
+        );
     }
-    Ok(StageEval { stage: stage.to_string(), step, rows, seconds: started.elapsed().as_secs_f64() })
+    Ok(StageEval {
+        stage: stage.to_string(),
+        step,
+        rows,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// A data batch as tensors on `device`: images `[n, 3, s, s]` float, labels `[n]` int64.
 pub fn batch_tensors(batch: &crate::data::reader::Batch, device: Device) -> (Tensor, Tensor) {
     let s = batch.image_size as i64;
-    let images = Tensor::from_slice(&batch.images).view([batch.n as i64, 3, s, s]).to(device);
+    let images = Tensor::from_slice(&batch.images)
+        .view([batch.n as i64, 3, s, s])
+        .to(device);
     let labels = Tensor::from_slice(&batch.labels).to(device);
     (images, labels)
 }

@@ -27,18 +27,18 @@
 //! Configuration: [`config::RunConfig`] nests each component's own `Config`; it is validated once
 //! into a [`plan::Plan`] holding every derived number.
 
-pub mod storage;
-pub mod data;
-pub mod split;
-pub mod text;
-pub mod model;
-pub mod loss;
-pub mod optim;
-pub mod train;
-pub mod collective;
 pub mod checkpoint;
-pub mod eval;
-pub mod report;
+pub mod collective;
 pub mod config;
-pub mod plan;
+pub mod data;
 pub mod demo;
+pub mod eval;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod plan;
+pub mod report;
+pub mod split;
+pub mod storage;
+pub mod text;
+pub mod train;

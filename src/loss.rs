@@ -58,12 +58,16 @@ pub fn hinge_rank_loss(
 ) -> Tensor {
     let scores = image_embedding.matmul(&label_embedding.transpose(0, 1)); // [batch, classes]
     let true_scores = scores.gather(1, &labels.unsqueeze(1), false); // [batch, 1]
-    let is_true = scores.zeros_like().scatter_value(1, &labels.unsqueeze(1), 1.0); // [batch, classes]
-    // [batch, classes]; the true label's own term (= margin) is masked out.
+    let is_true = scores
+        .zeros_like()
+        .scatter_value(1, &labels.unsqueeze(1), 1.0); // [batch, classes]
+                                                      // [batch, classes]; the true label's own term (= margin) is masked out.
     let not_true = is_true.ones_like() - &is_true;
     let terms: Tensor = ((scores - &true_scores) + cfg.margin).clamp_min(0.0) * not_true;
     if !cfg.stop_at_first_violation {
-        return terms.sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
+        return terms
+            .sum_dim_intlist(1, false, Kind::Float)
+            .mean(Kind::Float);
     }
     let keys = Tensor::rand_like(&terms).masked_fill(&terms.le(0.0), 2.0); // [batch, classes]
     let first = keys.argmin(1, true); // [batch, 1]
@@ -84,7 +88,10 @@ mod tests {
         let labels_emb = t(&[1.0, 0.0, 0.0, 1.0], 2);
         let img = t(&[0.5, 0.45], 1);
         let y = Tensor::from_slice(&[0i64]);
-        let cfg = Config { margin: 0.1, stop_at_first_violation: false };
+        let cfg = Config {
+            margin: 0.1,
+            stop_at_first_violation: false,
+        };
         // max(0, 0.1 - 0.5 + 0.45) = 0.05
         let l = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &cfg)).unwrap();
         assert!((l - 0.05).abs() < 1e-6, "{l}");
@@ -100,8 +107,14 @@ mod tests {
         let labels_emb = t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3);
         let img = t(&[0.0, 0.2, 0.5], 1);
         let y = Tensor::from_slice(&[0i64]);
-        let sum = Config { margin: 0.1, stop_at_first_violation: false };
-        let first = Config { margin: 0.1, stop_at_first_violation: true };
+        let sum = Config {
+            margin: 0.1,
+            stop_at_first_violation: false,
+        };
+        let first = Config {
+            margin: 0.1,
+            stop_at_first_violation: true,
+        };
         let s = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &sum)).unwrap();
         assert!((s - 0.9).abs() < 1e-6);
         let mut seen = std::collections::BTreeSet::new();

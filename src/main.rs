@@ -18,7 +18,11 @@ use std::sync::Arc;
 const EXIT_PREEMPTED: u8 = 75;
 
 #[derive(Parser)]
-#[command(name = "devise", version, about = "DeViSE trainer: CNN + projection into word-vector space, zero-shot evaluation")]
+#[command(
+    name = "devise",
+    version,
+    about = "DeViSE trainer: CNN + projection into word-vector space, zero-shot evaluation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,6 +47,10 @@ enum Command {
         /// Stop as if preempted after this step (checkpoint, exit 75).
         #[arg(long)]
         stop_after_step: Option<u64>,
+        /// Word-vector file format: auto, word2vec-binary, word2vec-text, glove, fasttext
+        /// (same as --set text.vectors_format=...).
+        #[arg(long)]
+        vectors_format: Option<String>,
     },
     /// The embedded default: generate a shapes dataset, train, evaluate zero-shot, report.
     Demo {
@@ -97,7 +105,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1, signal_hook::consts::SIGINT] {
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGINT,
+    ] {
         if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
             eprintln!("error: cannot install handler for signal {sig}: {e}");
             return ExitCode::from(1);
@@ -122,28 +134,72 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
     match cli.command {
-        Command::Train { config, set, resume, dry_run, stop_after_step } => {
+        Command::Train {
+            config,
+            mut set,
+            resume,
+            dry_run,
+            stop_after_step,
+            vectors_format,
+        } => {
+            if let Some(format) = vectors_format {
+                set.push(format!("text.vectors_format={format:?}"));
+            }
             let cfg = RunConfig::load_file(&config, &set)?;
             let plan = Plan::build(&cfg, 0, 1)?;
             if dry_run {
                 println!("{}", plan.summary());
                 return Ok(None);
             }
-            let opts = RunOptions { resume, stop, stop_after_step };
-            Ok(Some(devise::train::train(&cfg, &plan, &opts, &SingleProcess)?))
+            let opts = RunOptions {
+                resume,
+                stop,
+                stop_after_step,
+            };
+            Ok(Some(devise::train::train(
+                &cfg,
+                &plan,
+                &opts,
+                &SingleProcess,
+            )?))
         }
         Command::Demo { out, set } => Ok(Some(devise::demo::run(&out, &set, stop)?)),
-        Command::Data { command: DataCommand::BuildShards { src, dst, splits, classes, limit_classes, shard_size_bytes, seed } } => {
+        Command::Data {
+            command:
+                DataCommand::BuildShards {
+                    src,
+                    dst,
+                    splits,
+                    classes,
+                    limit_classes,
+                    shard_size_bytes,
+                    seed,
+                },
+        } => {
             let classes = match classes {
                 Some(path) => Some(read_class_list(&path, limit_classes)?),
                 None => None,
             };
-            let opts = devise::data::shards::BuildOptions { splits, classes, shard_size_bytes, seed, progress: true };
+            let opts = devise::data::shards::BuildOptions {
+                splits,
+                classes,
+                shard_size_bytes,
+                seed,
+                progress: true,
+            };
             let manifest = devise::data::shards::build_shards(&src, &dst, &opts)?;
             for (name, split) in &manifest.splits {
-                println!("{name}: {} samples in {} shards", split.samples, split.shards.len());
+                println!(
+                    "{name}: {} samples in {} shards",
+                    split.samples,
+                    split.shards.len()
+                );
             }
-            println!("manifest: {}/manifest.json ({} classes)", dst.trim_end_matches('/'), manifest.classes.len());
+            println!(
+                "manifest: {}/manifest.json ({} classes)",
+                dst.trim_end_matches('/'),
+                manifest.classes.len()
+            );
             Ok(None)
         }
     }
@@ -151,7 +207,8 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
 
 /// First column of each non-comment line; the first `limit` of them.
 fn read_class_list(path: &PathBuf, limit: Option<usize>) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--classes {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--classes {}", path.display()))?;
     let mut out: Vec<String> = text
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))

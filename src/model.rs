@@ -91,8 +91,12 @@ impl DeviseModel {
             Encoder::Convnet => Box::new(convnet(&enc, &cfg.widths)),
         };
         let feature_dim = cfg.feature_dim();
-        let classifier =
-            nn::linear(&root / "classifier", feature_dim, num_classes, Default::default());
+        let classifier = nn::linear(
+            &root / "classifier",
+            feature_dim,
+            num_classes,
+            Default::default(),
+        );
         // The projection starts small so initial image embeddings are near the origin and the
         // hinge terms all start active (every margin violated), as in a fresh DeViSE layer.
         let projection = nn::linear(
@@ -100,12 +104,23 @@ impl DeviseModel {
             feature_dim,
             embed_dim,
             nn::LinearConfig {
-                ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.01 / (feature_dim as f64).sqrt() },
+                ws_init: nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.01 / (feature_dim as f64).sqrt(),
+                },
                 bs_init: Some(nn::Init::Const(0.0)),
                 bias: true,
             },
         );
-        DeviseModel { vs, encoder, classifier, projection, feature_dim, embed_dim, num_classes }
+        DeviseModel {
+            vs,
+            encoder,
+            classifier,
+            projection,
+            feature_dim,
+            embed_dim,
+            num_classes,
+        }
     }
 
     /// `v(image)`: images `[batch, 3, H, W]` (normalised float) -> features `[batch, feature_dim]`.
@@ -156,7 +171,11 @@ impl DeviseModel {
                 bail!("checkpoint has no tensor '{name}'");
             };
             if src.size() != var.size() {
-                bail!("tensor '{name}': checkpoint shape {:?}, model shape {:?}", src.size(), var.size());
+                bail!(
+                    "tensor '{name}': checkpoint shape {:?}, model shape {:?}",
+                    src.size(),
+                    var.size()
+                );
             }
             tch::no_grad(|| var.shallow_clone().copy_(src));
         }
@@ -173,7 +192,12 @@ fn conv_bn(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT {
         c_in,
         c_out,
         3,
-        nn::ConvConfig { stride, padding: 1, bias: false, ..Default::default() },
+        nn::ConvConfig {
+            stride,
+            padding: 1,
+            bias: false,
+            ..Default::default()
+        },
     );
     let bn = nn::batch_norm2d(&p / "bn", c_out, Default::default());
     nn::func_t(move |xs, train| xs.apply(&conv).apply_t(&bn, train).relu())
@@ -186,7 +210,9 @@ fn convnet(p: &nn::Path, widths: &[i64]) -> impl ModuleT {
     let mut c_in = widths[0];
     for (i, &w) in widths.iter().enumerate() {
         let stage = p / format!("stage{i}");
-        seq = seq.add(conv_bn(&stage / "0", c_in, w, 1)).add(conv_bn(&stage / "1", w, w, 1));
+        seq = seq
+            .add(conv_bn(&stage / "0", c_in, w, 1))
+            .add(conv_bn(&stage / "1", w, w, 1));
         if i + 1 < widths.len() {
             seq = seq.add_fn(|xs| xs.max_pool2d_default(2));
         }
@@ -202,7 +228,10 @@ mod tests {
     #[test]
     fn shapes_and_names() {
         tch::manual_seed(0);
-        let cfg = Config { encoder: Encoder::Convnet, widths: vec![8, 16] };
+        let cfg = Config {
+            encoder: Encoder::Convnet,
+            widths: vec![8, 16],
+        };
         let m = DeviseModel::new(&cfg, 5, 7, Device::Cpu);
         let x = Tensor::randn([2, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
         let f = m.features(&x, true);
@@ -212,15 +241,24 @@ mod tests {
         let names: Vec<String> = m.state_dict().into_iter().map(|(n, _)| n).collect();
         assert!(names.contains(&"projection.weight".to_string()));
         assert!(names.contains(&"encoder.stem.bn.running_mean".to_string()));
-        assert!(m.parameters(&["encoder."]).iter().all(|(n, _)| n.starts_with("encoder.")));
+        assert!(m
+            .parameters(&["encoder."])
+            .iter()
+            .all(|(n, _)| n.starts_with("encoder.")));
     }
 
     #[test]
     fn resnet18_feature_dim() {
-        let cfg = Config { encoder: Encoder::Resnet18, widths: default_widths() };
+        let cfg = Config {
+            encoder: Encoder::Resnet18,
+            widths: default_widths(),
+        };
         let m = DeviseModel::new(&cfg, 3, 4, Device::Cpu);
         let x = Tensor::randn([1, 3, 64, 64], (tch::Kind::Float, Device::Cpu));
         assert_eq!(m.features(&x, false).size(), vec![1, 512]);
-        assert!(m.state_dict().iter().any(|(n, _)| n == "encoder.layer1.0.conv1.weight"));
+        assert!(m
+            .state_dict()
+            .iter()
+            .any(|(n, _)| n == "encoder.layer1.0.conv1.weight"));
     }
 }

@@ -70,13 +70,22 @@ impl Config {
             bail!("{section}.lr must be a positive number, got {}", self.lr);
         }
         if !(0.0..1.0).contains(&self.momentum) {
-            bail!("{section}.momentum must be in [0, 1), got {}", self.momentum);
+            bail!(
+                "{section}.momentum must be in [0, 1), got {}",
+                self.momentum
+            );
         }
         if self.weight_decay < 0.0 || !self.weight_decay.is_finite() {
-            bail!("{section}.weight_decay must be >= 0, got {}", self.weight_decay);
+            bail!(
+                "{section}.weight_decay must be >= 0, got {}",
+                self.weight_decay
+            );
         }
         if !(0.0..=1.0).contains(&self.final_lr_fraction) {
-            bail!("{section}.final_lr_fraction must be in [0, 1], got {}", self.final_lr_fraction);
+            bail!(
+                "{section}.final_lr_fraction must be in [0, 1], got {}",
+                self.final_lr_fraction
+            );
         }
         Ok(())
     }
@@ -114,7 +123,11 @@ impl Optimizer {
             .iter()
             .map(|(name, p)| (state_name(cfg.algorithm, name), p.zeros_like().detach()))
             .collect();
-        Optimizer { cfg: cfg.clone(), params, state }
+        Optimizer {
+            cfg: cfg.clone(),
+            params,
+            state,
+        }
     }
 
     /// The parameters this optimizer updates, sorted by name.
@@ -156,8 +169,15 @@ impl Optimizer {
                 if !g.defined() {
                     continue;
                 }
-                let g = if self.cfg.weight_decay != 0.0 { g + p * self.cfg.weight_decay } else { g };
-                let state = self.state.get_mut(&state_name(self.cfg.algorithm, name)).expect("state per param");
+                let g = if self.cfg.weight_decay != 0.0 {
+                    g + p * self.cfg.weight_decay
+                } else {
+                    g
+                };
+                let state = self
+                    .state
+                    .get_mut(&state_name(self.cfg.algorithm, name))
+                    .expect("state per param");
                 let mut p = p.shallow_clone();
                 match self.cfg.algorithm {
                     Algorithm::Sgd => {
@@ -175,20 +195,31 @@ impl Optimizer {
 
     /// The state as named tensors for a checkpoint, sorted by name.
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.state.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+        self.state
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
     }
 
     /// Restores state saved by [`Optimizer::state_dict`]; every entry must match by name and shape.
     pub fn load_state_dict(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
         if tensors.len() != self.state.len() {
-            bail!("optimizer state has {} tensors, expected {}", tensors.len(), self.state.len());
+            bail!(
+                "optimizer state has {} tensors, expected {}",
+                tensors.len(),
+                self.state.len()
+            );
         }
         for (name, src) in tensors {
             let Some(dst) = self.state.get_mut(name) else {
                 bail!("optimizer state tensor '{name}' does not belong to this stage's optimizer");
             };
             if dst.size() != src.size() {
-                bail!("optimizer state '{name}': shape {:?}, expected {:?}", src.size(), dst.size());
+                bail!(
+                    "optimizer state '{name}': shape {:?}, expected {:?}",
+                    src.size(),
+                    dst.size()
+                );
             }
             tch::no_grad(|| dst.copy_(src));
         }
@@ -239,7 +270,10 @@ mod tests {
     #[test]
     fn adagrad_matches_pytorch_formula() {
         let p = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
-        let mut opt = Optimizer::new(&cfg(Algorithm::Adagrad), vec![("w".into(), p.shallow_clone())]);
+        let mut opt = Optimizer::new(
+            &cfg(Algorithm::Adagrad),
+            vec![("w".into(), p.shallow_clone())],
+        );
         quadratic_step(&mut opt, 0.1); // g = 2, sum = 4, p = 1 - 0.1 * 2 / 2 = 0.9
         assert!((f64::try_from(&p).unwrap() - 0.9).abs() < 1e-6);
         let state = opt.state_dict();

@@ -126,14 +126,17 @@ impl Plan {
             bail!("rank {rank} is not in a world of size {world_size}");
         }
         let global_batch_size = cfg.train.global_batch_size;
-        if global_batch_size % world_size != 0 {
+        if !global_batch_size.is_multiple_of(world_size) {
             bail!("train.global_batch_size = {global_batch_size} is not divisible by world_size = {world_size}");
         }
         let manifest = read_manifest(&cfg.data.shards)
             .with_context(|| format!("data.shards = {}", cfg.data.shards))?;
         for split in [&cfg.data.train_split, &cfg.data.val_split] {
             if !manifest.splits.contains_key(split.as_str()) {
-                bail!("data.shards = {}: the manifest has no split '{split}'", cfg.data.shards);
+                bail!(
+                    "data.shards = {}: the manifest has no split '{split}'",
+                    cfg.data.shards
+                );
             }
         }
         let split = crate::split::read_split(&cfg.labels)?;
@@ -141,19 +144,33 @@ impl Plan {
         wanted.extend(split.unseen.iter().cloned());
         let labels = crate::text::load_label_embeddings(&cfg.text, &wanted)?;
 
-        let class_index: HashMap<&str, usize> =
-            manifest.classes.iter().enumerate().map(|(i, w)| (w.as_str(), i)).collect();
+        let class_index: HashMap<&str, usize> = manifest
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.as_str(), i))
+            .collect();
         let train = &manifest.splits[&cfg.data.train_split];
         let val = &manifest.splits[&cfg.data.val_split];
-        let count = |counts: &[u64], wnid: &str| class_index.get(wnid).map_or(0, |&i| counts.get(i).copied().unwrap_or(0));
+        let count = |counts: &[u64], wnid: &str| {
+            class_index
+                .get(wnid)
+                .map_or(0, |&i| counts.get(i).copied().unwrap_or(0))
+        };
 
         let mut left_out = Vec::new();
         let mut seen = Vec::new();
         for wnid in &split.seen {
             if !labels.is_mapped(wnid) {
-                left_out.push((wnid.clone(), "seen: no name maps to a word vector".to_string()));
+                left_out.push((
+                    wnid.clone(),
+                    "seen: no name maps to a word vector".to_string(),
+                ));
             } else if count(&train.class_counts, wnid) == 0 {
-                left_out.push((wnid.clone(), format!("seen: no images in split '{}'", cfg.data.train_split)));
+                left_out.push((
+                    wnid.clone(),
+                    format!("seen: no images in split '{}'", cfg.data.train_split),
+                ));
             } else {
                 seen.push(wnid.clone());
             }
@@ -161,27 +178,46 @@ impl Plan {
         let mut unseen = Vec::new();
         for wnid in &split.unseen {
             if !labels.is_mapped(wnid) {
-                left_out.push((wnid.clone(), "unseen: no name maps to a word vector".to_string()));
+                left_out.push((
+                    wnid.clone(),
+                    "unseen: no name maps to a word vector".to_string(),
+                ));
             } else if count(&val.class_counts, wnid) == 0 {
-                left_out.push((wnid.clone(), format!("unseen: no images in split '{}'", cfg.data.val_split)));
+                left_out.push((
+                    wnid.clone(),
+                    format!("unseen: no images in split '{}'", cfg.data.val_split),
+                ));
             } else {
                 unseen.push(wnid.clone());
             }
         }
         if seen.len() < 2 {
-            bail!("{} seen classes usable (need at least 2); left out: {left_out:?}", seen.len());
+            bail!(
+                "{} seen classes usable (need at least 2); left out: {left_out:?}",
+                seen.len()
+            );
         }
         for (wnid, why) in &left_out {
             tracing::warn!("label {wnid} left out: {why}");
         }
         let map_for = |classes: &[String]| -> Vec<Option<i64>> {
-            let pos: HashMap<&str, i64> = classes.iter().enumerate().map(|(i, w)| (w.as_str(), i as i64)).collect();
-            manifest.classes.iter().map(|w| pos.get(w.as_str()).copied()).collect()
+            let pos: HashMap<&str, i64> = classes
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (w.as_str(), i as i64))
+                .collect();
+            manifest
+                .classes
+                .iter()
+                .map(|w| pos.get(w.as_str()).copied())
+                .collect()
         };
         let train_label_map = map_for(&seen);
         let unseen_val_map = map_for(&unseen);
         let seen_val_map = train_label_map.clone();
-        let total = |counts: &[u64], classes: &[String]| classes.iter().map(|w| count(counts, w)).sum::<u64>();
+        let total = |counts: &[u64], classes: &[String]| {
+            classes.iter().map(|w| count(counts, w)).sum::<u64>()
+        };
         let train_images = total(&train.class_counts, &seen);
         let val_images_seen = total(&val.class_counts, &seen);
         let val_images_unseen = total(&val.class_counts, &unseen);
@@ -193,7 +229,8 @@ impl Plan {
             (StageKind::Devise, &cfg.train.devise),
             (StageKind::Finetune, &cfg.train.finetune),
         ] {
-            let steps = (stage.epochs * train_images as f64 / global_batch_size as f64).ceil() as u64;
+            let steps =
+                (stage.epochs * train_images as f64 / global_batch_size as f64).ceil() as u64;
             if steps == 0 {
                 continue;
             }
@@ -252,20 +289,37 @@ impl Plan {
 
     /// Label vectors of the unseen classes as a tensor `[unseen, embed_dim]` (CPU).
     pub fn unseen_label_embedding(&self) -> Tensor {
-        Tensor::from_slice(&self.unseen_matrix).view([self.unseen.len() as i64, self.embed_dim as i64])
+        Tensor::from_slice(&self.unseen_matrix)
+            .view([self.unseen.len() as i64, self.embed_dim as i64])
     }
 
     /// Human-readable summary (`--dry-run`, start of every run's log).
     pub fn summary(&self) -> String {
         let mut s = String::new();
         use std::fmt::Write;
-        let _ = writeln!(s, "world_size {} (rank {}), global_batch_size {}, per_rank_batch_size {}", self.world_size, self.rank, self.global_batch_size, self.per_rank_batch_size);
+        let _ = writeln!(
+            s,
+            "world_size {} (rank {}), global_batch_size {}, per_rank_batch_size {}",
+            self.world_size, self.rank, self.global_batch_size, self.per_rank_batch_size
+        );
         let _ = writeln!(s, "classes: {} seen ({} train images, {} val images), {} unseen ({} val images), {} left out, embed_dim {}", self.seen.len(), self.train_images, self.val_images_seen, self.unseen.len(), self.val_images_unseen, self.left_out.len(), self.embed_dim);
         for (wnid, why) in &self.left_out {
             let _ = writeln!(s, "  left out {wnid}: {why}");
         }
         for st in &self.stages {
-            let _ = writeln!(s, "stage {:<8} steps {:>6}..={:<6} ({} steps, {} epochs) {:?} lr {} warmup {} {:?}", st.kind.name(), st.first_step, st.last_step, st.steps(), st.epochs, st.optimizer.algorithm, st.optimizer.lr, st.optimizer.warmup_steps, st.optimizer.schedule);
+            let _ = writeln!(
+                s,
+                "stage {:<8} steps {:>6}..={:<6} ({} steps, {} epochs) {:?} lr {} warmup {} {:?}",
+                st.kind.name(),
+                st.first_step,
+                st.last_step,
+                st.steps(),
+                st.epochs,
+                st.optimizer.algorithm,
+                st.optimizer.lr,
+                st.optimizer.warmup_steps,
+                st.optimizer.schedule
+            );
         }
         let _ = write!(s, "total steps {}", self.total_steps);
         s

@@ -27,7 +27,10 @@ pub struct Split {
 
 /// Parses split-file text; `source` names the file in errors (with 1-based line numbers).
 pub fn parse_split(text: &str, source: &str, limit: Option<usize>) -> Result<Split> {
-    let mut split = Split { seen: Vec::new(), unseen: Vec::new() };
+    let mut split = Split {
+        seen: Vec::new(),
+        unseen: Vec::new(),
+    };
     let mut all = std::collections::HashSet::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
@@ -82,7 +85,9 @@ mod tests {
         let s = parse_split(text, "f", Some(2)).unwrap();
         assert_eq!(s.seen, vec!["n1"]);
         assert_eq!(s.unseen, vec!["n2"]);
-        let err = parse_split("n1\tmaybe\n", "f", None).unwrap_err().to_string();
+        let err = parse_split("n1\tmaybe\n", "f", None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("f:1") && err.contains("maybe"), "{err}");
     }
 }

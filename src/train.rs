@@ -68,7 +68,11 @@ impl Config {
         if self.log_every_steps == 0 {
             bail!("train.log_every_steps must be > 0");
         }
-        for (name, st) in [("softmax", &self.softmax), ("devise", &self.devise), ("finetune", &self.finetune)] {
+        for (name, st) in [
+            ("softmax", &self.softmax),
+            ("devise", &self.devise),
+            ("finetune", &self.finetune),
+        ] {
             if !(st.epochs.is_finite() && st.epochs >= 0.0) {
                 bail!("train.{name}.epochs must be >= 0, got {}", st.epochs);
             }
@@ -126,7 +130,12 @@ pub struct RunOptions {
 }
 
 /// Runs (or resumes) training and evaluation to the end of the plan, then writes the report.
-pub fn train(cfg: &RunConfig, plan: &Plan, opts: &RunOptions, collective: &dyn Collective) -> Result<Outcome> {
+pub fn train(
+    cfg: &RunConfig,
+    plan: &Plan,
+    opts: &RunOptions,
+    collective: &dyn Collective,
+) -> Result<Outcome> {
     let started = Instant::now();
     let device = select_device(&cfg.run.device)?;
     if cfg.run.threads > 0 {
@@ -135,14 +144,29 @@ pub fn train(cfg: &RunConfig, plan: &Plan, opts: &RunOptions, collective: &dyn C
     let is_rank0 = collective.rank() == 0;
     let run = Store::open(&cfg.run.dir)?;
     tch::manual_seed(cfg.run.seed as i64);
-    let mut model = DeviseModel::new(&cfg.model, plan.seen.len() as i64, plan.embed_dim as i64, device);
+    let mut model = DeviseModel::new(
+        &cfg.model,
+        plan.seen.len() as i64,
+        plan.embed_dim as i64,
+        device,
+    );
     let seen_labels = plan.seen_label_embedding().to(device); // [seen, embed_dim]
 
     // Resume: rank 0 picks the checkpoint, every rank loads the one it names.
     let resumed = resolve_resume(&run, &opts.resume, collective)?;
     let mut state = match &resumed {
         Some(ck) => {
-            model.load_state_dict(&ck.model).with_context(|| format!("loading {}", ck.url))?;
+            model
+                .load_state_dict(&ck.model)
+                .with_context(|| format!("loading {}", ck.url))?;
+            if ck.state.shards_fingerprint != plan.manifest.fingerprint() {
+                bail!(
+                    "{}: written for a different shard build than {} (its data cursor would point at other samples); \
+                     resume with the shards it was trained on, or start a new run.dir",
+                    ck.url,
+                    cfg.data.shards
+                );
+            }
             tracing::info!("resumed from {} at step {}", ck.url, ck.state.step);
             ck.state.clone()
         }
@@ -153,6 +177,7 @@ pub fn train(cfg: &RunConfig, plan: &Plan, opts: &RunOptions, collective: &dyn C
             samples_seen: 0,
             seed: cfg.run.seed,
             world_size: plan.world_size,
+            shards_fingerprint: plan.manifest.fingerprint(),
         },
     };
     let mut metrics = Metrics::open(&run, state.step, is_rank0)?;
@@ -176,18 +201,38 @@ pub fn train(cfg: &RunConfig, plan: &Plan, opts: &RunOptions, collective: &dyn C
     for step in state.step + 1..=plan.total_steps {
         let stage = plan.stage_at(step);
         if optimizer.as_ref().map(|(k, _)| *k) != Some(stage.kind) {
-            optimizer = Some((stage.kind, stage_optimizer(&model, stage, resumed.as_ref(), step)?));
+            optimizer = Some((
+                stage.kind,
+                stage_optimizer(&model, stage, resumed.as_ref(), step)?,
+            ));
         }
         let (_, opt) = optimizer.as_mut().expect("set above");
 
         let wait = Instant::now();
-        let (batch, cursor) = stream.next_batch().with_context(|| format!("step {step}: reading training data"))?;
+        let (batch, cursor) = stream
+            .next_batch()
+            .with_context(|| format!("step {step}: reading training data"))?;
         let data_wait = wait.elapsed();
-        let lr = stage.optimizer.lr_at(step - stage.first_step, stage.steps());
+        let lr = stage
+            .optimizer
+            .lr_at(step - stage.first_step, stage.steps());
         tch::manual_seed(step_seed(cfg.run.seed, step));
-        let loss = train_step(&model, opt, collective, stage.kind, &batch, &seen_labels, &cfg.loss, lr, device)?;
+        let loss = train_step(
+            &model,
+            opt,
+            collective,
+            stage.kind,
+            &batch,
+            &seen_labels,
+            &cfg.loss,
+            lr,
+            device,
+        )?;
         if !loss.is_finite() {
-            bail!("step {step} ({}): loss is {loss}; stopping (lower the learning rate?)", stage.kind.name());
+            bail!(
+                "step {step} ({}): loss is {loss}; stopping (lower the learning rate?)",
+                stage.kind.name()
+            );
         }
 
         state.step = step;
@@ -203,11 +248,26 @@ pub fn train(cfg: &RunConfig, plan: &Plan, opts: &RunOptions, collective: &dyn C
         }
         let stage_end = step == stage.last_step;
         if stage_end {
-            let heads = if stage.kind == StageKind::Softmax { Heads::Softmax } else { Heads::Devise };
-            let result = eval::evaluate(&model, plan, heads, collective, device, stage.kind.name(), step)?;
+            let heads = if stage.kind == StageKind::Softmax {
+                Heads::Softmax
+            } else {
+                Heads::Devise
+            };
+            let result = eval::evaluate(
+                &model,
+                plan,
+                heads,
+                collective,
+                device,
+                stage.kind.name(),
+                step,
+            )?;
             log_eval(&result);
             if is_rank0 {
-                run.put(&format!("eval/{}.json", stage.kind.name()), serde_json::to_vec_pretty(&result)?.into())?;
+                run.put(
+                    &format!("eval/{}.json", stage.kind.name()),
+                    serde_json::to_vec_pretty(&result)?.into(),
+                )?;
                 metrics.write(&eval_line(&result))?;
             }
             evals.retain(|e| e.stage != result.stage);
@@ -225,7 +285,15 @@ pub fn train(cfg: &RunConfig, plan: &Plan, opts: &RunOptions, collective: &dyn C
     }
 
     let report = if is_rank0 {
-        crate::report::write(&run, cfg, plan, &evals, &metrics.lines, started.elapsed(), &stream.stats())?
+        crate::report::write(
+            &run,
+            cfg,
+            plan,
+            &evals,
+            &metrics.lines,
+            started.elapsed(),
+            &stream.stats(),
+        )?
     } else {
         String::new()
     };
@@ -249,15 +317,27 @@ fn train_step(
     let (images, labels) = eval::batch_tensors(batch, device); // [n, 3, s, s], [n]
     opt.zero_grad();
     let loss = match kind {
-        StageKind::Softmax => loss::softmax_cross_entropy(&model.logits(&model.features(&images, true)), &labels),
+        StageKind::Softmax => {
+            loss::softmax_cross_entropy(&model.logits(&model.features(&images, true)), &labels)
+        }
         StageKind::Devise => {
             // Frozen encoder: running statistics, no graph through it.
             let features = tch::no_grad(|| model.features(&images, false));
-            loss::hinge_rank_loss(&model.image_embedding(&features), seen_labels, &labels, loss_cfg)
+            loss::hinge_rank_loss(
+                &model.image_embedding(&features),
+                seen_labels,
+                &labels,
+                loss_cfg,
+            )
         }
         StageKind::Finetune => {
             let features = model.features(&images, true);
-            loss::hinge_rank_loss(&model.image_embedding(&features), seen_labels, &labels, loss_cfg)
+            loss::hinge_rank_loss(
+                &model.image_embedding(&features),
+                seen_labels,
+                &labels,
+                loss_cfg,
+            )
         }
     };
     loss.backward();
@@ -282,8 +362,12 @@ fn stage_optimizer(
     };
     let mut opt = Optimizer::new(&stage.optimizer, model.parameters(prefixes));
     if let Some(ck) = resumed {
-        if ck.state.step + 1 == step && ck.state.stage == stage.kind.name() && ck.state.step != stage.last_step {
-            opt.load_state_dict(&ck.optimizer).with_context(|| format!("optimizer state of {}", ck.url))?;
+        if ck.state.step + 1 == step
+            && ck.state.stage == stage.kind.name()
+            && ck.state.step != stage.last_step
+        {
+            opt.load_state_dict(&ck.optimizer)
+                .with_context(|| format!("optimizer state of {}", ck.url))?;
         }
     }
     Ok(opt)
@@ -298,7 +382,14 @@ fn save_checkpoint(
     collective: &dyn Collective,
 ) -> Result<String> {
     let url = if collective.rank() == 0 {
-        checkpoint::save(run, &cfg.checkpoint, &model.state_dict(), &opt.state_dict(), state, &cfg.to_toml())?
+        checkpoint::save(
+            run,
+            &cfg.checkpoint,
+            &model.state_dict(),
+            &opt.state_dict(),
+            state,
+            &cfg.to_toml(),
+        )?
     } else {
         String::new()
     };
@@ -307,15 +398,24 @@ fn save_checkpoint(
 }
 
 /// Rank 0 resolves `resume` to a checkpoint URL (or none) and broadcasts it; every rank loads it.
-fn resolve_resume(run: &Store, resume: &Resume, collective: &dyn Collective) -> Result<Option<checkpoint::Loaded>> {
+fn resolve_resume(
+    run: &Store,
+    resume: &Resume,
+    collective: &dyn Collective,
+) -> Result<Option<checkpoint::Loaded>> {
     let chosen = if collective.rank() == 0 {
         match resume {
             Resume::Auto => checkpoint::find_latest(run)?
-                .map(|step| run.child_url(&format!("checkpoints/{}", checkpoint::step_dir_name(step))))
+                .map(|step| {
+                    run.child_url(&format!("checkpoints/{}", checkpoint::step_dir_name(step)))
+                })
                 .unwrap_or_default(),
             Resume::Never => {
                 if let Some(step) = checkpoint::find_latest(run)? {
-                    bail!("{} already has checkpoint step {step}; use --resume auto or a new run.dir", run.url());
+                    bail!(
+                        "{} already has checkpoint step {step}; use --resume auto or a new run.dir",
+                        run.url()
+                    );
                 }
                 String::new()
             }
@@ -372,7 +472,13 @@ impl Window {
         self.elapsed += elapsed;
     }
 
-    fn take(&mut self, step: u64, kind: StageKind, lr: f64, stats: &crate::data::reader::DataStats) -> serde_json::Value {
+    fn take(
+        &mut self,
+        step: u64,
+        kind: StageKind,
+        lr: f64,
+        stats: &crate::data::reader::DataStats,
+    ) -> serde_json::Value {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         let line = serde_json::json!({
             "step": step,
@@ -416,8 +522,19 @@ fn eval_line(e: &StageEval) -> serde_json::Value {
 
 fn log_eval(e: &StageEval) {
     for (row, hits) in &e.rows {
-        let ks: Vec<String> = hits.hit_at_k.iter().map(|(k, v)| format!("@{k} {:.3}", v)).collect();
-        tracing::info!("eval after {} (step {}): {row} ({} images, {} candidates) hit{}", e.stage, e.step, hits.images, hits.candidates, ks.join(" "));
+        let ks: Vec<String> = hits
+            .hit_at_k
+            .iter()
+            .map(|(k, v)| format!("@{k} {:.3}", v))
+            .collect();
+        tracing::info!(
+            "eval after {} (step {}): {row} ({} images, {} candidates) hit{}",
+            e.stage,
+            e.step,
+            hits.images,
+            hits.candidates,
+            ks.join(" ")
+        );
     }
 }
 
@@ -435,14 +552,19 @@ impl<'a> Metrics<'a> {
         if enabled && run.exists("metrics.jsonl")? {
             let text = run.get("metrics.jsonl")?;
             for (i, line) in String::from_utf8_lossy(&text).lines().enumerate() {
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .with_context(|| format!("{} line {}", run.child_url("metrics.jsonl"), i + 1))?;
+                let v: serde_json::Value = serde_json::from_str(line).with_context(|| {
+                    format!("{} line {}", run.child_url("metrics.jsonl"), i + 1)
+                })?;
                 if v["step"].as_u64().is_some_and(|s| s <= resumed_step) {
                     lines.push(v);
                 }
             }
         }
-        Ok(Metrics { run, lines, enabled })
+        Ok(Metrics {
+            run,
+            lines,
+            enabled,
+        })
     }
 
     fn write(&mut self, line: &serde_json::Value) -> Result<()> {

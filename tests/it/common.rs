@@ -20,11 +20,19 @@ pub fn shared_dir() -> Option<PathBuf> {
 /// `../shared/data/tiny-imagenet-200.tar.gz` into `dst` (an ImageFolder tree
 /// `dst/tiny-imagenet-200/{train,val}/<wnid>/`). Returns the tree's root.
 #[allow(dead_code)]
-pub fn extract_tiny_classes(shared: &std::path::Path, wnids: &[&str], dst: &std::path::Path) -> PathBuf {
+pub fn extract_tiny_classes(
+    shared: &std::path::Path,
+    wnids: &[&str],
+    dst: &std::path::Path,
+) -> PathBuf {
     let mut cmd = std::process::Command::new("tar");
-    cmd.arg("xzf").arg(shared.join("data/tiny-imagenet-200.tar.gz")).arg("-C").arg(dst);
+    cmd.arg("xzf")
+        .arg(shared.join("data/tiny-imagenet-200.tar.gz"))
+        .arg("-C")
+        .arg(dst);
     for w in wnids {
-        cmd.arg(format!("tiny-imagenet-200/train/{w}")).arg(format!("tiny-imagenet-200/val/{w}"));
+        cmd.arg(format!("tiny-imagenet-200/train/{w}"))
+            .arg(format!("tiny-imagenet-200/val/{w}"));
     }
     let status = cmd.status().expect("running tar");
     assert!(status.success(), "tar failed: {status}");

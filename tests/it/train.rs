@@ -32,7 +32,8 @@ fn shards() -> Option<&'static (tempfile::TempDir, PathBuf)> {
                 seed: 0,
                 progress: false,
             };
-            let m = devise::data::shards::build_shards(&tree, dst.to_str().unwrap(), &opts).unwrap();
+            let m =
+                devise::data::shards::build_shards(&tree, dst.to_str().unwrap(), &opts).unwrap();
             assert_eq!(m.classes.len(), 4);
             assert_eq!(m.splits["train"].samples, 2000);
             assert_eq!(m.splits["val"].samples, 200);
@@ -96,7 +97,11 @@ batch_size = 64
 
 fn run(cfg: &RunConfig, resume: Resume, stop_after_step: Option<u64>) -> Outcome {
     let plan = Plan::build(cfg, 0, 1).unwrap();
-    let opts = RunOptions { resume, stop: Arc::new(AtomicBool::new(false)), stop_after_step };
+    let opts = RunOptions {
+        resume,
+        stop: Arc::new(AtomicBool::new(false)),
+        stop_after_step,
+    };
     train(cfg, &plan, &opts, &SingleProcess).unwrap()
 }
 
@@ -106,13 +111,21 @@ fn losses(run_dir: &Path) -> Vec<(u64, String, f64)> {
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v.get("train/loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["stage"].as_str().unwrap().to_string(), v["train/loss"].as_f64().unwrap()))
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["stage"].as_str().unwrap().to_string(),
+                v["train/loss"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
 #[test]
 fn plan_resolves_real_split_vectors_and_shards() {
-    let Some((_dir, shards)) = shards() else { return };
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
     let run_dir = tempfile::tempdir().unwrap();
     let cfg = config(shards, run_dir.path(), &[]);
     let plan = Plan::build(&cfg, 0, 1).unwrap();
@@ -124,27 +137,46 @@ fn plan_resolves_real_split_vectors_and_shards() {
     assert_eq!(plan.val_images_unseen, 50);
     assert_eq!(plan.total_steps, 9);
     // Unit label vectors.
-    let norms = plan.seen_label_embedding().norm_scalaropt_dim(2, [1], false);
-    assert!(Vec::<f32>::try_from(norms).unwrap().iter().all(|n| (n - 1.0).abs() < 1e-5));
+    let norms = plan
+        .seen_label_embedding()
+        .norm_scalaropt_dim(2, [1], false);
+    assert!(Vec::<f32>::try_from(norms)
+        .unwrap()
+        .iter()
+        .all(|n| (n - 1.0).abs() < 1e-5));
     // A wrong world size is an error naming the key.
-    let err = Plan::build(&config(shards, run_dir.path(), &["train.global_batch_size=15"]), 0, 2).err().unwrap();
+    let err = Plan::build(
+        &config(shards, run_dir.path(), &["train.global_batch_size=15"]),
+        0,
+        2,
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("train.global_batch_size"), "{err}");
 }
 
 #[test]
 fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
-    let Some((_dir, shards)) = shards() else { return };
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
 
     // Uninterrupted run.
     let full_dir = tempfile::tempdir().unwrap();
     let cfg = config(shards, full_dir.path(), &[]);
     let outcome = run(&cfg, Resume::Never, None);
-    let Outcome::Completed { report } = outcome else { panic!("{outcome:?}") };
+    let Outcome::Completed { report } = outcome else {
+        panic!("{outcome:?}")
+    };
     assert!(report.ends_with("report.md"));
     let md = std::fs::read_to_string(full_dir.path().join("report.md")).unwrap();
-    assert!(md.contains("softmax baseline") && md.contains("DeViSE-0"), "{md}");
+    assert!(
+        md.contains("softmax baseline") && md.contains("DeViSE-0"),
+        "{md}"
+    );
     let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(full_dir.path().join("report.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(full_dir.path().join("report.json")).unwrap())
+            .unwrap();
     let evals = report["evaluations"].as_array().unwrap();
     assert_eq!(evals.len(), 3);
     let finetune = &evals[2]["rows"];
@@ -156,7 +188,10 @@ fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
     // One candidate: DeViSE-0 hit@1 is trivially 1, and chance says so too.
     assert_eq!(finetune["zero_shot/devise_0"]["hit_at_k"]["1"], 1.0);
     let full = losses(full_dir.path());
-    assert_eq!(full.iter().map(|l| l.0).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+    assert_eq!(
+        full.iter().map(|l| l.0).collect::<Vec<_>>(),
+        (1..=9).collect::<Vec<_>>()
+    );
     assert_eq!(full[0].1, "softmax");
     assert_eq!(full[4].1, "devise");
     assert_eq!(full[8].1, "finetune");
@@ -165,31 +200,48 @@ fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
-    assert!(ckpts.contains(&"step-000000009".to_string()) && ckpts.len() == 3, "{ckpts:?}");
+    assert!(
+        ckpts.contains(&"step-000000009".to_string()) && ckpts.len() == 3,
+        "{ckpts:?}"
+    );
     let latest = std::fs::read_to_string(full_dir.path().join("checkpoints/LATEST")).unwrap();
     assert_eq!(latest.trim(), "step-000000009");
 
     // Stopped after step 5 (inside the devise stage, between checkpoints), resumed to the end.
     let part_dir = tempfile::tempdir().unwrap();
     let cfg = config(shards, part_dir.path(), &[]);
-    let Outcome::Preempted { checkpoint } = run(&cfg, Resume::Auto, Some(5)) else { panic!() };
+    let Outcome::Preempted { checkpoint } = run(&cfg, Resume::Auto, Some(5)) else {
+        panic!()
+    };
     assert!(checkpoint.ends_with("step-000000005"), "{checkpoint}");
-    let Outcome::Completed { .. } = run(&cfg, Resume::Auto, None) else { panic!() };
+    let Outcome::Completed { .. } = run(&cfg, Resume::Auto, None) else {
+        panic!()
+    };
     let resumed = losses(part_dir.path());
     assert_eq!(full, resumed, "per-step losses of the resumed run differ");
-    let weights = |d: &Path| std::fs::read(d.join("checkpoints/step-000000009/model.safetensors")).unwrap();
-    assert!(weights(full_dir.path()) == weights(part_dir.path()), "final weights differ after resume");
+    let weights =
+        |d: &Path| std::fs::read(d.join("checkpoints/step-000000009/model.safetensors")).unwrap();
+    assert!(
+        weights(full_dir.path()) == weights(part_dir.path()),
+        "final weights differ after resume"
+    );
     // A completed run resumed again does no steps and keeps its results.
-    let Outcome::Completed { .. } = run(&cfg, Resume::Auto, None) else { panic!() };
+    let Outcome::Completed { .. } = run(&cfg, Resume::Auto, None) else {
+        panic!()
+    };
     assert_eq!(losses(part_dir.path()), full);
 }
 
 #[test]
 fn resume_skips_a_corrupt_latest_checkpoint_and_never_reads_tmp() {
-    let Some((_dir, shards)) = shards() else { return };
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(shards, dir.path(), &["checkpoint.keep_last=5"]);
-    let Outcome::Preempted { .. } = run(&cfg, Resume::Auto, Some(4)) else { panic!() };
+    let Outcome::Preempted { .. } = run(&cfg, Resume::Auto, Some(4)) else {
+        panic!()
+    };
     let ck = dir.path().join("checkpoints");
     // Newest step corrupt (truncated weights), a leftover temporary folder, LATEST -> corrupt step.
     let model = ck.join("step-000000004/model.safetensors");
@@ -200,24 +252,41 @@ fn resume_skips_a_corrupt_latest_checkpoint_and_never_reads_tmp() {
     let store = devise::storage::Store::open(dir.path().to_str().unwrap()).unwrap();
     // Steps 2 and 4 (every_steps) and 3 (end of the softmax stage); 4 is corrupt.
     assert_eq!(devise::checkpoint::find_latest(&store).unwrap(), Some(3));
-    assert_eq!(devise::checkpoint::list_steps(&store).unwrap(), vec![2, 3, 4]);
+    assert_eq!(
+        devise::checkpoint::list_steps(&store).unwrap(),
+        vec![2, 3, 4]
+    );
     // Resuming continues from step 3 and completes.
-    let Outcome::Completed { .. } = run(&cfg, Resume::Auto, None) else { panic!() };
+    let Outcome::Completed { .. } = run(&cfg, Resume::Auto, None) else {
+        panic!()
+    };
     let steps: Vec<u64> = losses(dir.path()).iter().map(|l| l.0).collect();
     assert_eq!(steps, (1..=9).collect::<Vec<_>>());
 }
 
 #[test]
 fn config_errors_name_the_key() {
-    let Some((_dir, shards)) = shards() else { return };
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
-    let toml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny-imagenet-small.toml")).unwrap();
+    let toml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/tiny-imagenet-small.toml"
+    ))
+    .unwrap();
     // The shipped recipe parses.
     RunConfig::load(&toml, "tiny-imagenet-small.toml", &[]).unwrap();
     let bad = toml.replace("global_batch_size", "global_batch_sise");
     let err = format!("{:#}", RunConfig::load(&bad, "x.toml", &[]).unwrap_err());
-    assert!(err.contains("global_batch_sise") && err.contains("x.toml"), "{err}");
-    let err = format!("{:#}", RunConfig::load(&toml, "x.toml", &["loss.margin=-1".into()]).unwrap_err());
+    assert!(
+        err.contains("global_batch_sise") && err.contains("x.toml"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        RunConfig::load(&toml, "x.toml", &["loss.margin=-1".into()]).unwrap_err()
+    );
     assert!(err.contains("loss.margin"), "{err}");
     let _ = (shards, dir);
 }

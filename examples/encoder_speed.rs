@@ -12,7 +12,14 @@ fn main() {
         (Encoder::Resnet18, vec![], 64),
     ];
     for (enc, widths, size) in cases {
-        let cfg = Config { encoder: enc, widths: if widths.is_empty() { vec![1] } else { widths.clone() } };
+        let cfg = Config {
+            encoder: enc,
+            widths: if widths.is_empty() {
+                vec![1]
+            } else {
+                widths.clone()
+            },
+        };
         let m = DeviseModel::new(&cfg, 30, 300, Device::Cpu);
         let mut opt = tch::nn::Sgd::default().build(&m.vs, 0.01).unwrap();
         let x = Tensor::randn([64, 3, size, size], (Kind::Float, Device::Cpu));
@@ -25,9 +32,13 @@ fn main() {
             times.push(t.elapsed().as_secs_f64());
         }
         let fwd = std::time::Instant::now();
-        tch::no_grad(|| m.features(&x, false));
+        let _features = tch::no_grad(|| m.features(&x, false));
         let f = fwd.elapsed().as_secs_f64();
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!("{enc:?} {widths:?} {size}px: train {:.0} img/s, frozen fwd {:.0} img/s", 64.0 / times[2], 64.0 / f);
+        println!(
+            "{enc:?} {widths:?} {size}px: train {:.0} img/s, frozen fwd {:.0} img/s",
+            64.0 / times[2],
+            64.0 / f
+        );
     }
 }
