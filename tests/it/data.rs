@@ -30,33 +30,9 @@ use crate::common::shared_dir;
 /// goldfish (no greyscale), tailed frog (2 greyscale train images), + n01698640 (4 train, 1 val).
 const CLASSES: [&str; 3] = ["n01443537", "n01644900", "n01698640"];
 
-/// `<tmp>/tiny3/tiny-imagenet-200/{train,val}/<wnid>/*.JPEG` for [`CLASSES`], extracted once.
+/// `<tmp>/.../tiny-imagenet-200/{train,val}/<wnid>/*.JPEG` for [`CLASSES`], extracted once.
 fn tiny_subset() -> Option<PathBuf> {
-    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let shared = shared_dir()?;
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("devise-tiny3");
-        let root = out.join("tiny-imagenet-200");
-        if !out.join("done").exists() {
-            let _ = std::fs::remove_dir_all(&out);
-            std::fs::create_dir_all(&out).unwrap();
-            let mut cmd = std::process::Command::new("tar");
-            cmd.arg("xzf")
-                .arg(shared.join("data/tiny-imagenet-200.tar.gz"))
-                .arg("-C")
-                .arg(&out)
-                .arg("--wildcards");
-            for c in CLASSES {
-                cmd.arg(format!("tiny-imagenet-200/train/{c}/*"));
-                cmd.arg(format!("tiny-imagenet-200/val/{c}/*"));
-            }
-            let status = cmd.status().expect("running tar");
-            assert!(status.success(), "tar failed: {status}");
-            std::fs::write(out.join("done"), b"").unwrap();
-        }
-        Some(root)
-    })
-    .clone()
+    crate::common::tiny_classes(&CLASSES)
 }
 
 /// Shards of the subset (200 KB shards -> several per split), built once per test process.

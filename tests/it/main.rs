@@ -1,5 +1,6 @@
 //! One integration-test crate (ripgrep style). Each module states its scope. Tests that read
 //! `../shared` skip with a printed reason only when it is absent (never in CI, where it exists).
+mod cli;
 mod common;
 mod data;
 mod text;

@@ -3,7 +3,7 @@
 //! real skip-gram word2vec file -> softmax / devise / finetune stages -> checkpoints -> evaluation
 //! -> report; and exact resume: a run stopped mid-stage and resumed gives the same per-step losses
 //! and bit-identical final weights as an uninterrupted run.
-use crate::common::{extract_tiny_classes, shared_dir};
+use crate::common::{shared_dir, tiny_classes};
 use devise::collective::SingleProcess;
 use devise::config::RunConfig;
 use devise::plan::Plan;
@@ -17,13 +17,12 @@ use std::sync::{Arc, OnceLock};
 const WNIDS: [&str; 4] = ["n01443537", "n01629819", "n01641577", "n01644900"];
 
 /// Shards of the 4 classes, built once per test binary.
-fn shards() -> Option<&'static (tempfile::TempDir, PathBuf)> {
+pub(crate) fn shards() -> Option<&'static (tempfile::TempDir, PathBuf)> {
     static SHARDS: OnceLock<Option<(tempfile::TempDir, PathBuf)>> = OnceLock::new();
     SHARDS
         .get_or_init(|| {
-            let shared = shared_dir()?;
+            let tree = tiny_classes(&WNIDS)?;
             let dir = tempfile::tempdir().unwrap();
-            let tree = extract_tiny_classes(&shared, &WNIDS, dir.path());
             let dst = dir.path().join("shards");
             let opts = devise::data::shards::BuildOptions {
                 splits: vec!["train".into(), "val".into()],
@@ -42,9 +41,10 @@ fn shards() -> Option<&'static (tempfile::TempDir, PathBuf)> {
         .as_ref()
 }
 
-fn config(shards: &Path, run_dir: &Path, extra: &[&str]) -> RunConfig {
+/// A small but complete run configuration over [`shards`] (3 steps per stage).
+pub(crate) fn config_toml(shards: &Path, run_dir: &Path) -> String {
     let shared = shared_dir().unwrap();
-    let toml = format!(
+    format!(
         r#"
 [run]
 name = "it-train"
@@ -90,7 +90,11 @@ batch_size = 64
         run = run_dir.display(),
         shards = shards.display(),
         shared = shared.display()
-    );
+    )
+}
+
+fn config(shards: &Path, run_dir: &Path, extra: &[&str]) -> RunConfig {
+    let toml = config_toml(shards, run_dir);
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     RunConfig::load(&toml, "it-train.toml", &extra).unwrap()
 }
