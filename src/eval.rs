@@ -22,6 +22,9 @@ use tch::{Device, Kind, Tensor};
 /// The k of hit@k, as in the paper's tables.
 pub const HIT_KS: [usize; 5] = [1, 2, 5, 10, 20];
 
+/// The T of ConSE's top-T convex combination (Norouzi et al. 2014 report T = 1, 5, 10).
+pub const CONSE_TS: [usize; 3] = [1, 5, 10];
+
 /// `[eval]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,6 +183,16 @@ pub fn evaluate(
     let mut devise_plus = HitCounter::new(n_seen + n_unseen);
     let mut zero = HitCounter::new(n_unseen);
     let mut zero_plus = HitCounter::new(n_seen + n_unseen);
+    // ConSE per T: (unseen labels only, seen + unseen labels).
+    let mut conse: Vec<(HitCounter, HitCounter)> = CONSE_TS
+        .iter()
+        .map(|_| {
+            (
+                HitCounter::new(n_unseen),
+                HitCounter::new(n_seen + n_unseen),
+            )
+        })
+        .collect();
     let batches = eval_batches(
         &plan.data,
         &plan.manifest,
@@ -205,6 +218,17 @@ pub fn evaluate(
                 Heads::Softmax => {
                     let logits = model.logits(&features.index_select(0, &seen_rows));
                     softmax.add(&logits, &seen_y)?;
+                    if n_unseen > 0 {
+                        let logits = model.logits(&features.index_select(0, &unseen_rows));
+                        for (i, &t) in CONSE_TS.iter().enumerate() {
+                            let emb = conse_embedding(&logits, &seen_labels, t); // [unseen batch, dim]
+                            conse[i].0.add(
+                                &emb.matmul(&unseen_labels.tr()),
+                                &(&unseen_y - n_seen as i64),
+                            )?;
+                            conse[i].1.add(&emb.matmul(&all_labels.tr()), &unseen_y)?;
+                        }
+                    }
                 }
                 Heads::Devise => {
                     let emb = model.image_embedding(&features); // [batch, dim]
@@ -231,6 +255,15 @@ pub fn evaluate(
     match heads {
         Heads::Softmax => {
             rows.insert("seen/softmax".to_string(), softmax.finish(collective)?);
+            if n_unseen > 0 {
+                for (&t, (only, plus)) in CONSE_TS.iter().zip(&conse) {
+                    rows.insert(format!("zero_shot/conse_t{t}_0"), only.finish(collective)?);
+                    rows.insert(
+                        format!("zero_shot/conse_t{t}_plus_seen"),
+                        plus.finish(collective)?,
+                    );
+                }
+            }
         }
         Heads::Devise => {
             rows.insert("seen/devise".to_string(), devise.finish(collective)?);
@@ -256,6 +289,23 @@ pub fn evaluate(
     })
 }
 
+/// ConSE (Norouzi et al., ICLR 2014, "Zero-Shot Learning by Convex Combination of Semantic
+/// Embeddings"): the image's embedding is the softmax-probability-weighted mean of the label
+/// vectors of its top-`t` seen classes, `sum_i p_i t_i / sum_i p_i`. It needs no training beyond
+/// the softmax classifier. `logits` `[batch, seen]`, `seen_labels` `[seen, dim]` -> `[batch, dim]`.
+/// Ranking labels by dot product with it equals ranking by cosine (the label vectors are unit).
+pub fn conse_embedding(logits: &Tensor, seen_labels: &Tensor, t: usize) -> Tensor {
+    let t = (t as i64).min(logits.size()[1]);
+    let probs = logits.softmax(1, Kind::Float); // [batch, seen]
+    let (p, idx) = probs.topk(t, 1, true, true); // [batch, t]
+    let dim = seen_labels.size()[1];
+    let vecs = seen_labels
+        .index_select(0, &idx.flatten(0, 1))
+        .view([-1, t, dim]); // [batch, t, dim]
+    let weighted = (vecs * p.unsqueeze(2)).sum_dim_intlist(1, false, Kind::Float); // [batch, dim]
+    weighted / p.sum_dim_intlist(1, true, Kind::Float)
+}
+
 /// A data batch as tensors on `device`: images `[n, 3, s, s]` float, labels `[n]` int64.
 pub fn batch_tensors(batch: &crate::data::reader::Batch, device: Device) -> (Tensor, Tensor) {
     let s = batch.image_size as i64;
@@ -270,6 +320,23 @@ pub fn batch_tensors(batch: &crate::data::reader::Batch, device: Device) -> (Ten
 mod tests {
     use super::*;
     use crate::collective::SingleProcess;
+
+    #[test]
+    fn conse_by_hand() {
+        // 3 seen labels e0, e1, e2 in 3-d; logits give p = softmax([ln 3, ln 1, ln 0+]) ~ (0.75, 0.25, 0).
+        let labels = Tensor::eye(3, (Kind::Float, tch::Device::Cpu));
+        let logits = Tensor::from_slice(&[3f32.ln(), 0.0, -30.0]).view([1, 3]);
+        let t1 = Vec::<f32>::try_from(conse_embedding(&logits, &labels, 1).flatten(0, 1)).unwrap();
+        assert_eq!(t1, vec![1.0, 0.0, 0.0]);
+        let t2 = Vec::<f32>::try_from(conse_embedding(&logits, &labels, 2).flatten(0, 1)).unwrap();
+        assert!(
+            (t2[0] - 0.75).abs() < 1e-5 && (t2[1] - 0.25).abs() < 1e-5 && t2[2] == 0.0,
+            "{t2:?}"
+        );
+        // T larger than the number of seen labels uses all of them.
+        let t10 = conse_embedding(&logits, &labels, 10);
+        assert_eq!(t10.size(), vec![1, 3]);
+    }
 
     #[test]
     fn hit_at_k_by_hand() {

@@ -176,6 +176,21 @@ fn markdown(
         &[
             ("DeViSE (frozen CNN)", "devise", "zero_shot/devise_0"),
             ("DeViSE (fine-tuned)", "finetune", "zero_shot/devise_0"),
+            (
+                "ConSE T=1 (softmax stage)",
+                "softmax",
+                "zero_shot/conse_t1_0",
+            ),
+            (
+                "ConSE T=5 (softmax stage)",
+                "softmax",
+                "zero_shot/conse_t5_0",
+            ),
+            (
+                "ConSE T=10 (softmax stage)",
+                "softmax",
+                "zero_shot/conse_t10_0",
+            ),
         ],
     );
     table(
@@ -192,6 +207,21 @@ fn markdown(
                 "DeViSE (fine-tuned)",
                 "finetune",
                 "zero_shot/devise_plus_seen",
+            ),
+            (
+                "ConSE T=1 (softmax stage)",
+                "softmax",
+                "zero_shot/conse_t1_plus_seen",
+            ),
+            (
+                "ConSE T=5 (softmax stage)",
+                "softmax",
+                "zero_shot/conse_t5_plus_seen",
+            ),
+            (
+                "ConSE T=10 (softmax stage)",
+                "softmax",
+                "zero_shot/conse_t10_plus_seen",
             ),
         ],
     );

@@ -57,6 +57,11 @@ pub struct StageConfig {
     pub epochs: f64,
     /// Optimizer and learning-rate schedule.
     pub optimizer: crate::optim::Config,
+    /// `devise` stage only: compute the frozen encoder's features of every training image once
+    /// (eval transform, no augmentation) and train the projection on them, instead of decoding
+    /// and encoding images every step. Memory: `images x feature_dim x 4` bytes per rank.
+    #[serde(default)]
+    pub cache_features: bool,
 }
 
 impl Config {
@@ -77,6 +82,9 @@ impl Config {
                 bail!("train.{name}.epochs must be >= 0, got {}", st.epochs);
             }
             st.optimizer.validate(&format!("train.{name}.optimizer"))?;
+            if st.cache_features && name != "devise" {
+                bail!("train.{name}.cache_features: only the devise stage (frozen encoder) can cache features");
+            }
         }
         Ok(())
     }
@@ -196,6 +204,7 @@ pub fn train(
         collective.world_size(),
     )?;
     let mut optimizer: Option<(StageKind, Optimizer)> = None;
+    let mut cache: Option<FeatureCache> = None;
     let mut window = Window::default();
 
     for step in state.step + 1..=plan.total_steps {
@@ -209,24 +218,40 @@ pub fn train(
         let (_, opt) = optimizer.as_mut().expect("set above");
 
         let wait = Instant::now();
-        let (batch, cursor) = stream
-            .next_batch()
-            .with_context(|| format!("step {step}: reading training data"))?;
-        let data_wait = wait.elapsed();
         let lr = stage
             .optimizer
             .lr_at(step - stage.first_step, stage.steps());
+        let cached = stage.kind == StageKind::Devise && cfg.train.devise.cache_features;
+        let input = if cached {
+            if cache.is_none() {
+                cache = Some(FeatureCache::compute(&model, plan, collective, device)?);
+            }
+            let c = cache.as_ref().expect("set above");
+            c.batch(
+                cfg.run.seed,
+                step - stage.first_step,
+                plan.per_rank_batch_size,
+            )
+        } else {
+            let (batch, cursor) = stream
+                .next_batch()
+                .with_context(|| format!("step {step}: reading training data"))?;
+            state.cursor = cursor;
+            let (images, labels) = eval::batch_tensors(&batch, device);
+            Input::Images(images, labels)
+        };
+        let data_wait = wait.elapsed();
+        let batch_images = input.len();
         tch::manual_seed(step_seed(cfg.run.seed, step));
         let loss = train_step(
             &model,
             opt,
             collective,
             stage.kind,
-            &batch,
+            input,
             &seen_labels,
             &cfg.loss,
             lr,
-            device,
         )?;
         if !loss.is_finite() {
             bail!(
@@ -237,9 +262,8 @@ pub fn train(
 
         state.step = step;
         state.stage = stage.kind.name().to_string();
-        state.cursor = cursor;
         state.samples_seen += plan.global_batch_size as u64;
-        window.add(loss, batch.n, data_wait, wait.elapsed());
+        window.add(loss, batch_images, data_wait, wait.elapsed());
 
         if step % cfg.train.log_every_steps == 0 || step == stage.last_step {
             let line = window.take(step, stage.kind, lr, &stream.stats());
@@ -301,6 +325,21 @@ pub fn train(
     Ok(Outcome::Completed { report })
 }
 
+/// What a step trains on: images `[n, 3, s, s]` with labels `[n]`, or cached frozen-encoder
+/// features `[n, feature_dim]` with labels `[n]` (devise stage with `cache_features`).
+enum Input {
+    Images(Tensor, Tensor),
+    Features(Tensor, Tensor),
+}
+
+impl Input {
+    fn len(&self) -> usize {
+        match self {
+            Input::Images(_, y) | Input::Features(_, y) => y.size()[0] as usize,
+        }
+    }
+}
+
 /// One optimizer step on one batch; returns the batch's loss (this rank's).
 #[allow(clippy::too_many_arguments)]
 fn train_step(
@@ -308,19 +347,17 @@ fn train_step(
     opt: &mut Optimizer,
     collective: &dyn Collective,
     kind: StageKind,
-    batch: &crate::data::reader::Batch,
+    input: Input,
     seen_labels: &Tensor,
     loss_cfg: &loss::Config,
     lr: f64,
-    device: Device,
 ) -> Result<f64> {
-    let (images, labels) = eval::batch_tensors(batch, device); // [n, 3, s, s], [n]
     opt.zero_grad();
-    let loss = match kind {
-        StageKind::Softmax => {
+    let loss = match (kind, input) {
+        (StageKind::Softmax, Input::Images(images, labels)) => {
             loss::softmax_cross_entropy(&model.logits(&model.features(&images, true)), &labels)
         }
-        StageKind::Devise => {
+        (StageKind::Devise, Input::Images(images, labels)) => {
             // Frozen encoder: running statistics, no graph through it.
             let features = tch::no_grad(|| model.features(&images, false));
             loss::hinge_rank_loss(
@@ -330,7 +367,13 @@ fn train_step(
                 loss_cfg,
             )
         }
-        StageKind::Finetune => {
+        (StageKind::Devise, Input::Features(features, labels)) => loss::hinge_rank_loss(
+            &model.image_embedding(&features),
+            seen_labels,
+            &labels,
+            loss_cfg,
+        ),
+        (StageKind::Finetune, Input::Images(images, labels)) => {
             let features = model.features(&images, true);
             loss::hinge_rank_loss(
                 &model.image_embedding(&features),
@@ -338,6 +381,9 @@ fn train_step(
                 &labels,
                 loss_cfg,
             )
+        }
+        (kind, Input::Features(..)) => {
+            bail!("stage {} cannot train on cached features", kind.name())
         }
     };
     loss.backward();
@@ -429,6 +475,82 @@ fn resolve_resume(
         return Ok(None);
     }
     Ok(Some(checkpoint::load_url(&chosen)?))
+}
+
+/// The frozen encoder's features of this rank's share of the training images (eval transform),
+/// computed once per process when the devise stage starts (or resumes): the encoder does not
+/// change during that stage, so recomputing on resume gives the same cache.
+struct FeatureCache {
+    features: Tensor, // [n, feature_dim]
+    labels: Tensor,   // [n]
+}
+
+impl FeatureCache {
+    fn compute(
+        model: &DeviseModel,
+        plan: &Plan,
+        collective: &dyn Collective,
+        device: Device,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        let batches = crate::data::reader::eval_batches(
+            &plan.data,
+            &plan.manifest,
+            &plan.data.train_split,
+            plan.train_label_map.clone(),
+            plan.eval_batch_size,
+            collective.rank(),
+            collective.world_size(),
+        )?;
+        let (mut features, mut labels) = (Vec::new(), Vec::new());
+        for batch in batches {
+            let batch = batch.context("caching features of the training images")?;
+            let (images, y) = eval::batch_tensors(&batch, device);
+            features.push(tch::no_grad(|| model.features(&images, false)));
+            labels.push(y);
+        }
+        if features.is_empty() {
+            bail!("no training images to cache features of");
+        }
+        let cache = FeatureCache {
+            features: Tensor::cat(&features, 0),
+            labels: Tensor::cat(&labels, 0),
+        };
+        tracing::info!(
+            "cached frozen-encoder features of {} training images ({:?}) in {:.1} s",
+            cache.labels.size()[0],
+            cache.features.size(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(cache)
+    }
+
+    /// Batch `stage_step` (0-based within the stage) of `batch_size` cached rows: the rows in
+    /// an order permuted per pass (seeded by `(seed, pass)`), batches running on across passes,
+    /// so the batch depends only on the step (exact resume needs no cursor).
+    fn batch(&self, seed: u64, stage_step: u64, batch_size: usize) -> Input {
+        let n = self.labels.size()[0] as u64;
+        let mut rows = Vec::with_capacity(batch_size);
+        let mut position = stage_step * batch_size as u64;
+        let mut pass = u64::MAX;
+        let mut order = Tensor::new();
+        while rows.len() < batch_size {
+            if position / n != pass {
+                pass = position / n;
+                // Seeded permutation from libtorch's generator, restored afterwards by the
+                // per-step re-seed in the loop.
+                tch::manual_seed(step_seed(seed ^ 0xFEA7_CAC4E, pass));
+                order = Tensor::randperm(n as i64, (tch::Kind::Int64, tch::Device::Cpu));
+            }
+            rows.push(order.int64_value(&[(position % n) as i64]));
+            position += 1;
+        }
+        let index = Tensor::from_slice(&rows).to(self.features.device());
+        Input::Features(
+            self.features.index_select(0, &index),
+            self.labels.index_select(0, &index),
+        )
+    }
 }
 
 /// libtorch generator seed for `step`: a SplitMix64 mix of (seed, step), so every step's random

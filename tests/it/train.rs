@@ -183,6 +183,15 @@ fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
             .unwrap();
     let evals = report["evaluations"].as_array().unwrap();
     assert_eq!(evals.len(), 3);
+    // ConSE rows come from the softmax stage (1 unseen candidate: trivially 1.0).
+    assert_eq!(
+        evals[0]["rows"]["zero_shot/conse_t5_0"]["hit_at_k"]["1"],
+        1.0
+    );
+    assert_eq!(
+        evals[0]["rows"]["zero_shot/conse_t5_plus_seen"]["candidates"],
+        4
+    );
     let finetune = &evals[2]["rows"];
     assert_eq!(finetune["seen/devise"]["images"], 150);
     assert_eq!(finetune["seen/devise"]["candidates"], 3);
@@ -293,4 +302,48 @@ fn config_errors_name_the_key() {
     );
     assert!(err.contains("loss.margin"), "{err}");
     let _ = (shards, dir);
+}
+
+#[test]
+fn devise_stage_on_cached_features_resumes_exactly() {
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
+    let extra = ["train.devise.cache_features=true"];
+    let full_dir = tempfile::tempdir().unwrap();
+    let Outcome::Completed { .. } = run(
+        &config(shards, full_dir.path(), &extra),
+        Resume::Never,
+        None,
+    ) else {
+        panic!()
+    };
+    let part_dir = tempfile::tempdir().unwrap();
+    let cfg = config(shards, part_dir.path(), &extra);
+    let Outcome::Preempted { .. } = run(&cfg, Resume::Auto, Some(5)) else {
+        panic!()
+    };
+    let Outcome::Completed { .. } = run(&cfg, Resume::Auto, None) else {
+        panic!()
+    };
+    let full = losses(full_dir.path());
+    assert_eq!(full.len(), 9);
+    assert_eq!(full, losses(part_dir.path()));
+    // The devise steps differ from the image-decoding path (other inputs), but train.
+    let uncached_dir = tempfile::tempdir().unwrap();
+    let Outcome::Completed { .. } = run(
+        &config(shards, uncached_dir.path(), &[]),
+        Resume::Never,
+        None,
+    ) else {
+        panic!()
+    };
+    assert_ne!(full[4].2, losses(uncached_dir.path())[4].2);
+    // Only the devise stage may cache.
+    let bad = RunConfig::load(
+        &config_toml(shards, full_dir.path()),
+        "x.toml",
+        &["train.softmax.cache_features=true".into()],
+    );
+    assert!(format!("{:#}", bad.unwrap_err()).contains("train.softmax.cache_features"));
 }
