@@ -23,24 +23,39 @@ pub fn shared_dir() -> Option<PathBuf> {
 /// with a printed reason when `../shared` is absent.
 #[allow(dead_code)]
 pub fn tiny_classes(wnids: &[&str]) -> Option<PathBuf> {
+    // Tests run in parallel threads (and test binaries in parallel processes): extract into a
+    // private folder and rename it into place, under a lock for this process.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let shared = shared_dir()?;
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let out =
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("devise-tiny-{}", wnids.join("-")));
     if !out.join("done").exists() {
-        let _ = std::fs::remove_dir_all(&out);
-        std::fs::create_dir_all(&out).unwrap();
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
         let mut cmd = std::process::Command::new("tar");
         cmd.arg("xzf")
             .arg(shared.join("data/tiny-imagenet-200.tar.gz"))
             .arg("-C")
-            .arg(&out);
+            .arg(&tmp);
         for w in wnids {
             cmd.arg(format!("tiny-imagenet-200/train/{w}"))
                 .arg(format!("tiny-imagenet-200/val/{w}"));
         }
         let status = cmd.status().expect("running tar");
         assert!(status.success(), "tar failed: {status}");
-        std::fs::write(out.join("done"), b"").unwrap();
+        std::fs::write(tmp.join("done"), b"").unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        if std::fs::rename(&tmp, &out).is_err() {
+            // Another process published it first.
+            assert!(
+                out.join("done").exists(),
+                "cannot publish {}",
+                out.display()
+            );
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
     }
     Some(out.join("tiny-imagenet-200"))
 }
