@@ -160,6 +160,37 @@ impl DeviseModel {
         named
     }
 
+    /// Initialises the variables whose names start with one of `prefixes` from `tensors` (e.g.
+    /// the encoder and classifier of a pretrained softmax stage); every such variable must be
+    /// present with the same shape. Other variables keep their values. Returns how many were copied.
+    pub fn load_prefixes(
+        &mut self,
+        tensors: &[(String, Tensor)],
+        prefixes: &[&str],
+    ) -> Result<usize> {
+        let by_name: std::collections::HashMap<&str, &Tensor> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut copied = 0;
+        for (name, var) in self.vs.variables() {
+            if !prefixes.iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
+            let Some(src) = by_name.get(name.as_str()) else {
+                bail!("initial weights have no tensor '{name}' (different model.encoder?)");
+            };
+            if src.size() != var.size() {
+                bail!(
+                    "initial weights '{name}': shape {:?}, this model needs {:?} (different model or seen classes?)",
+                    src.size(),
+                    var.size()
+                );
+            }
+            tch::no_grad(|| var.shallow_clone().copy_(src));
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
     /// Copies `tensors` into the variables of the same name. Every variable must be present with
     /// the same shape; errors name the first missing or mismatched one.
     pub fn load_state_dict(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {

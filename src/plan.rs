@@ -158,7 +158,12 @@ impl Plan {
                 .map_or(0, |&i| counts.get(i).copied().unwrap_or(0))
         };
 
-        let mut left_out = Vec::new();
+        let mut left_out: Vec<(String, String)> = cfg
+            .labels
+            .exclude
+            .iter()
+            .map(|w| (w.clone(), "excluded by labels.exclude".to_string()))
+            .collect();
         let mut seen = Vec::new();
         for wnid in &split.seen {
             if !labels.is_mapped(wnid) {

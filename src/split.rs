@@ -14,6 +14,10 @@ pub struct Config {
     /// Use only the first `limit` classes of the file (after comments), e.g. 40 for the small run.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// wnids of the file to leave out of every stage (reported), e.g. to compare two vector sets
+    /// on the same classes.
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 /// Seen and unseen wnids, each in file order.
@@ -69,7 +73,16 @@ pub fn parse_split(text: &str, source: &str, limit: Option<usize>) -> Result<Spl
 pub fn read_split(cfg: &Config) -> Result<Split> {
     let text = std::fs::read_to_string(&cfg.split)
         .with_context(|| format!("labels.split: cannot read {}", cfg.split))?;
-    parse_split(&text, &cfg.split, cfg.limit)
+    let mut split = parse_split(&text, &cfg.split, cfg.limit)?;
+    for wnid in &cfg.exclude {
+        let before = split.seen.len() + split.unseen.len();
+        split.seen.retain(|w| w != wnid);
+        split.unseen.retain(|w| w != wnid);
+        if split.seen.len() + split.unseen.len() == before {
+            bail!("labels.exclude: '{wnid}' is not a class of {}", cfg.split);
+        }
+    }
+    Ok(split)
 }
 
 #[cfg(test)]

@@ -43,6 +43,12 @@ pub struct Config {
     pub devise: StageConfig,
     /// `[train.finetune]`: encoder + projection.
     pub finetune: StageConfig,
+    /// Checkpoint step URL whose `encoder.*` and `classifier.*` weights initialise a fresh run
+    /// (e.g. another run's softmax stage, reused with other word vectors; set
+    /// `train.softmax.epochs = 0`). The classifier must have the same seen classes. Ignored when
+    /// resuming from this run's own checkpoint.
+    #[serde(default)]
+    pub init_from: Option<String>,
 }
 
 fn default_log_every() -> u64 {
@@ -178,19 +184,44 @@ pub fn train(
             tracing::info!("resumed from {} at step {}", ck.url, ck.state.step);
             ck.state.clone()
         }
-        None => TrainState {
-            step: 0,
-            stage: plan.stages[0].kind.name().to_string(),
-            cursor: Default::default(),
-            samples_seen: 0,
-            seed: cfg.run.seed,
-            world_size: plan.world_size,
-            shards_fingerprint: plan.manifest.fingerprint(),
-        },
+        None => {
+            if let Some(url) = &cfg.train.init_from {
+                let init = checkpoint::load_url(url)
+                    .with_context(|| format!("train.init_from = {url}"))?;
+                let n = model
+                    .load_prefixes(&init.model, &["encoder.", "classifier."])
+                    .with_context(|| format!("train.init_from = {url}"))?;
+                tracing::info!("initialised {n} encoder/classifier tensors from {url}");
+            }
+            fresh_state(cfg, plan)
+        }
     };
     let mut metrics = Metrics::open(&run, state.step, is_rank0)?;
     let mut evals = read_evals(&run)?;
     evals.retain(|e| e.step <= state.step);
+    if cfg.train.init_from.is_some() && state.step == 0 && plan.stages[0].kind != StageKind::Softmax
+    {
+        // The softmax heads came from elsewhere: evaluate them (baseline, ConSE) before training.
+        let result = eval::evaluate(
+            &model,
+            plan,
+            Heads::Softmax,
+            collective,
+            device,
+            "softmax",
+            0,
+        )?;
+        log_eval(&result);
+        if is_rank0 {
+            run.put(
+                "eval/softmax.json",
+                serde_json::to_vec_pretty(&result)?.into(),
+            )?;
+            metrics.write(&eval_line(&result))?;
+        }
+        evals.retain(|e| e.stage != result.stage);
+        evals.push(result);
+    }
     tracing::info!("plan:\n{}", plan.summary());
 
     let mut stream = TrainStream::start(
@@ -337,6 +368,18 @@ impl Input {
         match self {
             Input::Images(_, y) | Input::Features(_, y) => y.size()[0] as usize,
         }
+    }
+}
+
+fn fresh_state(cfg: &RunConfig, plan: &Plan) -> TrainState {
+    TrainState {
+        step: 0,
+        stage: plan.stages[0].kind.name().to_string(),
+        cursor: Default::default(),
+        samples_seen: 0,
+        seed: cfg.run.seed,
+        world_size: plan.world_size,
+        shards_fingerprint: plan.manifest.fingerprint(),
     }
 }
 

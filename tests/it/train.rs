@@ -347,3 +347,61 @@ fn devise_stage_on_cached_features_resumes_exactly() {
     );
     assert!(format!("{:#}", bad.unwrap_err()).contains("train.softmax.cache_features"));
 }
+
+#[test]
+fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
+    // Run A keeps its softmax-stage checkpoint (step 3).
+    let a = tempfile::tempdir().unwrap();
+    let cfg_a = config(shards, a.path(), &["checkpoint.keep_every_steps=3"]);
+    let Outcome::Completed { .. } = run(&cfg_a, Resume::Never, None) else {
+        panic!()
+    };
+    let ck = a.path().join("checkpoints/step-000000003");
+    assert!(ck.join("manifest.json").exists());
+    // Run B: no softmax stage, encoder + classifier from A's step 3; a vocabulary change is
+    // allowed (only encoder/classifier are loaded), here the same vectors.
+    let b = tempfile::tempdir().unwrap();
+    let init = format!("train.init_from={:?}", ck.to_str().unwrap());
+    let cfg_b = config(shards, b.path(), &["train.softmax.epochs=0", &init]);
+    let Outcome::Completed { .. } = run(&cfg_b, Resume::Never, None) else {
+        panic!()
+    };
+    let read = |d: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join("eval/softmax.json")).unwrap()).unwrap()
+    };
+    // Same weights, same images: the softmax-stage rows (baseline, ConSE) are identical.
+    assert_eq!(read(a.path())["rows"], read(b.path())["rows"]);
+    assert_eq!(read(b.path())["step"], 0);
+    assert_eq!(losses(b.path()).first().unwrap().1, "devise");
+    // Excluding a class changes the classifier shape: a clear error.
+    let cfg_c = config(
+        shards,
+        tempfile::tempdir().unwrap().path(),
+        &[
+            "train.softmax.epochs=0",
+            &init,
+            "labels.exclude=[\"n01629819\"]",
+        ],
+    );
+    let plan = Plan::build(&cfg_c, 0, 1).unwrap();
+    assert!(plan
+        .left_out
+        .iter()
+        .any(|(w, why)| w == "n01629819" && why.contains("labels.exclude")));
+    let opts = RunOptions {
+        resume: Resume::Never,
+        stop: Arc::new(AtomicBool::new(false)),
+        stop_after_step: None,
+    };
+    let err = format!(
+        "{:#}",
+        train(&cfg_c, &plan, &opts, &SingleProcess).unwrap_err()
+    );
+    assert!(
+        err.contains("classifier") && err.contains("train.init_from"),
+        "{err}"
+    );
+}
