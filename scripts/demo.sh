@@ -4,7 +4,7 @@
 #           stages, checkpoints, evaluates zero-shot on held-out classes, writes the report.
 # Hardware: 2 CPU cores; no GPU.
 # Command:  bash scripts/demo.sh [--out DIR]
-# Time:     setup + release build ~10 min on a fresh machine; the run itself ~5 min.
+# Time:     setup + release build ~5-10 min on a fresh machine; the run itself ~2 min.
 # Result:   prints the results table and the path of runs/demo/run/report.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

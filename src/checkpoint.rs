@@ -87,6 +87,25 @@ pub struct TrainState {
     /// `Manifest::fingerprint()` of the training shards: the cursor only means something for
     /// the same shard build, so a resume against rebuilt shards is refused.
     pub shards_fingerprint: String,
+    /// What a resume must agree on (see `train::check_resumable`).
+    pub resume_key: ResumeKey,
+    /// Wall time of training + evaluation so far, all sessions of the run together, seconds.
+    #[serde(default)]
+    pub train_seconds: f64,
+}
+
+/// The parts of the plan that fix what each step computes up to the checkpoint: a resume with a
+/// different value would silently train something else, so it is refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResumeKey {
+    /// `train.global_batch_size`.
+    pub global_batch_size: usize,
+    /// `run.seed`.
+    pub seed: u64,
+    /// Seen labels in training-label order (the classifier rows and the hinge loss's labels).
+    pub seen: Vec<String>,
+    /// `(stage, first_step, last_step)` of every stage of the plan.
+    pub stages: Vec<(String, u64, u64)>,
 }
 
 /// A loaded checkpoint.

@@ -20,10 +20,24 @@ pub const DEMO_TOML: &str = include_str!("../configs/demo.toml");
 /// Generates the data under `<out>/data` (once), then trains into `<out>/run` (resuming if a
 /// previous demo was interrupted). `overrides` are `--set` items applied after the paths.
 pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Outcome> {
+    let user_vectors = overrides
+        .iter()
+        .any(|o| o.trim_start().starts_with("text.vectors="));
+    let vectors = if user_vectors {
+        Default::default()
+    } else {
+        glove_path()?
+    };
     let data = out.join("data");
     let images = data.join("shapes");
     let shards = data.join("shards");
-    if !images.join("split.tsv").exists() {
+    if !images.is_dir() {
+        // Rendered under a temporary name and renamed: an interrupted render is never mistaken
+        // for a complete dataset.
+        let tmp = data.join("shapes.tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
         let opts = ShapesOptions {
             image_size: 32,
             train_per_class: 240,
@@ -31,7 +45,9 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
             seed: 7,
         };
         tracing::info!("rendering the shapes dataset into {}", images.display());
-        let ds = generate_shapes(&images, &opts).context("generating the shapes dataset")?;
+        let ds = generate_shapes(&tmp, &opts).context("generating the shapes dataset")?;
+        std::fs::rename(&tmp, &images)
+            .with_context(|| format!("publishing {}", images.display()))?;
         tracing::info!(
             "{} classes: {} seen, {} unseen {:?}",
             ds.classes.len(),
@@ -51,6 +67,9 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
         };
         build_shards(&images, &shards_url, &opts).context("building shards")?;
     }
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("interrupted before training started");
+    }
     let mut all = vec![
         format!("run.dir={}", quote(&out.join("run").to_string_lossy())),
         format!("data.shards={}", quote(&shards_url)),
@@ -63,6 +82,12 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
             quote(&images.join("names.tsv").to_string_lossy())
         ),
     ];
+    if !user_vectors {
+        all.push(format!(
+            "text.vectors={}",
+            quote(&vectors.to_string_lossy())
+        ));
+    }
     all.extend(overrides.iter().cloned());
     let cfg = RunConfig::load(DEMO_TOML, "configs/demo.toml (embedded)", &all)?;
     let plan = Plan::build(&cfg, 0, 1)?;
@@ -72,6 +97,23 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
         stop_after_step: None,
     };
     train(&cfg, &plan, &opts, &SingleProcess)
+}
+
+/// GloVe 6B 50d as `scripts/setup.sh` installs it: `.deps/vectors/` under the current directory
+/// (README runs from the repository root), else under the repository this binary was built from.
+fn glove_path() -> Result<std::path::PathBuf> {
+    let rel = Path::new(".deps/vectors/glove.6B.50d.txt");
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    for candidate in [rel.to_path_buf(), built_from.clone()] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    anyhow::bail!(
+        "GloVe vectors not found at {} or {}: run scripts/setup.sh first (or --set text.vectors=PATH)",
+        rel.display(),
+        built_from.display()
+    )
 }
 
 fn quote(s: &str) -> String {

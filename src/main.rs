@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         config: String,
         /// Override a key: --set section.key=value (after DEVISE__SECTION__KEY variables).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
         set: Vec<String>,
         /// auto (latest complete checkpoint, else start), never, or a checkpoint step URL.
         #[arg(long, default_value = "auto")]
@@ -49,7 +49,7 @@ enum Command {
         stop_after_step: Option<u64>,
         /// Word-vector file format: auto, word2vec-binary, word2vec-text, glove, fasttext
         /// (same as --set text.vectors_format=...).
-        #[arg(long)]
+        #[arg(long, value_parser = ["auto", "word2vec-binary", "word2vec-text", "glove", "fasttext"])]
         vectors_format: Option<String>,
     },
     /// The embedded default: generate a shapes dataset, train, evaluate zero-shot, report.
@@ -58,7 +58,7 @@ enum Command {
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
         /// Override a key of configs/demo.toml.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
         set: Vec<String>,
     },
     /// Dataset tools.
@@ -96,22 +96,41 @@ enum DataCommand {
     },
 }
 
+/// `--set` values must look like `section.key=value`.
+fn parse_set(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() => Ok(s.to_string()),
+        _ => Err(format!("'{s}': expected section.key=value")),
+    }
+}
+
+/// Training commands turn SIGTERM/SIGUSR1/SIGINT into the stop flag (finish the step,
+/// checkpoint, exit 75); a second signal while the flag is set exits at once with 130. Other
+/// commands keep the default handlers: they are killed, and write nothing that looks complete
+/// (build-shards writes its manifest last).
+fn install_stop_handlers(stop: &Arc<AtomicBool>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    for sig in [SIGTERM, SIGUSR1, SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGUSR1,
-        signal_hook::consts::SIGINT,
-    ] {
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-            eprintln!("error: cannot install handler for signal {sig}: {e}");
+    if matches!(cli.command, Command::Train { .. } | Command::Demo { .. }) {
+        if let Err(e) = install_stop_handlers(&stop) {
+            eprintln!("error: cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
     }

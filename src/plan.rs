@@ -129,8 +129,8 @@ impl Plan {
         if !global_batch_size.is_multiple_of(world_size) {
             bail!("train.global_batch_size = {global_batch_size} is not divisible by world_size = {world_size}");
         }
-        let manifest = read_manifest(&cfg.data.shards)
-            .with_context(|| format!("data.shards = {}", cfg.data.shards))?;
+        let manifest =
+            read_manifest(&cfg.data.shards).context("reading the shards named by data.shards")?;
         for split in [&cfg.data.train_split, &cfg.data.val_split] {
             if !manifest.splits.contains_key(split.as_str()) {
                 bail!(
@@ -308,6 +308,8 @@ impl Plan {
             self.world_size, self.rank, self.global_batch_size, self.per_rank_batch_size
         );
         let _ = writeln!(s, "classes: {} seen ({} train images, {} val images), {} unseen ({} val images), {} left out, embed_dim {}", self.seen.len(), self.train_images, self.val_images_seen, self.unseen.len(), self.val_images_unseen, self.left_out.len(), self.embed_dim);
+        let _ = writeln!(s, "seen: {}", self.seen.join(" "));
+        let _ = writeln!(s, "unseen: {}", self.unseen.join(" "));
         for (wnid, why) in &self.left_out {
             let _ = writeln!(s, "  left out {wnid}: {why}");
         }

@@ -158,9 +158,14 @@ impl Store {
     pub fn get(&self, name: &str) -> Result<Bytes> {
         let key = self.key(name)?;
         let backend = self.backend.clone();
-        runtime()
-            .block_on(async move { backend.get(&key).await?.bytes().await })
-            .with_context(|| format!("reading {}", self.child_url(name)))
+        match runtime().block_on(async move { backend.get(&key).await?.bytes().await }) {
+            Ok(bytes) => Ok(bytes),
+            // object_store's NotFound message already quotes the OS error it wraps; one line is enough.
+            Err(object_store::Error::NotFound { .. }) => {
+                bail!("{}: not found", self.child_url(name))
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.child_url(name))),
+        }
     }
 
     /// Writes the object `name` (replacing any previous one). Atomic per object: local stores

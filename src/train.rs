@@ -108,13 +108,19 @@ pub enum Resume {
 }
 
 impl std::str::FromStr for Resume {
-    type Err = std::convert::Infallible;
+    type Err = String;
+    /// `auto`, `never`, or a checkpoint step directory URL (`.../checkpoints/step-NNNNNNNNN`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "auto" => Resume::Auto,
-            "never" | "no" => Resume::Never,
-            url => Resume::From(url.to_string()),
-        })
+        match s {
+            "auto" => Ok(Resume::Auto),
+            "never" => Ok(Resume::Never),
+            url if url.trim_end_matches('/').rsplit('/').next().is_some_and(|d| d.starts_with("step-")) => {
+                Ok(Resume::From(url.to_string()))
+            }
+            other => Err(format!(
+                "'{other}' is not auto, never, or a checkpoint step URL (.../checkpoints/step-NNNNNNNNN)"
+            )),
+        }
     }
 }
 
@@ -181,8 +187,12 @@ pub fn train(
                     cfg.data.shards
                 );
             }
+            check_resumable(&ck.state, &resume_key(cfg, plan))
+                .with_context(|| format!("cannot resume from {}", ck.url))?;
             tracing::info!("resumed from {} at step {}", ck.url, ck.state.step);
-            ck.state.clone()
+            let mut state = ck.state.clone();
+            state.resume_key = resume_key(cfg, plan);
+            state
         }
         None => {
             if let Some(url) = &cfg.train.init_from {
@@ -196,6 +206,7 @@ pub fn train(
             fresh_state(cfg, plan)
         }
     };
+    let base_seconds = state.train_seconds; // earlier sessions of this run
     let mut metrics = Metrics::open(&run, state.step, is_rank0)?;
     let mut evals = read_evals(&run)?;
     evals.retain(|e| e.step <= state.step);
@@ -211,18 +222,21 @@ pub fn train(
             "softmax",
             0,
         )?;
-        log_eval(&result);
-        if is_rank0 {
-            run.put(
-                "eval/softmax.json",
-                serde_json::to_vec_pretty(&result)?.into(),
-            )?;
-            metrics.write(&eval_line(&result))?;
-        }
-        evals.retain(|e| e.stage != result.stage);
-        evals.push(result);
+        record_eval(result, &run, &mut metrics, &mut evals, is_rank0)?;
     }
     tracing::info!("plan:\n{}", plan.summary());
+    if let Some(stop) = opts.stop_after_step.filter(|&s| s <= state.step) {
+        tracing::warn!(
+            "--stop-after-step {stop} is not after the resumed step {}: ignored",
+            state.step
+        );
+    }
+    if plan.stages[0].kind != StageKind::Softmax && cfg.train.init_from.is_none() && state.step == 0
+    {
+        tracing::warn!(
+            "no softmax stage and no train.init_from: the encoder stays randomly initialised"
+        );
+    }
 
     let mut stream = TrainStream::start(
         &cfg.data,
@@ -317,20 +331,12 @@ pub fn train(
                 stage.kind.name(),
                 step,
             )?;
-            log_eval(&result);
-            if is_rank0 {
-                run.put(
-                    &format!("eval/{}.json", stage.kind.name()),
-                    serde_json::to_vec_pretty(&result)?.into(),
-                )?;
-                metrics.write(&eval_line(&result))?;
-            }
-            evals.retain(|e| e.stage != result.stage);
-            evals.push(result);
+            record_eval(result, &run, &mut metrics, &mut evals, is_rank0)?;
         }
         let stopping = opts.stop.load(Ordering::SeqCst) || opts.stop_after_step == Some(step);
         let due = cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0;
         if stage_end || due || stopping {
+            state.train_seconds = base_seconds + started.elapsed().as_secs_f64();
             let url = save_checkpoint(&run, cfg, &model, opt, &state, collective)?;
             if stopping {
                 tracing::warn!("stopping after step {step}: checkpoint {url}");
@@ -346,7 +352,7 @@ pub fn train(
             plan,
             &evals,
             &metrics.lines,
-            started.elapsed(),
+            Duration::from_secs_f64(base_seconds + started.elapsed().as_secs_f64()),
             &stream.stats(),
         )?
     } else {
@@ -380,7 +386,54 @@ fn fresh_state(cfg: &RunConfig, plan: &Plan) -> TrainState {
         seed: cfg.run.seed,
         world_size: plan.world_size,
         shards_fingerprint: plan.manifest.fingerprint(),
+        resume_key: resume_key(cfg, plan),
+        train_seconds: 0.0,
     }
+}
+
+fn resume_key(cfg: &RunConfig, plan: &Plan) -> checkpoint::ResumeKey {
+    checkpoint::ResumeKey {
+        global_batch_size: plan.global_batch_size,
+        seed: cfg.run.seed,
+        seen: plan.seen.clone(),
+        stages: plan
+            .stages
+            .iter()
+            .map(|s| (s.kind.name().to_string(), s.first_step, s.last_step))
+            .collect(),
+    }
+}
+
+/// A checkpoint can be resumed by this plan when everything that determined its steps is the
+/// same: batch size, seed, seen labels, and the layout of every stage that had started by the
+/// checkpoint's step (the current stage's length sets its LR schedule). Later stages may change
+/// (e.g. more devise epochs after a finished softmax stage). Errors name what differs.
+pub fn check_resumable(state: &TrainState, now: &checkpoint::ResumeKey) -> Result<()> {
+    let was = &state.resume_key;
+    if was.global_batch_size != now.global_batch_size {
+        bail!(
+            "train.global_batch_size was {}, is now {}",
+            was.global_batch_size,
+            now.global_batch_size
+        );
+    }
+    if was.seed != now.seed {
+        bail!("run.seed was {}, is now {}", was.seed, now.seed);
+    }
+    if was.seen != now.seen {
+        bail!("the seen labels differ (labels.split / labels.limit / labels.exclude / text.*): {} then, {} now", was.seen.len(), now.seen.len());
+    }
+    for stage in was
+        .stages
+        .iter()
+        .filter(|(_, first, _)| *first <= state.step.max(1))
+    {
+        if !now.stages.contains(stage) {
+            let (name, first, last) = stage;
+            bail!("stage {name} ran steps {first}..={last} when the checkpoint was written; this configuration plans it differently (train.{name}.epochs?)");
+        }
+    }
+    Ok(())
 }
 
 /// One optimizer step on one batch; returns the batch's loss (this rank's).
@@ -494,11 +547,15 @@ fn resolve_resume(
 ) -> Result<Option<checkpoint::Loaded>> {
     let chosen = if collective.rank() == 0 {
         match resume {
-            Resume::Auto => checkpoint::find_latest(run)?
-                .map(|step| {
-                    run.child_url(&format!("checkpoints/{}", checkpoint::step_dir_name(step)))
-                })
-                .unwrap_or_default(),
+            Resume::Auto => match checkpoint::find_latest(run)? {
+                Some(step) => run.child_url(&format!("checkpoints/{}", checkpoint::step_dir_name(step))),
+                None if !checkpoint::list_steps(run)?.is_empty() || run.exists("checkpoints/LATEST")? => bail!(
+                    "{} has checkpoints but none is intact (see the warnings above); \
+                     refusing to start over in it: use --resume URL, or a new run.dir with --resume never",
+                    run.child_url("checkpoints")
+                ),
+                None => String::new(),
+            },
             Resume::Never => {
                 if let Some(step) = checkpoint::find_latest(run)? {
                     bail!(
@@ -709,6 +766,8 @@ struct Metrics<'a> {
     run: &'a Store,
     lines: Vec<serde_json::Value>,
     enabled: bool,
+    /// Local run directories append to the file (O(1) per line); object stores rewrite it.
+    append: Option<std::fs::File>,
 }
 
 impl<'a> Metrics<'a> {
@@ -725,18 +784,27 @@ impl<'a> Metrics<'a> {
                 }
             }
         }
-        Ok(Metrics {
+        let mut metrics = Metrics {
             run,
             lines,
             enabled,
-        })
+            append: None,
+        };
+        if enabled {
+            metrics.rewrite()?;
+            if let Some(dir) = run.local_path() {
+                let path = dir.join("metrics.jsonl");
+                let file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {} for appending", path.display()))?;
+                metrics.append = Some(file);
+            }
+        }
+        Ok(metrics)
     }
 
-    fn write(&mut self, line: &serde_json::Value) -> Result<()> {
-        if !self.enabled {
-            return Ok(());
-        }
-        self.lines.push(line.clone());
+    fn rewrite(&self) -> Result<()> {
         let mut text = String::new();
         for l in &self.lines {
             text.push_str(&l.to_string());
@@ -744,6 +812,41 @@ impl<'a> Metrics<'a> {
         }
         self.run.put("metrics.jsonl", text.into_bytes().into())
     }
+
+    fn write(&mut self, line: &serde_json::Value) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.lines.push(line.clone());
+        match &mut self.append {
+            Some(file) => {
+                use std::io::Write;
+                writeln!(file, "{line}").with_context(|| self.run.child_url("metrics.jsonl"))
+            }
+            None => self.rewrite(),
+        }
+    }
+}
+
+/// Logs an evaluation; rank 0 writes it to `eval/<stage>.json` and `metrics.jsonl`.
+fn record_eval(
+    result: StageEval,
+    run: &Store,
+    metrics: &mut Metrics,
+    evals: &mut Vec<StageEval>,
+    is_rank0: bool,
+) -> Result<()> {
+    log_eval(&result);
+    if is_rank0 {
+        run.put(
+            &format!("eval/{}.json", result.stage),
+            serde_json::to_vec_pretty(&result)?.into(),
+        )?;
+        metrics.write(&eval_line(&result))?;
+    }
+    evals.retain(|e| e.stage != result.stage);
+    evals.push(result);
+    Ok(())
 }
 
 fn read_evals(run: &Store) -> Result<Vec<StageEval>> {

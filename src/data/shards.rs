@@ -156,8 +156,8 @@ pub struct BuildOptions {
     pub progress: bool,
 }
 
-/// Image file extensions picked up from the ImageFolder tree (case-sensitive, as listed).
-const IMAGE_EXTENSIONS: &[&str] = &["JPEG", "jpg", "jpeg", "JPG", "png", "PNG"];
+/// Image file extensions picked up from the ImageFolder tree (compared case-insensitively).
+const IMAGE_EXTENSIONS: &[&str] = &["jpeg", "jpg", "png"];
 
 struct SourceFile {
     class: usize,
@@ -198,7 +198,8 @@ pub fn build_shards(src: &Path, dst_url: &str, opts: &BuildOptions) -> Result<Ma
             std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
         {
             let entry = entry?;
-            if entry.file_type()?.is_dir() {
+            // metadata() follows symbolic links: a linked class folder is a class folder.
+            if std::fs::metadata(entry.path())?.is_dir() {
                 found.insert(entry.file_name().to_string_lossy().into_owned(), ());
             }
         }
@@ -284,15 +285,35 @@ fn list_split(src: &Path, split: &str, classes: &[String]) -> Result<Vec<SourceF
             continue; // a class may be absent from one split (count 0)
         }
         let mut names: Vec<(String, PathBuf)> = Vec::new();
+        let mut ignored = 0usize;
         for entry in
             std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
         {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let ext = name.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
-            if IMAGE_EXTENSIONS.contains(&ext) && entry.file_type()?.is_file() {
+            let ext = name
+                .rsplit_once('.')
+                .map(|(_, e)| e.to_ascii_lowercase())
+                .unwrap_or_default();
+            // metadata() follows symbolic links: a linked image is an image.
+            let is_file = std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file());
+            if IMAGE_EXTENSIONS.contains(&ext.as_str()) && is_file {
                 names.push((name, entry.path()));
+            } else {
+                ignored += 1;
             }
+        }
+        if ignored > 0 {
+            tracing::warn!(
+                "{}: {ignored} entries are not image files (.jpeg/.jpg/.png) and were ignored",
+                dir.display()
+            );
+        }
+        if names.is_empty() {
+            tracing::warn!(
+                "{}: no images: class {wnid} has 0 samples in split {split}",
+                dir.display()
+            );
         }
         names.sort();
         for (name, path) in names {

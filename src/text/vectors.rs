@@ -215,6 +215,9 @@ pub fn read_vectors<R: BufRead>(
             explicit
         }
     };
+    if sink.rows_read == 0 {
+        bail!("{source}: no vectors in the file (empty, or only a header)");
+    }
     Ok(sink.finish(format))
 }
 
@@ -1002,9 +1005,9 @@ mod tests {
         assert_eq!(r.format, Format::Glove);
         assert_eq!(v.words, ["2", "x"]);
         assert_eq!(r.warnings.len(), 1);
-        // Header only.
-        let (v, r) = read(b"0 7\n", Format::Auto).unwrap();
-        assert_eq!((r.format, v.len()), (Format::Word2vecText, 0));
+        // Header only: no vectors is an error naming the source.
+        let err = read(b"0 7\n", Format::Auto).unwrap_err().to_string();
+        assert!(err.contains("no vectors"), "{err}");
         // Implausible dims are errors, not allocations.
         assert!(read(b"1 99999999999\nx ", Format::Word2vecBinary).is_err());
         assert!(read(b"99999999999999 3\n", Format::Word2vecBinary).is_err());

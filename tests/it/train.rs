@@ -405,3 +405,51 @@ fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
         "{err}"
     );
 }
+
+#[test]
+fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Outcome::Preempted { .. } = run(&config(shards, dir.path(), &[]), Resume::Auto, Some(5))
+    else {
+        panic!()
+    };
+    let try_run = |extra: &[&str]| {
+        let cfg = config(shards, dir.path(), extra);
+        let plan = Plan::build(&cfg, 0, 1).unwrap();
+        let opts = RunOptions {
+            resume: Resume::Auto,
+            stop: Arc::new(AtomicBool::new(false)),
+            stop_after_step: None,
+        };
+        train(&cfg, &plan, &opts, &SingleProcess)
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    };
+    // Batch size, seed, and the length of a stage that had started all change what the steps were.
+    let err = try_run(&["train.global_batch_size=8"]).unwrap_err();
+    assert!(err.contains("train.global_batch_size was 16"), "{err}");
+    let err = try_run(&["run.seed=4"]).unwrap_err();
+    assert!(err.contains("run.seed"), "{err}");
+    let err = try_run(&["train.devise.epochs=0.1"]).unwrap_err();
+    assert!(err.contains("stage devise"), "{err}");
+    // A later stage may change: more fine-tuning after the checkpoint is fine.
+    try_run(&["train.finetune.epochs=0.05"]).unwrap();
+
+    // Every checkpoint broken: refuse to start over silently.
+    for step in devise::checkpoint::list_steps(
+        &devise::storage::Store::open(dir.path().to_str().unwrap()).unwrap(),
+    )
+    .unwrap()
+    {
+        std::fs::remove_file(dir.path().join(format!(
+            "checkpoints/{}/manifest.json",
+            devise::checkpoint::step_dir_name(step)
+        )))
+        .unwrap();
+    }
+    let err = try_run(&["train.finetune.epochs=0.05"]).unwrap_err();
+    assert!(err.contains("none is intact"), "{err}");
+}
