@@ -34,7 +34,8 @@ pub struct Config {
     /// Save every this many optimizer steps (0: only at the end of each stage and on preemption).
     #[serde(default)]
     pub every_steps: u64,
-    /// Keep the newest this many checkpoints (at least 1).
+    /// Keep the newest this many checkpoints (at least 1). The checkpoint at the end of each
+    /// stage is always kept.
     #[serde(default = "default_keep_last")]
     pub keep_last: usize,
     /// Also keep every checkpoint whose step is a multiple of this (0: none).
@@ -280,7 +281,13 @@ pub fn save(
     run.put("checkpoints/LATEST", format!("{name}\n").into())?;
 
     let steps = list_steps(run)?;
-    for old in retention(&steps, cfg.keep_last, cfg.keep_every_steps) {
+    let stage_ends: Vec<u64> = state
+        .resume_key
+        .stages
+        .iter()
+        .map(|(_, _, last)| *last)
+        .collect();
+    for old in retention(&steps, cfg.keep_last, cfg.keep_every_steps, &stage_ends) {
         if old == state.step {
             continue;
         }
@@ -307,9 +314,10 @@ pub fn list_steps(run: &Store) -> Result<Vec<u64>> {
 }
 
 /// Which checkpoints to delete (a pure function, unit-tested): everything except the newest
-/// `keep_last` steps and the steps that are multiples of `keep_every` (when > 0). The newest step
-/// is always kept.
-pub fn retention(steps: &[u64], keep_last: usize, keep_every: u64) -> Vec<u64> {
+/// `keep_last` steps, the steps that are multiples of `keep_every` (when > 0), and the `kept`
+/// steps (the ends of training stages: a finished softmax stage is what `train.init_from`
+/// reuses). The newest step is always kept.
+pub fn retention(steps: &[u64], keep_last: usize, keep_every: u64, kept: &[u64]) -> Vec<u64> {
     let mut sorted = steps.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
@@ -317,7 +325,9 @@ pub fn retention(steps: &[u64], keep_last: usize, keep_every: u64) -> Vec<u64> {
     sorted
         .iter()
         .enumerate()
-        .filter(|&(i, &s)| i < keep_from && !(keep_every > 0 && s % keep_every == 0))
+        .filter(|&(i, &s)| {
+            i < keep_from && !(keep_every > 0 && s % keep_every == 0) && !kept.contains(&s)
+        })
         .map(|(_, &s)| s)
         .collect()
 }
@@ -449,17 +459,22 @@ mod tests {
     #[test]
     fn retention_keeps_last_and_every() {
         assert_eq!(
-            retention(&[100, 200, 300, 400, 500], 2, 0),
+            retention(&[100, 200, 300, 400, 500], 2, 0, &[]),
             vec![100, 200, 300]
         );
         assert_eq!(
-            retention(&[100, 200, 300, 400, 500], 2, 200),
+            retention(&[100, 200, 300, 400, 500], 2, 200, &[]),
             vec![100, 300]
         );
-        assert_eq!(retention(&[500], 1, 0), Vec::<u64>::new());
-        assert_eq!(retention(&[], 3, 0), Vec::<u64>::new());
+        assert_eq!(retention(&[500], 1, 0, &[]), Vec::<u64>::new());
+        assert_eq!(retention(&[], 3, 0, &[]), Vec::<u64>::new());
+        // Stage ends are kept.
+        assert_eq!(
+            retention(&[100, 200, 300, 400, 500], 2, 0, &[200]),
+            vec![100, 300]
+        );
         // keep_last 0 still keeps the newest.
-        assert_eq!(retention(&[1, 2], 0, 0), vec![1]);
+        assert_eq!(retention(&[1, 2], 0, 0, &[]), vec![1]);
     }
 
     #[test]

@@ -150,6 +150,10 @@ pub struct RunOptions {
 }
 
 /// Runs (or resumes) training and evaluation to the end of the plan, then writes the report.
+///
+/// One training per process: libtorch's random generator is process-wide and this function
+/// re-seeds it (weights init, every step), so two trainings in one process at the same time
+/// would draw from each other's sequence and lose determinism.
 pub fn train(
     cfg: &RunConfig,
     plan: &Plan,

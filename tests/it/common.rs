@@ -59,3 +59,12 @@ pub fn tiny_classes(wnids: &[&str]) -> Option<PathBuf> {
     }
     Some(out.join("tiny-imagenet-200"))
 }
+
+/// libtorch's random generator is process-wide, and the trainer re-seeds it (weights init, every
+/// step): two trainings in parallel test threads would draw from each other's sequence. Every
+/// test that trains in-process holds this lock.
+#[allow(dead_code)]
+pub fn training_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -3,7 +3,7 @@
 //! real skip-gram word2vec file -> softmax / devise / finetune stages -> checkpoints -> evaluation
 //! -> report; and exact resume: a run stopped mid-stage and resumed gives the same per-step losses
 //! and bit-identical final weights as an uninterrupted run.
-use crate::common::{shared_dir, tiny_classes};
+use crate::common::{shared_dir, tiny_classes, training_lock};
 use devise::collective::SingleProcess;
 use devise::config::RunConfig;
 use devise::plan::Plan;
@@ -209,13 +209,21 @@ fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
     assert_eq!(full[4].1, "devise");
     assert_eq!(full[8].1, "finetune");
     // Retention kept the last 2 checkpoints; LATEST names the newest.
-    let ckpts: Vec<String> = std::fs::read_dir(full_dir.path().join("checkpoints"))
+    let mut ckpts: Vec<String> = std::fs::read_dir(full_dir.path().join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
-    assert!(
-        ckpts.contains(&"step-000000009".to_string()) && ckpts.len() == 3,
-        "{ckpts:?}"
+    // Newest 2 (8, 9) and the stage ends (3, 6, 9), plus LATEST.
+    ckpts.sort();
+    assert_eq!(
+        ckpts,
+        [
+            "LATEST",
+            "step-000000003",
+            "step-000000006",
+            "step-000000008",
+            "step-000000009"
+        ]
     );
     let latest = std::fs::read_to_string(full_dir.path().join("checkpoints/LATEST")).unwrap();
     assert_eq!(latest.trim(), "step-000000009");
