@@ -130,6 +130,7 @@ fn plan_resolves_real_split_vectors_and_shards() {
     let Some((_dir, shards)) = shards() else {
         return;
     };
+    let _serial = training_lock();
     let run_dir = tempfile::tempdir().unwrap();
     let cfg = config(shards, run_dir.path(), &[]);
     let plan = Plan::build(&cfg, 0, 1).unwrap();
@@ -164,6 +165,7 @@ fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
     let Some((_dir, shards)) = shards() else {
         return;
     };
+    let _serial = training_lock();
 
     // Uninterrupted run.
     let full_dir = tempfile::tempdir().unwrap();
@@ -258,6 +260,7 @@ fn resume_skips_a_corrupt_latest_checkpoint_and_never_reads_tmp() {
     let Some((_dir, shards)) = shards() else {
         return;
     };
+    let _serial = training_lock();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(shards, dir.path(), &["checkpoint.keep_last=5"]);
     let Outcome::Preempted { .. } = run(&cfg, Resume::Auto, Some(4)) else {
@@ -290,6 +293,7 @@ fn config_errors_name_the_key() {
     let Some((_dir, shards)) = shards() else {
         return;
     };
+    let _serial = training_lock();
     let dir = tempfile::tempdir().unwrap();
     let toml = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -317,6 +321,7 @@ fn devise_stage_on_cached_features_resumes_exactly() {
     let Some((_dir, shards)) = shards() else {
         return;
     };
+    let _serial = training_lock();
     let extra = ["train.devise.cache_features=true"];
     let full_dir = tempfile::tempdir().unwrap();
     let Outcome::Completed { .. } = run(
@@ -361,6 +366,7 @@ fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
     let Some((_dir, shards)) = shards() else {
         return;
     };
+    let _serial = training_lock();
     // Run A keeps its softmax-stage checkpoint (step 3).
     let a = tempfile::tempdir().unwrap();
     let cfg_a = config(shards, a.path(), &["checkpoint.keep_every_steps=3"]);
@@ -419,6 +425,7 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
     let Some((_dir, shards)) = shards() else {
         return;
     };
+    let _serial = training_lock();
     let dir = tempfile::tempdir().unwrap();
     let Outcome::Preempted { .. } = run(&config(shards, dir.path(), &[]), Resume::Auto, Some(5))
     else {
