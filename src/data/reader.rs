@@ -100,6 +100,19 @@ pub struct Batch {
     pub image_size: usize,
 }
 
+impl Batch {
+    /// An empty batch with room for `n` images of `image_size` x `image_size`.
+    pub fn with_capacity(n: usize, image_size: usize) -> Batch {
+        Batch {
+            images: Vec::with_capacity(n * 3 * image_size * image_size),
+            labels: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            n: 0,
+            image_size,
+        }
+    }
+}
+
 /// Position in the training stream; save it with a checkpoint, pass it to
 /// [`TrainStream::start`] to resume exactly (see the module docs for the slot order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -776,13 +789,7 @@ fn produce(
     // Two whole epochs without filling a batch means nothing usable is left: fail, don't spin.
     let max_slots = 2 * plan.epoch_slots + (b * w) as u64;
     while !stop.load(Ordering::SeqCst) {
-        let mut batch = Batch {
-            images: Vec::with_capacity(b * 3 * s * s),
-            labels: Vec::with_capacity(b),
-            keys: Vec::with_capacity(b),
-            n: 0,
-            image_size: s,
-        };
+        let mut batch = Batch::with_capacity(b, s);
         let mut walked = 0u64;
         let split = &plan.cfg.train_split;
         let guard = |walked: &mut u64| -> Result<()> {
@@ -978,13 +985,7 @@ impl EvalBatches {
     fn next_batch(&mut self) -> Result<Option<Batch>> {
         let b = self.plan.per_rank_batch_size;
         let s = self.plan.cfg.image_size as usize;
-        let mut batch = Batch {
-            images: Vec::with_capacity(b * 3 * s * s),
-            labels: Vec::with_capacity(b),
-            keys: Vec::with_capacity(b),
-            n: 0,
-            image_size: s,
-        };
+        let mut batch = Batch::with_capacity(b, s);
         while batch.n < b {
             if !self.refill()? {
                 break;
