@@ -19,6 +19,7 @@ fn main() {
             } else {
                 widths.clone()
             },
+            projection_bias: false,
         };
         let m = DeviseModel::new(&cfg, 30, 300, Device::Cpu);
         let mut opt = tch::nn::Sgd::default().build(&m.vs, 0.01).unwrap();

@@ -35,6 +35,14 @@ pub struct Config {
     /// Channel widths of the `convnet` stages (ignored by the ResNets).
     #[serde(default = "default_widths")]
     pub widths: Vec<i64>,
+    /// Give the projection a bias: `M v + b`. The paper's map is linear (`M v`, §3); a bias adds
+    /// the same vector to every image embedding, which favours the labels aligned with it.
+    #[serde(default = "default_true")]
+    pub projection_bias: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_widths() -> Vec<i64> {
@@ -109,7 +117,7 @@ impl DeviseModel {
                     stdev: 0.01 / (feature_dim as f64).sqrt(),
                 },
                 bs_init: Some(nn::Init::Const(0.0)),
-                bias: true,
+                bias: cfg.projection_bias,
             },
         );
         DeviseModel {
@@ -262,6 +270,7 @@ mod tests {
         let cfg = Config {
             encoder: Encoder::Convnet,
             widths: vec![8, 16],
+            projection_bias: true,
         };
         let m = DeviseModel::new(&cfg, 5, 7, Device::Cpu);
         let x = Tensor::randn([2, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
@@ -271,6 +280,7 @@ mod tests {
         assert_eq!(m.image_embedding(&f).size(), vec![2, 7]);
         let names: Vec<String> = m.state_dict().into_iter().map(|(n, _)| n).collect();
         assert!(names.contains(&"projection.weight".to_string()));
+        assert!(names.contains(&"projection.bias".to_string()));
         assert!(names.contains(&"encoder.stem.bn.running_mean".to_string()));
         assert!(m
             .parameters(&["encoder."])
@@ -283,10 +293,12 @@ mod tests {
         let cfg = Config {
             encoder: Encoder::Resnet18,
             widths: default_widths(),
+            projection_bias: false,
         };
         let m = DeviseModel::new(&cfg, 3, 4, Device::Cpu);
         let x = Tensor::randn([1, 3, 64, 64], (tch::Kind::Float, Device::Cpu));
         assert_eq!(m.features(&x, false).size(), vec![1, 512]);
+        assert!(!m.state_dict().iter().any(|(n, _)| n == "projection.bias"));
         assert!(m
             .state_dict()
             .iter()
