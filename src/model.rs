@@ -170,7 +170,8 @@ impl DeviseModel {
 
     /// Initialises the variables whose names start with one of `prefixes` from `tensors` (e.g.
     /// the encoder and classifier of a pretrained softmax stage); every such variable must be
-    /// present with the same shape. Other variables keep their values. Returns how many were copied.
+    /// present with the same shape (errors name the first missing or mismatched one). Other
+    /// variables keep their values. Returns how many were copied.
     pub fn load_prefixes(
         &mut self,
         tensors: &[(String, Tensor)],
@@ -184,11 +185,11 @@ impl DeviseModel {
                 continue;
             }
             let Some(src) = by_name.get(name.as_str()) else {
-                bail!("initial weights have no tensor '{name}' (different model.encoder?)");
+                bail!("the weights have no tensor '{name}' (different model.encoder?)");
             };
             if src.size() != var.size() {
                 bail!(
-                    "initial weights '{name}': shape {:?}, this model needs {:?} (different model or seen classes?)",
+                    "tensor '{name}': shape {:?} in the weights, {:?} in this model (different model or seen classes?)",
                     src.size(),
                     var.size()
                 );
@@ -199,28 +200,14 @@ impl DeviseModel {
         Ok(copied)
     }
 
-    /// Copies `tensors` into the variables of the same name. Every variable must be present with
-    /// the same shape; errors name the first missing or mismatched one.
+    /// Copies `tensors` into the variables of the same name: every variable must be present with
+    /// the same shape, and every tensor must be a variable. Errors name the first offender.
     pub fn load_state_dict(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
         let vars = self.vs.variables();
-        let by_name: std::collections::HashMap<&str, &Tensor> =
-            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        for (name, var) in &vars {
-            let Some(src) = by_name.get(name.as_str()) else {
-                bail!("checkpoint has no tensor '{name}'");
-            };
-            if src.size() != var.size() {
-                bail!(
-                    "tensor '{name}': checkpoint shape {:?}, model shape {:?}",
-                    src.size(),
-                    var.size()
-                );
-            }
-            tch::no_grad(|| var.shallow_clone().copy_(src));
-        }
         if let Some((extra, _)) = tensors.iter().find(|(n, _)| !vars.contains_key(n)) {
             bail!("checkpoint tensor '{extra}' is not a variable of this model (wrong model.encoder?)");
         }
+        self.load_prefixes(tensors, &[""])?;
         Ok(())
     }
 }

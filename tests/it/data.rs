@@ -515,6 +515,21 @@ fn one_shard(tar: &[u8], samples: u64, n_classes: usize) -> (tempfile::TempDir, 
     (dir, m)
 }
 
+/// A single-rank training stream over a 3-class fixture manifest, every class mapped, seed 0.
+fn fixture_stream(cfg: &Config, m: &Manifest, batch: usize) -> TrainStream {
+    TrainStream::start(
+        cfg,
+        m,
+        vec![Some(0), Some(1), Some(2)],
+        batch,
+        0,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap()
+}
+
 /// One eval pass over the fixture shard: (keys, labels, stats).
 fn eval_fixture(
     tar: &[u8],
@@ -589,17 +604,7 @@ fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
     // Training continues past it: two good samples per epoch, the shard error counted per visit.
     let (dir, m) = one_shard(&cut, 3, 3);
     let cfg = config(dir.path(), 16);
-    let mut s = TrainStream::start(
-        &cfg,
-        &m,
-        vec![Some(0), Some(1), Some(2)],
-        3,
-        0,
-        Cursor::default(),
-        0,
-        1,
-    )
-    .unwrap();
+    let mut s = fixture_stream(&cfg, &m, 3);
     let (b, c) = s.next_batch().unwrap();
     let set: BTreeSet<_> = b.keys.iter().cloned().collect();
     assert_eq!(set.len(), 2, "{:?}", b.keys); // 000000 + 000001 (+ one of them again from epoch 1)
@@ -737,17 +742,7 @@ fn b07_truncated_jpegs_are_skipped_not_fatal() {
     // In training the bad sample is topped up: full batches, only 000001.
     let (dir, m) = one_shard(&tar, 2, 3);
     let cfg = config(dir.path(), 16);
-    let mut s = TrainStream::start(
-        &cfg,
-        &m,
-        vec![Some(0), Some(1), Some(2)],
-        3,
-        0,
-        Cursor::default(),
-        0,
-        1,
-    )
-    .unwrap();
+    let mut s = fixture_stream(&cfg, &m, 3);
     let (b, _) = s.next_batch().unwrap();
     assert_eq!(b.keys, ["000001", "000001", "000001"]);
     assert!(s.stats().decode_errors >= 1);
@@ -826,17 +821,7 @@ fn sha_mismatch_skips_the_shard_and_io_errors_are_fatal() {
     assert_eq!(it.stats().shard_errors, 1);
     // Every shard bad: the train stream errors instead of spinning forever.
     m.splits.get_mut("train").unwrap().shards[0].sha256 = "00".repeat(32);
-    let mut s = TrainStream::start(
-        &cfg,
-        &m,
-        vec![Some(0), Some(1), Some(2)],
-        2,
-        0,
-        Cursor::default(),
-        0,
-        1,
-    )
-    .unwrap();
+    let mut s = fixture_stream(&cfg, &m, 2);
     let err = format!("{:#}", s.next_batch().unwrap_err());
     assert!(err.contains("no usable sample"), "{err}");
     assert!(s.next_batch().is_err(), "stays failed");
@@ -844,17 +829,7 @@ fn sha_mismatch_skips_the_shard_and_io_errors_are_fatal() {
     let (dir, m) = one_shard(&full, 3, 3);
     std::fs::remove_file(dir.path().join("train-000000.tar")).unwrap();
     let cfg = config(dir.path(), 16);
-    let mut s = TrainStream::start(
-        &cfg,
-        &m,
-        vec![Some(0), Some(1), Some(2)],
-        2,
-        0,
-        Cursor::default(),
-        0,
-        1,
-    )
-    .unwrap();
+    let mut s = fixture_stream(&cfg, &m, 2);
     let err = format!("{:#}", s.next_batch().unwrap_err());
     assert!(err.contains("train-000000.tar"), "{err}");
     drop(s); // and dropping a failed stream does not hang
