@@ -58,6 +58,23 @@ impl StagePlan {
     pub fn steps(&self) -> u64 {
         self.last_step + 1 - self.first_step
     }
+
+    /// One line: `softmax steps 1..=1407 (1407 steps, 6 epochs, Sgd lr 0.05, warmup 50, Cosine)`.
+    pub fn describe(&self) -> String {
+        let o = &self.optimizer;
+        format!(
+            "{} steps {}..={} ({} steps, {} epochs, {:?} lr {}, warmup {}, {:?})",
+            self.kind.name(),
+            self.first_step,
+            self.last_step,
+            self.steps(),
+            self.epochs,
+            o.algorithm,
+            o.lr,
+            o.warmup_steps,
+            o.schedule
+        )
+    }
 }
 
 /// Every derived number of the run.
@@ -164,38 +181,39 @@ impl Plan {
             .iter()
             .map(|w| (w.clone(), "excluded by labels.exclude".to_string()))
             .collect();
-        let mut seen = Vec::new();
-        for wnid in &split.seen {
-            if !labels.is_mapped(wnid) {
-                left_out.push((
-                    wnid.clone(),
-                    "seen: no name maps to a word vector".to_string(),
-                ));
-            } else if count(&train.class_counts, wnid) == 0 {
-                left_out.push((
-                    wnid.clone(),
-                    format!("seen: no images in split '{}'", cfg.data.train_split),
-                ));
-            } else {
-                seen.push(wnid.clone());
+        // A class takes part when its label maps and its split (train for seen, val for unseen)
+        // has images of it; otherwise it is reported with the reason.
+        let mut usable = |classes: &[String], role: &str, counts: &[u64], split_name: &str| {
+            let mut kept = Vec::new();
+            for wnid in classes {
+                if !labels.is_mapped(wnid) {
+                    left_out.push((
+                        wnid.clone(),
+                        format!("{role}: no name maps to a word vector"),
+                    ));
+                } else if count(counts, wnid) == 0 {
+                    left_out.push((
+                        wnid.clone(),
+                        format!("{role}: no images in split '{split_name}'"),
+                    ));
+                } else {
+                    kept.push(wnid.clone());
+                }
             }
-        }
-        let mut unseen = Vec::new();
-        for wnid in &split.unseen {
-            if !labels.is_mapped(wnid) {
-                left_out.push((
-                    wnid.clone(),
-                    "unseen: no name maps to a word vector".to_string(),
-                ));
-            } else if count(&val.class_counts, wnid) == 0 {
-                left_out.push((
-                    wnid.clone(),
-                    format!("unseen: no images in split '{}'", cfg.data.val_split),
-                ));
-            } else {
-                unseen.push(wnid.clone());
-            }
-        }
+            kept
+        };
+        let seen = usable(
+            &split.seen,
+            "seen",
+            &train.class_counts,
+            &cfg.data.train_split,
+        );
+        let unseen = usable(
+            &split.unseen,
+            "unseen",
+            &val.class_counts,
+            &cfg.data.val_split,
+        );
         if seen.len() < 2 {
             bail!(
                 "{} seen classes usable (need at least 2); left out: {left_out:?}",
@@ -314,19 +332,7 @@ impl Plan {
             let _ = writeln!(s, "  left out {wnid}: {why}");
         }
         for st in &self.stages {
-            let _ = writeln!(
-                s,
-                "stage {:<8} steps {:>6}..={:<6} ({} steps, {} epochs) {:?} lr {} warmup {} {:?}",
-                st.kind.name(),
-                st.first_step,
-                st.last_step,
-                st.steps(),
-                st.epochs,
-                st.optimizer.algorithm,
-                st.optimizer.lr,
-                st.optimizer.warmup_steps,
-                st.optimizer.schedule
-            );
+            let _ = writeln!(s, "stage {}", st.describe());
         }
         let _ = write!(s, "total steps {}", self.total_steps);
         s

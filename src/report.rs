@@ -147,16 +147,7 @@ fn markdown(
         data.decode_errors, data.shard_errors, data.incomplete_samples
     );
     for st in &plan.stages {
-        let _ = writeln!(
-            s,
-            "- stage `{}`: steps {}..={} ({} epochs, {:?}, lr {})",
-            st.kind.name(),
-            st.first_step,
-            st.last_step,
-            st.epochs,
-            st.optimizer.algorithm,
-            st.optimizer.lr
-        );
+        let _ = writeln!(s, "- stage {}", st.describe());
     }
     let _ = writeln!(s, "\nFlat hit@k in percent (paper Tables 1 and 2 shape). Prediction ranks one unit vector per label by dot product (paper A.2, simpler variant).");
     table(

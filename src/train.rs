@@ -275,7 +275,7 @@ pub fn train(
             if cache.is_none() {
                 cache = Some(FeatureCache::compute(&model, plan, collective, device)?);
             }
-            let c = cache.as_ref().expect("set above");
+            let c = cache.as_mut().expect("set above");
             c.batch(
                 cfg.run.seed,
                 step - stage.first_step,
@@ -587,6 +587,8 @@ fn resolve_resume(
 struct FeatureCache {
     features: Tensor, // [n, feature_dim]
     labels: Tensor,   // [n]
+    /// The row order of the current pass over the cache: `(pass, permutation [n])`.
+    order: Option<(u64, Tensor)>,
 }
 
 impl FeatureCache {
@@ -619,6 +621,7 @@ impl FeatureCache {
         let cache = FeatureCache {
             features: Tensor::cat(&features, 0),
             labels: Tensor::cat(&labels, 0),
+            order: None,
         };
         tracing::info!(
             "cached frozen-encoder features of {} training images ({:?}) in {:.1} s",
@@ -632,28 +635,39 @@ impl FeatureCache {
     /// Batch `stage_step` (0-based within the stage) of `batch_size` cached rows: the rows in
     /// an order permuted per pass (seeded by `(seed, pass)`), batches running on across passes,
     /// so the batch depends only on the step (exact resume needs no cursor).
-    fn batch(&self, seed: u64, stage_step: u64, batch_size: usize) -> Input {
+    fn batch(&mut self, seed: u64, stage_step: u64, batch_size: usize) -> Input {
         let n = self.labels.size()[0] as u64;
-        let mut rows = Vec::with_capacity(batch_size);
+        let mut parts = Vec::new(); // slices of pass permutations, [<= batch_size] each
         let mut position = stage_step * batch_size as u64;
-        let mut pass = u64::MAX;
-        let mut order = Tensor::new();
-        while rows.len() < batch_size {
-            if position / n != pass {
-                pass = position / n;
-                // Seeded permutation from libtorch's generator, restored afterwards by the
-                // per-step re-seed in the loop.
-                tch::manual_seed(step_seed(seed ^ 0xFEA7_CAC4E, pass));
-                order = Tensor::randperm(n as i64, (tch::Kind::Int64, tch::Device::Cpu));
-            }
-            rows.push(order.int64_value(&[(position % n) as i64]));
-            position += 1;
+        let end = position + batch_size as u64;
+        while position < end {
+            let pass = position / n;
+            let take = (end - position).min(n - position % n);
+            parts.push(
+                self.pass_order(seed, pass)
+                    .narrow(0, (position % n) as i64, take as i64),
+            );
+            position += take;
         }
-        let index = Tensor::from_slice(&rows).to(self.features.device());
+        let index = Tensor::cat(&parts, 0).to(self.features.device()); // [batch_size]
         Input::Features(
             self.features.index_select(0, &index),
             self.labels.index_select(0, &index),
         )
+    }
+
+    /// The permutation of pass `pass`, drawn once per pass from a generator seeded by
+    /// `(seed, pass)` (the loop re-seeds the generator before each step anyway).
+    fn pass_order(&mut self, seed: u64, pass: u64) -> Tensor {
+        if self.order.as_ref().map(|(p, _)| *p) != Some(pass) {
+            let n = self.labels.size()[0];
+            tch::manual_seed(step_seed(seed ^ 0xFEA7_CAC4E, pass));
+            self.order = Some((
+                pass,
+                Tensor::randperm(n, (tch::Kind::Int64, tch::Device::Cpu)),
+            ));
+        }
+        self.order.as_ref().expect("set above").1.shallow_clone()
     }
 }
 

@@ -58,6 +58,11 @@ fn build_shards_command_writes_manifest() {
     );
 }
 
+/// `devise <args> <cfg>` (args end with `--config`), its output.
+fn train_cli(args: &[&str], cfg: &std::path::Path) -> std::process::Output {
+    devise().args(args).arg(cfg).output().unwrap()
+}
+
 #[test]
 fn train_dry_run_errors_preemption_and_resume() {
     let Some((_dir, shards)) = shards() else {
@@ -67,11 +72,7 @@ fn train_dry_run_errors_preemption_and_resume() {
     let cfg = dir.path().join("run.toml");
     std::fs::write(&cfg, config_toml(shards, &dir.path().join("run"))).unwrap();
 
-    let out = devise()
-        .args(["train", "--dry-run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = train_cli(&["train", "--dry-run", "--config"], &cfg);
     assert!(
         out.status.success(),
         "{}",
@@ -87,19 +88,11 @@ fn train_dry_run_errors_preemption_and_resume() {
         "--dry-run must not train"
     );
 
-    let out = devise()
-        .args(["train", "--set", "train.bogus_key=1", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = train_cli(&["train", "--set", "train.bogus_key=1", "--config"], &cfg);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus_key"));
 
-    let out = devise()
-        .args(["train", "--stop-after-step", "4", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = train_cli(&["train", "--stop-after-step", "4", "--config"], &cfg);
     assert_eq!(
         out.status.code(),
         Some(75),
@@ -111,11 +104,7 @@ fn train_dry_run_errors_preemption_and_resume() {
         .join("run/checkpoints/step-000000004/manifest.json")
         .exists());
 
-    let out = devise()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = train_cli(&["train", "--config"], &cfg);
     assert!(
         out.status.success(),
         "{}",
