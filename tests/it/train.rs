@@ -316,6 +316,32 @@ fn config_errors_name_the_key() {
     let _ = (shards, dir);
 }
 
+/// Every recipe shipped in `configs/` parses and validates (unknown keys, ranges), so a typo in a
+/// long-running recipe fails here rather than an hour into a run.
+#[test]
+fn every_shipped_config_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            RunConfig::load(&text, &path.display().to_string(), &[])
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "demo.toml",
+            "tiny-imagenet-small.toml",
+            "tiny-imagenet.toml"
+        ]
+    );
+}
+
 #[test]
 fn devise_stage_on_cached_features_resumes_exactly() {
     let Some((_dir, shards)) = shards() else {
