@@ -2,7 +2,7 @@
 # Purpose:  extract the first N classes (default: all 200) of the fixed Tiny ImageNet zero-shot
 #           split from ../shared/data/tiny-imagenet-200.tar.gz into data/tiny-imagenet-200/ and
 #           build WebDataset shards of them into data/shards/tiny-imagenet-N/. Idempotent.
-# Hardware: any; ~1 min for 40 classes, ~3 min for all 200 on 2 cores.
+# Hardware: any; all 200 classes on 2 cores: extract 4 s, shards 28 s (measured).
 # Command:  bash scripts/prepare-tiny-imagenet.sh [N]     (after scripts/setup.sh and a release build)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
