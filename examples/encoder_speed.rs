@@ -20,6 +20,7 @@ fn main() {
                 widths.clone()
             },
             projection_bias: false,
+            norm: Default::default(),
         };
         let m = DeviseModel::new(&cfg, 30, 300, Device::Cpu);
         let mut opt = tch::nn::Sgd::default().build(&m.vs, 0.01).unwrap();

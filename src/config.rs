@@ -54,6 +54,9 @@ pub struct RunConfig {
     /// `[eval]`
     #[serde(default)]
     pub eval: crate::eval::Config,
+    /// `[dist]`: data-parallel communication (ignored by single-process runs).
+    #[serde(default)]
+    pub dist: crate::collective::Config,
 }
 
 fn default_loss() -> crate::loss::Config {
@@ -113,6 +116,7 @@ impl RunConfig {
         self.train.validate()?;
         self.checkpoint.validate()?;
         self.eval.validate()?;
+        self.dist.validate()?;
         if !matches!(self.run.device.as_str(), "cpu" | "cuda" | "auto") {
             bail!(
                 "run.device must be cpu, cuda or auto, got '{}'",

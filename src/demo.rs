@@ -95,6 +95,7 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
         resume: Resume::Auto,
         stop,
         stop_after_step: None,
+        local_rank: 0,
     };
     train(&cfg, &plan, &opts, &SingleProcess)
 }

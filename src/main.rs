@@ -5,7 +5,7 @@
 //! step finished and a checkpoint was written — requeue the job and it resumes).
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use devise::collective::SingleProcess;
+use devise::collective::WorkerEnv;
 use devise::config::RunConfig;
 use devise::plan::Plan;
 use devise::train::{Outcome, Resume, RunOptions};
@@ -105,17 +105,39 @@ fn parse_set(s: &str) -> Result<String, String> {
 }
 
 /// Training commands turn SIGTERM/SIGUSR1/SIGINT into the stop flag (finish the step,
-/// checkpoint, exit 75); a second signal while the flag is set exits at once with 130. Other
-/// commands keep the default handlers: they are killed, and write nothing that looks complete
-/// (build-shards writes its manifest last).
+/// checkpoint, exit 75). A repeat within [`REPEAT_WINDOW`] of the first counts as the same event:
+/// under SLURM one preemption can reach a worker twice (slurmstepd signals every process of the
+/// step, and `devise-launch` forwards the signal it got too). A signal after that window exits at
+/// once with 130. Other commands keep the default handlers: they are killed, and write nothing
+/// that looks complete (build-shards writes its manifest last).
 fn install_stop_handlers(stop: &Arc<AtomicBool>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-    for sig in [SIGTERM, SIGUSR1, SIGINT] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGUSR1, SIGINT])?;
+    let stop = stop.clone();
+    std::thread::Builder::new()
+        .name("devise-signals".into())
+        .spawn(move || {
+            let mut first: Option<std::time::Instant> = None;
+            for sig in signals.forever() {
+                match first {
+                    None => {
+                        first = Some(std::time::Instant::now());
+                        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                        eprintln!("signal {sig}: finishing the current step, then checkpoint and exit 75 (signal again after {} s to exit at once)", REPEAT_WINDOW.as_secs());
+                    }
+                    Some(t) if t.elapsed() < REPEAT_WINDOW => {}
+                    Some(_) => {
+                        eprintln!("signal {sig} again: exiting at once (130), no checkpoint");
+                        std::process::exit(130);
+                    }
+                }
+            }
+        })?;
     Ok(())
 }
+
+/// Repeats of a stop signal within this window count as one (see [`install_stop_handlers`]).
+const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> ExitCode {
     use std::io::IsTerminal;
@@ -136,11 +158,17 @@ fn main() -> ExitCode {
     }
     match run(cli, stop) {
         Ok(Some(Outcome::Preempted { checkpoint })) => {
-            eprintln!("preempted: checkpoint {checkpoint} written; requeue to resume");
+            if checkpoint.is_empty() {
+                eprintln!("preempted: rank 0 wrote the checkpoint; requeue to resume");
+            } else {
+                eprintln!("preempted: checkpoint {checkpoint} written; requeue to resume");
+            }
             ExitCode::from(EXIT_PREEMPTED)
         }
         Ok(Some(Outcome::Completed { report })) => {
-            println!("report: {report}");
+            if !report.is_empty() {
+                println!("report: {report}"); // rank 0 only: the others write none
+            }
             ExitCode::SUCCESS
         }
         Ok(None) => ExitCode::SUCCESS,
@@ -165,21 +193,41 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
                 set.push(format!("text.vectors_format={format:?}"));
             }
             let cfg = RunConfig::load_file(&config, &set)?;
-            let plan = Plan::build(&cfg, 0, 1)?;
+            // The one place the rank environment is read (see devise_launch::world).
+            let env = WorkerEnv::from_env().context("reading the rank environment")?;
+            let plan = Plan::build(&cfg, env.rank, env.world_size)?;
             if dry_run {
+                println!(
+                    "world: rank {} of {} (local {} of {}; from {:?} variables), rendezvous {}:{}, run id {}",
+                    env.rank,
+                    env.world_size,
+                    env.local_rank,
+                    env.local_world_size,
+                    env.source,
+                    env.master_addr,
+                    env.master_port,
+                    env.run_id
+                );
                 println!("{}", plan.summary());
                 return Ok(None);
             }
+            let cuda = match cfg.run.device.as_str() {
+                "cuda" => true,
+                "cpu" => false,
+                _ => tch::Cuda::is_available(),
+            };
+            let collective = devise::collective::init(&env, &cfg.dist, cuda)?;
             let opts = RunOptions {
                 resume,
                 stop,
                 stop_after_step,
+                local_rank: env.local_rank,
             };
             Ok(Some(devise::train::train(
                 &cfg,
                 &plan,
                 &opts,
-                &SingleProcess,
+                collective.as_ref(),
             )?))
         }
         Command::Demo { out, set } => Ok(Some(devise::demo::run(&out, &set, stop)?)),

@@ -39,6 +39,24 @@ pub struct Config {
     /// the same vector to every image embedding, which favours the labels aligned with it.
     #[serde(default = "default_true")]
     pub projection_bias: bool,
+    /// Normalisation layers of the `convnet` encoder. `batch` (default): BatchNorm, whose
+    /// training-mode statistics are computed per rank (so a data-parallel run is not exactly the
+    /// single-process run with the global batch). `group`: GroupNorm (8 groups), which has no
+    /// batch statistics: a run on any number of ranks computes the same function. The ResNets
+    /// always use BatchNorm.
+    #[serde(default)]
+    pub norm: Norm,
+}
+
+/// Normalisation layers of the `convnet` encoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Norm {
+    /// BatchNorm (running statistics, `encoder.*.bn.*`).
+    #[default]
+    Batch,
+    /// GroupNorm with 8 groups (1 if the width is not a multiple of 8), `encoder.*.gn.*`.
+    Group,
 }
 
 fn default_true() -> bool {
@@ -56,6 +74,9 @@ impl Config {
             && (self.widths.is_empty() || self.widths.iter().any(|&w| w <= 0))
         {
             bail!("model.widths must be a non-empty list of positive channel counts");
+        }
+        if self.norm == Norm::Group && self.encoder != Encoder::Convnet {
+            bail!("model.norm = \"group\" is only available for encoder = \"convnet\" (the ResNets use BatchNorm)");
         }
         Ok(())
     }
@@ -96,7 +117,7 @@ impl DeviseModel {
             Encoder::Resnet18 => Box::new(tch::vision::resnet::resnet18_no_final_layer(&enc)),
             Encoder::Resnet34 => Box::new(tch::vision::resnet::resnet34_no_final_layer(&enc)),
             Encoder::Resnet50 => Box::new(tch::vision::resnet::resnet50_no_final_layer(&enc)),
-            Encoder::Convnet => Box::new(convnet(&enc, &cfg.widths)),
+            Encoder::Convnet => Box::new(convnet(&enc, &cfg.widths, cfg.norm)),
         };
         let feature_dim = cfg.feature_dim();
         let classifier = nn::linear(
@@ -212,7 +233,7 @@ impl DeviseModel {
     }
 }
 
-fn conv_bn(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT {
+fn conv_bn(p: nn::Path, c_in: i64, c_out: i64, stride: i64, norm: Norm) -> impl ModuleT {
     let conv = nn::conv2d(
         &p / "conv",
         c_in,
@@ -225,20 +246,26 @@ fn conv_bn(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT {
             ..Default::default()
         },
     );
-    let bn = nn::batch_norm2d(&p / "bn", c_out, Default::default());
-    nn::func_t(move |xs, train| xs.apply(&conv).apply_t(&bn, train).relu())
+    let norm: Box<dyn ModuleT> = match norm {
+        Norm::Batch => Box::new(nn::batch_norm2d(&p / "bn", c_out, Default::default())),
+        Norm::Group => {
+            let groups = if c_out % 8 == 0 { 8 } else { 1 };
+            Box::new(nn::group_norm(&p / "gn", groups, c_out, Default::default()))
+        }
+    };
+    nn::func_t(move |xs, train| norm.forward_t(&xs.apply(&conv), train).relu())
 }
 
 /// The small `convnet` encoder: stem (3x3, stride 2) then per stage two conv-BN-ReLU and a 2x2
 /// max-pool (none after the last), global average pool -> `[batch, widths.last()]`.
-fn convnet(p: &nn::Path, widths: &[i64]) -> impl ModuleT {
-    let mut seq = nn::seq_t().add(conv_bn(p / "stem", 3, widths[0], 2));
+fn convnet(p: &nn::Path, widths: &[i64], norm: Norm) -> impl ModuleT {
+    let mut seq = nn::seq_t().add(conv_bn(p / "stem", 3, widths[0], 2, norm));
     let mut c_in = widths[0];
     for (i, &w) in widths.iter().enumerate() {
         let stage = p / format!("stage{i}");
         seq = seq
-            .add(conv_bn(&stage / "0", c_in, w, 1))
-            .add(conv_bn(&stage / "1", w, w, 1));
+            .add(conv_bn(&stage / "0", c_in, w, 1, norm))
+            .add(conv_bn(&stage / "1", w, w, 1, norm));
         if i + 1 < widths.len() {
             seq = seq.add_fn(|xs| xs.max_pool2d_default(2));
         }
@@ -258,6 +285,7 @@ mod tests {
             encoder: Encoder::Convnet,
             widths: vec![8, 16],
             projection_bias: true,
+            norm: Norm::Batch,
         };
         let m = DeviseModel::new(&cfg, 5, 7, Device::Cpu);
         let x = Tensor::randn([2, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
@@ -281,6 +309,7 @@ mod tests {
             encoder: Encoder::Resnet18,
             widths: default_widths(),
             projection_bias: false,
+            norm: Norm::Batch,
         };
         let m = DeviseModel::new(&cfg, 3, 4, Device::Cpu);
         let x = Tensor::randn([1, 3, 64, 64], (tch::Kind::Float, Device::Cpu));

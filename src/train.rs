@@ -12,7 +12,7 @@
 //! `(seed, epoch, slot)` (data order and augmentation), so a resumed run continues with the same
 //! batches, the same random choices and the same losses as an uninterrupted one.
 use crate::checkpoint::{self, TrainState};
-use crate::collective::Collective;
+use crate::collective::{ddp, Collective, ReduceOp};
 use crate::config::RunConfig;
 use crate::data::reader::TrainStream;
 use crate::eval::{self, Heads, StageEval};
@@ -34,6 +34,11 @@ use tch::{Device, Tensor};
 pub struct Config {
     /// Images per optimizer step, all ranks together.
     pub global_batch_size: usize,
+    /// Every rank appends the ids of the samples of each step to `run.dir/trace/rank-<R>.jsonl`
+    /// (`{"step", "stage", "slots": [[epoch, position], ...]}` for image batches, `"rows"` for
+    /// cached features): for tests and debugging of the sample order. Local run dirs only.
+    #[serde(default)]
+    pub trace_samples: bool,
     /// Write a metrics line (and a log line) every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every_steps: u64,
@@ -147,6 +152,8 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Stop (as if preempted) after this global step; for tests and debugging.
     pub stop_after_step: Option<u64>,
+    /// This process's GPU when `run.device` is CUDA (`cuda:local_rank`); 0 otherwise.
+    pub local_rank: usize,
 }
 
 /// Runs (or resumes) training and evaluation to the end of the plan, then writes the report.
@@ -161,7 +168,7 @@ pub fn train(
     collective: &dyn Collective,
 ) -> Result<Outcome> {
     let started = Instant::now();
-    let device = select_device(&cfg.run.device)?;
+    let device = select_device(&cfg.run.device, opts.local_rank)?;
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }
@@ -210,6 +217,17 @@ pub fn train(
             fresh_state(cfg, plan)
         }
     };
+    // Every rank starts from rank 0's weights and buffers (fresh init or checkpoint alike).
+    let bucket_bytes = cfg.dist.bucket_bytes();
+    let mut variables: Vec<Tensor> = model.state_dict().into_iter().map(|(_, t)| t).collect();
+    ddp::broadcast_variables(collective, &mut variables, bucket_bytes)?;
+    let mut buffers: Vec<Tensor> = variables
+        .iter()
+        .filter(|t| !t.requires_grad())
+        .map(|t| t.shallow_clone())
+        .collect();
+    let reducer = ddp::GradientBuckets { bucket_bytes };
+    let mut trace = SampleTrace::open(&run, cfg.train.trace_samples, collective.rank())?;
     let base_seconds = state.train_seconds; // earlier sessions of this run
     let mut metrics = Metrics::open(&run, state.step, is_rank0)?;
     let mut evals = read_evals(&run)?;
@@ -276,16 +294,20 @@ pub fn train(
                 cache = Some(FeatureCache::compute(&model, plan, collective, device)?);
             }
             let c = cache.as_mut().expect("set above");
-            c.batch(
+            let (input, rows) = c.batch(
                 cfg.run.seed,
                 step - stage.first_step,
                 plan.per_rank_batch_size,
-            )
+                collective,
+            );
+            trace.rows(step, stage.kind, &rows)?;
+            input
         } else {
             let (batch, cursor) = stream
                 .next_batch()
                 .with_context(|| format!("step {step}: reading training data"))?;
             state.cursor = cursor;
+            trace.slots(step, stage.kind, &batch.slots)?;
             let (images, labels) = eval::batch_tensors(&batch, device);
             Input::Images(images, labels)
         };
@@ -296,17 +318,32 @@ pub fn train(
             &model,
             opt,
             collective,
+            &reducer,
             stage.kind,
             input,
             &seen_labels,
             &cfg.loss,
             lr,
         )?;
+        if stage.kind != StageKind::Devise {
+            // BatchNorm running statistics follow rank 0's (PyTorch DDP's broadcast_buffers).
+            ddp::broadcast_variables(collective, &mut buffers, bucket_bytes)?;
+        }
+        // One small all-reduce: the global batch's mean loss, and whether any rank was asked to
+        // stop (a signal may reach only some ranks; all must checkpoint at the same step).
+        let want_stop = opts.stop.load(Ordering::SeqCst) || opts.stop_after_step == Some(step);
+        let [loss, stop_votes] =
+            all_reduce_sum(collective, [loss, f64::from(u8::from(want_stop))], device)?;
+        let loss = loss / collective.world_size() as f64;
         if !loss.is_finite() {
             bail!(
-                "step {step} ({}): loss is {loss}; stopping (lower the learning rate?)",
+                "step {step} ({}): loss is {loss} (mean over ranks); every rank stops (lower the learning rate?)",
                 stage.kind.name()
             );
+        }
+        let every = cfg.dist.check_params_every_steps;
+        if every > 0 && step % every == 0 {
+            ddp::check_identical(collective, &variables, step)?;
         }
 
         state.step = step;
@@ -316,7 +353,9 @@ pub fn train(
 
         if step % cfg.train.log_every_steps == 0 || step == stage.last_step {
             let line = window.take(step, stage.kind, lr, &stream.stats());
-            tracing::info!("{}", window_line(&line));
+            if is_rank0 {
+                tracing::info!("{}", window_line(&line));
+            }
             metrics.write(&line)?;
         }
         let stage_end = step == stage.last_step;
@@ -337,7 +376,7 @@ pub fn train(
             )?;
             record_eval(result, &run, &mut metrics, &mut evals, is_rank0)?;
         }
-        let stopping = opts.stop.load(Ordering::SeqCst) || opts.stop_after_step == Some(step);
+        let stopping = stop_votes > 0.0;
         let due = cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0;
         if stage_end || due || stopping {
             state.train_seconds = base_seconds + started.elapsed().as_secs_f64();
@@ -362,6 +401,16 @@ pub fn train(
     } else {
         String::new()
     };
+    if collective.world_size() > 1 {
+        ddp::check_identical(collective, &variables, plan.total_steps)?;
+        if is_rank0 {
+            tracing::info!(
+                "parameters identical on all {} ranks at the end (checksum {:016x})",
+                collective.world_size(),
+                ddp::checksum(&variables)
+            );
+        }
+    }
     collective.barrier()?;
     Ok(Outcome::Completed { report })
 }
@@ -446,6 +495,7 @@ fn train_step(
     model: &DeviseModel,
     opt: &mut Optimizer,
     collective: &dyn Collective,
+    reducer: &ddp::GradientBuckets,
     kind: StageKind,
     input: Input,
     seen_labels: &Tensor,
@@ -488,7 +538,7 @@ fn train_step(
     };
     loss.backward();
     let mut grads = opt.grads();
-    collective.all_reduce_mean(&mut grads)?;
+    reducer.all_reduce_mean(collective, &mut grads)?;
     opt.step(lr);
     Ok(f64::try_from(&loss)?)
 }
@@ -581,9 +631,16 @@ fn resolve_resume(
     Ok(Some(checkpoint::load_url(&chosen)?))
 }
 
-/// The frozen encoder's features of this rank's share of the training images (eval transform),
-/// computed once per process when the devise stage starts (or resumes): the encoder does not
-/// change during that stage, so recomputing on resume gives the same cache.
+/// The frozen encoder's features of every training image (eval transform), computed once per
+/// process when the devise stage starts (or resumes): the encoder does not change during that
+/// stage, so recomputing on resume gives the same cache.
+///
+/// Each rank encodes its share of the images (`i % world_size == rank` of the split's accepted
+/// samples), then the shares are assembled on every rank (one all-reduce of a zero-filled
+/// `[n, feature_dim]` matrix: simple, and once per stage), so that the rows, and hence every
+/// step's global batch, are the same whatever the world size. Memory: `n x feature_dim x 4`
+/// bytes per rank (Tiny ImageNet with the convnet: 77 MB; ImageNet-1k with ResNet-50: 10 GB,
+/// then prefer `cache_features = false`).
 struct FeatureCache {
     features: Tensor, // [n, feature_dim]
     labels: Tensor,   // [n]
@@ -608,19 +665,41 @@ impl FeatureCache {
             collective.rank(),
             collective.world_size(),
         )?;
-        let (mut features, mut labels) = (Vec::new(), Vec::new());
+        let (mut features, mut labels, mut rows) = (Vec::new(), Vec::new(), Vec::new());
         for batch in batches {
             let batch = batch.context("caching features of the training images")?;
+            rows.extend(batch.slots.iter().map(|c| c.position as i64));
             let (images, y) = eval::batch_tensors(&batch, device);
             features.push(tch::no_grad(|| model.features(&images, false)));
             labels.push(y);
         }
-        if features.is_empty() {
+        let [n] = all_reduce_max_rows(collective, &rows, device)?;
+        if n == 0 {
             bail!("no training images to cache features of");
         }
+        let dim = model.feature_dim;
+        // [n, dim] and [n]: this rank's rows filled, others zero; labels stored as label + 1 so
+        // rows nobody filled (images that failed to decode) stay 0 and are dropped below.
+        let mut all_features = Tensor::zeros([n, dim], (tch::Kind::Float, device));
+        let mut all_labels = Tensor::zeros([n], (tch::Kind::Float, device));
+        if !rows.is_empty() {
+            let index = Tensor::from_slice(&rows).to(device);
+            let _ = all_features.index_copy_(0, &index, &Tensor::cat(&features, 0));
+            let _ = all_labels.index_copy_(
+                0,
+                &index,
+                &(Tensor::cat(&labels, 0) + 1).to_kind(tch::Kind::Float),
+            );
+        }
+        if collective.world_size() > 1 {
+            let mut flat = all_features.view([-1]);
+            collective.all_reduce(&mut flat, ReduceOp::Sum)?;
+            collective.all_reduce(&mut all_labels, ReduceOp::Sum)?;
+        }
+        let present = all_labels.gt(0.5).nonzero().view([-1]); // [kept]
         let cache = FeatureCache {
-            features: Tensor::cat(&features, 0),
-            labels: Tensor::cat(&labels, 0),
+            features: all_features.index_select(0, &present),
+            labels: (all_labels.index_select(0, &present) - 1.0).to_kind(tch::Kind::Int64),
             order: None,
         };
         tracing::info!(
@@ -632,14 +711,24 @@ impl FeatureCache {
         Ok(cache)
     }
 
-    /// Batch `stage_step` (0-based within the stage) of `batch_size` cached rows: the rows in
-    /// an order permuted per pass (seeded by `(seed, pass)`), batches running on across passes,
-    /// so the batch depends only on the step (exact resume needs no cursor).
-    fn batch(&mut self, seed: u64, stage_step: u64, batch_size: usize) -> Input {
+    /// This rank's part of global batch `stage_step` (0-based within the stage): the global
+    /// batch is `per_rank_batch_size * world_size` rows of a per-pass permutation (seeded by
+    /// `(seed, pass)`), batches running on across passes, so it depends only on the step (exact
+    /// resume needs no cursor) and not on the world size; rank `r` takes its `j % world_size == r`
+    /// rows. Returns the input and the row ids.
+    fn batch(
+        &mut self,
+        seed: u64,
+        stage_step: u64,
+        per_rank_batch_size: usize,
+        collective: &dyn Collective,
+    ) -> (Input, Vec<i64>) {
+        let (w, r) = (collective.world_size() as i64, collective.rank() as i64);
+        let global = per_rank_batch_size as u64 * w as u64;
         let n = self.labels.size()[0] as u64;
-        let mut parts = Vec::new(); // slices of pass permutations, [<= batch_size] each
-        let mut position = stage_step * batch_size as u64;
-        let end = position + batch_size as u64;
+        let mut parts = Vec::new(); // slices of pass permutations
+        let mut position = stage_step * global;
+        let end = position + global;
         while position < end {
             let pass = position / n;
             let take = (end - position).min(n - position % n);
@@ -649,10 +738,15 @@ impl FeatureCache {
             );
             position += take;
         }
-        let index = Tensor::cat(&parts, 0).to(self.features.device()); // [batch_size]
-        Input::Features(
-            self.features.index_select(0, &index),
-            self.labels.index_select(0, &index),
+        let index = Tensor::cat(&parts, 0).slice(0, r, global as i64, w); // [per_rank_batch_size]
+        let rows = Vec::<i64>::try_from(&index).unwrap_or_default();
+        let index = index.to(self.features.device());
+        (
+            Input::Features(
+                self.features.index_select(0, &index),
+                self.labels.index_select(0, &index),
+            ),
+            rows,
         )
     }
 
@@ -680,17 +774,116 @@ pub fn step_seed(seed: u64, step: u64) -> i64 {
     ((z ^ (z >> 31)) >> 1) as i64
 }
 
-fn select_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            if !tch::Cuda::is_available() {
-                bail!("run.device = cuda but libtorch sees no CUDA device");
-            }
-            Device::Cuda(0)
+fn select_device(name: &str, local_rank: usize) -> Result<Device> {
+    let cuda = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => true,
+        _ => tch::Cuda::is_available(),
+    };
+    if !cuda {
+        return Ok(Device::Cpu);
+    }
+    let count = tch::Cuda::device_count() as usize;
+    if count == 0 {
+        bail!("run.device = cuda but libtorch sees no CUDA device");
+    }
+    if local_rank >= count {
+        bail!("local_rank {local_rank} has no GPU: libtorch sees {count} (more workers per node than GPUs? check --nproc-per-node / CUDA_VISIBLE_DEVICES)");
+    }
+    Ok(Device::Cuda(local_rank))
+}
+
+/// The number of rows of the assembled cache: 1 + the largest row id any rank holds.
+fn all_reduce_max_rows(
+    collective: &dyn Collective,
+    rows: &[i64],
+    device: Device,
+) -> Result<[i64; 1]> {
+    // A sum of per-rank maxima is not a maximum: use one slot per rank.
+    let w = collective.world_size();
+    let mut per_rank = vec![0f64; w];
+    per_rank[collective.rank()] = rows.iter().max().map_or(0.0, |&m| (m + 1) as f64);
+    let mut t = Tensor::from_slice(&per_rank)
+        .to_kind(tch::Kind::Float)
+        .to_device(device);
+    if w > 1 {
+        collective.all_reduce(&mut t, ReduceOp::Sum)?;
+    }
+    let v = Vec::<f32>::try_from(t.to_device(Device::Cpu))?;
+    Ok([v.iter().fold(0f32, |a, &b| a.max(b)) as i64])
+}
+
+/// Element-wise sums of a few numbers over ranks (one all-reduce on the backend's device).
+fn all_reduce_sum<const N: usize>(
+    collective: &dyn Collective,
+    values: [f64; N],
+    device: Device,
+) -> Result<[f64; N]> {
+    if collective.world_size() == 1 {
+        return Ok(values);
+    }
+    let mut t = Tensor::from_slice(&values.map(|v| v as f32)).to_device(device);
+    collective.all_reduce(&mut t, ReduceOp::Sum)?;
+    let summed = Vec::<f32>::try_from(t.to_device(Device::Cpu))?;
+    Ok(std::array::from_fn(|i| f64::from(summed[i])))
+}
+
+/// `train.trace_samples`: this rank's sample ids per step, one JSON line each, appended to
+/// `run.dir/trace/rank-<R>.jsonl` (a resumed run appends after the checkpoint's step; lines
+/// past it from the interrupted session stay: readers keep the last line per step).
+struct SampleTrace {
+    file: Option<std::fs::File>,
+}
+
+impl SampleTrace {
+    fn open(run: &Store, enabled: bool, rank: usize) -> Result<Self> {
+        if !enabled {
+            return Ok(SampleTrace { file: None });
         }
-        _ => Device::cuda_if_available(),
-    })
+        let Some(dir) = run.local_path() else {
+            bail!(
+                "train.trace_samples needs a local run.dir, got {}",
+                run.url()
+            );
+        };
+        let dir = dir.join("trace");
+        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        let path = dir.join(format!("rank-{rank}.jsonl"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| path.display().to_string())?;
+        Ok(SampleTrace { file: Some(file) })
+    }
+
+    fn write(&mut self, line: serde_json::Value) -> Result<()> {
+        if let Some(f) = &mut self.file {
+            use std::io::Write;
+            writeln!(f, "{line}").context("writing the sample trace")?;
+        }
+        Ok(())
+    }
+
+    fn slots(
+        &mut self,
+        step: u64,
+        kind: StageKind,
+        slots: &[crate::data::reader::Cursor],
+    ) -> Result<()> {
+        if self.file.is_none() {
+            return Ok(());
+        }
+        let ids: Vec<[u64; 2]> = slots.iter().map(|c| [c.epoch, c.position]).collect();
+        self.write(serde_json::json!({"step": step, "stage": kind.name(), "slots": ids}))
+    }
+
+    fn rows(&mut self, step: u64, kind: StageKind, rows: &[i64]) -> Result<()> {
+        if self.file.is_none() {
+            return Ok(());
+        }
+        self.write(serde_json::json!({"step": step, "stage": kind.name(), "rows": rows}))
+    }
 }
 
 /// Running totals between two metric lines.
@@ -854,8 +1047,8 @@ fn record_eval(
     evals: &mut Vec<StageEval>,
     is_rank0: bool,
 ) -> Result<()> {
-    log_eval(&result);
     if is_rank0 {
+        log_eval(&result);
         run.put(
             &format!("eval/{}.json", result.stage),
             serde_json::to_vec_pretty(&result)?.into(),

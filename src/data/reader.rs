@@ -94,6 +94,10 @@ pub struct Batch {
     pub labels: Vec<i64>,
     /// `[n]` sample keys (unique within a split), for debugging and eval bookkeeping.
     pub keys: Vec<String>,
+    /// `[n]` each sample's id in the stream: training, the slot `(epoch, position)` it was read
+    /// from (the same on every world size); evaluation, `(0, i)` with `i` its index among the
+    /// split's accepted samples (all ranks together, see [`eval_batches`]).
+    pub slots: Vec<Cursor>,
     /// Images in the batch.
     pub n: usize,
     /// Side of each image, pixels.
@@ -107,6 +111,7 @@ impl Batch {
             images: Vec::with_capacity(n * 3 * image_size * image_size),
             labels: Vec::with_capacity(n),
             keys: Vec::with_capacity(n),
+            slots: Vec::with_capacity(n),
             n: 0,
             image_size,
         }
@@ -581,6 +586,10 @@ fn accept_decoded(
                 batch.images.extend_from_slice(&pixels);
                 batch.labels.push(c.label);
                 batch.keys.push(c.key().to_string());
+                batch.slots.push(Cursor {
+                    epoch: c.epoch,
+                    position: c.position,
+                });
                 batch.n += 1;
                 stats.samples += 1;
             }
@@ -953,8 +962,8 @@ impl EvalBatches {
                 match entry {
                     Entry::Ok { class, .. } => match self.plan.label_map[*class] {
                         Some(label) => {
-                            let mine = self.accepted % self.plan.world_size as u64
-                                == self.plan.rank as u64;
+                            let i = self.accepted;
+                            let mine = i % self.plan.world_size as u64 == self.plan.rank as u64;
                             self.accepted += 1;
                             if mine {
                                 self.pending.push_back(Candidate {
@@ -962,7 +971,7 @@ impl EvalBatches {
                                     entry: index,
                                     label,
                                     epoch: 0,
-                                    position: 0,
+                                    position: i,
                                 });
                             }
                         }

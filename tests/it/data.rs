@@ -937,3 +937,131 @@ fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
         }
     }
 }
+
+/// Field case B27: 145 samples in 10 uneven shards (9 x 15 + 1 x 10), 3 ranks, 16 images per
+/// rank. Naive per-rank shard assignment gives the ranks 4/3/3 steps and hangs the collective
+/// (SCENARIO.json). Here every rank walks the same slot order and keeps `j % 3 == rank` of each
+/// global batch of 48, so: every rank yields a batch at every step (same count by
+/// construction), the ranks' batches are disjoint and together are exactly the 1-rank stream's
+/// batch of 48 (the order does not depend on the world size), every slot of epoch 0 is used
+/// exactly once, and none is left over (the 4th global batch takes epoch 0's last slot and
+/// continues into epoch 1).
+#[test]
+fn b27_uneven_shards_every_rank_same_steps_same_global_batches_nothing_left_over() {
+    let Some(shared) = shared_dir() else {
+        return;
+    };
+    let dir = shared.join("field-cases/B27_uneven_shards");
+    let scenario: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("SCENARIO.json")).unwrap()).unwrap();
+    // A manifest for the fixture's shards as they are (read in place; class = the .cls value).
+    let mut shards = Vec::new();
+    let mut counts = vec![0u64; 16];
+    for i in 0..10 {
+        let name = format!("shard-{i:06}.tar");
+        let bytes = std::fs::read(dir.join(&name)).unwrap();
+        let mut samples = 0;
+        let mut archive = tar::Archive::new(&bytes[..]);
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry
+                .path()
+                .unwrap()
+                .extension()
+                .is_some_and(|e| e == "cls")
+            {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+                counts[text.trim().parse::<usize>().unwrap()] += 1;
+                samples += 1;
+            }
+        }
+        shards.push(ShardInfo {
+            name,
+            samples,
+            bytes: bytes.len() as u64,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+        });
+    }
+    let sizes: Vec<u64> = shards.iter().map(|s| s.samples).collect();
+    let expected_sizes: Vec<u64> = serde_json::from_value(scenario["shard_sizes"].clone()).unwrap();
+    assert_eq!(sizes, expected_sizes);
+    let n_classes = counts.iter().rposition(|&c| c > 0).unwrap() + 1;
+    counts.truncate(n_classes);
+    let split = SplitInfo {
+        samples: sizes.iter().sum(),
+        shards,
+        class_counts: counts,
+    };
+    assert_eq!(split.samples, 145);
+    let m = Manifest {
+        format: FORMAT.into(),
+        classes: (0..n_classes).map(|i| format!("c{i:04}")).collect(),
+        splits: BTreeMap::from([("train".into(), split)]),
+    };
+    let cfg = config(&dir, 16);
+    let labels: Vec<Option<i64>> = (0..n_classes as i64).map(Some).collect();
+    let (world, per_rank) = (3usize, 16usize);
+    let mut ranks: Vec<TrainStream> = (0..world)
+        .map(|r| {
+            TrainStream::start(
+                &cfg,
+                &m,
+                labels.clone(),
+                per_rank,
+                5,
+                Cursor::default(),
+                r,
+                world,
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut single = TrainStream::start(
+        &cfg,
+        &m,
+        labels,
+        per_rank * world,
+        5,
+        Cursor::default(),
+        0,
+        1,
+    )
+    .unwrap();
+    let mut epoch0 = BTreeMap::<u64, usize>::new();
+    for step in 0..4 {
+        let (global, global_cursor) = single.next_batch().unwrap();
+        let mut union = BTreeSet::new();
+        for stream in ranks.iter_mut() {
+            let (b, cursor) = stream.next_batch().unwrap();
+            assert_eq!(b.n, per_rank, "step {step}: every rank gets a full batch");
+            assert_eq!(
+                cursor, global_cursor,
+                "step {step}: the ranks agree on the cursor"
+            );
+            for slot in &b.slots {
+                assert!(
+                    union.insert((slot.epoch, slot.position)),
+                    "step {step}: ranks overlap"
+                );
+            }
+        }
+        let expected: BTreeSet<(u64, u64)> =
+            global.slots.iter().map(|c| (c.epoch, c.position)).collect();
+        assert_eq!(
+            union, expected,
+            "step {step}: 3 x 16 = the 1-rank batch of 48"
+        );
+        for (e, p) in expected {
+            if e == 0 {
+                *epoch0.entry(p).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(
+        epoch0.len(),
+        145,
+        "every slot of epoch 0 is used (none left over)"
+    );
+    assert!(epoch0.values().all(|&n| n == 1), "no slot of epoch 0 twice");
+}

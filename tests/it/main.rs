@@ -3,5 +3,6 @@
 mod cli;
 mod common;
 mod data;
+mod dist;
 mod text;
 mod train;

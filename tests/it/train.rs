@@ -105,6 +105,7 @@ fn run(cfg: &RunConfig, resume: Resume, stop_after_step: Option<u64>) -> Outcome
         resume,
         stop: Arc::new(AtomicBool::new(false)),
         stop_after_step,
+        local_rank: 0,
     };
     train(cfg, &plan, &opts, &SingleProcess).unwrap()
 }
@@ -435,6 +436,7 @@ fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
         resume: Resume::Never,
         stop: Arc::new(AtomicBool::new(false)),
         stop_after_step: None,
+        local_rank: 0,
     };
     let err = format!(
         "{:#}",
@@ -464,6 +466,7 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
             resume: Resume::Auto,
             stop: Arc::new(AtomicBool::new(false)),
             stop_after_step: None,
+            local_rank: 0,
         };
         train(&cfg, &plan, &opts, &SingleProcess)
             .map(|_| ())

@@ -1,0 +1,194 @@
+//! Data parallelism on top of [`Collective`]: what the training loop calls.
+//!
+//! - [`broadcast_variables`]: at start (fresh or resumed), every rank takes rank 0's parameters
+//!   and buffers, so the replicas start identical whatever each process initialised or loaded.
+//! - [`GradientBuckets`]: after `backward`, gradients are copied into flat buckets of at most
+//!   `dist.bucket_size_mb` (one dtype per bucket, tensors in a fixed order), each bucket is
+//!   averaged with one all-reduce, and the result copied back. Equal per-rank batch sizes make
+//!   the mean of per-rank mean-loss gradients the gradient of the global batch's mean loss.
+//!   (Buckets are reduced after the whole backward pass: tch exposes no per-parameter gradient
+//!   hooks, so reduction does not overlap backward as PyTorch DDP's does.)
+//! - [`check_identical`]: a checksum of every variable compared across ranks; a difference is
+//!   an error on every rank (so they stop together), naming the ranks and the step.
+//!
+//! All three must be called by every rank at the same point with the same variable list.
+use anyhow::{bail, Result};
+use std::hash::Hasher;
+use tch::{Device, Kind, Tensor};
+
+use super::{Collective, ReduceOp};
+
+/// Groups `tensors` (in order) into buckets of one dtype and at most `bucket_bytes` each (a
+/// tensor larger than that gets a bucket of its own); returns index lists.
+pub fn buckets(tensors: &[Tensor], bucket_bytes: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0usize;
+    let mut kind = None;
+    for (i, t) in tensors.iter().enumerate() {
+        let size = t.numel() * t.kind().elt_size_in_bytes();
+        let fits = kind == Some(t.kind()) && bytes + size <= bucket_bytes;
+        if !fits || out.is_empty() {
+            out.push(Vec::new());
+            bytes = 0;
+            kind = Some(t.kind());
+        }
+        out.last_mut().expect("pushed above").push(i);
+        bytes += size;
+    }
+    out
+}
+
+/// Applies `op` to each bucket of `tensors` flattened into one buffer, then copies the result
+/// back into the tensors (in place, without autograd).
+fn per_bucket(
+    tensors: &mut [Tensor],
+    bucket_bytes: usize,
+    mut op: impl FnMut(&mut Tensor) -> Result<()>,
+) -> Result<()> {
+    for bucket in buckets(tensors, bucket_bytes) {
+        let views: Vec<Tensor> = bucket.iter().map(|&i| tensors[i].reshape([-1])).collect();
+        let mut flat = Tensor::cat(&views, 0); // [sum of numels], a copy
+        op(&mut flat)?;
+        let mut offset = 0;
+        for &i in &bucket {
+            let n = tensors[i].numel() as i64;
+            let part = flat.narrow(0, offset, n).view_as(&tensors[i]);
+            tch::no_grad(|| tensors[i].copy_(&part));
+            offset += n;
+        }
+    }
+    Ok(())
+}
+
+/// Rank 0's values of `variables` (parameters and buffers, same order on every rank) copied to
+/// every rank.
+pub fn broadcast_variables(
+    collective: &dyn Collective,
+    variables: &mut [Tensor],
+    bucket_bytes: usize,
+) -> Result<()> {
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    per_bucket(variables, bucket_bytes, |flat| collective.broadcast(flat))
+}
+
+/// Averages gradients over ranks in buckets (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct GradientBuckets {
+    /// Largest bucket, bytes.
+    pub bucket_bytes: usize,
+}
+
+impl GradientBuckets {
+    /// In place: every gradient becomes its mean over ranks. `grads` in the same order on every
+    /// rank (the optimizer's parameter order).
+    pub fn all_reduce_mean(&self, collective: &dyn Collective, grads: &mut [Tensor]) -> Result<()> {
+        if collective.world_size() == 1 {
+            return Ok(());
+        }
+        per_bucket(grads, self.bucket_bytes, |flat| {
+            collective.all_reduce(flat, ReduceOp::Mean)
+        })
+    }
+}
+
+/// A 64-bit hash of the exact bytes of `tensors` (SipHash, deterministic across processes).
+pub fn checksum(tensors: &[Tensor]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for t in tensors {
+        let t = t.to_device(Device::Cpu).contiguous();
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        // SAFETY: a contiguous CPU tensor owns `bytes` bytes at data_ptr; read only while `t`
+        // lives.
+        let data = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) };
+        h.write(data);
+    }
+    h.finish()
+}
+
+/// Compares [`checksum`] of `variables` across ranks; on a difference every rank returns the
+/// same error, naming `step` and the ranks whose parameters differ from rank 0's.
+pub fn check_identical(collective: &dyn Collective, variables: &[Tensor], step: u64) -> Result<()> {
+    let (w, r) = (collective.world_size(), collective.rank());
+    if w == 1 {
+        return Ok(());
+    }
+    let mine = checksum(variables);
+    let rank0 = collective.broadcast_bytes(mine.to_le_bytes().to_vec())?;
+    let differs = rank0 != mine.to_le_bytes();
+    let flags = Tensor::zeros([w as i64], (Kind::Float, Device::Cpu));
+    if differs {
+        let _ = flags.get(r as i64).fill_(1.0);
+    }
+    // NCCL reduces on the GPU; the check is rare, the copy is cheap.
+    let device = variables.first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    let mut flags = flags.to_device(device);
+    collective.all_reduce(&mut flags, ReduceOp::Sum)?;
+    let flags = Vec::<f32>::try_from(flags.to_device(Device::Cpu))?;
+    let bad: Vec<usize> = (0..w).filter(|&i| flags[i] > 0.0).collect();
+    if !bad.is_empty() {
+        bail!(
+            "after step {step}: the parameters of rank(s) {bad:?} differ from rank 0's (checksum); \
+             the replicas diverged (non-deterministic kernel, a rank that skipped a step, or memory corruption)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::ring::tests::with_ring;
+
+    #[test]
+    fn buckets_respect_size_and_dtype() {
+        let f = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
+        let h = |n: i64| Tensor::zeros([n], (Kind::BFloat16, Device::Cpu));
+        let ts = vec![f(10), f(10), f(30), h(4), h(4), f(1)];
+        // 80 bytes per bucket: [10, 10] = 80 B; [30] = 120 B alone; bf16 [4, 4] = 16 B; [1].
+        assert_eq!(
+            buckets(&ts, 80),
+            vec![vec![0, 1], vec![2], vec![3, 4], vec![5]]
+        );
+    }
+
+    #[test]
+    fn gradients_are_averaged_and_variables_broadcast_in_buckets() {
+        let out = with_ring(2, |ring| {
+            let r = ring.rank() as f64;
+            let mut grads = vec![
+                Tensor::full([3, 4], r, (Kind::Float, Device::Cpu)),
+                Tensor::full([5], 10.0 * r, (Kind::Float, Device::Cpu)),
+                Tensor::full([2, 2], r, (Kind::BFloat16, Device::Cpu)),
+            ];
+            GradientBuckets { bucket_bytes: 40 }
+                .all_reduce_mean(&ring, &mut grads)
+                .unwrap();
+            let mut vars = vec![
+                Tensor::full([7], r + 1.0, (Kind::Float, Device::Cpu)),
+                Tensor::full([2], r + 1.0, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float),
+            ];
+            broadcast_variables(&ring, &mut vars, 16).unwrap();
+            check_identical(&ring, &vars, 1).unwrap();
+            // Now make rank 1 differ: every rank gets the same error.
+            if ring.rank() == 1 {
+                let _ = vars[0].get(0).fill_(5.0);
+            }
+            let e = check_identical(&ring, &vars, 7).unwrap_err().to_string();
+            (
+                grads
+                    .iter()
+                    .map(|g| g.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]))
+                    .collect::<Vec<_>>(),
+                Vec::<f32>::try_from(&vars[1]).unwrap(),
+                e,
+            )
+        });
+        for (means, var, e) in out {
+            assert_eq!(means, vec![0.5, 5.0, 0.5]);
+            assert_eq!(var, vec![1.0, 1.0]);
+            assert!(e.contains("step 7") && e.contains("[1]"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Cross-process communication (STYLE.md point 5: the model and the loss never know their rank).
+//!
+//! - [`store`]: the rendezvous key-value store over TCP (rank 0 hosts it, every rank connects
+//!   with the run's token). It carries the CPU backend's peer addresses and NCCL's unique id.
+//! - [`ring`]: the `cpu` backend, ring all-reduce over TCP (tests, development, CPU clusters).
+//! - `nccl`: the `nccl` backend (cargo feature `nccl`; without it a twin that compiles
+//!   everywhere and returns a clear error, STYLE.md point 8).
+//! - [`ddp`]: what the training step builds on top: parameters broadcast from rank 0 at start,
+//!   gradients averaged in buckets, the cross-rank parameter checksum.
+//!
+//! # Contract every backend keeps (read before calling anything here)
+//!
+//! Every rank must call the same operations in the same order with buffers of the same length
+//! and dtype. A rank that skips one leaves the others waiting until `dist.timeout_secs`, after
+//! which they fail with an error naming the operation; a rank whose process dies makes its ring
+//! neighbours fail at once (the connection closes), and the launcher stops the rest. No
+//! operation retries: after an error the group is unusable and the process should exit.
+//!
+//! DeViSE's hinge rank loss compares each image against the fixed label-embedding table (§3.3),
+//! never against other images, so data parallelism needs no cross-rank gather of embeddings:
+//! averaging gradients is the whole story.
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+pub mod ddp;
+pub mod ring;
+pub mod store;
+
+#[cfg(feature = "nccl")]
+#[path = "nccl.rs"]
+pub mod nccl;
+#[cfg(not(feature = "nccl"))]
+#[path = "nccl_disabled.rs"]
+pub mod nccl;
+
+pub use devise_launch::world::{EnvSource, WorkerEnv};
+
+/// `[dist]` section: how ranks talk to each other. Every field has a default; single-process
+/// runs ignore the section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `auto` (NCCL when `run.device` is CUDA, else `cpu`), `cpu`, or `nccl`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Gradients are averaged in flat buckets of at most this many MiB (one all-reduce each).
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_size_mb: f64,
+    /// Every this many steps the ranks compare a checksum of their parameters and stop with an
+    /// error naming the step when they differ (0: never).
+    #[serde(default = "default_check_every")]
+    pub check_params_every_steps: u64,
+    /// How long a rank waits for the others in any one operation (rendezvous, all-reduce,
+    /// barrier) before failing, seconds. Must cover the longest single-rank pause (rank 0
+    /// writing a checkpoint or the report while the others wait at a barrier).
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_backend() -> String {
+    "auto".into()
+}
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+fn default_check_every() -> u64 {
+    100
+}
+fn default_timeout() -> u64 {
+    600
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: default_backend(),
+            bucket_size_mb: default_bucket_mb(),
+            check_params_every_steps: default_check_every(),
+            timeout_secs: default_timeout(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the section; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.backend.as_str(), "auto" | "cpu" | "nccl") {
+            bail!(
+                "dist.backend = {:?}: expected auto, cpu or nccl",
+                self.backend
+            );
+        }
+        if !(self.bucket_size_mb.is_finite() && self.bucket_size_mb > 0.0) {
+            bail!(
+                "dist.bucket_size_mb must be > 0, got {}",
+                self.bucket_size_mb
+            );
+        }
+        if self.timeout_secs == 0 {
+            bail!("dist.timeout_secs must be > 0");
+        }
+        Ok(())
+    }
+
+    /// Bucket size in bytes.
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_size_mb * (1 << 20) as f64) as usize
+    }
+}
+
+/// Sum or mean over ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise sum divided by `world_size`.
+    Mean,
+}
+
+/// The operations the training loop needs from a process group.
+pub trait Collective {
+    /// This process's rank, `0..world_size`.
+    fn rank(&self) -> usize;
+    /// Number of processes in the group.
+    fn world_size(&self) -> usize;
+    /// In place, over a flat contiguous buffer (`[n]`, `Float` or `BFloat16`, on the backend's
+    /// device: CPU for `cpu`, this rank's GPU for `nccl`): every element becomes the sum (or
+    /// mean) over ranks. Afterwards the buffer is bit-identical on every rank.
+    /// Errors: wrong dtype/layout/device, a peer gone, `dist.timeout_secs` exceeded.
+    fn all_reduce(&self, buffer: &mut Tensor, op: ReduceOp) -> Result<()>;
+    /// In place, rank 0's contents of a flat contiguous buffer are copied to every rank.
+    fn broadcast(&self, buffer: &mut Tensor) -> Result<()>;
+    /// Rank 0's `bytes` are returned on every rank (others pass anything; it is ignored).
+    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()>;
+
+    /// Every tensor becomes its mean over ranks (any shapes, `Float`/`BFloat16`; one flat
+    /// buffer, so meant for small lists: metrics and counts; gradients go through
+    /// [`ddp::GradientBuckets`]).
+    fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<()> {
+        if self.world_size() == 1 || tensors.is_empty() {
+            return Ok(());
+        }
+        let mut flat = Tensor::cat(
+            &tensors
+                .iter()
+                .map(|t| t.to_kind(Kind::Float).reshape([-1]))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        self.all_reduce(&mut flat, ReduceOp::Mean)?;
+        let mut offset = 0;
+        for t in tensors.iter_mut() {
+            let n = t.numel() as i64;
+            let part = flat.narrow(0, offset, n).view_as(t).to_kind(t.kind());
+            tch::no_grad(|| t.copy_(&part));
+            offset += n;
+        }
+        Ok(())
+    }
+}
+
+/// `world_size == 1`: no communication at all.
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce(&self, _buffer: &mut Tensor, _op: ReduceOp) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _buffer: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(bytes)
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Joins the process group the environment describes ([`WorkerEnv`]): a single process needs
+/// nothing; otherwise rank 0 starts the rendezvous store, every rank connects, and the backend
+/// `dist.backend` (resolved against `device_is_cuda`) is set up through it.
+///
+/// Every rank of the job must call this, with the same configuration. Errors: the store cannot
+/// be reached or refuses the token within `dist.timeout_secs`, the backend cannot start
+/// (missing libnccl, no GPU for `local_rank`, ...).
+pub fn init(env: &WorkerEnv, cfg: &Config, device_is_cuda: bool) -> Result<Box<dyn Collective>> {
+    cfg.validate()?;
+    if env.world_size == 1 {
+        return Ok(Box::new(SingleProcess));
+    }
+    let timeout = std::time::Duration::from_secs(cfg.timeout_secs);
+    let store = store::Rendezvous::join(env, timeout)?;
+    let backend = match cfg.backend.as_str() {
+        "auto" if device_is_cuda => "nccl",
+        "auto" => "cpu",
+        b => b,
+    };
+    tracing::info!(
+        "rank {} of {} (local {} of {}, from {:?} variables), backend {backend}, store {}:{}, run {}",
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.local_world_size,
+        env.source,
+        env.master_addr,
+        env.master_port,
+        env.run_id
+    );
+    match backend {
+        "cpu" => Ok(Box::new(ring::Ring::connect(store, timeout)?)),
+        "nccl" => Ok(Box::new(nccl::Nccl::connect(store, env.local_rank)?)),
+        other => bail!("dist.backend = {other:?}: expected auto, cpu or nccl"),
+    }
+}
+
+/// The contiguous flat buffer checks every backend makes: `[n]`, dense, `Float` or `BFloat16`.
+pub(crate) fn check_flat(buffer: &Tensor, what: &str) -> Result<()> {
+    if buffer.dim() != 1 || !buffer.is_contiguous() {
+        bail!(
+            "{what}: expected a flat contiguous buffer, got shape {:?}",
+            buffer.size()
+        );
+    }
+    if !matches!(buffer.kind(), Kind::Float | Kind::BFloat16) {
+        bail!(
+            "{what}: expected Float or BFloat16, got {:?}",
+            buffer.kind()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,489 @@
+//! The `cpu` backend: ring all-reduce over TCP (Patarasuk & Yuan's bandwidth-optimal ring, the
+//! algorithm of NCCL's and Gloo's rings), for tests, development and CPU-only clusters.
+//!
+//! # Topology (set up once, through the rendezvous store)
+//!
+//! Rank `r` listens on an ephemeral port of the interface that reaches rank 0, publishes
+//! `ring/<r> = ip:port`, connects to its successor `r + 1 mod w` (the *send* socket) and accepts
+//! its predecessor `r - 1 mod w` (the *recv* socket). The accepted connection must first present
+//! the run's token, its rank and the restart attempt; anything else is dropped, so a stray client
+//! cannot inject bytes into a reduction. Every socket has `dist.timeout_secs` read/write
+//! timeouts: a peer that hangs makes the operation fail after that long, a peer that dies makes it
+//! fail at once (connection reset / end of stream).
+//!
+//! # All-reduce of `n` floats (`w` ranks)
+//!
+//! The buffer is cut into `w` segments. Reduce-scatter: at step `k = 0..w-1` rank `r` sends
+//! segment `r - k` and receives segment `r - k - 1`, adding it into its own; after `w - 1` steps
+//! it holds segment `r + 1` summed over all ranks (divided by `w` for a mean). All-gather: at
+//! step `k` it sends segment `r + 1 - k` and receives segment `r - k`, overwriting its own. Each
+//! rank sends and receives `2 (w-1)/w n` floats, the minimum.
+//!
+//! Pipelining: segments travel in chunks of [`CHUNK_BYTES`]. A sender thread writes chunks from
+//! a queue while the calling thread receives: a chunk it finished reducing (or receiving, in the
+//! all-gather) is queued for sending at once, so sending, receiving and adding overlap, and the
+//! two directions of every link are busy at the same time (with blocking sockets they must be:
+//! two ranks both writing a large buffer before reading would deadlock on full socket buffers).
+//!
+//! Every element is summed by exactly one rank and then copied, so the result is bit-identical
+//! on every rank (the sum order depends on the world size, not on timing).
+//!
+//! `BFloat16` buffers are reduced in f32 (converted before, rounded after): the wire carries
+//! f32, twice the bytes, and the sum is more accurate than a bf16 ring's.
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+use super::store::Rendezvous;
+use super::{check_flat, Collective, ReduceOp};
+
+/// Bytes per pipelined chunk.
+pub const CHUNK_BYTES: usize = 256 << 10;
+
+/// A process group of `world_size` CPU ranks connected in a ring.
+pub struct Ring {
+    rank: usize,
+    world_size: usize,
+    /// To rank `r + 1`: written by the sender thread only.
+    send: TcpStream,
+    /// From rank `r - 1`: read by the calling thread only.
+    recv: TcpStream,
+    /// One operation at a time (the sockets carry one byte stream each).
+    op: Mutex<()>,
+    /// Kept alive: on rank 0 it hosts the store (the others may still be rendezvousing).
+    _store: Rendezvous,
+}
+
+/// A byte range of the caller's buffer handed to the sender thread.
+struct Span(*const u8, usize);
+// SAFETY: a Span points into the buffer of the operation in progress, which outlives the sender
+// thread (scoped); the calling thread does not write a span's bytes while it is queued or being
+// sent (see `all_reduce_f32` for why), and the sender only reads them.
+unsafe impl Send for Span {}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Handshake {
+    token: String,
+    rank: usize,
+    attempt: u32,
+}
+
+fn write_msg(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    stream.write_all(bytes)
+}
+
+fn read_msg(stream: &mut TcpStream, max: usize) -> Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        bail!("message of {len} bytes over the limit of {max}");
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    Ok(body)
+}
+
+impl Ring {
+    /// Builds the ring through `store` (every rank calls it at the same time). Errors: a peer's
+    /// address never published, the successor unreachable, or no valid predecessor connection
+    /// within the store's timeout.
+    pub fn connect(store: Rendezvous, timeout: Duration) -> Result<Ring> {
+        let (rank, world) = (store.rank(), store.world_size());
+        let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
+        let listener = TcpListener::bind(SocketAddr::new(store.local_ip(), 0))
+            .with_context(|| format!("rank {rank}: binding the ring listener"))?;
+        let addr = listener.local_addr()?;
+        store.set(&format!("ring/{rank}"), addr.to_string().as_bytes())?;
+        let next_addr = String::from_utf8(store.wait(&[format!("ring/{next}")])?.remove(0))?;
+        let deadline = Instant::now() + timeout;
+
+        // Connect to the successor (retrying: it may not listen yet... it does, it published
+        // after binding, but its host may be slow to route).
+        let mut send = loop {
+            match TcpStream::connect(&next_addr) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(anyhow!(e).context(format!(
+                        "rank {rank}: cannot connect to rank {next} at {next_addr}"
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        let hello = serde_json::to_vec(&Handshake {
+            token: store.token().to_string(),
+            rank,
+            attempt: store.attempt(),
+        })?;
+        write_msg(&mut send, &hello)
+            .with_context(|| format!("rank {rank}: handshake with rank {next}"))?;
+
+        // Accept the predecessor; drop anything that does not present the token.
+        listener.set_nonblocking(true)?;
+        let recv = loop {
+            match listener.accept() {
+                Ok((mut s, peer)) => {
+                    s.set_nonblocking(false)?;
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    let ok = read_msg(&mut s, 4096)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Handshake>(&b).ok())
+                        .is_some_and(|h| {
+                            h.token == store.token()
+                                && h.rank == prev
+                                && h.attempt == store.attempt()
+                        });
+                    if ok {
+                        break s;
+                    }
+                    tracing::warn!("rank {rank}: ring: refused a connection from {peer} (not rank {prev} of this run)");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        bail!(
+                            "rank {rank}: rank {prev} did not connect within {} s",
+                            timeout.as_secs()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(anyhow!(e).context(format!("rank {rank}: ring accept"))),
+            }
+        };
+        for s in [&send, &recv] {
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+        }
+        Ok(Ring {
+            rank,
+            world_size: world,
+            send,
+            recv,
+            op: Mutex::new(()),
+            _store: store,
+        })
+    }
+
+    fn next(&self) -> usize {
+        (self.rank + 1) % self.world_size
+    }
+
+    fn prev(&self) -> usize {
+        (self.rank + self.world_size - 1) % self.world_size
+    }
+
+    /// Runs `body` with a sender thread writing the spans it queues, in order, to the successor.
+    /// On any error both directions are shut down (a blocked peer fails at once instead of
+    /// waiting for the timeout) and the first error is returned.
+    fn with_sender<F>(&self, what: &str, body: F) -> Result<()>
+    where
+        F: FnOnce(&mpsc::Sender<Span>) -> Result<()>,
+    {
+        let (tx, rx) = mpsc::channel::<Span>();
+        let next = self.next();
+        let result = std::thread::scope(|scope| {
+            let sender = scope.spawn(move || -> Result<()> {
+                let mut out = &self.send;
+                for Span(ptr, len) in rx {
+                    // SAFETY: see `Span`.
+                    let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+                    out.write_all(bytes)
+                        .with_context(|| format!("sending to rank {next}"))?;
+                }
+                Ok(())
+            });
+            let received = body(&tx);
+            drop(tx);
+            if received.is_err() {
+                let _ = self.send.shutdown(Shutdown::Both);
+            }
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the sender thread panicked")));
+            received.and(sent)
+        });
+        result.with_context(|| {
+            format!(
+                "rank {}: {what} failed (rank {} or {} died, hung past dist.timeout_secs, or closed the ring); the group is unusable",
+                self.rank,
+                self.prev(),
+                next
+            )
+        })
+    }
+
+    fn receive(&self, into: &mut [u8]) -> Result<()> {
+        (&self.recv)
+            .read_exact(into)
+            .with_context(|| format!("receiving from rank {}", self.prev()))
+    }
+
+    /// The ring all-reduce of the module docs over `data` (`[n]` f32, in place).
+    fn all_reduce_f32(&self, data: &mut [f32], op: ReduceOp) -> Result<()> {
+        let (w, r, n) = (self.world_size, self.rank, data.len());
+        if w == 1 || n == 0 {
+            return Ok(());
+        }
+        let ptr = data.as_mut_ptr();
+        let seg = |i: usize| (i * n / w, (i + 1) * n / w); // [start, end) of segment i
+        let chunk = CHUNK_BYTES / 4;
+        let chunks = |i: usize| {
+            let (a, b) = seg(i);
+            (a..b).step_by(chunk).map(move |s| (s, (s + chunk).min(b)))
+        };
+        let span = |a: usize, b: usize| Span(ptr.wrapping_add(a) as *const u8, (b - a) * 4);
+        let scale = 1.0 / w as f32;
+        let mut scratch = vec![0f32; chunk];
+        // Why the calling thread never writes a span the sender still reads: it writes segment
+        // `r - k - 1` at reduce-scatter step k (never sent before step k + 1) and segment `r - k`
+        // at all-gather step k; that segment's chunks were sent at reduce-scatter step k, and
+        // their final values can only arrive after the successor has read them (every final
+        // value includes this rank's contribution), i.e. after the sender is done with them.
+        self.with_sender("all-reduce", |tx| {
+            for (a, b) in chunks(r) {
+                tx.send(span(a, b)).ok();
+            }
+            for k in 0..w - 1 {
+                let last = k == w - 2;
+                for (a, b) in chunks((r + 2 * w - k - 1) % w) {
+                    let incoming = &mut scratch[..b - a];
+                    self.receive(bytemuck::cast_slice_mut(incoming))?;
+                    // SAFETY: [a, b) is inside `data` and not queued for sending (above).
+                    let own = unsafe { std::slice::from_raw_parts_mut(ptr.add(a), b - a) };
+                    for (x, y) in own.iter_mut().zip(incoming.iter()) {
+                        *x += *y;
+                    }
+                    if last && op == ReduceOp::Mean {
+                        for x in own.iter_mut() {
+                            *x *= scale;
+                        }
+                    }
+                    tx.send(span(a, b)).ok();
+                }
+            }
+            for k in 0..w - 1 {
+                let forward = k < w - 2;
+                for (a, b) in chunks((r + w - k) % w) {
+                    // SAFETY: as above.
+                    let own = unsafe { std::slice::from_raw_parts_mut(ptr.add(a), b - a) };
+                    self.receive(bytemuck::cast_slice_mut(own))?;
+                    if forward {
+                        tx.send(span(a, b)).ok();
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Rank 0's `data` to every rank, pipelined along the ring.
+    fn broadcast_raw(&self, data: &mut [u8]) -> Result<()> {
+        if self.world_size == 1 || data.is_empty() {
+            return Ok(());
+        }
+        let ptr = data.as_mut_ptr();
+        let forward = self.next() != 0;
+        self.with_sender("broadcast", |tx| {
+            for a in (0..data.len()).step_by(CHUNK_BYTES) {
+                let b = (a + CHUNK_BYTES).min(data.len());
+                if self.rank != 0 {
+                    // SAFETY: [a, b) is inside `data`; only chunks already received were queued.
+                    let own = unsafe { std::slice::from_raw_parts_mut(ptr.add(a), b - a) };
+                    self.receive(own)?;
+                }
+                if self.rank == 0 || forward {
+                    tx.send(Span(ptr.wrapping_add(a) as *const u8, b - a)).ok();
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `buffer`'s storage as f32, after checking it is a flat contiguous CPU `Float` tensor.
+fn as_f32(buffer: &mut Tensor) -> Result<&mut [f32]> {
+    if buffer.device() != Device::Cpu || buffer.kind() != Kind::Float {
+        bail!(
+            "cpu backend: expected a CPU Float buffer, got {:?} {:?}",
+            buffer.device(),
+            buffer.kind()
+        );
+    }
+    let n = buffer.numel();
+    // SAFETY: a contiguous CPU Float tensor of n elements owns n f32 at data_ptr (checked above
+    // and by check_flat); the returned slice borrows `buffer` mutably, so no other Rust access to
+    // it can happen while the slice lives.
+    Ok(unsafe { std::slice::from_raw_parts_mut(buffer.data_ptr() as *mut f32, n) })
+}
+
+impl Collective for Ring {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce(&self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
+        check_flat(buffer, "all_reduce")?;
+        let _op = self.op.lock().expect("ring lock");
+        if buffer.kind() == Kind::BFloat16 {
+            let mut wide = buffer.to_kind(Kind::Float);
+            self.all_reduce_f32(as_f32(&mut wide)?, op)?;
+            tch::no_grad(|| buffer.copy_(&wide));
+            return Ok(());
+        }
+        self.all_reduce_f32(as_f32(buffer)?, op)
+    }
+
+    fn broadcast(&self, buffer: &mut Tensor) -> Result<()> {
+        check_flat(buffer, "broadcast")?;
+        if buffer.device() != Device::Cpu {
+            bail!(
+                "cpu backend: expected a CPU buffer, got {:?}",
+                buffer.device()
+            );
+        }
+        let _op = self.op.lock().expect("ring lock");
+        let bytes = buffer.numel() * buffer.kind().elt_size_in_bytes();
+        // SAFETY: contiguous CPU tensor of `bytes` bytes (checked above), borrowed mutably.
+        let data = unsafe { std::slice::from_raw_parts_mut(buffer.data_ptr() as *mut u8, bytes) };
+        self.broadcast_raw(data)
+    }
+
+    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        let _op = self.op.lock().expect("ring lock");
+        let mut len = (bytes.len() as u64).to_le_bytes();
+        self.broadcast_raw(&mut len)?;
+        let mut data = if self.rank == 0 {
+            bytes
+        } else {
+            vec![0u8; u64::from_le_bytes(len) as usize]
+        };
+        self.broadcast_raw(&mut data)?;
+        Ok(data)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let mut one = Tensor::ones([1], (Kind::Float, Device::Cpu));
+        self.all_reduce(&mut one, ReduceOp::Sum).context("barrier")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::collective::store::tests::{env, free_port};
+
+    /// Runs `f` on `world` ranks connected by a ring (threads of this process).
+    pub(crate) fn with_ring<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(Ring) -> T + Send + Sync + Copy + 'static,
+    ) -> Vec<T> {
+        let port = free_port();
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let t = Duration::from_secs(20);
+                    let store = Rendezvous::join(&env(rank, world, port, "tok"), t).unwrap();
+                    f(Ring::connect(store, t).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn all_reduce_sums_and_means_exactly_for_many_sizes_and_world_sizes() {
+        for world in [2usize, 3, 4] {
+            let out = with_ring(world, move |ring| {
+                let mut results = Vec::new();
+                // Sizes around the segment/chunk boundaries, including n < world.
+                for n in [1usize, 2, 5, 1000, CHUNK_BYTES / 4 * 3 + 7] {
+                    let r = ring.rank() as f64;
+                    let mut t = Tensor::arange(n as i64, (Kind::Float, Device::Cpu)) + r;
+                    ring.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+                    let mut m = Tensor::full([n as i64], r, (Kind::Float, Device::Cpu));
+                    ring.all_reduce(&mut m, ReduceOp::Mean).unwrap();
+                    results.push((
+                        Vec::<f32>::try_from(&t).unwrap(),
+                        Vec::<f32>::try_from(&m).unwrap(),
+                    ));
+                }
+                results
+            });
+            let ranks_sum: f32 = (0..world).map(|r| r as f32).sum();
+            for (i, n) in [1usize, 2, 5, 1000, CHUNK_BYTES / 4 * 3 + 7]
+                .iter()
+                .enumerate()
+            {
+                let want: Vec<f32> = (0..*n)
+                    .map(|j| world as f32 * j as f32 + ranks_sum)
+                    .collect();
+                let mean = ranks_sum / world as f32;
+                for rank_out in &out {
+                    assert_eq!(rank_out[i].0, want, "sum, world {world}, n {n}");
+                    assert!(rank_out[i].1.iter().all(|&x| (x - mean).abs() < 1e-6));
+                }
+                // Bit-identical across ranks.
+                assert!(out.iter().all(|o| o[i] == out[0][i]));
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_broadcast_bytes_and_barrier() {
+        let out = with_ring(3, |ring| {
+            let r = ring.rank() as f64;
+            let mut t = Tensor::full([300], r + 1.0, (Kind::BFloat16, Device::Cpu));
+            ring.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+            let mut b = Tensor::full([70_000], r, (Kind::Float, Device::Cpu));
+            ring.broadcast(&mut b).unwrap();
+            let bytes = ring
+                .broadcast_bytes(if ring.rank() == 0 {
+                    b"from rank 0".to_vec()
+                } else {
+                    vec![9; 3]
+                })
+                .unwrap();
+            ring.barrier().unwrap();
+            (
+                Vec::<f32>::try_from(t.to_kind(Kind::Float)).unwrap(),
+                Vec::<f32>::try_from(&b).unwrap(),
+                bytes,
+            )
+        });
+        for (t, b, bytes) in out {
+            assert!(t.iter().all(|&x| x == 6.0));
+            assert!(b.iter().all(|&x| x == 0.0));
+            assert_eq!(bytes, b"from rank 0");
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_fails_the_operation_promptly() {
+        let started = Instant::now();
+        let out = with_ring(2, |ring| {
+            if ring.rank() == 1 {
+                drop(ring); // "dies": its sockets close
+                return None;
+            }
+            let mut t = Tensor::ones([1 << 20], (Kind::Float, Device::Cpu));
+            Some(format!(
+                "{:#}",
+                ring.all_reduce(&mut t, ReduceOp::Sum).unwrap_err()
+            ))
+        });
+        let msg = out[0].clone().unwrap();
+        assert!(msg.contains("all-reduce failed"), "{msg}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+}

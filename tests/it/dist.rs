@@ -1,0 +1,314 @@
+//! Scope: data-parallel training for real, several processes on this machine, through the
+//! `devise-launch` binary (built by `cargo test --workspace`; next to the `devise` binary) and
+//! the `cpu` backend: rendezvous, ring all-reduce, parameter broadcast and checksum, the
+//! world-size-independent sample order, the report written once, a SIGKILLed worker stopping
+//! the group and `--max-restarts` resuming it exactly.
+//!
+//! The model uses GroupNorm (`model.norm = "group"`): it has no batch statistics, so a 2-rank
+//! run with 8 images per rank computes the same function as a 1-rank run with 16 (BatchNorm
+//! would normalise each rank's 8 images by their own statistics). The losses then agree within
+//! float tolerance (the gradient mean is summed in another order), and the samples of every step
+//! are identical.
+use crate::common::shared_dir;
+use crate::train::{config_toml, shards};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn devise() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_devise"))
+}
+
+/// `devise-launch`, built by the same `cargo test --workspace` into the same directory.
+fn launcher() -> PathBuf {
+    let path = devise().with_file_name("devise-launch");
+    assert!(
+        path.exists(),
+        "{} not found: run the tests with `cargo test --workspace` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The train tests' small configuration with GroupNorm, one thread per process, the sample
+/// trace, a parameter check every step, `softmax_epochs` of the softmax stage, and `extra` TOML
+/// appended (new sections only: TOML forbids repeating a key).
+fn write_config(dir: &Path, name: &str, softmax_epochs: f64, extra: &str) -> PathBuf {
+    let (_, shard_dir) = shards().expect("checked by the caller");
+    let run = dir.join(name);
+    let toml = config_toml(shard_dir, &run)
+        .replace("threads = 2", "threads = 1")
+        .replace("decode_threads = 2", "decode_threads = 1")
+        .replace("widths = [8, 16]", "widths = [8, 16]\nnorm = \"group\"")
+        .replace(
+            "log_every_steps = 1",
+            "log_every_steps = 1\ntrace_samples = true",
+        )
+        .replace(
+            "softmax = { epochs = 0.032,",
+            &format!("softmax = {{ epochs = {softmax_epochs},"),
+        );
+    let toml = format!("{toml}\n[dist]\ncheck_params_every_steps = 1\ntimeout_secs = 60\n{extra}");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn run_dir(config: &Path) -> PathBuf {
+    config.with_extension("")
+}
+
+/// `(step, train/loss)` of a run's metrics.
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["train/loss"].as_f64()?)))
+        .collect()
+}
+
+/// Step -> the sorted sample ids (slots `[epoch, position]` or cache rows) of all ranks
+/// together; the last line per (rank, step) wins (a resumed run re-traces steps after its
+/// checkpoint).
+fn trace(run: &Path, world: usize) -> BTreeMap<u64, Vec<String>> {
+    let mut per_rank: Vec<BTreeMap<u64, Vec<String>>> = vec![BTreeMap::new(); world];
+    for (r, steps) in per_rank.iter_mut().enumerate() {
+        let text = std::fs::read_to_string(run.join(format!("trace/rank-{r}.jsonl"))).unwrap();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let ids = v
+                .get("slots")
+                .or_else(|| v.get("rows"))
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| format!("{}:{x}", v["stage"]))
+                .collect();
+            steps.insert(v["step"].as_u64().unwrap(), ids);
+        }
+    }
+    let mut all: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for steps in per_rank {
+        for (step, ids) in steps {
+            let entry = all.entry(step).or_default();
+            let before = entry.len();
+            entry.extend(ids);
+            let unique: BTreeSet<&String> = entry.iter().collect();
+            assert_eq!(
+                unique.len(),
+                entry.len(),
+                "step {step}: two ranks used the same sample (had {before})"
+            );
+        }
+    }
+    for ids in all.values_mut() {
+        ids.sort();
+    }
+    all
+}
+
+fn launch(args: &[&str], config: &Path) -> Output {
+    let port = free_port().to_string();
+    let mut cmd = Command::new(launcher());
+    cmd.args([
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        &port,
+        "--stop-timeout-secs",
+        "10",
+    ])
+    .args(args)
+    .arg("--")
+    .arg(devise())
+    .args(["train", "--config", config.to_str().unwrap()]);
+    cmd.output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts");
+    for ((sa, la), (sb, lb)) in a.iter().zip(b) {
+        assert_eq!(sa, sb);
+        assert!(
+            (la - lb).abs() <= 1e-4 * la.abs().max(1.0),
+            "{what}: step {sa}: loss {la} vs {lb}"
+        );
+    }
+}
+
+#[test]
+fn two_ranks_through_the_launcher_match_one_rank_with_twice_the_batch() {
+    if shared_dir().is_none() || shards().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let one = write_config(dir.path(), "one", 0.032, "");
+    let two = write_config(dir.path(), "two", 0.032, "");
+
+    let out = Command::new(devise())
+        .args(["train", "--config", one.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = launch(&[], &two);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+
+    // Same samples at every step (slots of the streaming stages, rows of the feature cache),
+    // the ranks' shares disjoint (checked inside `trace`).
+    let (t1, t2) = (trace(&run_dir(&one), 1), trace(&run_dir(&two), 2));
+    assert_eq!(t1.len(), 9, "3 steps per stage");
+    assert_eq!(
+        t1, t2,
+        "a 2-rank run sees the 1-rank run's samples at every step"
+    );
+    // No sample twice within an epoch (all 9 steps are inside epoch 0 of 1500 images).
+    let slots: Vec<&String> = t2
+        .iter()
+        .filter(|(s, _)| **s <= 3 || **s >= 7)
+        .flat_map(|(_, ids)| ids)
+        .collect();
+    assert_eq!(slots.len(), 6 * 16);
+    assert_eq!(
+        slots.iter().collect::<BTreeSet<_>>().len(),
+        6 * 16,
+        "a slot used twice"
+    );
+
+    // Same loss sequence within float tolerance (GroupNorm: see the module docs).
+    assert_close(
+        &losses(&run_dir(&one)),
+        &losses(&run_dir(&two)),
+        "1 rank x 16 vs 2 ranks x 8",
+    );
+
+    // Parameters identical across ranks: checked every step (dist.check_params_every_steps = 1)
+    // and at the end, where rank 0 logs it.
+    assert!(log.contains("parameters identical on all 2 ranks"), "{log}");
+    // The report is written once, by rank 0.
+    assert!(run_dir(&two).join("report.md").exists());
+    assert_eq!(log.matches("report: ").count(), 1, "{log}");
+    assert!(
+        log.contains("[rank 0]") && log.contains("[rank 1]"),
+        "{log}"
+    );
+}
+
+/// Linux: the pid of the `devise train` worker with `RANK=rank` whose command line names
+/// `config`.
+fn worker_pid(config: &Path, rank: usize) -> Option<i32> {
+    let want_env = format!("RANK={rank}");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.contains(config.to_str().unwrap()) || cmdline.contains("devise-launch") {
+            continue;
+        }
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if environ
+            .split(|b| *b == 0)
+            .any(|kv| kv == want_env.as_bytes())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_sigkilled_worker_stops_the_group_and_max_restarts_resumes_it_exactly() {
+    if shared_dir().is_none() || shards().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 0.6 epochs of softmax = 56 steps, checkpoint every 10.
+    let reference = write_config(dir.path(), "reference", 0.6, "");
+    let out = launch(&[], &reference);
+    assert!(out.status.success(), "{}", text(&out));
+
+    for restarts in ["0", "1"] {
+        let config = write_config(dir.path(), &format!("killed{restarts}"), 0.6, "");
+        let port = free_port().to_string();
+        let child = Command::new(launcher())
+            .args([
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                &port,
+                "--stop-timeout-secs",
+                "10",
+            ])
+            .args(["--max-restarts", restarts])
+            .arg("--")
+            .arg(devise())
+            .args(["train", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until rank 1 has traced step 15 (after the checkpoint of step 10), then kill it.
+        let trace1 = run_dir(&config).join("trace/rank-1.jsonl");
+        let started = Instant::now();
+        loop {
+            let steps = std::fs::read_to_string(&trace1)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            if steps >= 15 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the run never reached step 15"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = worker_pid(&config, 1).expect("rank 1's pid");
+        let killed_at = Instant::now();
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let log = text(&out);
+        assert!(
+            log.contains("SIGKILL"),
+            "the launcher names the signal:\n{log}"
+        );
+        if restarts == "0" {
+            assert_eq!(out.status.code(), Some(1), "{log}");
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(30),
+                "the group took too long to stop"
+            );
+        } else {
+            assert!(out.status.success(), "{log}");
+            assert!(log.contains("restarting"), "{log}");
+            assert!(log.contains("resumed from"), "{log}");
+            // Resumed from the last checkpoint: the same losses as the uninterrupted run, bit
+            // for bit (same world size, same reduction order).
+            assert_eq!(losses(&run_dir(&config)), losses(&run_dir(&reference)));
+        }
+    }
+}
