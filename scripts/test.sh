@@ -12,3 +12,7 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # --workspace: the integration tests run the devise-launch binary next to devise.
 cargo test --workspace --all-targets --locked
+# The NCCL backend (cargo feature `nccl`) builds and tests on this CPU machine: without GPU,
+# libcuda and libnccl, joining a group with it is a clear error, never a panic.
+cargo clippy -p devise --all-targets --features nccl --locked -- -D warnings
+cargo test -p devise --lib --features nccl --locked collective::

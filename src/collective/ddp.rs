@@ -167,7 +167,7 @@ mod tests {
                 .unwrap();
             let mut vars = vec![
                 Tensor::full([7], r + 1.0, (Kind::Float, Device::Cpu)),
-                Tensor::full([2], r + 1.0, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float),
+                Tensor::full([2], r as i64 + 1, (Kind::Int64, Device::Cpu)),
             ];
             broadcast_variables(&ring, &mut vars, 16).unwrap();
             check_identical(&ring, &vars, 1).unwrap();
@@ -181,13 +181,13 @@ mod tests {
                     .iter()
                     .map(|g| g.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]))
                     .collect::<Vec<_>>(),
-                Vec::<f32>::try_from(&vars[1]).unwrap(),
+                Vec::<i64>::try_from(&vars[1]).unwrap(),
                 e,
             )
         });
         for (means, var, e) in out {
             assert_eq!(means, vec![0.5, 5.0, 0.5]);
-            assert_eq!(var, vec![1.0, 1.0]);
+            assert_eq!(var, vec![1, 1], "Int64 buffers broadcast too");
             assert!(e.contains("step 7") && e.contains("[1]"), "{e}");
         }
     }

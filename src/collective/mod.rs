@@ -129,7 +129,8 @@ pub trait Collective {
     /// mean) over ranks. Afterwards the buffer is bit-identical on every rank.
     /// Errors: wrong dtype/layout/device, a peer gone, `dist.timeout_secs` exceeded.
     fn all_reduce(&self, buffer: &mut Tensor, op: ReduceOp) -> Result<()>;
-    /// In place, rank 0's contents of a flat contiguous buffer are copied to every rank.
+    /// In place, rank 0's contents of a flat contiguous buffer (`[n]`, any dtype: a byte copy)
+    /// are copied to every rank.
     fn broadcast(&self, buffer: &mut Tensor) -> Result<()>;
     /// Rank 0's `bytes` are returned on every rank (others pass anything; it is ignored).
     fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>>;
@@ -223,14 +224,20 @@ pub fn init(env: &WorkerEnv, cfg: &Config, device_is_cuda: bool) -> Result<Box<d
     }
 }
 
-/// The contiguous flat buffer checks every backend makes: `[n]`, dense, `Float` or `BFloat16`.
-pub(crate) fn check_flat(buffer: &Tensor, what: &str) -> Result<()> {
+/// `[n]` and dense: what every backend's broadcast checks.
+pub(crate) fn check_1d(buffer: &Tensor, what: &str) -> Result<()> {
     if buffer.dim() != 1 || !buffer.is_contiguous() {
         bail!(
             "{what}: expected a flat contiguous buffer, got shape {:?}",
             buffer.size()
         );
     }
+    Ok(())
+}
+
+/// The flat buffer checks every backend's all-reduce makes: `[n]`, dense, `Float` or `BFloat16`.
+pub(crate) fn check_flat(buffer: &Tensor, what: &str) -> Result<()> {
+    check_1d(buffer, what)?;
     if !matches!(buffer.kind(), Kind::Float | Kind::BFloat16) {
         bail!(
             "{what}: expected Float or BFloat16, got {:?}",

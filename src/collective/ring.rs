@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use super::store::Rendezvous;
-use super::{check_flat, Collective, ReduceOp};
+use super::{check_1d, check_flat, Collective, ReduceOp};
 
 /// Bytes per pipelined chunk.
 pub const CHUNK_BYTES: usize = 256 << 10;
@@ -345,7 +345,7 @@ impl Collective for Ring {
     }
 
     fn broadcast(&self, buffer: &mut Tensor) -> Result<()> {
-        check_flat(buffer, "broadcast")?;
+        check_1d(buffer, "broadcast")?;
         if buffer.device() != Device::Cpu {
             bail!(
                 "cpu backend: expected a CPU buffer, got {:?}",
