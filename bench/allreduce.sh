@@ -11,15 +11,15 @@
 # Command:  bash bench/allreduce.sh        (ROUNDS=5 bash bench/allreduce.sh for more rounds)
 # Builds, idempotently: .deps/libtorch (scripts/setup.sh, if missing), the release example
 #           `allreduce_bench` (honours CARGO_TARGET_DIR), and .deps/bench-venv with torch==2.11.0
-#           from PyPI. PyPI only has the CUDA build, whose libraries need ~3 GB of nvidia-* wheels
-#           to load; we install torch with --no-deps plus its pure-Python deps and the two small
+#           from PyPI. PyPI only has the CUDA build, whose libraries need several GB of nvidia-*
+#           wheels to load; we install torch with --no-deps plus its pure-Python deps and the two small
 #           CUDA wheels libtorch_cpu.so itself links (cudart, cupti, ~15 MB; as setup.sh does for
 #           libtorch), and compile tiny stub libraries for the rest (cuBLAS, cuDNN, NCCL, ...):
 #           each exports the exact (versioned) symbols the torch libraries import, and aborts
 #           with a message if ever called. CPU-only torch, gloo included, works; the venv is
 #           ~1.4 GB, nothing is cached.
-# Time:     ~1 min per round (both sides) once built; first run adds ~1 min (venv, 0.9 GB
-#           download) plus the cargo build.
+# Time:     ~80 s for the default 3 rounds (~27 s per round, both sides) once built; the first
+#           run adds ~1 min for the venv (0.9 GB download) plus the cargo build if stale.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

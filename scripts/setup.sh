@@ -72,6 +72,7 @@ if [ ! -f "$lt/.complete" ]; then
   # libtorch.so is a shim that pulls in libtorch_cpu.so and libtorch_cuda.so; the CPU cut has no
   # libtorch_cuda.so, so drop that dependency. Every library finds its siblings through $ORIGIN.
   patchelf --remove-needed libtorch_cuda.so "$tmp/lib/libtorch.so"
+  # shellcheck disable=SC2016 # a literal $ORIGIN for the loader
   for f in "$tmp"/lib/*.so*; do patchelf --set-rpath '$ORIGIN' "$f"; done
   echo "2.11.0" >"$tmp/build-version"
   touch "$tmp/.complete"

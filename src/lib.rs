@@ -18,7 +18,7 @@
 //! | [`loss`] | softmax cross-entropy and the hinge rank loss (§3.3, eq. 1) |
 //! | [`optim`] | SGD with momentum and Adagrad with state of our own (checkpointable), LR schedule |
 //! | [`train`] | the training loop, stage by stage (softmax -> devise -> finetune) |
-//! | [`collective`] | the gradient all-reduce the loop calls (single-process backend today) |
+//! | [`collective`] | rendezvous store, CPU ring and NCCL all-reduce, the data-parallel step (bucketed gradient mean, broadcast, checksum) |
 //! | [`checkpoint`] | crash-safe checkpoints: temporary name, atomic publish, `LATEST` last |
 //! | [`eval`] | flat hit@k on seen classes and zero-shot label sets; softmax baseline; chance |
 //! | [`report`] | JSON + Markdown report in the run directory, terminal summary |

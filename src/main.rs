@@ -198,7 +198,7 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
             let plan = Plan::build(&cfg, env.rank, env.world_size)?;
             if dry_run {
                 println!(
-                    "world: rank {} of {} (local {} of {}; from {:?} variables), rendezvous {}:{}, run id {}",
+                    "world: rank {} of {} (local {} of {}; from {}), rendezvous {}:{}, run id {}",
                     env.rank,
                     env.world_size,
                     env.local_rank,

@@ -314,7 +314,7 @@ pub fn train(
         let data_wait = wait.elapsed();
         let batch_images = input.len();
         tch::manual_seed(step_seed(cfg.run.seed, step));
-        let loss = train_step(
+        let (loss, mut comm) = train_step(
             &model,
             opt,
             collective,
@@ -325,6 +325,7 @@ pub fn train(
             &cfg.loss,
             lr,
         )?;
+        let comm_started = Instant::now();
         if stage.kind != StageKind::Devise {
             // BatchNorm running statistics follow rank 0's (PyTorch DDP's broadcast_buffers).
             ddp::broadcast_variables(collective, &mut buffers, bucket_bytes)?;
@@ -335,6 +336,7 @@ pub fn train(
         let [loss, stop_votes] =
             all_reduce_sum(collective, [loss, f64::from(u8::from(want_stop))], device)?;
         let loss = loss / collective.world_size() as f64;
+        comm += comm_started.elapsed();
         if !loss.is_finite() {
             bail!(
                 "step {step} ({}): loss is {loss} (mean over ranks); every rank stops (lower the learning rate?)",
@@ -349,10 +351,16 @@ pub fn train(
         state.step = step;
         state.stage = stage.kind.name().to_string();
         state.samples_seen += plan.global_batch_size as u64;
-        window.add(loss, batch_images, data_wait, wait.elapsed());
+        window.add(loss, batch_images, data_wait, comm, wait.elapsed());
 
         if step % cfg.train.log_every_steps == 0 || step == stage.last_step {
-            let line = window.take(step, stage.kind, lr, &stream.stats());
+            let line = window.take(
+                step,
+                stage.kind,
+                lr,
+                &stream.stats(),
+                collective.world_size(),
+            );
             if is_rank0 {
                 tracing::info!("{}", window_line(&line));
             }
@@ -489,7 +497,8 @@ pub fn check_resumable(state: &TrainState, now: &checkpoint::ResumeKey) -> Resul
     Ok(())
 }
 
-/// One optimizer step on one batch; returns the batch's loss (this rank's).
+/// One optimizer step on one batch; returns the batch's loss (this rank's) and the time spent
+/// averaging gradients across ranks.
 #[allow(clippy::too_many_arguments)]
 fn train_step(
     model: &DeviseModel,
@@ -501,7 +510,7 @@ fn train_step(
     seen_labels: &Tensor,
     loss_cfg: &loss::Config,
     lr: f64,
-) -> Result<f64> {
+) -> Result<(f64, Duration)> {
     opt.zero_grad();
     let loss = match (kind, input) {
         (StageKind::Softmax, Input::Images(images, labels)) => {
@@ -538,9 +547,11 @@ fn train_step(
     };
     loss.backward();
     let mut grads = opt.grads();
+    let comm = Instant::now();
     reducer.all_reduce_mean(collective, &mut grads)?;
+    let comm = comm.elapsed();
     opt.step(lr);
-    Ok(f64::try_from(&loss)?)
+    Ok((f64::try_from(&loss)?, comm))
 }
 
 /// The optimizer for `stage`: fresh, or with the checkpoint's state when resuming inside the
@@ -893,11 +904,20 @@ struct Window {
     steps: u64,
     images: u64,
     data_wait: Duration,
+    comm: Duration,
     elapsed: Duration,
 }
 
 impl Window {
-    fn add(&mut self, loss: f64, images: usize, data_wait: Duration, elapsed: Duration) {
+    fn add(
+        &mut self,
+        loss: f64,
+        images: usize,
+        data_wait: Duration,
+        comm: Duration,
+        elapsed: Duration,
+    ) {
+        self.comm += comm;
         self.loss_sum += loss;
         self.steps += 1;
         self.images += images as u64;
@@ -911,6 +931,7 @@ impl Window {
         kind: StageKind,
         lr: f64,
         stats: &crate::data::reader::DataStats,
+        world_size: usize,
     ) -> serde_json::Value {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         let line = serde_json::json!({
@@ -918,9 +939,12 @@ impl Window {
             "stage": kind.name(),
             "train/loss": self.loss_sum / self.steps.max(1) as f64,
             "train/lr": lr,
+            // This rank's images, and all ranks' (every rank's batch is the same size).
             "throughput/images_per_sec": self.images as f64 / secs,
+            "throughput/global_images_per_sec": (self.images * world_size as u64) as f64 / secs,
             "time/step_ms": 1000.0 * secs / self.steps.max(1) as f64,
             "time/data_wait_pct": 100.0 * self.data_wait.as_secs_f64() / secs,
+            "time/allreduce_pct": 100.0 * self.comm.as_secs_f64() / secs,
             "data/decode_errors": stats.decode_errors,
             "data/shard_errors": stats.shard_errors,
         });
@@ -931,13 +955,14 @@ impl Window {
 
 fn window_line(v: &serde_json::Value) -> String {
     format!(
-        "step {:>6} {:<8} loss {:.4} lr {:.2e} {:.0} img/s data wait {:.0}%",
+        "step {:>6} {:<8} loss {:.4} lr {:.2e} {:.0} img/s (all ranks) data wait {:.0}% all-reduce {:.0}%",
         v["step"],
         v["stage"].as_str().unwrap_or(""),
         v["train/loss"].as_f64().unwrap_or(f64::NAN),
         v["train/lr"].as_f64().unwrap_or(f64::NAN),
-        v["throughput/images_per_sec"].as_f64().unwrap_or(0.0),
-        v["time/data_wait_pct"].as_f64().unwrap_or(0.0)
+        v["throughput/global_images_per_sec"].as_f64().unwrap_or(0.0),
+        v["time/data_wait_pct"].as_f64().unwrap_or(0.0),
+        v["time/allreduce_pct"].as_f64().unwrap_or(0.0)
     )
 }
 

@@ -36,6 +36,16 @@ pub enum EnvSource {
     Single,
 }
 
+impl std::fmt::Display for EnvSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EnvSource::Torchrun => "RANK/WORLD_SIZE variables",
+            EnvSource::Slurm => "SLURM_PROCID/SLURM_NTASKS variables",
+            EnvSource::Single => "no rank variables: a single process",
+        })
+    }
+}
+
 /// A worker's place in the job. Invariants: `rank < world_size`,
 /// `local_rank < local_world_size <= world_size`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,12 +126,12 @@ impl WorkerEnv {
                 },
             };
         if world_size == 0 || rank >= world_size {
-            bail!("rank {rank} is not in a world of size {world_size} (from {source:?} variables)");
+            bail!("rank {rank} is not in a world of size {world_size} (from {source})");
         }
         if local_world_size == 0 || local_rank >= local_world_size || local_world_size > world_size
         {
             bail!(
-                "local_rank {local_rank} / local_world_size {local_world_size} do not fit a world of {world_size} (from {source:?} variables)"
+                "local_rank {local_rank} / local_world_size {local_world_size} do not fit a world of {world_size} (from {source})"
             );
         }
         let (master_addr, master_port) = match (get("MASTER_ADDR"), num("MASTER_PORT")?) {

@@ -56,6 +56,14 @@ pub struct Config {
     /// writing a checkpoint or the report while the others wait at a barrier).
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// `cpu` backend: ring neighbours on the same host talk over Unix domain sockets (faster than
+    /// TCP loopback; TCP is still the fallback). `false`: TCP only.
+    #[serde(default = "default_true")]
+    pub unix_sockets: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_backend() -> String {
@@ -78,6 +86,7 @@ impl Default for Config {
             bucket_size_mb: default_bucket_mb(),
             check_params_every_steps: default_check_every(),
             timeout_secs: default_timeout(),
+            unix_sockets: true,
         }
     }
 }
@@ -207,7 +216,7 @@ pub fn init(env: &WorkerEnv, cfg: &Config, device_is_cuda: bool) -> Result<Box<d
         b => b,
     };
     tracing::info!(
-        "rank {} of {} (local {} of {}, from {:?} variables), backend {backend}, store {}:{}, run {}",
+        "rank {} of {} (local {} of {}, from {}), backend {backend}, store {}:{}, run {}",
         env.rank,
         env.world_size,
         env.local_rank,
@@ -218,7 +227,11 @@ pub fn init(env: &WorkerEnv, cfg: &Config, device_is_cuda: bool) -> Result<Box<d
         env.run_id
     );
     match backend {
-        "cpu" => Ok(Box::new(ring::Ring::connect(store, timeout)?)),
+        "cpu" => Ok(Box::new(ring::Ring::connect(
+            store,
+            timeout,
+            cfg.unix_sockets,
+        )?)),
         "nccl" => Ok(Box::new(nccl::Nccl::connect(store, env.local_rank)?)),
         other => bail!("dist.backend = {other:?}: expected auto, cpu or nccl"),
     }
