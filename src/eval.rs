@@ -117,9 +117,12 @@ impl HitCounter {
         let mut counts: Vec<f64> = self.hits.iter().map(|&h| h as f64).collect();
         counts.push(self.images as f64);
         let mut t = [Tensor::from_slice(&counts).to_kind(Kind::Double)];
-        // mean * world_size = sum over ranks (exact for counts below 2^53).
-        collective.all_reduce_mean(&mut t)?;
-        let summed: Vec<f64> = Vec::<f64>::try_from(&t[0] * collective.world_size() as f64)?;
+        // Summed in f32 by the backend: exact for counts below 2^24 (16.7 M images).
+        collective.all_reduce_tensors(&mut t, crate::collective::ReduceOp::Sum)?;
+        let summed: Vec<f64> = Vec::<f64>::try_from(&t[0])?
+            .iter()
+            .map(|c| c.round())
+            .collect();
         let images = summed[HIT_KS.len()].round() as u64;
         let mut hit_at_k = BTreeMap::new();
         let mut chance_at_k = BTreeMap::new();

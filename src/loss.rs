@@ -48,13 +48,17 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
 /// - `labels`: `[batch]` int64 indices into `label_embedding`.
 /// - With `stop_at_first_violation`, the false labels are visited in random order and only the
 ///   first violating term counts. Visiting in random order and stopping at the first violation
-///   picks a violating label uniformly at random, which is what this computes in one pass
-///   (random keys from libtorch's global generator; seed it per step for exact resume).
+///   picks a violating label uniformly at random, which is what this computes in one pass: the
+///   violating label with the smallest of `order_keys` (`[batch, classes]`, uniform in [0, 1));
+///   `None` draws them from libtorch's global generator. The training step passes its rows of
+///   keys drawn for the whole global batch, so each sample's draw does not depend on the number
+///   of ranks.
 pub fn hinge_rank_loss(
     image_embedding: &Tensor,
     label_embedding: &Tensor,
     labels: &Tensor,
     cfg: &Config,
+    order_keys: Option<&Tensor>,
 ) -> Tensor {
     let scores = image_embedding.matmul(&label_embedding.transpose(0, 1)); // [batch, classes]
     let true_scores = scores.gather(1, &labels.unsqueeze(1), false); // [batch, 1]
@@ -69,7 +73,11 @@ pub fn hinge_rank_loss(
             .sum_dim_intlist(1, false, Kind::Float)
             .mean(Kind::Float);
     }
-    let keys = Tensor::rand_like(&terms).masked_fill(&terms.le(0.0), 2.0); // [batch, classes]
+    let keys = match order_keys {
+        Some(k) => k.shallow_clone(),
+        None => Tensor::rand_like(&terms),
+    };
+    let keys = keys.masked_fill(&terms.le(0.0), 2.0); // [batch, classes]
     let first = keys.argmin(1, true); // [batch, 1]
     terms.gather(1, &first, false).mean(Kind::Float) // a row without violations gathers a 0 term
 }
@@ -93,11 +101,11 @@ mod tests {
             stop_at_first_violation: false,
         };
         // max(0, 0.1 - 0.5 + 0.45) = 0.05
-        let l = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &cfg)).unwrap();
+        let l = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &cfg, None)).unwrap();
         assert!((l - 0.05).abs() < 1e-6, "{l}");
         // A well-separated image has zero loss.
         let img = t(&[0.9, 0.1], 1);
-        let l = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &cfg)).unwrap();
+        let l = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &cfg, None)).unwrap();
         assert_eq!(l, 0.0);
     }
 
@@ -115,12 +123,12 @@ mod tests {
             margin: 0.1,
             stop_at_first_violation: true,
         };
-        let s = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &sum)).unwrap();
+        let s = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &sum, None)).unwrap();
         assert!((s - 0.9).abs() < 1e-6);
         let mut seen = std::collections::BTreeSet::new();
         for seed in 0..40 {
             tch::manual_seed(seed);
-            let f = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &first)).unwrap();
+            let f = f64::try_from(hinge_rank_loss(&img, &labels_emb, &y, &first, None)).unwrap();
             seen.insert((f * 1000.0).round() as i64);
         }
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![300, 600]);

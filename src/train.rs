@@ -219,6 +219,7 @@ pub fn train(
     };
     // Every rank starts from rank 0's weights and buffers (fresh init or checkpoint alike).
     let bucket_bytes = cfg.dist.bucket_bytes();
+    ddp::check_same_setup(collective, &cfg.to_toml(), &model.state_dict())?;
     let mut variables: Vec<Tensor> = model.state_dict().into_iter().map(|(_, t)| t).collect();
     ddp::broadcast_variables(collective, &mut variables, bucket_bytes)?;
     let mut buffers: Vec<Tensor> = variables
@@ -512,6 +513,17 @@ fn train_step(
     lr: f64,
 ) -> Result<(f64, Duration)> {
     opt.zero_grad();
+    // The first-violation hinge's random label order: keys for the whole global batch
+    // `[batch * world_size, classes]`, this rank keeping rows `rank, rank + world_size, ...` (its
+    // samples' rows), so every sample gets the same draw whatever the world size.
+    let order_keys = (kind != StageKind::Softmax && loss_cfg.stop_at_first_violation).then(|| {
+        let (w, r) = (collective.world_size() as i64, collective.rank() as i64);
+        let global = input.len() as i64 * w;
+        let classes = seen_labels.size()[0];
+        Tensor::rand([global, classes], (tch::Kind::Float, seen_labels.device()))
+            .slice(0, r, global, w)
+    });
+    let order_keys = order_keys.as_ref();
     let loss = match (kind, input) {
         (StageKind::Softmax, Input::Images(images, labels)) => {
             loss::softmax_cross_entropy(&model.logits(&model.features(&images, true)), &labels)
@@ -524,6 +536,7 @@ fn train_step(
                 seen_labels,
                 &labels,
                 loss_cfg,
+                order_keys,
             )
         }
         (StageKind::Devise, Input::Features(features, labels)) => loss::hinge_rank_loss(
@@ -531,6 +544,7 @@ fn train_step(
             seen_labels,
             &labels,
             loss_cfg,
+            order_keys,
         ),
         (StageKind::Finetune, Input::Images(images, labels)) => {
             let features = model.features(&images, true);
@@ -539,6 +553,7 @@ fn train_step(
                 seen_labels,
                 &labels,
                 loss_cfg,
+                order_keys,
             )
         }
         (kind, Input::Features(..)) => {

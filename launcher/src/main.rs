@@ -67,7 +67,7 @@ struct Cli {
     #[arg(long, value_name = "HOST")]
     master_addr: Option<String>,
 
-    /// TCP port of the rendezvous store [default: 20000 + SLURM_JOB_ID % 20000 under SLURM,
+    /// TCP port of the rendezvous store [default: 10000 + SLURM_JOB_ID % 20000 under SLURM,
     /// else 29500]
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     master_port: Option<u16>,

@@ -8,11 +8,11 @@
 //!
 //! | value            | SLURM source                                          | default        |
 //! |------------------|-------------------------------------------------------|----------------|
-//! | `nnodes`         | `SLURM_JOB_NUM_NODES`, else `SLURM_NNODES`            | 1              |
+//! | `nnodes`         | `SLURM_STEP_NUM_NODES`, `SLURM_JOB_NUM_NODES`, `SLURM_NNODES` | 1        |
 //! | `node_rank`      | `SLURM_NODEID`                                        | 0              |
 //! | `nproc_per_node` | `SLURM_GPUS_ON_NODE`, else `CUDA_VISIBLE_DEVICES` count | 1            |
-//! | `master_addr`    | first host of `SLURM_JOB_NODELIST` (`SLURM_NODELIST`) | `127.0.0.1`    |
-//! | `master_port`    | `20000 + SLURM_JOB_ID % 20000` (as workers compute it) | 29500         |
+//! | `master_addr`    | first host of `SLURM_STEP_NODELIST`, `SLURM_JOB_NODELIST`, `SLURM_NODELIST` | `127.0.0.1` |
+//! | `master_port`    | `10000 + SLURM_JOB_ID % 20000` (as workers compute it) | 29500         |
 //! | `run_id`         | `SLURM_JOB_ID`                                        | `local-<pid>-<unix time>` |
 //!
 //! Outside SLURM only `CUDA_VISIBLE_DEVICES` (its entry count) is read; the rest is flag or
@@ -268,9 +268,13 @@ pub fn resolve(
 
     let nnodes = match flags.nnodes {
         Some(n) => sourced(n, Source::Flag("--nnodes")),
-        None if slurm => match num("SLURM_JOB_NUM_NODES")? {
+        // The step's nodes first: `srun -N2` inside a 4-node allocation runs on 2.
+        None if slurm => match num("SLURM_STEP_NUM_NODES")? {
             Some(n) => n,
-            None => num("SLURM_NNODES")?.unwrap_or(sourced(1, Source::Default)),
+            None => match num("SLURM_JOB_NUM_NODES")? {
+                Some(n) => n,
+                None => num("SLURM_NNODES")?.unwrap_or(sourced(1, Source::Default)),
+            },
         },
         None => sourced(1, Source::Default),
     };
@@ -344,8 +348,9 @@ pub fn resolve(
         Some(a) => sourced(a.trim().to_string(), Source::Flag("--master-addr")),
         None => {
             let list = if slurm {
-                get("SLURM_JOB_NODELIST")
-                    .map(|l| ("SLURM_JOB_NODELIST", l))
+                get("SLURM_STEP_NODELIST")
+                    .map(|l| ("SLURM_STEP_NODELIST", l))
+                    .or_else(|| get("SLURM_JOB_NODELIST").map(|l| ("SLURM_JOB_NODELIST", l)))
                     .or_else(|| get("SLURM_NODELIST").map(|l| ("SLURM_NODELIST", l)))
             } else {
                 None
@@ -383,7 +388,7 @@ pub fn resolve(
         (Some(p), _) => sourced(p, Source::Flag("--master-port")),
         (None, Some(job)) => sourced(
             slurm_default_port(job),
-            Source::Formula("20000 + SLURM_JOB_ID % 20000"),
+            Source::Formula("10000 + SLURM_JOB_ID % 20000"),
         ),
         (None, None) => sourced(DEFAULT_MASTER_PORT, Source::Default),
     };
@@ -491,7 +496,7 @@ mod tests {
             w.master_addr,
             sourced("gpu01".to_string(), Source::Env("SLURM_JOB_NODELIST"))
         );
-        assert_eq!(w.master_port.value, 20077);
+        assert_eq!(w.master_port.value, 10077);
         assert_eq!(
             w.run_id,
             sourced("77".to_string(), Source::Env("SLURM_JOB_ID"))
@@ -523,7 +528,7 @@ mod tests {
             w.nproc_per_node,
             sourced(4, Source::Env("CUDA_VISIBLE_DEVICES"))
         );
-        assert_eq!(w.master_port.value, 20005);
+        assert_eq!(w.master_port.value, 10005);
         assert_eq!(w.run_id.value, "5_3");
         // Single-node allocation without a node list: localhost is right.
         let w = world(&Flags::default(), &[("SLURM_JOB_ID", "9")]).unwrap();
@@ -680,7 +685,7 @@ mod tests {
             ("LOCAL_WORLD_SIZE", "2"),
             ("GROUP_RANK", "1"),
             ("MASTER_ADDR", "gpu01"),
-            ("MASTER_PORT", "20077"),
+            ("MASTER_PORT", "10077"),
             ("DEVISE_RUN_ID", "77"),
             ("DEVISE_RESTART_ATTEMPT", "2"),
             ("DEVISE_RDZV_TOKEN", "ab"),
@@ -699,7 +704,7 @@ mod tests {
             .collect();
         let back = devise_launch::world::WorkerEnv::from_vars(|k| wenv.get(k).cloned()).unwrap();
         assert_eq!((back.rank, back.world_size, back.local_rank), (3, 4, 1));
-        assert_eq!((back.master_port, back.restart_attempt), (20077, 2));
+        assert_eq!((back.master_port, back.restart_attempt), (10077, 2));
         assert_eq!(back.token, "t");
 
         let none = |_: &str| None::<String>;

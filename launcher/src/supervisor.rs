@@ -41,10 +41,10 @@
 //! container (`proctrack_g_signal(step->cont_id, sig)`: with proctrack/cgroup every process of
 //! the step), so preemption, time-limit, `scancel --signal` and srun-forwarded signals reach
 //! the workers directly AND the launcher, and the launcher's forward is the workers' second
-//! signal (a devise worker then exits 130 without checkpointing). The launcher cannot tell
-//! (the batch step's `scancel --full` uses killpg, which misses the workers' own groups); the
-//! fix belongs in the worker: treat a repeat of a stop signal within a few seconds as the same
-//! event.
+//! signal. The launcher cannot tell (the batch step's `scancel --full` uses killpg, which
+//! misses the workers' own groups), so the worker handles it: `devise train` treats a repeat of
+//! a stop signal within 5 s as the same event (src/main.rs), and only a later one exits at
+//! once (130).
 //!
 //! # Failure
 //!

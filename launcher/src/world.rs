@@ -7,12 +7,16 @@
 //!    `WORLD_SIZE` is an error.
 //! 2. Else `SLURM_PROCID` set (plain `srun`, one task per GPU): `SLURM_PROCID` is the rank,
 //!    `SLURM_NTASKS` the world size, `SLURM_LOCALID` the local rank, and the local world size is
-//!    the number of tasks on this node (first number of `SLURM_TASKS_PER_NODE`, e.g. `8(x4)`).
+//!    this node's (`SLURM_NODEID`) entry of `SLURM_STEP_TASKS_PER_NODE`, else of
+//!    `SLURM_TASKS_PER_NODE` (`8(x2),4` means 8, 8, 4).
 //! 3. Else a single process: rank 0 of 1.
 //!
 //! The rendezvous address: `MASTER_ADDR` / `MASTER_PORT` when set; under SLURM (case 2, or 1
-//! without them) the first host of `SLURM_JOB_NODELIST` and port `20000 + SLURM_JOB_ID % 20000`
-//! (two jobs sharing a node do not collide); else `127.0.0.1:29500`.
+//! without them) the first host of the step's node list (`SLURM_STEP_NODELIST`, else
+//! `SLURM_JOB_NODELIST`) and port `10000 + SLURM_JOB_ID % 20000` (two jobs sharing a node do
+//! not collide); else `127.0.0.1:29500`. Under torchrun (`TORCHELASTIC_USE_AGENT_STORE=True`),
+//! whose agent already hosts its own store on `MASTER_PORT`, devise's store uses
+//! `MASTER_PORT + 1`.
 //!
 //! The run id (names the job in logs, keys the rendezvous): `DEVISE_RUN_ID`, else
 //! `TORCHELASTIC_RUN_ID`, else `SLURM_JOB_ID`, else `local`.
@@ -93,38 +97,46 @@ impl WorkerEnv {
             }
         };
         let slurm_job = get("SLURM_JOB_ID");
-        let (rank, world_size, local_rank, local_world_size, source) =
-            match (num("RANK")?, num("WORLD_SIZE")?) {
-                (Some(rank), Some(world)) => (
-                    rank,
-                    world,
-                    num("LOCAL_RANK")?.unwrap_or(0),
-                    num("LOCAL_WORLD_SIZE")?.unwrap_or(1),
-                    EnvSource::Torchrun,
-                ),
-                (Some(_), None) => bail!("RANK is set but WORLD_SIZE is not"),
-                (None, Some(_)) => bail!("WORLD_SIZE is set but RANK is not"),
-                (None, None) => match num("SLURM_PROCID")? {
-                    Some(rank) => {
-                        let world = num("SLURM_NTASKS")?
-                            .context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
-                        let local_world = match get("SLURM_TASKS_PER_NODE") {
-                            Some(v) => first_count(&v).with_context(|| {
-                                format!("SLURM_TASKS_PER_NODE={v:?}: expected e.g. 8 or 8(x4),4")
+        let (rank, world_size, local_rank, local_world_size, source) = match (
+            num("RANK")?,
+            num("WORLD_SIZE")?,
+        ) {
+            (Some(rank), Some(world)) => (
+                rank,
+                world,
+                num("LOCAL_RANK")?.unwrap_or(0),
+                num("LOCAL_WORLD_SIZE")?.unwrap_or(1),
+                EnvSource::Torchrun,
+            ),
+            (Some(_), None) => bail!("RANK is set but WORLD_SIZE is not"),
+            (None, Some(_)) => bail!("WORLD_SIZE is set but RANK is not"),
+            (None, None) => match num("SLURM_PROCID")? {
+                Some(rank) => {
+                    let world = num("SLURM_NTASKS")?
+                        .context("SLURM_PROCID is set but SLURM_NTASKS is not")?;
+                    let node = num("SLURM_NODEID")?.unwrap_or(0);
+                    let key = if get("SLURM_STEP_TASKS_PER_NODE").is_some() {
+                        "SLURM_STEP_TASKS_PER_NODE"
+                    } else {
+                        "SLURM_TASKS_PER_NODE"
+                    };
+                    let local_world = match get(key) {
+                            Some(v) => tasks_on_node(&v, node).with_context(|| {
+                                format!("{key}={v:?} has no entry for SLURM_NODEID {node} (expected e.g. 8 or 8(x4),4)")
                             })?,
                             None => 1,
                         };
-                        (
-                            rank,
-                            world,
-                            num("SLURM_LOCALID")?.unwrap_or(0),
-                            local_world,
-                            EnvSource::Slurm,
-                        )
-                    }
-                    None => (0, 1, 0, 1, EnvSource::Single),
-                },
-            };
+                    (
+                        rank,
+                        world,
+                        num("SLURM_LOCALID")?.unwrap_or(0),
+                        local_world,
+                        EnvSource::Slurm,
+                    )
+                }
+                None => (0, 1, 0, 1, EnvSource::Single),
+            },
+        };
         if world_size == 0 || rank >= world_size {
             bail!("rank {rank} is not in a world of size {world_size} (from {source})");
         }
@@ -137,12 +149,17 @@ impl WorkerEnv {
         let (master_addr, master_port) = match (get("MASTER_ADDR"), num("MASTER_PORT")?) {
             (Some(addr), Some(port)) => (addr, port_of(port)?),
             (addr, port) => {
-                let slurm_addr = match get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST")) {
-                    Some(list) => Some(
-                        crate::hostlist::expand(&list)
-                            .context("SLURM_JOB_NODELIST")?
-                            .remove(0),
-                    ),
+                let list = [
+                    "SLURM_STEP_NODELIST",
+                    "SLURM_JOB_NODELIST",
+                    "SLURM_NODELIST",
+                ]
+                .into_iter()
+                .find_map(|k| get(k).map(|v| (k, v)));
+                let slurm_addr = match list {
+                    Some((key, list)) => {
+                        Some(crate::hostlist::expand(&list).context(key)?.remove(0))
+                    }
                     None => None,
                 };
                 let addr = addr.or(slurm_addr).unwrap_or_else(|| "127.0.0.1".into());
@@ -153,6 +170,14 @@ impl WorkerEnv {
                 };
                 (addr, port)
             }
+        };
+        // torchrun's agent hosts its own store on MASTER_PORT: ours takes the next port.
+        let master_port = if get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True") {
+            master_port.checked_add(1).context(
+                "MASTER_PORT is 65535: no port after it for devise's store under torchrun",
+            )?
+        } else {
+            master_port
         };
         let run_id = get("DEVISE_RUN_ID")
             .or_else(|| get("TORCHELASTIC_RUN_ID"))
@@ -188,11 +213,12 @@ impl WorkerEnv {
 /// Rendezvous port outside SLURM when nothing names one (torchrun's default).
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 
-/// Rendezvous port of a SLURM job: `20000 + SLURM_JOB_ID % 20000`, so two jobs sharing a node
-/// do not collide. An array suffix (`1234_7`) is ignored; a job id without leading digits gives
-/// 20000. Shared by workers ([`WorkerEnv::from_vars`]) and `devise-launch`, which must agree.
+/// Rendezvous port of a SLURM job: `10000 + SLURM_JOB_ID % 20000`, so two jobs sharing a node
+/// do not collide, and below Linux's ephemeral port range (32768-60999), so an outgoing
+/// connection never holds it. An array suffix (`1234_7`) is ignored; a job id without leading
+/// digits gives 10000. Shared by workers ([`WorkerEnv::from_vars`]) and `devise-launch`, which must agree.
 pub fn slurm_default_port(job_id: &str) -> u16 {
-    20000 + (job_number(job_id) % 20000) as u16
+    10000 + (job_number(job_id) % 20000) as u16
 }
 
 fn port_of(p: usize) -> Result<u16> {
@@ -211,11 +237,21 @@ fn job_number(job: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// First count of a `SLURM_TASKS_PER_NODE` value: `8(x4),4` -> 8.
-fn first_count(v: &str) -> Option<usize> {
-    let first = v.split(',').next()?;
-    let n = first.split('(').next()?.trim();
-    n.parse().ok().filter(|&n| n > 0)
+/// Node `node`'s entry of a `SLURM_TASKS_PER_NODE` value: `8(x2),4` is 8, 8, 4.
+fn tasks_on_node(v: &str, node: usize) -> Option<usize> {
+    let mut seen = 0;
+    for part in v.split(',') {
+        let (count, repeat) = match part.split_once("(x") {
+            Some((c, r)) => (c, r.strip_suffix(')')?.trim().parse::<usize>().ok()?),
+            None => (part, 1),
+        };
+        let count: usize = count.trim().parse().ok().filter(|&n| n > 0)?;
+        if node < seen + repeat {
+            return Some(count);
+        }
+        seen += repeat;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -270,17 +306,56 @@ mod tests {
             (13, 16, 5, 8)
         );
         assert_eq!(w.master_addr, "gpu01");
-        assert_eq!(w.master_port, 20000 + (123456 % 20000) as u16);
+        assert_eq!(w.master_port, 10000 + (123456 % 20000) as u16);
         assert_eq!(w.source, EnvSource::Slurm);
         assert_eq!(w.token, "run-id:123456");
     }
 
     #[test]
     fn slurm_port_formula() {
-        assert_eq!(slurm_default_port("77"), 20077);
-        assert_eq!(slurm_default_port("123456"), 23456);
-        assert_eq!(slurm_default_port("40000_3"), 20000);
-        assert_eq!(slurm_default_port("x"), 20000);
+        assert_eq!(slurm_default_port("77"), 10077);
+        assert_eq!(slurm_default_port("123456"), 13456);
+        assert_eq!(slurm_default_port("40000_3"), 10000);
+        assert_eq!(slurm_default_port("x"), 10000);
+    }
+
+    #[test]
+    fn step_variables_win_and_uneven_nodes_get_their_own_task_count() {
+        let w = env(&[
+            ("SLURM_PROCID", "9"),
+            ("SLURM_NTASKS", "12"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NODEID", "2"),
+            ("SLURM_TASKS_PER_NODE", "8(x4)"),
+            ("SLURM_STEP_TASKS_PER_NODE", "4(x2),4"),
+            ("SLURM_JOB_NODELIST", "gpu[01-04]"),
+            ("SLURM_STEP_NODELIST", "gpu[03-04,01]"),
+            ("SLURM_JOB_ID", "5"),
+        ])
+        .unwrap();
+        assert_eq!((w.rank, w.local_rank, w.local_world_size), (9, 1, 4));
+        assert_eq!(w.master_addr, "gpu03");
+        assert_eq!(tasks_on_node("8(x2),4", 0), Some(8));
+        assert_eq!(tasks_on_node("8(x2),4", 1), Some(8));
+        assert_eq!(tasks_on_node("8(x2),4", 2), Some(4));
+        assert_eq!(tasks_on_node("8(x2),4", 3), None);
+        assert_eq!(tasks_on_node("4,8", 1), Some(8));
+        assert_eq!(tasks_on_node("x", 0), None);
+    }
+
+    #[test]
+    fn under_torchrun_our_store_takes_the_port_after_the_agents() {
+        let w = env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RUN_ID", "none"),
+        ])
+        .unwrap();
+        assert_eq!(w.master_port, 29501);
+        assert_eq!(w.run_id, "none");
     }
 
     #[test]

@@ -485,11 +485,11 @@ fn slurm_environment_needs_no_flags() {
         "node_rank = 1 (from SLURM_NODEID)",
         "nproc_per_node = 2 (from SLURM_GPUS_ON_NODE)",
         "world_size = 4",
-        "master = gpu01:20077 (addr from SLURM_JOB_NODELIST, port from 20000 + SLURM_JOB_ID % 20000)",
+        "master = gpu01:10077 (addr from SLURM_JOB_NODELIST, port from 10000 + SLURM_JOB_ID % 20000)",
         "run_id = 77 (from SLURM_JOB_ID)",
         "local worker 0: RANK=2 LOCAL_RANK=0",
         "local worker 1: RANK=3 LOCAL_RANK=1",
-        "child RANK=2 LOCAL_RANK=0 WS=4 MA=gpu01 MP=20077 ID=77 TOK=unset",
+        "child RANK=2 LOCAL_RANK=0 WS=4 MA=gpu01 MP=10077 ID=77 TOK=unset",
     ] {
         assert!(stdout.contains(want), "no {want:?} in\n{stdout}");
     }

@@ -12,7 +12,7 @@
 //!   an error on every rank (so they stop together), naming the ranks and the step.
 //!
 //! All three must be called by every rank at the same point with the same variable list.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::hash::Hasher;
 use tch::{Device, Kind, Tensor};
 
@@ -99,6 +99,9 @@ pub fn checksum(tensors: &[Tensor]) -> u64 {
     for t in tensors {
         let t = t.to_device(Device::Cpu).contiguous();
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        if bytes == 0 {
+            continue; // an empty tensor's data pointer may be null
+        }
         // SAFETY: a contiguous CPU tensor owns `bytes` bytes at data_ptr; read only while `t`
         // lives.
         let data = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) };
@@ -107,33 +110,62 @@ pub fn checksum(tensors: &[Tensor]) -> u64 {
     h.finish()
 }
 
-/// Compares [`checksum`] of `variables` across ranks; on a difference every rank returns the
-/// same error, naming `step` and the ranks whose parameters differ from rank 0's.
-pub fn check_identical(collective: &dyn Collective, variables: &[Tensor], step: u64) -> Result<()> {
+/// Compares a 64-bit `value` across ranks; when some rank's differs from rank 0's, every rank
+/// returns the same error: `what` and the ranks that differ.
+pub fn check_agree(collective: &dyn Collective, value: u64, what: &str) -> Result<()> {
     let (w, r) = (collective.world_size(), collective.rank());
     if w == 1 {
         return Ok(());
     }
-    let mine = checksum(variables);
-    let rank0 = collective.broadcast_bytes(mine.to_le_bytes().to_vec())?;
-    let differs = rank0 != mine.to_le_bytes();
+    let rank0 = collective.broadcast_bytes(value.to_le_bytes().to_vec())?;
     let flags = Tensor::zeros([w as i64], (Kind::Float, Device::Cpu));
-    if differs {
+    if rank0 != value.to_le_bytes() {
         let _ = flags.get(r as i64).fill_(1.0);
     }
-    // NCCL reduces on the GPU; the check is rare, the copy is cheap.
-    let device = variables.first().map(|t| t.device()).unwrap_or(Device::Cpu);
-    let mut flags = flags.to_device(device);
+    let mut flags = flags.to_device(collective.device());
     collective.all_reduce(&mut flags, ReduceOp::Sum)?;
     let flags = Vec::<f32>::try_from(flags.to_device(Device::Cpu))?;
-    let bad: Vec<usize> = (0..w).filter(|&i| flags[i] > 0.0).collect();
-    if !bad.is_empty() {
-        bail!(
-            "after step {step}: the parameters of rank(s) {bad:?} differ from rank 0's (checksum); \
-             the replicas diverged (non-deterministic kernel, a rank that skipped a step, or memory corruption)"
-        );
+    let differ: Vec<usize> = (0..w).filter(|&i| flags[i] > 0.0).collect();
+    if !differ.is_empty() {
+        bail!("{what}: rank(s) {differ:?} differ from rank 0");
     }
     Ok(())
+}
+
+/// Compares [`checksum`] of `variables` across ranks; on a difference every rank returns the
+/// same error, naming `step` and the ranks whose parameters differ from rank 0's.
+pub fn check_identical(collective: &dyn Collective, variables: &[Tensor], step: u64) -> Result<()> {
+    check_agree(collective, checksum(variables), &format!("after step {step}: parameters"))
+        .context(
+            "the replicas diverged (non-deterministic kernel, a rank that skipped a step, or memory corruption)",
+        )
+}
+
+/// At start: every rank must run the same configuration and model. Compares a hash of
+/// `config_text` (the resolved configuration, `--set` and environment overrides included) and
+/// of the variables' names, shapes and dtypes; a difference is an error on every rank before
+/// any gradient is exchanged (buckets of different lengths would otherwise mix bytes).
+pub fn check_same_setup(
+    collective: &dyn Collective,
+    config_text: &str,
+    variables: &[(String, Tensor)],
+) -> Result<()> {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(config_text.as_bytes());
+    check_agree(collective, h.finish(), "the resolved configuration").context(
+        "start every rank with the same config file, --set flags and DEVISE__* variables",
+    )?;
+    let mut h = std::hash::DefaultHasher::new();
+    for (name, t) in variables {
+        h.write(name.as_bytes());
+        h.write(format!("{:?}{:?}", t.size(), t.kind()).as_bytes());
+    }
+    check_agree(
+        collective,
+        h.finish(),
+        "the model's variables (names, shapes, dtypes)",
+    )
 }
 
 #[cfg(test)]
@@ -175,7 +207,25 @@ mod tests {
             if ring.rank() == 1 {
                 let _ = vars[0].get(0).fill_(5.0);
             }
-            let e = check_identical(&ring, &vars, 7).unwrap_err().to_string();
+            let e = format!("{:#}", check_identical(&ring, &vars, 7).unwrap_err());
+            // Different configurations or models are refused before any gradient moves.
+            let named = vec![("w".to_string(), vars[0].shallow_clone())];
+            check_same_setup(&ring, "a = 1", &named).unwrap();
+            let text = if ring.rank() == 1 { "a = 2" } else { "a = 1" };
+            let cfg_err = format!("{:#}", check_same_setup(&ring, text, &named).unwrap_err());
+            assert!(
+                cfg_err.contains("configuration") && cfg_err.contains("[1]"),
+                "{cfg_err}"
+            );
+            let other = vec![(
+                "w".to_string(),
+                Tensor::zeros([ring.rank() as i64 + 1], (Kind::Float, Device::Cpu)),
+            )];
+            let shape_err = format!(
+                "{:#}",
+                check_same_setup(&ring, "a = 1", &other).unwrap_err()
+            );
+            assert!(shape_err.contains("shapes"), "{shape_err}");
             (
                 grads
                     .iter()

@@ -21,7 +21,7 @@
 //! averaging gradients is the whole story.
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub mod ddp;
 pub mod ring;
@@ -133,6 +133,9 @@ pub trait Collective {
     fn rank(&self) -> usize;
     /// Number of processes in the group.
     fn world_size(&self) -> usize;
+    /// Where this backend's buffers live: `Cpu` for `cpu` and the single process, this rank's
+    /// GPU for `nccl`.
+    fn device(&self) -> Device;
     /// In place, over a flat contiguous buffer (`[n]`, `Float` or `BFloat16`, on the backend's
     /// device: CPU for `cpu`, this rank's GPU for `nccl`): every element becomes the sum (or
     /// mean) over ranks. Afterwards the buffer is bit-identical on every rank.
@@ -146,25 +149,33 @@ pub trait Collective {
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
 
-    /// Every tensor becomes its mean over ranks (any shapes, `Float`/`BFloat16`; one flat
-    /// buffer, so meant for small lists: metrics and counts; gradients go through
-    /// [`ddp::GradientBuckets`]).
-    fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<()> {
+    /// Every tensor (any shape, dtype and device) becomes its sum or mean over ranks, computed
+    /// in f32 in one flat buffer on [`Collective::device`]: meant for small lists (metrics,
+    /// counts: integers are exact below 2^24); gradients go through [`ddp::GradientBuckets`].
+    fn all_reduce_tensors(&self, tensors: &mut [Tensor], op: ReduceOp) -> Result<()> {
         if self.world_size() == 1 || tensors.is_empty() {
             return Ok(());
         }
         let mut flat = Tensor::cat(
             &tensors
                 .iter()
-                .map(|t| t.to_kind(Kind::Float).reshape([-1]))
+                .map(|t| {
+                    t.to_kind(Kind::Float)
+                        .to_device(self.device())
+                        .reshape([-1])
+                })
                 .collect::<Vec<_>>(),
             0,
         );
-        self.all_reduce(&mut flat, ReduceOp::Mean)?;
+        self.all_reduce(&mut flat, op)?;
         let mut offset = 0;
         for t in tensors.iter_mut() {
             let n = t.numel() as i64;
-            let part = flat.narrow(0, offset, n).view_as(t).to_kind(t.kind());
+            let part = flat
+                .narrow(0, offset, n)
+                .view_as(t)
+                .to_device(t.device())
+                .to_kind(t.kind());
             tch::no_grad(|| t.copy_(&part));
             offset += n;
         }
@@ -181,6 +192,9 @@ impl Collective for SingleProcess {
     }
     fn world_size(&self) -> usize {
         1
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
     }
     fn all_reduce(&self, _buffer: &mut Tensor, _op: ReduceOp) -> Result<()> {
         Ok(())

@@ -656,6 +656,10 @@ impl Collective for Nccl {
         self.world_size
     }
 
+    fn device(&self) -> Device {
+        Device::Cuda(self.local_rank)
+    }
+
     fn all_reduce(&self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
         check_flat(buffer, "all_reduce")?;
         self.check_device(buffer, "all_reduce")?;

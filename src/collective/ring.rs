@@ -203,6 +203,19 @@ impl Ring {
     pub fn connect(store: Rendezvous, timeout: Duration, unix_sockets: bool) -> Result<Ring> {
         let (rank, world) = (store.rank(), store.world_size());
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
+        let loopback_hint = if store.multi_node() && store.local_ip().is_loopback() {
+            // Fine when the "nodes" are processes of one host (tests); fatal on real hosts.
+            tracing::warn!(
+                "rank {rank}: the job spans several nodes but this host reaches the rendezvous store \
+                 through a loopback address ({}): ranks on other hosts will not reach this one",
+                store.local_ip()
+            );
+            " (this host advertised a loopback address: set MASTER_ADDR / --master-addr to an \
+             address of rank 0's host that the other hosts can reach; a hostname that /etc/hosts \
+             maps to 127.0.1.1 is the usual cause)"
+        } else {
+            ""
+        };
         let tcp = TcpListener::bind(SocketAddr::new(store.local_ip(), 0))
             .with_context(|| format!("rank {rank}: binding the ring listener"))?;
         let host = boot_id().filter(|_| unix_sockets);
@@ -277,7 +290,7 @@ impl Ring {
                         Ok(l) => break l,
                         Err(e) if Instant::now() >= deadline => {
                             return Err(e.context(format!(
-                                "rank {rank}: cannot connect to rank {next} at {}",
+                                "rank {rank}: cannot connect to rank {next} at {}{loopback_hint}",
                                 peer.tcp
                             )))
                         }
@@ -330,7 +343,7 @@ impl Ring {
                     None => {
                         if Instant::now() >= deadline {
                             bail!(
-                                "rank {rank}: rank {prev} did not connect within {} s",
+                                "rank {rank}: rank {prev} did not connect within {} s{loopback_hint}",
                                 timeout.as_secs()
                             );
                         }
@@ -390,6 +403,8 @@ impl Ring {
         F: FnOnce(&mpsc::Sender<Span>) -> Result<()>,
     {
         let (tx, rx) = mpsc::channel::<Span>();
+        // `tx` moves into the scope's closure: if `body` panics, unwinding drops it, the sender
+        // thread's loop ends and the scope can join it (no deadlock on the way out).
         let next = self.next();
         let result = std::thread::scope(|scope| {
             let sender = scope.spawn(move || -> Result<()> {
@@ -402,6 +417,7 @@ impl Ring {
                 }
                 Ok(())
             });
+            let tx = tx;
             let received = body(&tx);
             drop(tx);
             if received.is_err() {
@@ -430,6 +446,8 @@ impl Ring {
 
     /// The ring all-reduce of the module docs over `data` (`[n]` f32, in place).
     fn all_reduce_f32(&self, data: &mut [f32], op: ReduceOp) -> Result<()> {
+        // (n == 0 returns before any pointer arithmetic: an empty tensor's data pointer may be
+        // null.)
         let (w, r, n) = (self.world_size, self.rank, data.len());
         if w == 1 || n == 0 {
             return Ok(());
@@ -520,6 +538,9 @@ fn as_f32(buffer: &mut Tensor) -> Result<&mut [f32]> {
         );
     }
     let n = buffer.numel();
+    if n == 0 {
+        return Ok(&mut []); // an empty tensor's data pointer may be null
+    }
     // SAFETY: a contiguous CPU Float tensor of n elements owns n f32 at data_ptr (checked above
     // and by check_flat); the returned slice borrows `buffer` mutably, so no other Rust access to
     // it can happen while the slice lives.
@@ -533,6 +554,10 @@ impl Collective for Ring {
 
     fn world_size(&self) -> usize {
         self.world_size
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
     }
 
     fn all_reduce(&self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
@@ -557,6 +582,9 @@ impl Collective for Ring {
         }
         let _op = self.op.lock().expect("ring lock");
         let bytes = buffer.numel() * buffer.kind().elt_size_in_bytes();
+        if bytes == 0 {
+            return Ok(()); // every rank sees the same empty shape; nothing to send
+        }
         // SAFETY: contiguous CPU tensor of `bytes` bytes (checked above), borrowed mutably.
         let data = unsafe { std::slice::from_raw_parts_mut(buffer.data_ptr() as *mut u8, bytes) };
         self.broadcast_raw(data)

@@ -44,8 +44,10 @@ pub enum Request {
         token: String,
         /// The launcher's restart attempt; must equal the server's.
         attempt: u32,
-        /// The connecting rank (for messages).
+        /// The connecting rank.
         rank: usize,
+        /// The connecting rank's world size; must equal the server's.
+        world_size: usize,
     },
     /// Stores `value` under `key` (replacing any value).
     Set {
@@ -88,6 +90,12 @@ pub enum Response {
     Int(i64),
     /// The request failed (refused hello, timeout, malformed request).
     Error(String),
+    /// Hello refused: the store serves an earlier restart attempt (the previous group's rank 0
+    /// has not exited yet); the client retries until its deadline.
+    Stale {
+        /// The attempt the store serves.
+        serves: u32,
+    },
 }
 
 async fn write_frame<T: Serialize>(stream: &mut TcpStream, msg: &T) -> Result<()> {
@@ -120,6 +128,7 @@ struct State {
     version: tokio::sync::watch::Sender<u64>,
     token: String,
     attempt: u32,
+    world_size: usize,
 }
 
 impl State {
@@ -136,11 +145,34 @@ async fn serve_connection(state: Arc<State>, mut stream: TcpStream, peer: Socket
             token,
             attempt,
             rank,
+            world_size,
         })) => {
             if token != state.token {
                 tracing::warn!("rendezvous: refused {peer} (rank {rank}): wrong token");
                 let _ =
                     write_frame(&mut stream, &Response::Error("refused: wrong token".into())).await;
+                return;
+            }
+            if attempt > state.attempt {
+                let _ = write_frame(
+                    &mut stream,
+                    &Response::Stale {
+                        serves: state.attempt,
+                    },
+                )
+                .await;
+                return;
+            }
+            if world_size != state.world_size {
+                tracing::warn!(
+                    "rendezvous: refused {peer} (rank {rank}): world size {world_size}, the store serves {}",
+                    state.world_size
+                );
+                let msg = format!(
+                    "refused: world size {world_size}, but rank 0 has {} (the ranks were started with different WORLD_SIZE / --nnodes / --nproc-per-node)",
+                    state.world_size
+                );
+                let _ = write_frame(&mut stream, &Response::Error(msg)).await;
                 return;
             }
             if attempt != state.attempt {
@@ -242,6 +274,8 @@ pub struct Rendezvous {
     timeout: Duration,
     local_ip: IpAddr,
     barriers: AtomicU64,
+    /// The job spans several hosts (`local_world_size < world_size`).
+    multi_node: bool,
 }
 
 impl Rendezvous {
@@ -270,6 +304,7 @@ impl Rendezvous {
                 version: tokio::sync::watch::channel(0).0,
                 token: env.token.clone(),
                 attempt: env.restart_attempt,
+                world_size: env.world_size,
             });
             rt.spawn(async move {
                 loop {
@@ -288,54 +323,72 @@ impl Rendezvous {
         }
         let addr = format!("{}:{}", env.master_addr, env.master_port);
         let deadline = Instant::now() + timeout;
-        let mut stream = rt.block_on(async {
-            loop {
-                let attempt =
-                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await;
-                match attempt {
-                    Ok(Ok(s)) => break Ok(s),
-                    Ok(Err(e)) if Instant::now() >= deadline => {
-                        break Err(anyhow!(e).context(format!(
-                            "rank {}: rendezvous store at {addr} unreachable for {} s",
-                            env.rank,
-                            timeout.as_secs()
-                        )))
-                    }
-                    Err(_) if Instant::now() >= deadline => {
-                        break Err(anyhow!(
-                            "rank {}: rendezvous store at {addr} unreachable for {} s",
-                            env.rank,
-                            timeout.as_secs()
-                        ))
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        })?;
-        stream.set_nodelay(true).ok();
-        let local_ip = stream.local_addr()?.ip();
+        let unreachable = || {
+            anyhow!(
+                "rank {}: rendezvous store at {addr} unreachable for {} s",
+                env.rank,
+                timeout.as_secs()
+            )
+        };
         let hello = Request::Hello {
             token: env.token.clone(),
             attempt: env.restart_attempt,
             rank: env.rank,
+            world_size: env.world_size,
         };
-        let answer: Response = rt
-            .block_on(async {
-                write_frame(&mut stream, &hello).await?;
-                tokio::time::timeout(timeout, read_frame(&mut stream))
-                    .await
-                    .map_err(|_| anyhow!("no answer to hello within {} s", timeout.as_secs()))?
-            })
-            .with_context(|| format!("rank {}: rendezvous with {addr}", env.rank))?;
-        match answer {
-            Response::Ok => {}
-            Response::Error(e) => bail!("rank {}: the rendezvous store at {addr} {e}", env.rank),
-            other => bail!(
-                "rank {}: unexpected hello answer from {addr}: {other:?}",
-                env.rank
-            ),
-        }
-        Ok(Rendezvous {
+        // Connect and say hello, retrying while the store is not up yet or still serves the
+        // previous attempt (a restarted group may be faster than the old rank 0's exit).
+        let (stream, local_ip) = loop {
+            let connected = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await
+            });
+            let mut stream = match connected {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) if Instant::now() >= deadline => {
+                    return Err(anyhow!(e).context(unreachable()))
+                }
+                Err(_) if Instant::now() >= deadline => return Err(unreachable()),
+                _ => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            stream.set_nodelay(true).ok();
+            let local_ip = stream.local_addr()?.ip();
+            let answer: Response = rt
+                .block_on(async {
+                    write_frame(&mut stream, &hello).await?;
+                    tokio::time::timeout(timeout, read_frame(&mut stream))
+                        .await
+                        .map_err(|_| anyhow!("no answer to hello within {} s", timeout.as_secs()))?
+                })
+                .with_context(|| format!("rank {}: rendezvous with {addr}", env.rank))?;
+            match answer {
+                Response::Ok => break (stream, local_ip),
+                Response::Stale { serves } if Instant::now() < deadline => {
+                    tracing::info!(
+                        "rank {}: the store at {addr} still serves restart attempt {serves} (this is {}): waiting for it to go",
+                        env.rank,
+                        env.restart_attempt
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Response::Stale { serves } => bail!(
+                    "rank {}: the store at {addr} still served restart attempt {serves} after {} s (this is attempt {})",
+                    env.rank,
+                    timeout.as_secs(),
+                    env.restart_attempt
+                ),
+                Response::Error(e) => {
+                    bail!("rank {}: the rendezvous store at {addr} {e}", env.rank)
+                }
+                other => bail!(
+                    "rank {}: unexpected hello answer from {addr}: {other:?}",
+                    env.rank
+                ),
+            }
+        };
+        let store = Rendezvous {
             rt,
             conn: Mutex::new(stream),
             rank: env.rank,
@@ -345,7 +398,17 @@ impl Rendezvous {
             timeout,
             local_ip,
             barriers: AtomicU64::new(0),
-        })
+            multi_node: env.local_world_size < env.world_size,
+        };
+        // Two workers with the same RANK would corrupt every collective: refuse the second.
+        if store.add(&format!("rank/{}", env.rank), 1)? > 1 {
+            bail!(
+                "rank {}: another worker already joined as rank {} (RANK / SLURM_PROCID duplicated?)",
+                env.rank,
+                env.rank
+            );
+        }
+        Ok(store)
     }
 
     fn call(&self, request: Request) -> Result<Response> {
@@ -448,6 +511,11 @@ impl Rendezvous {
     pub fn local_ip(&self) -> IpAddr {
         self.local_ip
     }
+
+    /// Whether the job spans several hosts.
+    pub fn multi_node(&self) -> bool {
+        self.multi_node
+    }
 }
 
 #[cfg(test)]
@@ -522,13 +590,42 @@ pub(crate) mod tests {
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf);
         }
-        let mut stale = env(1, 2, port, "right");
-        stale.restart_attempt = 1;
-        let e = Rendezvous::join(&stale, t).err().unwrap();
-        assert!(format!("{e:#}").contains("restart attempt 1"), "{e:#}");
+        // A worker of an older attempt is refused at once; one of a newer attempt waits for
+        // the old store to go, and gives up at its deadline.
+        let host1 = {
+            let mut e = env(0, 2, free_port(), "right");
+            e.restart_attempt = 1;
+            e
+        };
+        let h1 = Rendezvous::join(&host1, t).unwrap();
+        let mut old = env(1, 2, host1.master_port, "right");
+        old.restart_attempt = 0;
+        let e = Rendezvous::join(&old, t).err().unwrap();
+        assert!(format!("{e:#}").contains("restart attempt 0"), "{e:#}");
+        drop(h1);
+        let mut newer = env(1, 2, port, "right");
+        newer.restart_attempt = 1;
+        let e = Rendezvous::join(&newer, Duration::from_millis(1200))
+            .err()
+            .unwrap();
+        assert!(
+            format!("{e:#}").contains("still served restart attempt 0"),
+            "{e:#}"
+        );
+        let e = Rendezvous::join(&env(1, 3, port, "right"), t)
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("world size 3"), "{e:#}");
         let ok = Rendezvous::join(&env(1, 2, port, "right"), t).unwrap();
         ok.set("k", b"v").unwrap();
         assert_eq!(host.get("k").unwrap(), Some(b"v".to_vec()));
+        let e = Rendezvous::join(&env(1, 2, port, "right"), t)
+            .err()
+            .unwrap();
+        assert!(
+            format!("{e:#}").contains("already joined as rank 1"),
+            "{e:#}"
+        );
     }
 
     #[test]
