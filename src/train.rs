@@ -347,6 +347,11 @@ pub fn train(
         let every = cfg.dist.check_params_every_steps;
         if every > 0 && step % every == 0 {
             ddp::check_identical(collective, &variables, step)?;
+            // Ranks that read a shard differently (one saw a checksum mismatch the others did
+            // not) keep the same batch count but walk different slots: their cursors differ.
+            let cursor = (state.cursor.epoch << 40) ^ state.cursor.position;
+            ddp::check_agree(collective, cursor, &format!("after step {step}: the data cursor"))
+                .context("the ranks read the training data differently (a shard that failed its checksum or was truncated on some ranks only?)")?;
         }
 
         state.step = step;

@@ -47,8 +47,8 @@ pub struct Config {
     /// Gradients are averaged in flat buckets of at most this many MiB (one all-reduce each).
     #[serde(default = "default_bucket_mb")]
     pub bucket_size_mb: f64,
-    /// Every this many steps the ranks compare a checksum of their parameters and stop with an
-    /// error naming the step when they differ (0: never).
+    /// Every this many steps the ranks compare a checksum of their parameters (and their data
+    /// cursors) and stop with an error naming the step when they differ (0: never).
     #[serde(default = "default_check_every")]
     pub check_params_every_steps: u64,
     /// How long a rank waits for the others in any one operation (rendezvous, all-reduce,

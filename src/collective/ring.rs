@@ -63,11 +63,15 @@ pub struct Ring {
     _store: Rendezvous,
 }
 
-/// A byte range of the caller's buffer handed to the sender thread.
+/// A byte range of the caller's buffer handed to the sender thread. It is only ever read by the
+/// kernel (`send(2)` on the raw pointer, [`Link::send_span`]): no Rust reference to its bytes is
+/// formed on the sender thread, so the calling thread's writes to bytes the successor has
+/// already received (all-gather results arriving while the tail of a span is still being sent)
+/// alias nothing.
 struct Span(*const u8, usize);
 // SAFETY: a Span points into the buffer of the operation in progress, which outlives the sender
-// thread (scoped); the calling thread does not write a span's bytes while it is queued or being
-// sent (see `all_reduce_f32` for why), and the sender only reads them.
+// thread (scoped); the calling thread does not write a span's bytes before the successor has
+// received them (see `all_reduce_f32` for why), and the sender only hands them to the kernel.
 unsafe impl Send for Span {}
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -137,6 +141,43 @@ impl Link {
             Link::Tcp(s) => (&*s).read_exact(into),
             Link::Unix(s) => (&*s).read_exact(into),
         }
+    }
+
+    /// Sends the bytes of `span` with `send(2)` on its raw pointer (see [`Span`] for why not a
+    /// slice), retrying on partial writes and interrupts; `MSG_NOSIGNAL`: a closed peer is an
+    /// error, not SIGPIPE. The link's write timeout applies (then `TimedOut`).
+    fn send_span(&self, span: Span) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Link::Tcp(s) => s.as_raw_fd(),
+            Link::Unix(s) => s.as_raw_fd(),
+        };
+        let Span(mut ptr, mut len) = span;
+        while len > 0 {
+            // SAFETY: [ptr, ptr + len) lies in the live buffer of the operation in progress (see
+            // `Span`); the kernel only reads it; `fd` is this link's open socket.
+            let n = unsafe { libc::send(fd, ptr.cast(), len, libc::MSG_NOSIGNAL) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "send timed out (dist.timeout_secs)",
+                        ))
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            // SAFETY: 0 < n <= len, so the result stays inside the span.
+            ptr = unsafe { ptr.add(n as usize) };
+            len -= n as usize;
+        }
+        Ok(())
     }
 
     /// Unblocks a thread blocked on this link (it gets an error).
@@ -408,11 +449,9 @@ impl Ring {
         let next = self.next();
         let result = std::thread::scope(|scope| {
             let sender = scope.spawn(move || -> Result<()> {
-                for Span(ptr, len) in rx {
-                    // SAFETY: see `Span`.
-                    let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+                for span in rx {
                     self.send
-                        .write_all(bytes)
+                        .send_span(span)
                         .with_context(|| format!("sending to rank {next}"))?;
                 }
                 Ok(())
