@@ -129,8 +129,10 @@ launch() {
 run=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 start=$SECONDS
 for ((k = 1; k <= rounds; k++)); do
-  log "round $k/$rounds: devise-ring"
-  launch "$k" "$ours"
+  log "round $k/$rounds: devise-ring (Unix sockets between same-host neighbours, the default)"
+  ALLREDUCE_TRANSPORT=unix launch "$k" "$ours"
+  log "round $k/$rounds: devise-ring over TCP (dist.unix_sockets = false)"
+  ALLREDUCE_TRANSPORT=tcp launch "$k" "$ours"
   log "round $k/$rounds: torch-gloo"
   launch "$k" "$venv/bin/python" bench/allreduce_gloo.py
 done
@@ -149,10 +151,10 @@ def cell(v):
     m = statistics.median(v)
     spread = (max(v) - min(v)) / m
     return m, f"{m:.3f} ({min(v):.3f}-{max(v):.3f}){' noisy' if spread > 0.2 else ''}"
-print("| size (MiB) | ours busbw GB/s, median (min-max) | gloo busbw GB/s, median (min-max) | ours/gloo |")
-print("|---:|---:|---:|---:|")
+print("| size (MiB) | ours (Unix sockets) GB/s | ours (TCP) GB/s | gloo (TCP) GB/s | ours/gloo | ours TCP/gloo |")
+print("|---:|---:|---:|---:|---:|---:|")
 for size in sorted({b for _, b in bw}):
-    (o, os_), (g, gs) = cell(bw["devise-ring", size]), cell(bw["torch-gloo", size])
-    print(f"| {size / 2**20:g} | {os_} | {gs} | {o / g:.2f} |")
-print(f"\n{len(bw['devise-ring', size])} rounds; 'noisy': (max-min)/median > 20%.")
+    (u, us), (t, ts), (g, gs) = (cell(bw[i, size]) for i in ("devise-ring-unix", "devise-ring-tcp", "torch-gloo"))
+    print(f"| {size / 2**20:g} | {us} | {ts} | {gs} | {u / g:.2f} | {t / g:.2f} |")
+print(f"\n{len(bw['torch-gloo', size])} rounds; bus bandwidth, median (min-max); 'noisy': (max-min)/median > 20%.")
 PY

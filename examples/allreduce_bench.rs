@@ -1,6 +1,7 @@
 //! All-reduce benchmark of the `cpu` collective backend (`devise::collective::ring`), one worker.
 //!
-//! Purpose: measure our ring all-reduce (TCP, same host) side by side with PyTorch's gloo
+//! Purpose: measure our ring all-reduce (same host: Unix sockets, or TCP with
+//! `ALLREDUCE_TRANSPORT=tcp`) side by side with PyTorch's gloo
 //! backend (`bench/allreduce_gloo.py`, same sizes, same iteration policy, same JSON lines);
 //! `bench/allreduce.sh` builds both, runs them interleaved and prints the comparison table.
 //!
@@ -10,7 +11,7 @@
 //! process exits non-zero), 3 warm-up all-reduces that also estimate the time of one, then
 //! `max(5, ceil(1 s / estimate))` timed all-reduces (rank 0's estimate, shared with every rank),
 //! each preceded by a barrier and timed alone on rank 0. Rank 0 prints one JSON line per size:
-//! `{"impl":"devise-ring","world_size":..,"bytes":..,"median_s":..,"p10_s":..,"p90_s":..,
+//! `{"impl":"devise-ring-unix|tcp","world_size":..,"bytes":..,"median_s":..,"p10_s":..,"p90_s":..,
 //! "iters":..,"busbw_gb_s":..}`, bus bandwidth as in NCCL-tests: `bytes * 2 (w-1)/w / median / 1e9`.
 //!
 //! Run (normally through `bash bench/allreduce.sh`), one process per rank:
@@ -34,8 +35,15 @@ const TARGET_S: f64 = 1.0;
 fn main() -> Result<()> {
     tch::set_num_threads(1); // as the gloo side; the ring's own threads are not torch's
     let env = WorkerEnv::from_env()?;
+    let transport = if std::env::var("ALLREDUCE_TRANSPORT").is_ok_and(|t| t == "tcp") {
+        "tcp"
+    } else {
+        "unix"
+    };
     let cfg = Config {
         backend: "cpu".into(),
+        // ALLREDUCE_TRANSPORT=tcp: TCP even between same-host neighbours (default: Unix sockets).
+        unix_sockets: transport != "tcp",
         ..Config::default()
     };
     let coll = collective::init(&env, &cfg, false)?;
@@ -92,7 +100,7 @@ fn main() -> Result<()> {
             let med = median(&mut times);
             let busbw = bytes as f64 * 2.0 * (w - 1) as f64 / w as f64 / med / 1e9;
             println!(
-                r#"{{"impl":"devise-ring","world_size":{w},"bytes":{bytes},"median_s":{med:.6e},"p10_s":{:.6e},"p90_s":{:.6e},"iters":{iters},"busbw_gb_s":{busbw:.4}}}"#,
+                r#"{{"impl":"devise-ring-{transport}","world_size":{w},"bytes":{bytes},"median_s":{med:.6e},"p10_s":{:.6e},"p90_s":{:.6e},"iters":{iters},"busbw_gb_s":{busbw:.4}}}"#,
                 percentile(&times, 0.10),
                 percentile(&times, 0.90),
             );
