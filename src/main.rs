@@ -197,17 +197,7 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
             let env = WorkerEnv::from_env().context("reading the rank environment")?;
             let plan = Plan::build(&cfg, env.rank, env.world_size)?;
             if dry_run {
-                println!(
-                    "world: rank {} of {} (local {} of {}; from {}), rendezvous {}:{}, run id {}",
-                    env.rank,
-                    env.world_size,
-                    env.local_rank,
-                    env.local_world_size,
-                    env.source,
-                    env.master_addr,
-                    env.master_port,
-                    env.run_id
-                );
+                println!("world: {env}");
                 println!("{}", plan.summary());
                 return Ok(None);
             }

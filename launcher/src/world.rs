@@ -76,6 +76,25 @@ pub struct WorkerEnv {
     pub source: EnvSource,
 }
 
+impl std::fmt::Display for WorkerEnv {
+    /// `rank 3 of 8 (local 1 of 4, from RANK/WORLD_SIZE variables), rendezvous h:29500, run id x`
+    /// (never the token).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rank {} of {} (local {} of {}, from {}), rendezvous {}:{}, run id {}",
+            self.rank,
+            self.world_size,
+            self.local_rank,
+            self.local_world_size,
+            self.source,
+            self.master_addr,
+            self.master_port,
+            self.run_id
+        )
+    }
+}
+
 impl WorkerEnv {
     /// [`WorkerEnv::from_vars`] over the process environment.
     pub fn from_env() -> Result<WorkerEnv> {

@@ -229,17 +229,7 @@ pub fn init(env: &WorkerEnv, cfg: &Config, device_is_cuda: bool) -> Result<Box<d
         "auto" => "cpu",
         b => b,
     };
-    tracing::info!(
-        "rank {} of {} (local {} of {}, from {}), backend {backend}, store {}:{}, run {}",
-        env.rank,
-        env.world_size,
-        env.local_rank,
-        env.local_world_size,
-        env.source,
-        env.master_addr,
-        env.master_port,
-        env.run_id
-    );
+    tracing::info!("{env}, backend {backend}");
     match backend {
         "cpu" => Ok(Box::new(ring::Ring::connect(
             store,

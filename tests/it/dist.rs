@@ -249,6 +249,31 @@ fn worker_pid(config: &Path, rank: usize) -> Option<i32> {
     None
 }
 
+/// Waits until rank 1 of the run of `config` has traced step 15 (checkpoints were written), then
+/// SIGKILLs that worker; returns when.
+fn kill_rank_1_after_step_15(config: &Path) -> Instant {
+    let trace1 = run_dir(config).join("trace/rank-1.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&trace1)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 15
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the run never reached step 15"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = worker_pid(config, 1).expect("rank 1's pid");
+    let killed_at = Instant::now();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    killed_at
+}
+
 #[test]
 fn a_sigkilled_worker_stops_the_group_and_max_restarts_resumes_it_exactly() {
     if shared_dir().is_none() || shards().is_none() {
@@ -280,28 +305,7 @@ fn a_sigkilled_worker_stops_the_group_and_max_restarts_resumes_it_exactly() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Wait until rank 1 has traced step 15 (checkpoints were written), then kill it.
-        let trace1 = run_dir(&config).join("trace/rank-1.jsonl");
-        let started = Instant::now();
-        loop {
-            let steps = std::fs::read_to_string(&trace1)
-                .map(|t| t.lines().count())
-                .unwrap_or(0);
-            if steps >= 15 {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "the run never reached step 15"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let pid = worker_pid(&config, 1).expect("rank 1's pid");
-        let killed_at = Instant::now();
-        Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap();
+        let killed_at = kill_rank_1_after_step_15(&config);
         let out = child.wait_with_output().unwrap();
         let log = text(&out);
         assert!(
@@ -372,24 +376,7 @@ fn two_launchers_as_two_nodes_restart_together_after_a_kill() {
                 .unwrap()
         })
         .collect();
-    let trace1 = run_dir(&config).join("trace/rank-1.jsonl");
-    let started = Instant::now();
-    while std::fs::read_to_string(&trace1)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 15
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the run never reached step 15"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = worker_pid(&config, 1).expect("rank 1's pid");
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    kill_rank_1_after_step_15(&config);
     for (node, child) in nodes.into_iter().enumerate() {
         let out = child.wait_with_output().unwrap();
         let log = text(&out);
