@@ -1,10 +1,18 @@
 //! Object storage behind one small blocking API.
 //!
 //! A [`Store`] is a "directory" URL: a plain path (`runs/x`, `/data/shards`), a `file://` URL,
-//! or `memory://` (tests). Locations stay URL strings end to end (`Store::child_url`), never
-//! `PathBuf`s, so cloud schemes (`s3://`, `gs://`, `az://`) slot in later: they go through
-//! [`object_store::parse_url`] exactly like `memory://` does today and only need the matching
-//! `object_store` cargo feature enabled (today: `fs` only, so they fail with a clear error).
+//! `memory://` (tests), or an object store: `s3://bucket/prefix` (also `s3a://`),
+//! `gs://bucket/prefix`, `az://container/prefix` (also `abfs[s]://`, `azure://`), and
+//! `http(s)://host/prefix` (WebDAV-style HTTP stores; read-only servers work for reading).
+//! Locations stay URL strings end to end (`Store::child_url`), never `PathBuf`s.
+//!
+//! Credentials, region, endpoint and path-style come only from the environment and the
+//! instance-metadata chains, through the `object_store` builders' `from_env`: `AWS_*` (e.g.
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT`,
+//! `AWS_ALLOW_HTTP`, `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`), `GOOGLE_*`, `AZURE_*`; never from the
+//! configuration file, and they are never logged (only the URL is). Requests are retried with
+//! exponential backoff (`object_store`'s retry policy: throttling such as 503 SlowDown and 429,
+//! server errors and cut connections; up to 10 retries within 3 minutes).
 //!
 //! Every call blocks the calling thread on one shared tokio runtime ([`runtime`]). Do not call
 //! it from inside an async task (tokio panics on nested `block_on`); the trainer is synchronous.
@@ -22,6 +30,45 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 use url::Url;
+
+/// The backend and base path of a non-local URL: `memory://`, or a cloud store configured from
+/// the environment (see the module docs). Errors name what is wrong (unknown scheme, missing
+/// bucket, bad environment value) without echoing credentials.
+fn cloud_backend(url: &Url) -> Result<(Arc<dyn ObjectStore>, ObjectPath)> {
+    use object_store::ObjectStoreScheme as Scheme;
+    let (scheme, path) = Scheme::parse(url).map_err(|e| anyhow!("{e}"))?;
+    let retry = object_store::RetryConfig::default();
+    let backend: Arc<dyn ObjectStore> = match scheme {
+        Scheme::Memory => Arc::new(object_store::memory::InMemory::new()),
+        Scheme::AmazonS3 => Arc::new(
+            object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .build()?,
+        ),
+        Scheme::GoogleCloudStorage => Arc::new(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .build()?,
+        ),
+        Scheme::MicrosoftAzure => Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .build()?,
+        ),
+        Scheme::Http => Arc::new(
+            object_store::http::HttpBuilder::new()
+                .with_url(&url[..url::Position::BeforePath])
+                .with_retry(retry)
+                .build()?,
+        ),
+        Scheme::Local => bail!("file:// URLs are handled as local directories"),
+        other => bail!("unsupported storage scheme {other:?}"),
+    };
+    Ok((backend, path))
+}
 
 /// The process-wide tokio runtime that every blocking [`Store`] call runs on (2 worker threads,
 /// I/O + time drivers enabled). Created on first use; never shut down.
@@ -108,12 +155,12 @@ impl Store {
             }
             None => {
                 let parsed = Url::parse(trimmed).with_context(|| format!("parsing URL {url}"))?;
-                let (backend, base) = object_store::parse_url(&parsed)
+                let (backend, base) = cloud_backend(&parsed)
                     .with_context(|| format!("opening object store {url}"))?;
                 Ok(Store {
                     url: keep.to_string(),
                     local: None,
-                    backend: Arc::from(backend),
+                    backend,
                     base,
                 })
             }
@@ -272,6 +319,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cloud_urls_open_from_the_environment_and_bad_ones_are_errors() {
+        // Builders only read the environment and validate the URL; nothing is contacted.
+        for ok in [
+            "s3://bucket/prefix",
+            "gs://bucket/prefix",
+            "https://host/dir",
+        ] {
+            let store = Store::open(ok).unwrap_or_else(|e| panic!("{ok}: {e:#}"));
+            assert_eq!(store.url(), ok);
+            assert_eq!(store.child_url("a.tar"), format!("{ok}/a.tar"));
+            assert!(store.local_path().is_none());
+        }
+        for bad in ["ftp://host/x", "s3://"] {
+            let e = Store::open(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} should fail"));
+            assert!(
+                format!("{e:#}").contains(bad),
+                "the error names the URL: {e:#}"
+            );
+        }
+        // Azure needs its account from the environment; without it, a clear error.
+        if std::env::var_os("AZURE_STORAGE_ACCOUNT_NAME").is_none() {
+            let e = format!("{:#}", Store::open("az://container/p").err().unwrap());
+            assert!(
+                e.contains("az://container/p") && e.contains("Account"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn local_roundtrip_list_exists_delete() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("new/sub");
@@ -352,11 +431,5 @@ mod tests {
         store.put("a/b", Bytes::from_static(b"1")).unwrap();
         assert_eq!(&store.get("a/b").unwrap()[..], b"1");
         assert_eq!(store.list("a").unwrap(), vec![("a/b".to_string(), 1)]);
-    }
-
-    #[test]
-    fn cloud_schemes_fail_clearly_without_their_feature() {
-        let err = format!("{:#}", Store::open("s3://bucket/prefix").unwrap_err());
-        assert!(err.contains("s3://bucket/prefix"), "{err}");
     }
 }

@@ -4,5 +4,6 @@ mod cli;
 mod common;
 mod data;
 mod dist;
+mod s3;
 mod text;
 mod train;
