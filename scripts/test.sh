@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+# A full build needs a few GB under target/; a linker killed by SIGBUS is usually a full disk.
+df -h . | awk 'NR==2 {print "test.sh: " $4 " free on the disk holding the build"}'
 export LIBTORCH="$PWD/.deps/libtorch"
 # The object-storage tests run a real S3 server on 127.0.0.1 (tests/it/s3.rs): s3s-fs, built
 # once into .deps/s3s (~3.5 min on 2 cores).
