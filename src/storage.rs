@@ -215,6 +215,42 @@ impl Store {
         }
     }
 
+    /// Opens object `name` for streaming: bytes arrive as they download, so a multi-GB shard
+    /// is parsed while it is still coming in and never held whole. Local stores return the
+    /// file (buffered). Remote reads go through `object_store`'s GET stream, which retries a
+    /// connection cut mid-body by re-requesting the remaining byte range (`Range: bytes=N-`,
+    /// guarded by the object's ETag) with backoff; an error the retries could not cure comes out
+    /// of `read` as an `io::Error` naming the URL.
+    ///
+    /// Errors (here): missing object (named by URL), request failures after retries.
+    pub fn open_read(&self, name: &str) -> Result<Box<dyn std::io::Read + Send>> {
+        if let Some(dir) = &self.local {
+            let path = dir.join(name.trim_start_matches('/'));
+            let file = std::fs::File::open(&path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    anyhow!("{}: not found", self.child_url(name))
+                } else {
+                    anyhow!(e).context(format!("opening {}", self.child_url(name)))
+                }
+            })?;
+            return Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)));
+        }
+        let key = self.key(name)?;
+        let backend = self.backend.clone();
+        let stream = match runtime().block_on(async move { backend.get(&key).await }) {
+            Ok(result) => result.into_stream(),
+            Err(object_store::Error::NotFound { .. }) => {
+                bail!("{}: not found", self.child_url(name))
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.child_url(name))),
+        };
+        Ok(Box::new(StreamRead {
+            url: self.child_url(name),
+            stream,
+            chunk: Bytes::new(),
+        }))
+    }
+
     /// Writes the object `name` (replacing any previous one). Atomic per object: local stores
     /// write a temporary file and rename it; cloud stores publish on upload completion.
     /// Errors name the full URL.
@@ -312,6 +348,33 @@ fn local_dir_of(url: &str) -> Result<Option<PathBuf>> {
         return Ok(Some(p));
     }
     Ok(None)
+}
+
+/// A blocking [`std::io::Read`] over an object's GET byte stream (see [`Store::open_read`]).
+struct StreamRead {
+    url: String,
+    stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    /// The rest of the last chunk received.
+    chunk: Bytes,
+}
+
+impl std::io::Read for StreamRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use futures::StreamExt;
+        while self.chunk.is_empty() {
+            match runtime().block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(bytes)) => self.chunk = bytes,
+                Some(Err(e)) => {
+                    return Err(std::io::Error::other(format!("reading {}: {e}", self.url)))
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        bytes::Buf::advance(&mut self.chunk, n);
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

@@ -967,7 +967,13 @@ impl Window {
             "time/allreduce_pct": 100.0 * self.comm.as_secs_f64() / secs,
             "data/decode_errors": stats.decode_errors,
             "data/shard_errors": stats.shard_errors,
+            "data/buffered_mb": stats.buffered_bytes as f64 / 1e6,
+            "data/peak_buffered_mb": stats.peak_buffered_bytes as f64 / 1e6,
         });
+        let mut line = line;
+        for (reason, n) in stats.skipped_by_reason() {
+            line[format!("data/skipped_samples/{reason}")] = n.into();
+        }
         *self = Window::default();
         line
     }

@@ -6,12 +6,14 @@
 //! |---|---|
 //! | [`synthetic`] | the embedded demo dataset (coloured shapes, with a compositional zero-shot split) |
 //! | [`shards`] | `build_shards`: ImageFolder -> `<split>-NNNNNN.tar` + `manifest.json`; `read_manifest` |
+//! | [`feed`] | one shard streamed from its object (sha256 on the fly) by a thread into a bounded channel |
 //! | [`webdataset`] | tar bytes -> samples (`<key>.jpg` + `<key>.cls` + ...), with the failure policy for bad shards |
 //! | [`image`] | bytes -> RGB (format sniffing, decompression-bomb guard), train/eval transforms -> CHW `f32` |
 //! | [`reader`] | the deterministic, resumable [`reader::TrainStream`] (cursor!) and [`reader::eval_batches`] |
 //!
 //! Nothing here depends on `tch`: a [`reader::Batch`] is a plain `Vec<f32>` `[n, 3, s, s]`.
 
+pub mod feed;
 pub mod image;
 pub mod reader;
 pub mod shards;
@@ -77,6 +79,23 @@ pub struct Config {
     /// (PIL's `Image.MAX_IMAGE_PIXELS`).
     #[serde(default = "default_max_pixels")]
     pub max_pixels: u64,
+    /// Samples held in each training shard's shuffle buffer (see [`reader`]): memory is about
+    /// this many encoded images (~110 KB each for ImageNet). A buffer at least as large as a
+    /// shard shuffles it uniformly. Default 1000 (WebDataset's usual `shuffle(1000)`).
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// Shards streamed ahead of the one being read, per stream. Default 1.
+    #[serde(default = "default_prefetch_shards")]
+    pub prefetch_shards: usize,
+    /// Samples each streaming shard may read ahead of its consumer (channel capacity).
+    /// Default 64.
+    #[serde(default = "default_shard_readahead")]
+    pub shard_readahead: usize,
+    /// `true`: any skipped sample (undecodable image, missing `.cls` or image, invalid label) or
+    /// shard problem (truncated, malformed, checksum mismatch) fails the run instead of being
+    /// skipped and counted. Default `false`.
+    #[serde(default)]
+    pub strict: bool,
 }
 
 fn default_train_split() -> String {
@@ -106,6 +125,15 @@ fn default_std() -> [f32; 3] {
 fn default_max_pixels() -> u64 {
     89_478_485
 }
+fn default_shuffle_buffer() -> usize {
+    1000
+}
+fn default_prefetch_shards() -> usize {
+    1
+}
+fn default_shard_readahead() -> usize {
+    64
+}
 
 impl Config {
     /// A config with every optional key at its default.
@@ -123,6 +151,10 @@ impl Config {
             mean: default_mean(),
             std: default_std(),
             max_pixels: default_max_pixels(),
+            shuffle_buffer: default_shuffle_buffer(),
+            prefetch_shards: default_prefetch_shards(),
+            shard_readahead: default_shard_readahead(),
+            strict: false,
         }
     }
 
@@ -182,6 +214,12 @@ impl Config {
         if self.max_pixels == 0 {
             bail!("data.max_pixels must be > 0");
         }
+        if self.shuffle_buffer == 0 {
+            bail!("data.shuffle_buffer must be > 0 (1 = tar order)");
+        }
+        if self.shard_readahead == 0 {
+            bail!("data.shard_readahead must be > 0");
+        }
         Ok(())
     }
 }
@@ -223,6 +261,8 @@ mod tests {
         check(&|c| c.prefetch_batches = 0, "data.prefetch_batches");
         check(&|c| c.std = [1.0, 0.0, 1.0], "data.std[1]");
         check(&|c| c.max_pixels = 0, "data.max_pixels");
+        check(&|c| c.shuffle_buffer = 0, "data.shuffle_buffer");
+        check(&|c| c.shard_readahead = 0, "data.shard_readahead");
         check(&|c| c.shards = " ".into(), "data.shards");
     }
 }

@@ -6,18 +6,23 @@
 //! order of **slots**, one per sample the manifest says the split holds:
 //!
 //! 1. the split's shards, permuted by ChaCha8 seeded from `mix(seed, SHARDS, e)`;
-//! 2. within each shard (manifest index `k`), its samples in tar order permuted by ChaCha8
-//!    seeded from `mix(seed, SAMPLES, e, k)`.
+//! 2. within each shard (manifest index `k`), its samples in tar order passed through a shuffle
+//!    buffer of `data.shuffle_buffer` samples: the buffer fills, then each slot takes the
+//!    sample at a ChaCha8-drawn index (seeded from `mix(seed, SAMPLES, e, k)`) and the next
+//!    sample of the tar refills it. A buffer at least as large as the shard gives a uniform
+//!    permutation of it; a smaller one bounds memory (shards are built shuffled, so the buffer
+//!    only has to vary the order between epochs).
 //!
 //! A [`Cursor`] `{epoch, position}` says "`position` slots of epoch `epoch`'s order have been
-//! consumed". Every slot counts, whatever happened to it: accepted, filtered out by the label map,
-//! incomplete, undecodable, or lost to a shard error. So the cursor is a pure function of how many
-//! slots were walked, and [`TrainStream::start`] can jump to it from the manifest's per-shard
-//! counts alone: whole shards before the cursor are never downloaded, and inside the shard the
-//! cursor lands in, the first slots are skipped without decoding. A cursor saved with a
-//! checkpoint therefore resumes the stream exactly: same samples, same order, same augmentation
-//! (each sample's crop/flip comes from ChaCha8 seeded by `mix(seed, AUGMENT, epoch, position of
-//! its slot)`, independent of threads and of where the stream was started).
+//! consumed". Every slot counts, whatever happened to it: accepted, filtered out by the label
+//! map, incomplete, undecodable, or lost to a shard error. So the cursor is a pure function of
+//! how many slots were walked, and [`TrainStream::start`] can jump to it from the manifest's
+//! per-shard counts alone: whole shards before the cursor are never downloaded, and the shard
+//! the cursor lands in is streamed through its shuffle buffer from the start, its first slots
+//! skipped without decoding. A cursor saved with a checkpoint therefore resumes the stream
+//! exactly: same samples, same order, same augmentation (each sample's crop/flip comes from
+//! ChaCha8 seeded by `mix(seed, AUGMENT, epoch, position of its slot)`, independent of threads
+//! and of where the stream was started).
 //! `position == samples of the split` never appears: it is normalised to `{epoch + 1, 0}`.
 //!
 //! Batches run straight across epoch boundaries; nothing is dropped or padded.
@@ -44,19 +49,29 @@
 //!   CMYK/PNG handling of [`crate::data::image`] there are no decode failures; this is a
 //!   safety net, not a hot path.)
 //!
-//! Shard-level problems (sha256 mismatch with the manifest, truncation, malformed grouping:
-//! see [`crate::data::webdataset`]) are counted once in [`DataStats::shard_errors`] and warned
-//! with the shard name; the shard's samples read before the problem (none on a sha256 mismatch,
-//! whose content cannot be trusted) are used, its other slots are skipped. An I/O error
-//! reading a shard (e.g. a missing object) is NOT skipped: it ends the stream with an error.
+//! Shard-level problems (truncation, malformed grouping: see [`crate::data::webdataset`];
+//! sha256 or size different from the manifest) are warned with the shard URL and counted once
+//! per visit in [`DataStats::shard_errors`]; the samples read before the problem are used, the
+//! shard's remaining slots are lost (counted in [`DataStats::lost_to_shard_errors`]). Shards are
+//! streamed, so a sha256 mismatch is known only at the end of the shard, after its samples were
+//! used (`devise data verify` checks a shard directory beforehand). An I/O error reading a shard
+//! that `object_store`'s retries (which resume a cut download at its byte offset) could not cure
+//! is NOT skipped: it ends the stream with an error naming the shard. With `data.strict = true`
+//! every skipped sample and every shard problem is an error instead.
 //!
-//! # Threads
+//! # Threads and memory
 //!
 //! A background thread walks the slots and assembles batches into a bounded channel
 //! (`prefetch_batches` deep); decoding + augmentation run on a rayon pool of `decode_threads`,
-//! order preserved; the next shard is fetched and verified in a helper thread while the current
-//! one is consumed. Errors and panics in any of these come out of [`TrainStream::next_batch`] as
-//! errors; dropping the stream stops and joins the thread.
+//! order preserved. Each open shard is streamed by its own thread ([`crate::data::feed`]) into
+//! a channel of `shard_readahead` samples; the shard being read and the next `prefetch_shards`
+//! ones stream at once. Encoded bytes held by the reader are therefore bounded by about
+//! `(shuffle_buffer + (1 + prefetch_shards) * shard_readahead + per_rank_batch_size *
+//! world_size)` samples, never whole shards, and are reported as
+//! [`DataStats::buffered_bytes`] / [`DataStats::peak_buffered_bytes`]. Errors and panics in any
+//! of these threads come out of [`TrainStream::next_batch`] as errors; dropping the stream
+//! stops and joins the loader thread (shard threads stop at their next sample).
+//!
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,11 +83,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use super::feed::{Entry, Memory, SampleData, ShardFeed};
 use super::image::{decode_rgb, eval_transform, train_transform};
 use super::shards::{mix, shuffle, Manifest, ShardInfo};
-use super::webdataset::SampleReader;
 use super::Config;
 use crate::storage::Store;
 
@@ -80,9 +94,6 @@ use crate::storage::Store;
 const TAG_SHARDS: u64 = 0x5348_4152_4453; // "SHARDS"
 const TAG_SAMPLES: u64 = 0x5341_4d50_4c45; // "SAMPLE"
 const TAG_AUGMENT: u64 = 0x4155_474d_454e; // "AUGMEN"
-
-/// Image fields accepted as "the image" of a sample, in order of preference.
-const IMAGE_FIELDS: &[&str] = &["jpg", "jpeg", "png", "img"];
 
 /// A batch of decoded, transformed images for one rank.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,134 +140,44 @@ pub struct Cursor {
 }
 
 /// Counters of what a stream (this rank's view) has seen since it was started (they restart
-/// from zero on resume: they are diagnostics, not part of the cursor).
+/// from zero on resume: they are diagnostics, not part of the cursor). The `*_errors`,
+/// `incomplete_samples`, `invalid_labels` and `lost_to_shard_errors` counters are the skipped
+/// samples by reason (`data/skipped_samples/<reason>` in the metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DataStats {
     /// Samples delivered in batches (top-ups included).
     pub samples: u64,
     /// Samples skipped because their image failed to decode (truncated, corrupt, too large...).
     pub decode_errors: u64,
-    /// Visits of shards with a content problem (sha256 mismatch, truncation, malformed grouping):
-    /// counted each time the stream enters such a shard (once per epoch).
+    /// Visits of shards with a content problem (truncation, malformed grouping, sha256 or size
+    /// different from the manifest): counted each time the stream finishes such a shard.
     pub shard_errors: u64,
+    /// Slots of the split lost because their shard ended early (truncated or malformed).
+    pub lost_to_shard_errors: u64,
     /// Samples skipped for a missing component (`.cls` or the image).
     pub incomplete_samples: u64,
-    /// Slots skipped because the label map has `None` for their class (before decoding).
+    /// Slots skipped because the label map has `None` for their class (before decoding; not
+    /// a data problem: e.g. zero-shot classes held out of training).
     pub filtered: u64,
     /// Samples skipped because their `.cls` is not a valid manifest class index.
     pub invalid_labels: u64,
+    /// Bytes of encoded samples the reader held when this batch was handed out: channels of
+    /// open shards, the shuffle buffer, look-ahead, samples being decoded.
+    pub buffered_bytes: u64,
+    /// The most `buffered_bytes` has been since the stream started.
+    pub peak_buffered_bytes: u64,
 }
 
-// ---------------------------------------------------------------------------------------------
-// Shard loading (shared by train and eval)
-
-/// One sample of a loaded shard, classified.
-#[derive(Debug)]
-enum Entry {
-    Ok {
-        key: String,
-        class: usize,
-        image: Vec<u8>,
-    },
-    Incomplete {
-        key: String,
-        missing: &'static str,
-    },
-    InvalidLabel {
-        key: String,
-        cls: String,
-    },
-}
-
-/// A shard read, verified and parsed: entries in tar order.
-#[derive(Debug)]
-struct LoadedShard {
-    /// Index in the manifest split's shard list.
-    index: usize,
-    name: String,
-    entries: Vec<Entry>,
-    /// Content problem (sha mismatch, truncation, ...), already warned about.
-    error: Option<String>,
-}
-
-/// Reads shard `info` from `store`. `Err` only for I/O failures (fatal); content problems are
-/// recorded in `LoadedShard::error` (and warned).
-fn load_shard(
-    store: &Store,
-    info: &ShardInfo,
-    index: usize,
-    n_classes: usize,
-) -> Result<LoadedShard> {
-    let bytes = store.get(&info.name)?;
-    let url = store.child_url(&info.name);
-    let sha = hex::encode(Sha256::digest(&bytes));
-    if !sha.eq_ignore_ascii_case(&info.sha256) {
-        let error = format!(
-            "shard {url}: sha256 {sha} does not match the manifest's {} ({} bytes read, manifest says {}); skipping the whole shard",
-            info.sha256,
-            bytes.len(),
-            info.bytes
-        );
-        tracing::warn!("{error}");
-        return Ok(LoadedShard {
-            index,
-            name: info.name.clone(),
-            entries: Vec::new(),
-            error: Some(error),
-        });
-    }
-    Ok(parse_shard(&bytes[..], &url, index, &info.name, n_classes))
-}
-
-/// Parses tar bytes into classified entries (see [`crate::data::webdataset`] for the policy).
-fn parse_shard(
-    reader: impl std::io::Read,
-    url: &str,
-    index: usize,
-    name: &str,
-    n_classes: usize,
-) -> LoadedShard {
-    let mut entries = Vec::new();
-    let mut error = None;
-    for item in SampleReader::new(reader, url) {
-        let mut sample = match item {
-            Ok(s) => s,
-            Err(e) => {
-                let msg = format!(
-                    "shard {url}: {e}; {} samples before it are used",
-                    entries.len()
-                );
-                tracing::warn!("{msg}");
-                error = Some(msg);
-                break;
-            }
-        };
-        let key = std::mem::take(&mut sample.key);
-        let image = IMAGE_FIELDS.iter().find_map(|f| sample.fields.remove(*f));
-        let entry = match (sample.fields.get("cls"), image) {
-            (None, _) => Entry::Incomplete {
-                key,
-                missing: "cls",
-            },
-            (Some(_), None) => Entry::Incomplete {
-                key,
-                missing: "jpg",
-            },
-            (Some(cls), Some(image)) => {
-                let text = String::from_utf8_lossy(cls).trim().to_string();
-                match text.parse::<usize>() {
-                    Ok(class) if class < n_classes => Entry::Ok { key, class, image },
-                    _ => Entry::InvalidLabel { key, cls: text },
-                }
-            }
-        };
-        entries.push(entry);
-    }
-    LoadedShard {
-        index,
-        name: name.to_string(),
-        entries,
-        error,
+impl DataStats {
+    /// Skipped samples by reason, as `(reason, count)`: `decode_error`, `incomplete`,
+    /// `invalid_label`, `shard_error` (slots lost to a shard that ended early).
+    pub fn skipped_by_reason(&self) -> [(&'static str, u64); 4] {
+        [
+            ("decode_error", self.decode_errors),
+            ("incomplete", self.incomplete_samples),
+            ("invalid_label", self.invalid_labels),
+            ("shard_error", self.lost_to_shard_errors),
+        ]
     }
 }
 
@@ -274,27 +195,23 @@ enum Slot {
 /// An accepted sample waiting to be decoded.
 #[derive(Clone)]
 struct Candidate {
-    shard: Arc<LoadedShard>,
-    entry: usize,
+    data: Arc<SampleData>,
+    /// URL of its shard (messages).
+    shard: Arc<str>,
     label: i64,
     /// Epoch and slot position, the augmentation seed.
     epoch: u64,
     position: u64,
 }
 
-impl Candidate {
-    fn key(&self) -> &str {
-        match &self.shard.entries[self.entry] {
-            Entry::Ok { key, .. } => key,
-            _ => unreachable!("candidates are made from Entry::Ok only"),
-        }
-    }
-    fn image(&self) -> &[u8] {
-        match &self.shard.entries[self.entry] {
-            Entry::Ok { image, .. } => image,
-            _ => unreachable!("candidates are made from Entry::Ok only"),
-        }
-    }
+/// A slot as read by the walker's read head, before it is classified and counted.
+#[derive(Clone)]
+struct RawSlot {
+    epoch: u64,
+    position: u64,
+    shard: Arc<str>,
+    /// `None`: the shard ended before this slot (truncated or malformed shard).
+    entry: Option<Entry>,
 }
 
 /// Immutable description of one stream, shared by its threads.
@@ -310,52 +227,126 @@ struct Plan {
     world_size: usize,
     /// Slots per epoch (= samples of the split).
     epoch_slots: u64,
+    memory: Arc<Memory>,
 }
 
-/// Walks the slot order from a cursor. Cloneable for look-ahead (the clone shares loaded shards).
+impl Plan {
+    fn open_feed(&self, k: usize) -> ShardFeed {
+        ShardFeed::open(
+            &self.store,
+            &self.shards[k],
+            k,
+            self.n_classes,
+            self.cfg.shard_readahead,
+            &self.memory,
+        )
+    }
+
+    /// Classifies a slot; with `stats`, counts and warns about skips (look-ahead passes `None`:
+    /// the slot is counted when the walker consumes it). Strict mode turns a skip into an error.
+    fn classify(&self, raw: RawSlot, stats: Option<&mut DataStats>) -> Result<Slot> {
+        let Some(entry) = raw.entry else {
+            if let Some(s) = stats {
+                s.lost_to_shard_errors += 1;
+            }
+            return Ok(Slot::Skipped);
+        };
+        let problem = match entry {
+            Entry::Ok(data) => {
+                return match self.label_map[data.class] {
+                    Some(label) => Ok(Slot::Accepted(Candidate {
+                        data,
+                        shard: raw.shard,
+                        label,
+                        epoch: raw.epoch,
+                        position: raw.position,
+                    })),
+                    None => {
+                        if let Some(s) = stats {
+                            s.filtered += 1;
+                        }
+                        Ok(Slot::Skipped)
+                    }
+                };
+            }
+            Entry::Incomplete { key, missing } => {
+                let Some(s) = stats else {
+                    return Ok(Slot::Skipped);
+                };
+                s.incomplete_samples += 1;
+                format!("sample {key} of {}: missing component {missing}", raw.shard)
+            }
+            Entry::InvalidLabel { key, cls } => {
+                let Some(s) = stats else {
+                    return Ok(Slot::Skipped);
+                };
+                s.invalid_labels += 1;
+                format!(
+                    "sample {key} of {}: cls {cls:?} is not a class index (the manifest has {})",
+                    raw.shard, self.n_classes
+                )
+            }
+        };
+        if self.cfg.strict {
+            bail!("{problem} (data.strict = true)");
+        }
+        tracing::warn!("{problem}: sample skipped");
+        Ok(Slot::Skipped)
+    }
+}
+
+/// The shard the read head is in, streamed through the shuffle buffer.
+struct OpenShard {
+    /// Position in the epoch's shard order.
+    t: usize,
+    feed: ShardFeed,
+    buffer: Vec<Entry>,
+    rng: ChaCha8Rng,
+    /// Slots of this shard walked so far.
+    slots: u64,
+    /// The feed reached its end (and its problem, if any, was counted).
+    done: bool,
+}
+
+/// Walks the slot order from a cursor. The read head may run ahead of the consumed cursor
+/// (look-ahead for top-ups); slots read ahead wait in `ahead`.
 struct Walker {
     plan: Arc<Plan>,
+    /// Consumed cursor.
     epoch: u64,
-    /// Slots of `epoch` consumed.
     position: u64,
-    /// Manifest shard indices in this epoch's order, and the slot where each starts.
+    /// Read head: the next slot `pull` produces; `order`/`starts` belong to `head_epoch`.
+    head_epoch: u64,
+    head_position: u64,
+    /// Manifest shard indices in `head_epoch`'s order, and the slot where each starts.
     order: Vec<usize>,
     starts: Vec<u64>,
-    /// Shard the cursor is in: (index into `order`, its in-shard permutation, the shard).
-    current: Option<(usize, Vec<u32>, Arc<LoadedShard>)>,
-    /// Next shard being fetched in a helper thread: (manifest shard index, result channel).
-    prefetch: Option<(usize, mpsc::Receiver<Result<LoadedShard>>)>,
-    /// Fetch the next shard in the background (off for look-ahead clones).
-    prefetching: bool,
+    open: Option<OpenShard>,
+    /// Shards after the open one, already streaming (`prefetch_shards` of them).
+    prefetch: VecDeque<ShardFeed>,
+    /// Slots read but not consumed yet.
+    ahead: VecDeque<RawSlot>,
+    /// Shard problems seen by the read head, not yet added to the stats.
+    shard_problems: u64,
 }
 
 impl Walker {
-    fn new(plan: Arc<Plan>, start: Cursor, prefetching: bool) -> Walker {
+    fn new(plan: Arc<Plan>, start: Cursor) -> Walker {
         let mut w = Walker {
             plan,
             epoch: start.epoch,
             position: start.position,
+            head_epoch: start.epoch,
+            head_position: start.position,
             order: Vec::new(),
             starts: Vec::new(),
-            current: None,
-            prefetch: None,
-            prefetching,
+            open: None,
+            prefetch: VecDeque::new(),
+            ahead: VecDeque::new(),
+            shard_problems: 0,
         };
-        w.enter_epoch(start.epoch, start.position);
+        w.enter_epoch(start.epoch);
         w
-    }
-
-    fn look_ahead(&self) -> Walker {
-        Walker {
-            plan: self.plan.clone(),
-            epoch: self.epoch,
-            position: self.position,
-            order: self.order.clone(),
-            starts: self.starts.clone(),
-            current: self.current.clone(),
-            prefetch: None,
-            prefetching: false,
-        }
     }
 
     fn cursor(&self) -> Cursor {
@@ -373,9 +364,8 @@ impl Walker {
         order
     }
 
-    /// Moves to `position` of `epoch`. The loaded shard and a pending prefetch are kept: they
-    /// are keyed by manifest shard index, which is valid in any epoch.
-    fn enter_epoch(&mut self, epoch: u64, position: u64) {
+    /// Moves the read head's shard order to `epoch`.
+    fn enter_epoch(&mut self, epoch: u64) {
         let order = self.epoch_order(epoch);
         let mut starts = Vec::with_capacity(order.len());
         let mut acc = 0;
@@ -383,146 +373,170 @@ impl Walker {
             starts.push(acc);
             acc += self.plan.shards[k].samples;
         }
-        self.epoch = epoch;
-        self.position = position;
+        self.head_epoch = epoch;
         self.order = order;
         self.starts = starts;
-        // `current` is keyed by position in the old order: invalidate the key (usize::MAX never
-        // matches) but keep the shard, so `load` can reuse it if the new order visits it first.
-        self.current = self
-            .current
-            .take()
-            .map(|(_, _, shard)| (usize::MAX, Vec::new(), shard));
     }
 
-    fn sample_perm(&self, shard: usize) -> Vec<u32> {
-        let n = self.plan.shards[shard].samples as u32;
-        let mut perm: Vec<u32> = (0..n).collect();
-        let seed = mix(&[self.plan.seed, TAG_SAMPLES, self.epoch, shard as u64]);
-        shuffle(&mut perm, &mut ChaCha8Rng::seed_from_u64(seed));
-        perm
+    /// The `n` manifest shard indices the read head visits after shard `t` of its order.
+    fn shards_after(&self, t: usize, n: usize) -> Vec<usize> {
+        let mut next: Vec<usize> = self.order[t + 1..].iter().copied().take(n).collect();
+        let mut epoch = self.head_epoch;
+        while next.len() < n {
+            epoch += 1;
+            let order = self.epoch_order(epoch);
+            next.extend(order.into_iter().take(n - next.len()));
+        }
+        next
     }
 
-    /// Fetches, verifies and parses manifest shard `k` in a helper thread.
-    fn spawn_fetch(&self, k: usize) -> mpsc::Receiver<Result<LoadedShard>> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let plan = self.plan.clone();
-        std::thread::Builder::new()
-            .name("devise-shard-fetch".into())
-            .spawn(move || {
-                let info = &plan.shards[k];
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    load_shard(&plan.store, info, k, plan.n_classes)
-                }))
-                .unwrap_or_else(|p| Err(anyhow!("shard fetch panicked: {}", panic_text(&p))));
-                let _ = tx.send(r);
-            })
-            .expect("spawning a shard fetch thread");
-        rx
+    /// Closes the open shard: reads its feed to the end (so a sha256 mismatch is seen) and
+    /// counts its problem; extra samples beyond the manifest's count are warned about.
+    fn close_open(&mut self) -> Result<()> {
+        let Some(mut open) = self.open.take() else {
+            return Ok(());
+        };
+        let mut extra = open.buffer.len() as u64;
+        if !open.done {
+            while open.feed.next()?.is_some() {
+                extra += 1;
+            }
+            self.note_problem(&open.feed)?;
+        }
+        if extra > 0 {
+            tracing::warn!(
+                shard = %open.feed.url,
+                "the shard holds {extra} samples more than the manifest says; the extra ones are ignored"
+            );
+        }
+        Ok(())
     }
 
-    /// Loads shard `order[t]` (reusing the loaded one or the prefetch when it is that shard)
-    /// and starts fetching the shard after it (crossing into the next epoch's order if needed).
-    fn load(&mut self, t: usize) -> Result<Arc<LoadedShard>> {
+    fn note_problem(&mut self, feed: &ShardFeed) -> Result<()> {
+        if let Some(problem) = feed.problem() {
+            if self.plan.cfg.strict {
+                bail!("{problem} (data.strict = true)");
+            }
+            self.shard_problems += 1;
+        }
+        Ok(())
+    }
+
+    /// Opens shard `order[t]` for the read head (from the prefetch queue when it is there) and
+    /// keeps the next `prefetch_shards` shards streaming.
+    fn open_shard(&mut self, t: usize) -> Result<()> {
+        self.close_open()?;
         let k = self.order[t];
-        let shard = match &self.current {
-            Some((_, _, loaded)) if loaded.index == k => loaded.clone(),
+        let feed = match self.prefetch.front() {
+            Some(f) if f.index == k => self.prefetch.pop_front().expect("front exists"),
             _ => {
-                let rx = match self.prefetch.take() {
-                    Some((pk, rx)) if pk == k => rx,
-                    _ => self.spawn_fetch(k),
-                };
-                let shard = rx
-                    .recv()
-                    .map_err(|_| anyhow!("shard fetch thread vanished"))?
-                    .with_context(|| format!("loading shard {}", self.plan.shards[k].name))?;
-                let (parsed, expected) = (shard.entries.len() as u64, self.plan.shards[k].samples);
-                if parsed > expected && shard.error.is_none() {
-                    tracing::warn!(
-                        shard = %shard.name,
-                        "shard holds {parsed} samples, the manifest says {expected}; the extra ones are ignored"
-                    );
-                }
-                Arc::new(shard)
+                self.prefetch.clear();
+                self.plan.open_feed(k)
             }
         };
-        if self.prefetching && self.prefetch.is_none() {
-            let next = match self.order.get(t + 1) {
-                Some(&k2) => k2,
-                None => self.epoch_order(self.epoch + 1)[0],
-            };
-            if next != k {
-                self.prefetch = Some((next, self.spawn_fetch(next)));
-            }
+        let want = self.shards_after(t, self.plan.cfg.prefetch_shards);
+        if !self
+            .prefetch
+            .iter()
+            .map(|f| f.index)
+            .eq(want.iter().copied().take(self.prefetch.len()))
+        {
+            self.prefetch.clear();
         }
-        Ok(shard)
+        for &k2 in &want[self.prefetch.len()..] {
+            self.prefetch.push_back(self.plan.open_feed(k2));
+        }
+        let seed = mix(&[self.plan.seed, TAG_SAMPLES, self.head_epoch, k as u64]);
+        self.open = Some(OpenShard {
+            t,
+            feed,
+            buffer: Vec::with_capacity(self.plan.cfg.shuffle_buffer.min(1 << 16)),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            slots: 0,
+            done: false,
+        });
+        Ok(())
     }
 
-    /// Consumes one slot, counting skips into `stats` (if given; look-ahead walkers pass `None`
-    /// and stay silent, the slots are counted when the real walker reaches them).
-    fn next_slot(&mut self, mut stats: Option<&mut DataStats>) -> Result<Slot> {
-        if self.position >= self.plan.epoch_slots {
-            self.enter_epoch(self.epoch + 1, 0);
-        }
-        // Shard t of this epoch's order holds slots starts[t] .. starts[t] + samples.
-        let t = self.starts.partition_point(|&s| s <= self.position) - 1;
-        let needs_load = !matches!(&self.current, Some((ct, _, _)) if *ct == t);
-        if needs_load {
-            let shard = self.load(t)?;
-            if shard.error.is_some() {
-                if let Some(s) = stats.as_deref_mut() {
-                    s.shard_errors += 1; // once per visit of a bad shard
-                }
-            }
-            let perm = self.sample_perm(self.order[t]);
-            self.current = Some((t, perm, shard));
-        }
-        let (index, shard) = {
-            let (_, perm, shard) = self.current.as_ref().expect("loaded above");
-            let offset = (self.position - self.starts[t]) as usize;
-            (perm[offset] as usize, shard.clone())
-        };
-        let slot_position = self.position;
-        self.position += 1;
-        let Some(entry) = shard.entries.get(index) else {
-            // Lost to a shard error (counted once at load).
-            return Ok(Slot::Skipped);
-        };
-        match entry {
-            Entry::Ok { class, .. } => match self.plan.label_map[*class] {
-                Some(label) => Ok(Slot::Accepted(Candidate {
-                    shard: shard.clone(),
-                    entry: index,
-                    label,
-                    epoch: self.epoch,
-                    position: slot_position,
-                })),
+    /// The open shard's next sample out of the shuffle buffer; `None` once the shard is
+    /// exhausted. Output order is a pure function of the tar order and the shard's seed.
+    fn next_output(&mut self) -> Result<Option<Entry>> {
+        let (capacity, strict) = (self.plan.cfg.shuffle_buffer, self.plan.cfg.strict);
+        let open = self.open.as_mut().expect("a shard is open");
+        while !open.done && open.buffer.len() < capacity {
+            match open.feed.next()? {
+                Some(e) => open.buffer.push(e),
                 None => {
-                    if let Some(s) = stats {
-                        s.filtered += 1;
+                    open.done = true;
+                    if let Some(problem) = open.feed.problem() {
+                        if strict {
+                            bail!("{problem} (data.strict = true)");
+                        }
+                        self.shard_problems += 1;
                     }
-                    Ok(Slot::Skipped)
                 }
-            },
-            Entry::Incomplete { key, missing } => {
-                if let Some(s) = stats {
-                    tracing::warn!(shard = %shard.name, key = %key, "missing component {missing}: sample skipped");
-                    s.incomplete_samples += 1;
-                }
-                Ok(Slot::Skipped)
-            }
-            Entry::InvalidLabel { key, cls } => {
-                if let Some(s) = stats {
-                    tracing::warn!(
-                        shard = %shard.name, key = %key,
-                        "cls {cls:?} is not a class index (manifest has {}): sample skipped",
-                        self.plan.n_classes
-                    );
-                    s.invalid_labels += 1;
-                }
-                Ok(Slot::Skipped)
             }
         }
+        let n = open.buffer.len();
+        if n == 0 {
+            return Ok(None);
+        }
+        use rand::RngCore;
+        let i = ((open.rng.next_u64() as u128 * n as u128) >> 64) as usize;
+        Ok(Some(open.buffer.swap_remove(i)))
+    }
+
+    /// Reads the slot at the read head and advances it.
+    fn pull(&mut self) -> Result<RawSlot> {
+        if self.head_position >= self.plan.epoch_slots {
+            self.enter_epoch(self.head_epoch + 1);
+            self.head_position = 0;
+            self.close_open()?;
+        }
+        // Shard t of the order holds slots starts[t] .. starts[t] + samples.
+        let t = self.starts.partition_point(|&s| s <= self.head_position) - 1;
+        if !matches!(&self.open, Some(o) if o.t == t) {
+            self.open_shard(t)?;
+            // Resuming inside the shard: walk its first slots without decoding.
+            let offset = self.head_position - self.starts[t];
+            while self.open.as_ref().expect("opened").slots < offset {
+                self.next_output()?;
+                self.open.as_mut().expect("opened").slots += 1;
+            }
+        }
+        let entry = self.next_output()?;
+        let open = self.open.as_mut().expect("opened");
+        open.slots += 1;
+        let raw = RawSlot {
+            epoch: self.head_epoch,
+            position: self.head_position,
+            shard: open.feed.url.clone(),
+            entry,
+        };
+        self.head_position += 1;
+        Ok(raw)
+    }
+
+    /// Consumes one slot, counting skips into `stats`.
+    fn next_slot(&mut self, stats: &mut DataStats) -> Result<Slot> {
+        let raw = match self.ahead.pop_front() {
+            Some(raw) => raw,
+            None => self.pull()?,
+        };
+        stats.shard_errors += std::mem::take(&mut self.shard_problems);
+        self.epoch = raw.epoch;
+        self.position = raw.position + 1;
+        self.plan.classify(raw, Some(stats))
+    }
+
+    /// The `i`-th slot after the consumed cursor (0 = the next one), classified without
+    /// counting; the walker still consumes it later.
+    fn peek(&mut self, i: usize) -> Result<Slot> {
+        while self.ahead.len() <= i {
+            let raw = self.pull()?;
+            self.ahead.push_back(raw);
+        }
+        self.plan.classify(self.ahead[i].clone(), None)
     }
 }
 
@@ -542,7 +556,7 @@ fn decode_all(
         cands
             .par_iter()
             .map(|c| {
-                let img = decode_rgb(c.image(), cfg.max_pixels)?;
+                let img = decode_rgb(&c.data.image, cfg.max_pixels)?;
                 let mut out = vec![0f32; 3 * s * s];
                 if augment {
                     let mut rng =
@@ -565,7 +579,7 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
         .context("building the decode thread pool")
 }
 
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
@@ -573,19 +587,21 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Appends decoded candidates to `batch`; returns how many failed (warned and counted).
+/// Errors only in strict mode, on the first failure.
 fn accept_decoded(
     batch: &mut Batch,
     cands: Vec<Candidate>,
     decoded: Vec<Result<Vec<f32>>>,
     stats: &mut DataStats,
-) -> usize {
+    strict: bool,
+) -> Result<usize> {
     let mut failed = 0;
     for (c, d) in cands.into_iter().zip(decoded) {
         match d {
             Ok(pixels) => {
                 batch.images.extend_from_slice(&pixels);
                 batch.labels.push(c.label);
-                batch.keys.push(c.key().to_string());
+                batch.keys.push(c.data.key.clone());
                 batch.slots.push(Cursor {
                     epoch: c.epoch,
                     position: c.position,
@@ -594,13 +610,20 @@ fn accept_decoded(
                 stats.samples += 1;
             }
             Err(e) => {
-                tracing::warn!(shard = %c.shard.name, key = %c.key(), "image skipped: {e:#}");
+                if strict {
+                    bail!(
+                        "sample {} of {}: image does not decode: {e:#} (data.strict = true)",
+                        c.data.key,
+                        c.shard
+                    );
+                }
+                tracing::warn!(shard = %c.shard, key = %c.data.key, "image skipped: {e:#}");
                 stats.decode_errors += 1;
                 failed += 1;
             }
         }
     }
-    failed
+    Ok(failed)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -689,8 +712,9 @@ impl TrainStream {
     /// The next batch (exactly `per_rank_batch_size` images) and the cursor AFTER it: save that
     /// cursor with the checkpoint of the step that consumed this batch.
     ///
-    /// Errors: shard I/O failures, no usable sample in two whole epochs, a panic in the loader
-    /// (all with context). After an error the stream is finished; later calls error too.
+    /// Errors: shard I/O failures, no usable sample in two whole epochs, a bad sample in strict
+    /// mode, a panic in the loader (all with context). After an error the stream is finished;
+    /// later calls error too.
     pub fn next_batch(&mut self) -> Result<(Batch, Cursor)> {
         if self.failed {
             bail!("the data stream already failed (see the earlier error)");
@@ -780,6 +804,7 @@ fn make_plan(
         rank,
         world_size,
         epoch_slots: info.samples,
+        memory: Arc::new(Memory::default()),
     })
 }
 
@@ -791,10 +816,10 @@ fn produce(
     tx: &mpsc::SyncSender<Message>,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let mut walker = Walker::new(plan.clone(), start, true);
+    let mut walker = Walker::new(plan.clone(), start);
     let mut stats = DataStats::default();
     let (b, w, r) = (plan.per_rank_batch_size, plan.world_size, plan.rank);
-    let s = plan.cfg.image_size as usize;
+    let (s, strict) = (plan.cfg.image_size as usize, plan.cfg.strict);
     // Two whole epochs without filling a batch means nothing usable is left: fail, don't spin.
     let max_slots = 2 * plan.epoch_slots + (b * w) as u64;
     while !stop.load(Ordering::SeqCst) {
@@ -815,7 +840,7 @@ fn produce(
         let mut j = 0;
         while j < b * w {
             guard(&mut walked)?;
-            if let Slot::Accepted(c) = walker.next_slot(Some(&mut stats))? {
+            if let Slot::Accepted(c) = walker.next_slot(&mut stats)? {
                 if j % w == r {
                     mine.push(c);
                 }
@@ -823,32 +848,32 @@ fn produce(
             }
         }
         let decoded = decode_all(&pool, &plan.cfg, plan.seed, &mine, plan.cfg.augment);
-        let mut missing = accept_decoded(&mut batch, mine, decoded, &mut stats);
-        // 2. Top-ups for undecodable images (see the module docs for world_size > 1).
-        let mut ahead = (w > 1).then(|| walker.look_ahead());
+        let mut missing = accept_decoded(&mut batch, mine, decoded, &mut stats, strict)?;
+        // 2. Top-ups for undecodable images (see the module docs for world_size > 1): with one
+        //    rank, the next accepted slots; with several, the slots after the global batch
+        //    that this rank would own, read ahead without consuming them.
+        let mut peeked = 0usize;
         let mut j_ahead = b * w; // global index of the next look-ahead accepted slot
         while missing > 0 {
             let mut more = Vec::with_capacity(missing);
             while more.len() < missing {
                 guard(&mut walked)?;
-                match &mut ahead {
-                    None => {
-                        if let Slot::Accepted(c) = walker.next_slot(Some(&mut stats))? {
+                if w == 1 {
+                    if let Slot::Accepted(c) = walker.next_slot(&mut stats)? {
+                        more.push(c);
+                    }
+                } else {
+                    if let Slot::Accepted(c) = walker.peek(peeked)? {
+                        if j_ahead % w == r {
                             more.push(c);
                         }
+                        j_ahead += 1;
                     }
-                    Some(a) => {
-                        if let Slot::Accepted(c) = a.next_slot(None)? {
-                            if j_ahead % w == r {
-                                more.push(c);
-                            }
-                            j_ahead += 1;
-                        }
-                    }
+                    peeked += 1;
                 }
             }
             let decoded = decode_all(&pool, &plan.cfg, plan.seed, &more, plan.cfg.augment);
-            missing = accept_decoded(&mut batch, more, decoded, &mut stats);
+            missing = accept_decoded(&mut batch, more, decoded, &mut stats, strict)?;
         }
         let mut cursor = walker.cursor();
         if cursor.position >= plan.epoch_slots {
@@ -857,6 +882,7 @@ fn produce(
                 position: 0,
             };
         }
+        (stats.buffered_bytes, stats.peak_buffered_bytes) = plan.memory.read();
         if tx.send(Ok((batch, cursor, stats.clone()))).is_err() {
             break; // receiver dropped
         }
@@ -872,9 +898,11 @@ fn produce(
 pub struct EvalBatches {
     plan: Arc<Plan>,
     pool: rayon::ThreadPool,
-    /// Manifest index of the next shard to load.
+    /// Manifest index of the next shard to open.
     next_shard: usize,
-    /// Accepted samples of the current shard not yet handed out, in tar order.
+    /// The shard being read, then the ones streaming ahead of it.
+    feeds: VecDeque<ShardFeed>,
+    /// Accepted samples of this rank not yet handed out, in tar order.
     pending: VecDeque<Candidate>,
     /// Accepted samples seen so far (all ranks), for the `i % world_size == rank` split.
     accepted: u64,
@@ -885,13 +913,14 @@ pub struct EvalBatches {
 
 /// One pass over split `split` for evaluation, on rank `rank` of `world_size`.
 ///
-/// Shards in manifest order, samples in tar order; accepted samples (label map `Some`) are
-/// numbered `i = 0, 1, ...` and this rank takes those with `i % world_size == rank`. Eval
-/// transform (resize + centre crop, never augmentation). Batches of `batch_size` images, the
-/// last one partial. Samples that fail to decode are skipped (warned, counted in
-/// [`EvalBatches::stats`]); shard content problems as in training.
+/// Shards in manifest order, samples in tar order (streamed, `prefetch_shards` shards ahead);
+/// accepted samples (label map `Some`) are numbered `i = 0, 1, ...` and this rank takes those
+/// with `i % world_size == rank`. Eval transform (resize + centre crop, never augmentation).
+/// Batches of `batch_size` images, the last one partial. Samples that fail to decode are
+/// skipped (warned, counted in [`EvalBatches::stats`]); shard content problems as in training.
 ///
-/// Errors (synchronous): as [`TrainStream::start`]; (from the iterator): shard I/O failures.
+/// Errors (synchronous): as [`TrainStream::start`]; (from the iterator): shard I/O failures,
+/// bad samples in strict mode.
 pub fn eval_batches(
     cfg: &Config,
     manifest: &Manifest,
@@ -918,6 +947,7 @@ pub fn eval_batches(
         pool: build_pool(cfg.decode_threads)?,
         plan: Arc::new(plan),
         next_shard: 0,
+        feeds: VecDeque::new(),
         pending: VecDeque::new(),
         accepted: 0,
         expected,
@@ -935,74 +965,75 @@ impl EvalBatches {
 
     /// Counters so far.
     pub fn stats(&self) -> DataStats {
-        self.stats.clone()
+        let mut stats = self.stats.clone();
+        (stats.buffered_bytes, stats.peak_buffered_bytes) = self.plan.memory.read();
+        stats
     }
 
-    /// Loads shards until `pending` is non-empty or the split ends. `Ok(false)` at the end.
-    fn refill(&mut self) -> Result<bool> {
-        while self.pending.is_empty() {
-            if self.next_shard >= self.plan.shards.len() {
+    /// Reads one more sample of the split into `pending` (if it is this rank's). `Ok(false)`
+    /// at the end of the split.
+    fn pull_one(&mut self) -> Result<bool> {
+        loop {
+            // Keep the current shard plus `prefetch_shards` streaming.
+            while self.feeds.len() < 1 + self.plan.cfg.prefetch_shards
+                && self.next_shard < self.plan.shards.len()
+            {
+                self.feeds.push_back(self.plan.open_feed(self.next_shard));
+                self.next_shard += 1;
+            }
+            let Some(feed) = self.feeds.front_mut() else {
                 return Ok(false);
-            }
-            let info = &self.plan.shards[self.next_shard];
-            self.next_shard += 1;
-            let shard = Arc::new(
-                load_shard(
-                    &self.plan.store,
-                    info,
-                    self.next_shard - 1,
-                    self.plan.n_classes,
-                )
-                .with_context(|| format!("loading shard {}", info.name))?,
-            );
-            if shard.error.is_some() {
-                self.stats.shard_errors += 1;
-            }
-            for (index, entry) in shard.entries.iter().enumerate() {
-                match entry {
-                    Entry::Ok { class, .. } => match self.plan.label_map[*class] {
-                        Some(label) => {
-                            let i = self.accepted;
-                            let mine = i % self.plan.world_size as u64 == self.plan.rank as u64;
-                            self.accepted += 1;
-                            if mine {
-                                self.pending.push_back(Candidate {
-                                    shard: shard.clone(),
-                                    entry: index,
-                                    label,
-                                    epoch: 0,
-                                    position: i,
-                                });
-                            }
-                        }
-                        None => self.stats.filtered += 1,
-                    },
-                    Entry::Incomplete { key, missing } => {
-                        tracing::warn!(shard = %shard.name, key = %key, "missing component {missing}: sample skipped");
-                        self.stats.incomplete_samples += 1;
+            };
+            let shard = feed.url.clone();
+            let Some(entry) = feed
+                .next()
+                .with_context(|| format!("reading shard {shard}"))?
+            else {
+                if let Some(problem) = feed.problem() {
+                    if self.plan.cfg.strict {
+                        bail!("{problem} (data.strict = true)");
                     }
-                    Entry::InvalidLabel { key, cls } => {
-                        tracing::warn!(shard = %shard.name, key = %key, "cls {cls:?} is not a class index: sample skipped");
-                        self.stats.invalid_labels += 1;
-                    }
+                    self.stats.shard_errors += 1;
+                }
+                self.feeds.pop_front();
+                continue;
+            };
+            let i = self.accepted;
+            let raw = RawSlot {
+                epoch: 0,
+                position: i,
+                shard,
+                entry: Some(entry),
+            };
+            if let Slot::Accepted(c) = self.plan.classify(raw, Some(&mut self.stats))? {
+                self.accepted += 1;
+                if i % self.plan.world_size as u64 == self.plan.rank as u64 {
+                    self.pending.push_back(c);
                 }
             }
+            return Ok(true);
         }
-        Ok(true)
     }
 
     fn next_batch(&mut self) -> Result<Option<Batch>> {
         let b = self.plan.per_rank_batch_size;
         let s = self.plan.cfg.image_size as usize;
         let mut batch = Batch::with_capacity(b, s);
-        while batch.n < b {
-            if !self.refill()? {
-                break;
+        let mut exhausted = false;
+        while batch.n < b && !(exhausted && self.pending.is_empty()) {
+            while !exhausted && self.pending.len() < b - batch.n {
+                exhausted = !self.pull_one()?;
             }
             let take = (b - batch.n).min(self.pending.len());
             let cands: Vec<Candidate> = self.pending.drain(..take).collect();
             let decoded = decode_all(&self.pool, &self.plan.cfg, 0, &cands, false);
-            accept_decoded(&mut batch, cands, decoded, &mut self.stats);
+            accept_decoded(
+                &mut batch,
+                cands,
+                decoded,
+                &mut self.stats,
+                self.plan.cfg.strict,
+            )?;
         }
         Ok((batch.n > 0).then_some(batch))
     }
@@ -1031,38 +1062,6 @@ impl Iterator for EvalBatches {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn parse_shard_classifies_entries() {
-        let mut b = tar::Builder::new(Vec::new());
-        let add = |b: &mut tar::Builder<Vec<u8>>, p: &str, d: &[u8]| {
-            super::super::webdataset::append_member(b, p, d).unwrap()
-        };
-        add(&mut b, "a.jpg", b"img");
-        add(&mut b, "a.cls", b"1\n");
-        add(&mut b, "b.jpg", b"img");
-        add(&mut b, "c.png", b"img");
-        add(&mut b, "c.cls", b"7");
-        add(&mut b, "d.cls", b"0");
-        let bytes = b.into_inner().unwrap();
-        let shard = parse_shard(&bytes[..], "mem://x.tar", 0, "x.tar", 3);
-        assert!(shard.error.is_none());
-        let kinds: Vec<String> = shard
-            .entries
-            .iter()
-            .map(|e| match e {
-                Entry::Ok { key, class, .. } => format!("{key}:ok{class}"),
-                Entry::Incomplete { key, missing } => format!("{key}:missing {missing}"),
-                Entry::InvalidLabel { key, cls } => format!("{key}:bad {cls}"),
-            })
-            .collect();
-        assert_eq!(
-            kinds,
-            ["a:ok1", "b:missing cls", "c:bad 7", "d:missing jpg"]
-        );
-    }
-
     #[test]
     fn eval_expected_share() {
         // 10 accepted over 3 ranks: 4, 3, 3

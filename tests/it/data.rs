@@ -262,11 +262,20 @@ fn resume_from_a_saved_cursor_is_sample_exact() {
     let Some((dir, m)) = tiny_shards() else {
         return;
     };
-    let mut cfg = config(&dir, 24);
-    cfg.prefetch_batches = 2;
+    // Shuffle buffer larger than a shard (a uniform shuffle of it) and smaller (a streaming
+    // buffer that refills while slots are taken): resume is exact either way.
+    for (shuffle_buffer, prefetch_shards) in [(1000, 1), (5, 3)] {
+        let mut cfg = config(&dir, 24);
+        cfg.prefetch_batches = 2;
+        cfg.shuffle_buffer = shuffle_buffer;
+        cfg.prefetch_shards = prefetch_shards;
+        resume_exact(&cfg, &m);
+    }
+}
+
+fn resume_exact(cfg: &Config, m: &Manifest) {
     // 37 does not divide 1500: batches straddle the epoch boundary (after batch 40).
-    let start =
-        |cursor| TrainStream::start(&cfg, &m, all_labels(&m), 37, 11, cursor, 0, 1).unwrap();
+    let start = |cursor| TrainStream::start(cfg, m, all_labels(m), 37, 11, cursor, 0, 1).unwrap();
     let mut full = start(Cursor::default());
     let reference = take(&mut full, 46);
     assert_eq!(
@@ -295,6 +304,41 @@ fn resume_from_a_saved_cursor_is_sample_exact() {
             assert_eq!(g.1, r.1);
         }
     }
+}
+
+#[test]
+fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
+    let Some((dir, m)) = tiny_shards() else {
+        return;
+    };
+    let mut cfg = config(&dir, 16);
+    cfg.shuffle_buffer = 5;
+    cfg.shard_readahead = 2;
+    cfg.prefetch_shards = 1;
+    let batch = 8;
+    let mut s =
+        TrainStream::start(&cfg, &m, all_labels(&m), batch, 5, Cursor::default(), 0, 1).unwrap();
+    let split = m.split("train").unwrap();
+    for _ in 0..(2 * split.samples as usize / batch) {
+        s.next_batch().unwrap(); // two epochs
+    }
+    let stats = s.stats();
+    // Held at most: the shuffle buffer, two streaming shards' channels (+1 sample each being
+    // sent), one batch of candidates.
+    let samples_bound = (cfg.shuffle_buffer + 2 * (cfg.shard_readahead + 1) + batch) as u64;
+    let largest_image = 8_000; // the 64x64 Tiny ImageNet JPEGs are 1-4 KB
+    assert!(stats.peak_buffered_bytes > 0);
+    assert!(
+        stats.peak_buffered_bytes <= samples_bound * largest_image,
+        "peak {} bytes > {samples_bound} samples",
+        stats.peak_buffered_bytes
+    );
+    let smallest_shard = split.shards.iter().map(|s| s.bytes).min().unwrap();
+    assert!(
+        stats.peak_buffered_bytes < smallest_shard / 2,
+        "peak {} bytes: a shard ({smallest_shard} bytes) is never held whole",
+        stats.peak_buffered_bytes
+    );
 }
 
 #[test]
@@ -809,18 +853,39 @@ fn b10_decompression_bombs_are_rejected_from_the_header() {
 }
 
 #[test]
-fn sha_mismatch_skips_the_shard_and_io_errors_are_fatal() {
+fn sha_mismatch_is_a_shard_error_strict_mode_fails_and_io_errors_are_fatal() {
     let Some(full) = field("B01_full_shard.tar") else {
         return;
     };
+    // Shards are streamed: a checksum mismatch is known at the end of the shard, after its
+    // samples were used; it is counted (and warned with the shard URL).
     let (dir, mut m) = one_shard(&full, 3, 3);
-    let cfg = config(dir.path(), 16);
+    let mut cfg = config(dir.path(), 16);
     m.splits.get_mut("val").unwrap().shards[0].sha256 = "00".repeat(32);
-    let mut it = eval_batches(&cfg, &m, "val", vec![Some(0), Some(1), Some(2)], 8, 0, 1).unwrap();
+    let labels = vec![Some(0), Some(1), Some(2)];
+    let mut it = eval_batches(&cfg, &m, "val", labels.clone(), 8, 0, 1).unwrap();
+    assert_eq!(it.next().unwrap().unwrap().n, 3);
     assert!(it.next().is_none());
     assert_eq!(it.stats().shard_errors, 1);
-    // Every shard bad: the train stream errors instead of spinning forever.
-    m.splits.get_mut("train").unwrap().shards[0].sha256 = "00".repeat(32);
+    // Strict mode: the same shard fails the pass, naming the shard and the cause.
+    cfg.strict = true;
+    let mut it = eval_batches(&cfg, &m, "val", labels, 8, 0, 1).unwrap();
+    let err = format!("{:#}", it.next().unwrap().unwrap_err());
+    assert!(
+        err.contains("train-000000.tar")
+            && err.contains("does not match")
+            && err.contains("data.strict"),
+        "{err}"
+    );
+    // Every sample undecodable: the train stream errors instead of spinning forever.
+    let mut b = tar::Builder::new(Vec::new());
+    for key in ["000000", "000001", "000002"] {
+        devise::data::webdataset::append_member(&mut b, &format!("{key}.jpg"), b"not an image")
+            .unwrap();
+        devise::data::webdataset::append_member(&mut b, &format!("{key}.cls"), b"0").unwrap();
+    }
+    let (dir, m) = one_shard(&b.into_inner().unwrap(), 3, 3);
+    let cfg = config(dir.path(), 16);
     let mut s = fixture_stream(&cfg, &m, 2);
     let err = format!("{:#}", s.next_batch().unwrap_err());
     assert!(err.contains("no usable sample"), "{err}");
