@@ -3,12 +3,18 @@
 //! after) holds the shards, the checkpoints and the report. Shards are built into it and
 //! verified from it (`devise data verify s3://...`), a run trains from it, is stopped
 //! (preempted) and resumed from the checkpoint it wrote there, and its losses match the same run
-//! on the local file system step for step. Credentials and endpoint
-//! reach `devise` only through the standard `AWS_*` environment variables.
+//! on the local file system step for step. A 2-worker run (`devise-launch --nproc-per-node 2`)
+//! streams the shards through a proxy that cuts one download mid-body: the read resumes at its
+//! byte offset (a `Range` request) and every shard's sha256 still matches. Credentials and
+//! endpoint reach `devise` only through the standard `AWS_*` environment variables.
 use crate::common::{shared_dir, tiny_classes};
 use crate::train::config_toml;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A running `s3s-fs`; killed on drop.
@@ -77,15 +83,87 @@ fn start_server(bucket: &str) -> Option<S3Server> {
 
 /// `devise` with the server's credentials in the standard variables.
 fn devise(server: &S3Server, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devise"))
+    s3_env(Command::new(env!("CARGO_BIN_EXE_devise")), server.port)
         .args(args)
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", server.port))
-        .env("AWS_ALLOW_HTTP", "true")
         .output()
         .unwrap()
+}
+
+fn s3_env(mut cmd: Command, port: u16) -> Command {
+    cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ALLOW_HTTP", "true");
+    cmd
+}
+
+/// A TCP proxy in front of the S3 server that cuts ONE connection (both directions) once it
+/// has passed `cut_after` response bytes: a download dying mid-body, as on a flaky network.
+/// It records the `Range` headers of the requests it forwards.
+struct CuttingProxy {
+    port: u16,
+    cuts: Arc<AtomicU64>,
+    ranges: Arc<Mutex<Vec<String>>>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: u16, cut_after: u64) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = Arc::new(AtomicU64::new(0));
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let armed = Arc::new(AtomicBool::new(true));
+        let (c, r) = (cuts.clone(), ranges.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                // Requests: forwarded as they are, Range headers noted.
+                let (mut from, mut to, ranges) = (
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    r.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                        for line in text.lines().filter(|l| l.starts_with("range:")) {
+                            ranges.lock().unwrap().push(line.trim().to_string());
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+                // Responses: forwarded until the one cut.
+                let (mut from, mut to) = (server, client);
+                let (armed, cuts) = (armed.clone(), c.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut passed = 0u64;
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        passed += n as u64;
+                        if passed > cut_after && armed.swap(false, Ordering::SeqCst) {
+                            cuts.fetch_add(1, Ordering::SeqCst);
+                            let _ = to.shutdown(Shutdown::Both);
+                            let _ = from.shutdown(Shutdown::Both);
+                            return;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        CuttingProxy { port, cuts, ranges }
+    }
 }
 
 fn text(out: &Output) -> String {
@@ -184,4 +262,84 @@ fn shards_checkpoints_and_report_live_in_s3_and_resume_from_there() {
     let local_losses = losses(&std::fs::read_to_string(local_run.join("metrics.jsonl")).unwrap());
     assert_eq!(s3_losses.len(), 9);
     assert_eq!(s3_losses, local_losses);
+}
+
+#[test]
+fn two_workers_stream_shards_from_s3_and_a_cut_download_resumes_at_its_offset() {
+    let Some(shared) = shared_dir() else {
+        return;
+    };
+    let _ = shared;
+    let Some(server) = start_server("devise") else {
+        return;
+    };
+    let tree = tiny_classes(&["n01443537", "n01629819", "n01641577", "n01644900"]).unwrap();
+    let out = devise(
+        &server,
+        &[
+            "data",
+            "build-shards",
+            "--src",
+            tree.to_str().unwrap(),
+            "--dst",
+            "s3://devise/shards",
+            "--shard-size-bytes",
+            "1048576",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // Cut the first response that passes 300 KB: a shard download (the manifest is ~2 KB).
+    let proxy = CuttingProxy::start(server.port, 300 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("two.toml");
+    std::fs::write(
+        &config,
+        config_toml(
+            Path::new("s3://devise/shards"),
+            Path::new("s3://devise/two"),
+        ),
+    )
+    .unwrap();
+    let launcher = PathBuf::from(env!("CARGO_BIN_EXE_devise")).with_file_name("devise-launch");
+    assert!(launcher.exists(), "run with `cargo test --workspace`");
+    let master_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = s3_env(Command::new(launcher), proxy.port)
+        .args(["--nproc-per-node", "2", "--master-port"])
+        .arg(master_port.to_string())
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_devise"))
+        .args(["train", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(proxy.cuts.load(Ordering::SeqCst), 1, "one download was cut");
+    let ranges = proxy.ranges.lock().unwrap().clone();
+    eprintln!("range requests through the proxy: {ranges:?}");
+    assert!(
+        ranges
+            .iter()
+            .any(|r| r.starts_with("range: bytes=") && !r.starts_with("range: bytes=0-")),
+        "the cut download resumed with a Range request from its offset: {ranges:?}"
+    );
+    // Every shard was streamed whole and checked against the manifest's sha256 at its end.
+    let bucket = server.root.path().join("devise");
+    let metrics = std::fs::read_to_string(bucket.join("two/metrics.jsonl")).unwrap();
+    let mut windows = 0;
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v.get("data/shard_errors").is_some() {
+            windows += 1;
+            assert_eq!(v["data/shard_errors"], 0, "{line}");
+            assert_eq!(v["data/skipped_samples/shard_error"], 0, "{line}");
+            assert!(v["data/peak_buffered_mb"].as_f64().unwrap() > 0.0, "{line}");
+        }
+    }
+    assert!(windows > 0, "metrics have data counters: {metrics}");
+    assert!(bucket.join("two/report.md").is_file());
+    assert_eq!(losses(&metrics).len(), 9, "{metrics}");
 }
