@@ -244,9 +244,22 @@ impl Store {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", self.child_url(name))),
         };
+        // The download runs ahead in a task on the storage runtime, pipelined with parsing;
+        // at most STREAM_AHEAD_CHUNKS body chunks wait for the reader.
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD_CHUNKS);
+        runtime().spawn(async move {
+            use futures::StreamExt;
+            let mut stream = stream;
+            while let Some(chunk) = stream.next().await {
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    break; // reader dropped, or the error is delivered
+                }
+            }
+        });
         Ok(Box::new(StreamRead {
             url: self.child_url(name),
-            stream,
+            rx,
             chunk: Bytes::new(),
         }))
     }
@@ -350,19 +363,22 @@ fn local_dir_of(url: &str) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// A blocking [`std::io::Read`] over an object's GET byte stream (see [`Store::open_read`]).
+/// Body chunks (typically 8-64 KiB each) a streamed read may buffer ahead of its reader.
+const STREAM_AHEAD_CHUNKS: usize = 64;
+
+/// A blocking [`std::io::Read`] over an object's GET byte stream, fed by a download task (see
+/// [`Store::open_read`]).
 struct StreamRead {
     url: String,
-    stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    rx: tokio::sync::mpsc::Receiver<object_store::Result<Bytes>>,
     /// The rest of the last chunk received.
     chunk: Bytes,
 }
 
 impl std::io::Read for StreamRead {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use futures::StreamExt;
         while self.chunk.is_empty() {
-            match runtime().block_on(self.stream.next()) {
+            match self.rx.blocking_recv() {
                 None => return Ok(0),
                 Some(Ok(bytes)) => self.chunk = bytes,
                 Some(Err(e)) => {
