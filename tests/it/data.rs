@@ -670,6 +670,22 @@ fn b02_missing_cls_is_skipped_never_labelled_zero() {
     assert_eq!(labels, [0, 2]);
     assert_eq!(stats.incomplete_samples, 1);
     assert_eq!(stats.shard_errors, 0);
+    // Strict mode: the training stream fails on that sample, naming it.
+    let (dir, m) = one_shard(&missing, 3, 3);
+    let mut cfg = config(dir.path(), 16);
+    cfg.strict = true;
+    let mut s = fixture_stream(&cfg, &m, 2);
+    // The slot order is shuffled: the bad sample comes within the first two batches.
+    let err = (0..2)
+        .find_map(|_| s.next_batch().err())
+        .map(|e| format!("{e:#}"))
+        .expect("strict mode fails on the incomplete sample");
+    assert!(
+        err.contains("sample 000001")
+            && err.contains("missing component cls")
+            && err.contains("data.strict"),
+        "{err}"
+    );
 
     let mut r = SampleReader::new(&unclosed[..], "B02_unclosed_shard.tar");
     let keys: Vec<String> = (&mut r).map(|s| s.unwrap().key).collect();
