@@ -8,13 +8,22 @@
 //! antialiased triangle (bilinear) filter, PIL's `Image.resize(BILINEAR)` algorithm, so no
 //! intermediate resized image is allocated.
 //!
+//! [`decode_train`] / [`decode_eval`] (what the reader calls) decode and transform in one step:
+//! the crop is drawn from the full-size dimensions in the header, and when the crop still covers
+//! at least `image_size` pixels per side at 1/2, 1/4 or 1/8 scale, a JPEG is decoded at that
+//! scale by DCT scaling (`data.jpeg_dct_scaling`, default on; see [`decode_train`]).
+//!
 //! Policies (torchvision's `ImageFolder` loader, `PIL.Image.convert("RGB")`, unless noted):
 //! - the format is sniffed from magic bytes, never taken from the file name (ImageNet holds a PNG
 //!   named `.JPEG`, field case B06); JPEG and PNG are compiled in, anything else is an error;
 //! - greyscale is replicated to 3 channels; 16-bit samples are scaled to 0..255 (`x/257`,
 //!   rounded); alpha is DROPPED, not composited (transparent pixels show their stored colour);
 //!   palette images are expanded; CMYK / YCCK (Adobe) JPEGs are converted to RGB (B05);
-//! - EXIF orientation is ignored (as PIL does unless asked);
+//! - EXIF orientation (JPEG APP1 `Exif`, PNG `eXIf`) is APPLIED by default, as
+//!   `PIL.ImageOps.exif_transpose` would: a photo stored sideways with Orientation=6 comes out
+//!   upright, and crops are drawn on the upright image. `data.exif_orientation = "ignore"` keeps
+//!   the stored pixel grid (what a bare `Image.open().convert("RGB")` gives). Training,
+//!   evaluation and prediction all decode here, so they agree;
 //! - a JPEG without an end-of-image marker after its scan data is rejected as truncated (B07):
 //!   the decoder would otherwise fill the missing part with grey. There is no "keep partial
 //!   images" option: such samples are skipped and counted.
@@ -23,45 +32,194 @@ use std::io::Cursor;
 
 use ::image::codecs::jpeg::JpegDecoder;
 use ::image::codecs::png::PngDecoder;
+use ::image::metadata::Orientation;
 use ::image::{DynamicImage, ImageDecoder, Limits, RgbImage};
 use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
 use super::Config;
 
-/// Decodes `bytes` (JPEG or PNG, whatever the file name says) to 8-bit RGB, `[height][width][3]`.
+/// What decoding does with an image's EXIF orientation tag (`data.exif_orientation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExifOrientation {
+    /// Rotate / mirror the decoded pixels as the tag says (EXIF 2.32 tag 0x0112, values 1-8),
+    /// so the image is upright. The default.
+    #[default]
+    Apply,
+    /// Keep the pixels as stored.
+    Ignore,
+}
+
+/// The decoding policy knobs of [`decode_rgb`], from [`Config`] (`From<&Config>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Images whose header claims more than this many pixels are rejected before any pixel
+    /// buffer is allocated ([`Config::max_pixels`]).
+    pub max_pixels: u64,
+    /// EXIF orientation policy ([`Config::exif_orientation`]).
+    pub exif_orientation: ExifOrientation,
+}
+
+impl DecodeOptions {
+    /// `max_pixels` with every other option at its default (EXIF orientation applied).
+    pub fn new(max_pixels: u64) -> DecodeOptions {
+        DecodeOptions {
+            max_pixels,
+            exif_orientation: ExifOrientation::default(),
+        }
+    }
+}
+
+impl From<&Config> for DecodeOptions {
+    fn from(cfg: &Config) -> DecodeOptions {
+        DecodeOptions {
+            max_pixels: cfg.max_pixels,
+            exif_orientation: cfg.exif_orientation,
+        }
+    }
+}
+
+/// Decodes `bytes` (JPEG or PNG, whatever the file name says) at full size to 8-bit RGB,
+/// `[height][width][3]`, upright unless `opts.exif_orientation` is `Ignore` (then width and
+/// height are as stored; with `Apply` they are swapped for the 90/270 degree orientations).
+///
+/// Decoders: greyscale and YCbCr/RGB JPEGs by libjpeg-turbo (the `turbojpeg` crate, statically
+/// built); CMYK/YCCK JPEGs, any JPEG libjpeg-turbo rejects, and PNGs by the `image` crate
+/// (zune-jpeg, png).
 ///
 /// The width and height are read from the format header first; an image with more than
-/// `max_pixels` pixels is rejected before any pixel buffer is allocated (field case B10:
+/// `opts.max_pixels` pixels is rejected before any pixel buffer is allocated (field case B10:
 /// "image 30000x30000 exceeds max_pixels (89478485)").
 ///
 /// Errors: unknown or unsupported format (named from its magic bytes), truncated or corrupt data,
 /// too many pixels. Never panics on hostile input.
-pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
-    let dynamic = match sniff(bytes) {
-        Sniffed::Jpeg => {
-            let info = scan_jpeg(bytes)?;
-            check_pixels(info.width, info.height, max_pixels)?;
-            if !info.has_eoi {
-                bail!(
-                    "truncated JPEG {}x{}: no end-of-image marker after the scan data",
-                    info.width,
-                    info.height
-                );
-            }
-            let mut decoder = JpegDecoder::new(Cursor::new(bytes)).context("JPEG header")?;
-            decoder.set_limits(limits_for(max_pixels))?;
-            DynamicImage::from_decoder(decoder).context("JPEG decode")?
-        }
+pub fn decode_rgb(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage> {
+    match sniff(bytes) {
+        Sniffed::Jpeg => Jpeg::open(bytes, opts)?.decode(8),
         Sniffed::Png => {
             let (w, h) = png_dimensions(bytes)?;
-            check_pixels(w, h, max_pixels)?;
-            let decoder = PngDecoder::with_limits(Cursor::new(bytes), limits_for(max_pixels))
-                .context("PNG header")?;
-            DynamicImage::from_decoder(decoder).context("PNG decode")?
+            check_pixels(w, h, opts.max_pixels)?;
+            let mut decoder =
+                PngDecoder::with_limits(Cursor::new(bytes), limits_for(opts.max_pixels))
+                    .context("PNG header")?;
+            let orientation = orientation_under(opts, &mut decoder)?;
+            finish(decoder, orientation, "PNG")
         }
         Sniffed::Other(name) => bail!("unsupported image format: {name} (JPEG and PNG only)"),
-    };
-    Ok(dynamic.into_rgb8())
+    }
+}
+
+/// A JPEG whose header passed the checks (dimensions within `max_pixels`, end-of-image marker
+/// present); nothing the size of the image is allocated yet.
+struct Jpeg<'a> {
+    bytes: &'a [u8],
+    info: JpegInfo,
+    /// The image crate's decoder, header parsed: the EXIF reader, and the full-size fallback.
+    fallback: JpegDecoder<Cursor<&'a [u8]>>,
+    orientation: Orientation,
+}
+
+impl<'a> Jpeg<'a> {
+    fn open(bytes: &'a [u8], opts: &DecodeOptions) -> Result<Jpeg<'a>> {
+        let info = scan_jpeg(bytes)?;
+        check_pixels(info.width, info.height, opts.max_pixels)?;
+        if !info.has_eoi {
+            bail!(
+                "truncated JPEG {}x{}: no end-of-image marker after the scan data",
+                info.width,
+                info.height
+            );
+        }
+        let mut fallback = JpegDecoder::new(Cursor::new(bytes)).context("JPEG header")?;
+        fallback.set_limits(limits_for(opts.max_pixels))?;
+        let orientation = orientation_under(opts, &mut fallback)?;
+        Ok(Jpeg {
+            bytes,
+            info,
+            fallback,
+            orientation,
+        })
+    }
+
+    /// Full-size `(width, height)` after orientation.
+    fn dimensions(&self) -> (u32, u32) {
+        oriented(self.info.width, self.info.height, self.orientation)
+    }
+
+    /// Decodes at `eighths/8` scale (8: full size; 1, 2, 4: DCT scaling, greyscale and YCbCr/RGB
+    /// only), oriented. libjpeg-turbo first; if it fails, or for CMYK/YCCK, the image crate at
+    /// full size (so a reduced-scale request may return a full-size image: callers map by the
+    /// returned dimensions).
+    fn decode(self, eighths: u32) -> Result<RgbImage> {
+        if matches!(self.info.components, 1 | 3) {
+            match decode_turbo(self.bytes, eighths) {
+                Ok(img) => return Ok(orient(img, self.orientation)),
+                Err(e) => tracing::debug!("libjpeg-turbo: {e:#}; decoding with zune-jpeg"),
+            }
+        }
+        finish(self.fallback, self.orientation, "JPEG")
+    }
+}
+
+/// Decodes a greyscale or YCbCr/RGB JPEG with libjpeg-turbo at `eighths/8` scale to RGB,
+/// `ceil(W*e/8) x ceil(H*e/8)`, as stored (not oriented). Corrupt data that libjpeg-turbo only
+/// warns about is an error here (the caller falls back).
+fn decode_turbo(bytes: &[u8], eighths: u32) -> Result<RgbImage> {
+    let mut d = turbojpeg::Decompressor::new()?;
+    let header = d.read_header(bytes)?;
+    let factor = turbojpeg::ScalingFactor::new(eighths as usize, 8);
+    d.set_scaling_factor(factor)?;
+    let scaled = header.scaled(factor);
+    let mut pixels = vec![0u8; scaled.width * scaled.height * 3];
+    d.decompress(
+        bytes,
+        turbojpeg::Image {
+            pixels: &mut pixels[..],
+            width: scaled.width,
+            pitch: scaled.width * 3,
+            height: scaled.height,
+            format: turbojpeg::PixelFormat::RGB,
+        },
+    )?;
+    RgbImage::from_raw(scaled.width as u32, scaled.height as u32, pixels)
+        .ok_or_else(|| anyhow!("libjpeg-turbo output size mismatch"))
+}
+
+/// The orientation to apply under `opts` (the image crate's EXIF reader; a missing or malformed
+/// tag reads as "no transform").
+fn orientation_under(opts: &DecodeOptions, decoder: &mut impl ImageDecoder) -> Result<Orientation> {
+    Ok(match opts.exif_orientation {
+        ExifOrientation::Apply => decoder.orientation().context("reading EXIF orientation")?,
+        ExifOrientation::Ignore => Orientation::NoTransforms,
+    })
+}
+
+/// Decodes the pixels, converts to 8-bit RGB, then orients.
+fn finish(decoder: impl ImageDecoder, orientation: Orientation, format: &str) -> Result<RgbImage> {
+    let dynamic =
+        DynamicImage::from_decoder(decoder).with_context(|| format!("{format} decode"))?;
+    Ok(orient(dynamic.into_rgb8(), orientation))
+}
+
+fn orient(rgb: RgbImage, orientation: Orientation) -> RgbImage {
+    if orientation == Orientation::NoTransforms {
+        return rgb;
+    }
+    let mut dynamic = DynamicImage::ImageRgb8(rgb);
+    dynamic.apply_orientation(orientation);
+    dynamic.into_rgb8()
+}
+
+/// `(width, height)` after `orientation`.
+fn oriented(width: u32, height: u32, orientation: Orientation) -> (u32, u32) {
+    match orientation {
+        Orientation::Rotate90
+        | Orientation::Rotate270
+        | Orientation::Rotate90FlipH
+        | Orientation::Rotate270FlipH => (height, width),
+        _ => (width, height),
+    }
 }
 
 fn limits_for(max_pixels: u64) -> Limits {
@@ -122,6 +280,8 @@ fn png_dimensions(b: &[u8]) -> Result<(u32, u32)> {
 struct JpegInfo {
     width: u32,
     height: u32,
+    /// Colour components in the frame (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK).
+    components: u8,
     /// An end-of-image marker follows the first scan's data.
     has_eoi: bool,
 }
@@ -133,7 +293,7 @@ struct JpegInfo {
 fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
     let truncated = || anyhow!("truncated JPEG: ends inside its headers");
     let mut i = 2; // after SOI
-    let mut dims: Option<(u32, u32)> = None;
+    let mut dims: Option<(u32, u32, u8)> = None;
     loop {
         if i >= b.len() {
             return Err(truncated());
@@ -161,7 +321,7 @@ fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
         let seg = b.get(i + 2..i + len).ok_or_else(truncated)?;
         let is_sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
         if is_sof {
-            if seg.len() < 5 {
+            if seg.len() < 6 {
                 bail!("corrupt JPEG: short frame header");
             }
             let h = u16::from_be_bytes([seg[1], seg[2]]) as u32;
@@ -169,18 +329,20 @@ fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
             if h == 0 {
                 bail!("unsupported JPEG: height defined by a DNL marker");
             }
-            dims = Some((w, h));
+            dims = Some((w, h, seg[5]));
         }
         i += len;
         if marker == 0xDA {
             break;
         }
     }
-    let (width, height) = dims.ok_or_else(|| anyhow!("corrupt JPEG: scan before frame header"))?;
+    let (width, height, components) =
+        dims.ok_or_else(|| anyhow!("corrupt JPEG: scan before frame header"))?;
     let has_eoi = b[i.min(b.len())..].windows(2).any(|w| w == [0xFF, 0xD9]);
     Ok(JpegInfo {
         width,
         height,
+        components,
         has_eoi,
     })
 }
@@ -234,54 +396,198 @@ pub fn random_resized_crop_params(
 }
 
 /// Training transform into `out` (`[3, s, s]` CHW, `s = cfg.image_size`, normalised
-/// `(x/255 - mean) / std`): with `cfg.augment`, RandomResizedCrop (area scale
-/// `(cfg.min_crop_scale, 1)`, ratio 3/4..4/3) resized to `s x s` and a horizontal flip with
-/// probability 0.5; without, exactly [`eval_transform`] (and `rng` is not used).
+/// `(x/255 - mean) / std`) of an already decoded image: with `cfg.augment`, RandomResizedCrop
+/// (area scale `(cfg.min_crop_scale, 1)`, ratio 3/4..4/3) resized to `s x s` and a horizontal
+/// flip with probability 0.5; without, exactly [`eval_transform`] (and `rng` is not used).
 ///
 /// Panics if `out.len() != 3*s*s` (a caller bug, not a data error).
 pub fn train_transform(img: &RgbImage, cfg: &Config, rng: &mut impl rand::Rng, out: &mut [f32]) {
-    if !cfg.augment {
-        return eval_transform(img, cfg, out);
-    }
-    let (x, y, w, h) =
-        random_resized_crop_params(img.width(), img.height(), (cfg.min_crop_scale, 1.0), rng);
-    let flip = rng.random_bool(0.5);
-    let rect = Rect {
-        x: x as f64,
-        y: y as f64,
-        w: w as f64,
-        h: h as f64,
-    };
-    // torchvision crops, then resizes: the filter never reads outside the crop.
-    let bounds = (x, y, x + w, y + h);
-    resample_chw(img, rect, bounds, cfg.image_size as usize, flip, cfg, out);
+    let crop = train_crop(img.width(), img.height(), cfg, rng);
+    resample(img, &crop, cfg, out);
 }
 
-/// Eval transform into `out` (`[3, s, s]` CHW, normalised): resize so the shorter side is
-/// [`Config::eval_resize_px`] (longer side `int(r * long / short)`, torchvision `Resize`), then
-/// centre crop `s x s` (offsets `round((side - s) / 2)`, torchvision `CenterCrop`).
+/// Eval transform into `out` (`[3, s, s]` CHW, normalised) of an already decoded image: resize
+/// so the shorter side is [`Config::eval_resize_px`] (longer side `int(r * long / short)`,
+/// torchvision `Resize`), then centre crop `s x s` (offsets `round((side - s) / 2)`, torchvision
+/// `CenterCrop`).
 ///
 /// Panics if `out.len() != 3*s*s`.
 pub fn eval_transform(img: &RgbImage, cfg: &Config, out: &mut [f32]) {
-    let s = cfg.image_size as usize;
-    let (w, h) = (img.width() as f64, img.height() as f64);
+    let crop = eval_crop(img.width(), img.height(), cfg);
+    resample(img, &crop, cfg, out);
+}
+
+/// Decodes `bytes` and applies the training transform into `out` (`[3, s, s]` CHW, normalised):
+/// the same crop and flip as [`decode_rgb`] + [`train_transform`] (the crop is drawn from the
+/// full-size, oriented dimensions in the header, so `rng` is used identically and augmentation
+/// stays a function of the seed and the image size alone), but a JPEG may be decoded at reduced
+/// scale.
+///
+/// Reduced scale (`cfg.jpeg_dct_scaling`, default on): the smallest of 1/8, 1/4, 1/2 at which
+/// the crop rectangle still spans at least `s` pixels in both directions is decoded by DCT
+/// scaling (libjpeg-turbo's `scale_denom`: each 8x8 block's inverse DCT yields 4x4, 2x2 or 1x1
+/// samples), and the crop is mapped into that image. The final resample is then still a
+/// downscale (or 1:1), as with the full decode, so nothing is upsampled that the full decode
+/// would not have. Values differ from the full-size path as a 2-step downscale differs from a
+/// 1-step one: over the 100 photos of `imagenet-sample-100`, a mean of at most ~4 of 255 levels
+/// on the most textured ones (tests/it/image.rs measures it). Only greyscale and YCbCr/RGB JPEGs
+/// take this path; CMYK/YCCK, PNG, and any JPEG libjpeg-turbo rejects are decoded at full size.
+/// With `cfg.jpeg_dct_scaling = false` the output equals [`decode_rgb`] + [`train_transform`]
+/// exactly.
+///
+/// Errors: as [`decode_rgb`] (names no sample: the caller adds which). Panics if
+/// `out.len() != 3*s*s`.
+pub fn decode_train(
+    bytes: &[u8],
+    cfg: &Config,
+    rng: &mut impl rand::Rng,
+    out: &mut [f32],
+) -> Result<()> {
+    decode_cropped(bytes, cfg, |w, h| train_crop(w, h, cfg, rng), out)
+}
+
+/// Decodes `bytes` and applies the eval transform into `out` (`[3, s, s]` CHW, normalised):
+/// [`decode_rgb`] + [`eval_transform`], with the reduced-scale JPEG decode of [`decode_train`]
+/// (the centre crop's source rectangle decides the scale).
+///
+/// Errors: as [`decode_rgb`]. Panics if `out.len() != 3*s*s`.
+pub fn decode_eval(bytes: &[u8], cfg: &Config, out: &mut [f32]) -> Result<()> {
+    decode_cropped(bytes, cfg, |w, h| eval_crop(w, h, cfg), out)
+}
+
+/// What the output is resampled from, in pixels of the source image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Crop {
+    /// Source rectangle mapped onto the `s x s` output.
+    rect: Rect,
+    /// Pixels the filter may read, `(x0, y0, x1, y1)`, exclusive ends: torchvision crops, then
+    /// resizes, so RandomResizedCrop never reads outside its crop; eval reads the whole image.
+    bounds: (u32, u32, u32, u32),
+    /// Mirror horizontally.
+    flip: bool,
+}
+
+impl Crop {
+    /// Smallest DCT scale `e/8`, `e` in 1, 2, 4 (else 8: full size), at which the rectangle
+    /// still spans at least `s` pixels per side (a `W x H` JPEG decodes to
+    /// `ceil(W*e/8) x ceil(H*e/8)`, never less than `W*e/8`). libjpeg-turbo also has 3/8, 5/8,
+    /// 3/4, 7/8, but measured slower than 1/2 or full size (BENCHMARKS.md).
+    fn dct_eighths(&self, s: u32) -> u32 {
+        let s = s as f64;
+        [1, 2, 4]
+            .into_iter()
+            .find(|&e| self.rect.w * e as f64 / 8.0 >= s && self.rect.h * e as f64 / 8.0 >= s)
+            .unwrap_or(8)
+    }
+
+    /// The same crop in the image decoded at `factor` (e/8) of full size, `to` = its
+    /// (width, height); itself for `factor == 1`. DCT scaling maps full-size coordinate `x` to
+    /// exactly `x * e/8` (an 8x8 block becomes e x e samples); the last row/column of an image
+    /// whose size is not a multiple of 8/e is a partial sample, so bounds are clamped to `to`.
+    fn scaled(&self, factor: f64, to: (u32, u32)) -> Crop {
+        if factor == 1.0 {
+            return *self;
+        }
+        let (x0, y0, x1, y1) = self.bounds;
+        let lo = |v: u32, n: u32| ((v as f64 * factor).floor() as u32).min(n - 1);
+        let hi = |v: u32, n: u32, lo: u32| ((v as f64 * factor).ceil() as u32).clamp(lo + 1, n);
+        let (bx0, by0) = (lo(x0, to.0), lo(y0, to.1));
+        Crop {
+            rect: Rect {
+                x: self.rect.x * factor,
+                y: self.rect.y * factor,
+                w: self.rect.w * factor,
+                h: self.rect.h * factor,
+            },
+            bounds: (bx0, by0, hi(x1, to.0, bx0), hi(y1, to.1, by0)),
+            flip: self.flip,
+        }
+    }
+}
+
+/// RandomResizedCrop + flip of a `width x height` image (draws from `rng` in a fixed order:
+/// crop, then flip), or the eval crop without `cfg.augment`.
+fn train_crop(width: u32, height: u32, cfg: &Config, rng: &mut impl rand::Rng) -> Crop {
+    if !cfg.augment {
+        return eval_crop(width, height, cfg);
+    }
+    let (x, y, w, h) = random_resized_crop_params(width, height, (cfg.min_crop_scale, 1.0), rng);
+    let flip = rng.random_bool(0.5);
+    Crop {
+        rect: Rect {
+            x: x as f64,
+            y: y as f64,
+            w: w as f64,
+            h: h as f64,
+        },
+        bounds: (x, y, x + w, y + h),
+        flip,
+    }
+}
+
+/// Resize-shorter-side + centre crop of a `width x height` image as a source rectangle.
+fn eval_crop(width: u32, height: u32, cfg: &Config) -> Crop {
+    let s = cfg.image_size as f64;
+    let (w, h) = (width as f64, height as f64);
     let r = cfg.eval_resize_px().max(cfg.image_size) as f64;
     let (rw, rh) = if w <= h {
         (r, (r * h / w).floor().max(r))
     } else {
         ((r * w / h).floor().max(r), r)
     };
-    let left = ((rw - s as f64) / 2.0).round();
-    let top = ((rh - s as f64) / 2.0).round();
+    let left = ((rw - s) / 2.0).round();
+    let top = ((rh - s) / 2.0).round();
     let (sx, sy) = (w / rw, h / rh); // source pixels per resized pixel
-    let rect = Rect {
-        x: left * sx,
-        y: top * sy,
-        w: s as f64 * sx,
-        h: s as f64 * sy,
+    Crop {
+        rect: Rect {
+            x: left * sx,
+            y: top * sy,
+            w: s * sx,
+            h: s * sy,
+        },
+        bounds: (0, 0, width, height),
+        flip: false,
+    }
+}
+
+fn resample(img: &RgbImage, crop: &Crop, cfg: &Config, out: &mut [f32]) {
+    let s = cfg.image_size as usize;
+    resample_chw(img, crop.rect, crop.bounds, s, crop.flip, cfg, out);
+}
+
+/// Decode + crop: `crop_for(width, height)` gets the full-size, oriented dimensions.
+fn decode_cropped(
+    bytes: &[u8],
+    cfg: &Config,
+    crop_for: impl FnOnce(u32, u32) -> Crop,
+    out: &mut [f32],
+) -> Result<()> {
+    let opts = DecodeOptions::from(cfg);
+    let (img, crop) = if matches!(sniff(bytes), Sniffed::Jpeg) {
+        let jpeg = Jpeg::open(bytes, &opts)?;
+        let full = jpeg.dimensions();
+        let crop = crop_for(full.0, full.1);
+        let eighths = if cfg.jpeg_dct_scaling {
+            crop.dct_eighths(cfg.image_size)
+        } else {
+            8
+        };
+        let img = jpeg.decode(eighths)?;
+        // The fallback decoder ignores the requested scale: map by what came back.
+        let factor = if img.dimensions() == full {
+            1.0
+        } else {
+            eighths as f64 / 8.0
+        };
+        let crop = crop.scaled(factor, img.dimensions());
+        (img, crop)
+    } else {
+        let img = decode_rgb(bytes, &opts)?;
+        let crop = crop_for(img.width(), img.height());
+        (img, crop)
     };
-    let bounds = (0, 0, img.width(), img.height());
-    resample_chw(img, rect, bounds, s, false, cfg, out);
+    resample(&img, &crop, cfg, out);
+    Ok(())
 }
 
 /// Per-output-pixel filter taps along one axis: `(first source index, weights)`.
@@ -509,12 +815,71 @@ mod tests {
     }
 
     #[test]
+    fn dct_scale_keeps_the_crop_at_least_output_size() {
+        let crop = |w: f64, h: f64| Crop {
+            rect: Rect {
+                x: 3.0,
+                y: 5.0,
+                w,
+                h,
+            },
+            bounds: (3, 5, 3 + w as u32, 5 + h as u32),
+            flip: false,
+        };
+        // (w, h) -> eighths for s = 224: 1/8 needs 1792, 1/4 896, 1/2 448 per side.
+        for ((w, h), e) in [
+            ((1792.0, 2000.0), 1),
+            ((1791.0, 2000.0), 2),
+            ((896.0, 896.0), 2),
+            ((2000.0, 895.0), 4),
+            ((448.0, 448.0), 4),
+            ((447.9, 1000.0), 8),
+            ((100.0, 100.0), 8),
+        ] {
+            assert_eq!(crop(w, h).dct_eighths(224), e, "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn scaled_crop_maps_and_clamps() {
+        let c = Crop {
+            rect: Rect {
+                x: 10.0,
+                y: 20.0,
+                w: 500.0,
+                h: 400.0,
+            },
+            bounds: (10, 20, 510, 420),
+            flip: true,
+        };
+        assert_eq!(c.scaled(1.0, (600, 500)), c);
+        // a 525x421 image at 1/2 decodes to 263x211
+        let h = Crop {
+            bounds: (0, 1, 525, 421),
+            ..c
+        }
+        .scaled(0.5, (263, 211));
+        assert_eq!(
+            h.rect,
+            Rect {
+                x: 5.0,
+                y: 10.0,
+                w: 250.0,
+                h: 200.0
+            }
+        );
+        assert_eq!(h.bounds, (0, 0, 263, 211));
+        assert!(h.flip);
+        assert_eq!(c.scaled(0.25, (150, 125)).bounds, (2, 5, 128, 105));
+    }
+
+    #[test]
     fn sniffing_and_errors() {
-        assert!(decode_rgb(b"", 100)
+        assert!(decode_rgb(b"", &DecodeOptions::new(100))
             .unwrap_err()
             .to_string()
             .contains("empty"));
-        assert!(decode_rgb(b"GIF89a....", 100)
+        assert!(decode_rgb(b"GIF89a....", &DecodeOptions::new(100))
             .unwrap_err()
             .to_string()
             .contains("GIF"));
@@ -524,10 +889,12 @@ mod tests {
         DynamicImage::ImageLuma8(grey)
             .write_to(&mut Cursor::new(&mut png), ::image::ImageFormat::Png)
             .unwrap();
-        let rgb = decode_rgb(&png, 100).unwrap();
+        let rgb = decode_rgb(&png, &DecodeOptions::new(100)).unwrap();
         assert_eq!(rgb.dimensions(), (5, 3));
         assert_eq!(rgb.get_pixel(2, 1).0, [77, 77, 77]);
-        let err = decode_rgb(&png, 14).unwrap_err().to_string();
+        let err = decode_rgb(&png, &DecodeOptions::new(14))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("image 5x3 exceeds max_pixels (14)"), "{err}");
     }
 
@@ -538,10 +905,15 @@ mod tests {
         DynamicImage::ImageRgb8(img)
             .write_to(&mut Cursor::new(&mut jpg), ::image::ImageFormat::Jpeg)
             .unwrap();
-        assert_eq!(decode_rgb(&jpg, 1000).unwrap().dimensions(), (16, 16));
+        assert_eq!(
+            decode_rgb(&jpg, &DecodeOptions::new(1000))
+                .unwrap()
+                .dimensions(),
+            (16, 16)
+        );
         for cut in 0..jpg.len() - 2 {
             assert!(
-                decode_rgb(&jpg[..cut], 1000).is_err(),
+                decode_rgb(&jpg[..cut], &DecodeOptions::new(1000)).is_err(),
                 "cut at {cut} accepted"
             );
         }

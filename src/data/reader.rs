@@ -70,7 +70,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::image::{decode_rgb, eval_transform, train_transform};
+use super::image::{decode_eval, decode_train};
 use super::shards::{mix, shuffle, Manifest, ShardInfo};
 use super::webdataset::SampleReader;
 use super::Config;
@@ -542,14 +542,13 @@ fn decode_all(
         cands
             .par_iter()
             .map(|c| {
-                let img = decode_rgb(c.image(), cfg.max_pixels)?;
                 let mut out = vec![0f32; 3 * s * s];
                 if augment {
                     let mut rng =
                         ChaCha8Rng::seed_from_u64(mix(&[seed, TAG_AUGMENT, c.epoch, c.position]));
-                    train_transform(&img, cfg, &mut rng, &mut out);
+                    decode_train(c.image(), cfg, &mut rng, &mut out)?;
                 } else {
-                    eval_transform(&img, cfg, &mut out);
+                    decode_eval(c.image(), cfg, &mut out)?;
                 }
                 Ok(out)
             })
