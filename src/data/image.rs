@@ -4,9 +4,9 @@
 //!
 //! The transforms follow torchvision's ImageNet recipe (`RandomResizedCrop`,
 //! `RandomHorizontalFlip`, `Resize(round(s/0.875))` + `CenterCrop(s)`, `Normalize`), with one
-//! fused step: the crop rectangle is resampled straight into the output buffer by a separable,
-//! antialiased triangle (bilinear) filter, PIL's `Image.resize(BILINEAR)` algorithm, so no
-//! intermediate resized image is allocated.
+//! fused step: the crop rectangle is resampled straight to `s x s` by a separable, antialiased
+//! triangle (bilinear) filter, PIL's `Image.resize(BILINEAR)` algorithm (the `fast_image_resize`
+//! crate, SIMD), so no intermediate resized image of the full crop is allocated.
 //!
 //! [`decode_train`] / [`decode_eval`] (what the reader calls) decode and transform in one step:
 //! the crop is drawn from the full-size dimensions in the header, and when the crop still covers
@@ -429,7 +429,7 @@ pub fn eval_transform(img: &RgbImage, cfg: &Config, out: &mut [f32]) {
 /// samples), and the crop is mapped into that image. The final resample is then still a
 /// downscale (or 1:1), as with the full decode, so nothing is upsampled that the full decode
 /// would not have. Values differ from the full-size path as a 2-step downscale differs from a
-/// 1-step one: over the 100 photos of `imagenet-sample-100`, a mean of at most ~4 of 255 levels
+/// 1-step one: over the 100 photos of `imagenet-sample-100`, a mean of at most ~5 of 255 levels
 /// on the most textured ones (tests/it/image.rs measures it). Only greyscale and YCbCr/RGB JPEGs
 /// take this path; CMYK/YCCK, PNG, and any JPEG libjpeg-turbo rejects are decoded at full size.
 /// With `cfg.jpeg_dct_scaling = false` the output equals [`decode_rgb`] + [`train_transform`]
@@ -550,9 +550,48 @@ fn eval_crop(width: u32, height: u32, cfg: &Config) -> Crop {
     }
 }
 
+/// Resamples `crop.rect` of `img` to `s x s` into `out` `[3, s, s]` (CHW), normalised
+/// `(x/255 - mean) / std`, mirrored if `crop.flip`; the filter reads only pixels inside
+/// `crop.bounds`. The resize is `fast_image_resize`'s convolution with PIL's bilinear
+/// (triangle) filter, widened by the scale factor when shrinking (antialiased, as
+/// `Image.resize(BILINEAR)` and so torchvision's PIL path), 8-bit output as PIL's.
+///
+/// Panics if `out.len() != 3*s*s` (a caller bug).
 fn resample(img: &RgbImage, crop: &Crop, cfg: &Config, out: &mut [f32]) {
-    let s = cfg.image_size as usize;
-    resample_chw(img, crop.rect, crop.bounds, s, crop.flip, cfg, out);
+    use fast_image_resize as fr;
+    let s = cfg.image_size;
+    let plane = (s * s) as usize;
+    assert_eq!(out.len(), 3 * plane, "output buffer must be [3, {s}, {s}]");
+    let (x0, y0, x1, y1) = crop.bounds;
+    // Crops are built inside the image (Crop::scaled clamps); the clamps here only keep the
+    // library's own bounds checks from ever failing on float rounding.
+    let (x1, y1) = (x1.min(img.width()), y1.min(img.height()));
+    let (x0, y0) = (x0.min(x1 - 1), y0.min(y1 - 1));
+    let (vw, vh) = ((x1 - x0) as f64, (y1 - y0) as f64);
+    let left = (crop.rect.x - x0 as f64).clamp(0.0, vw - 1e-6);
+    let top = (crop.rect.y - y0 as f64).clamp(0.0, vh - 1e-6);
+    let width = crop.rect.w.clamp(1e-6, vw - left);
+    let height = crop.rect.h.clamp(1e-6, vh - top);
+    let view = fr::images::CroppedImage::new(img, x0, y0, x1 - x0, y1 - y0)
+        .expect("crop bounds inside the image");
+    let mut dst = fr::images::Image::new(s, s, fr::PixelType::U8x3);
+    let options = fr::ResizeOptions::new()
+        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
+        .crop(left, top, width, height);
+    fr::Resizer::new()
+        .resize(&view, &mut dst, &options)
+        .expect("RGB8 to RGB8 resize of an in-bounds box");
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * cfg.std[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| -cfg.mean[c] / cfg.std[c]);
+    let s = s as usize;
+    for (y, row) in dst.buffer().chunks_exact(3 * s).enumerate() {
+        for (x, p) in row.chunks_exact(3).enumerate() {
+            let i = y * s + if crop.flip { s - 1 - x } else { x };
+            for c in 0..3 {
+                out[c * plane + i] = p[c] as f32 * scale[c] + shift[c];
+            }
+        }
+    }
 }
 
 /// Decode + crop: `crop_for(width, height)` gets the full-size, oriented dimensions.
@@ -588,98 +627,6 @@ fn decode_cropped(
     };
     resample(&img, &crop, cfg, out);
     Ok(())
-}
-
-/// Per-output-pixel filter taps along one axis: `(first source index, weights)`.
-fn axis_weights(start: f64, len: f64, n: usize, lo: u32, hi: u32) -> Vec<(usize, Vec<f32>)> {
-    let scale = len / n as f64;
-    let filter_scale = scale.max(1.0); // widen the kernel when shrinking (antialiasing)
-    let support = filter_scale; // triangle filter: radius 1 in output pixels
-    (0..n)
-        .map(|i| {
-            let center = start + (i as f64 + 0.5) * scale;
-            let a = ((center - support).floor() as i64).clamp(lo as i64, hi as i64 - 1) as usize;
-            let b = ((center + support).ceil() as i64).clamp(a as i64 + 1, hi as i64) as usize;
-            let mut w: Vec<f32> = (a..b)
-                .map(|j| {
-                    let d = ((j as f64 + 0.5 - center) / filter_scale).abs();
-                    (1.0 - d).max(0.0) as f32
-                })
-                .collect();
-            let sum: f32 = w.iter().sum();
-            if sum > 0.0 {
-                w.iter_mut().for_each(|x| *x /= sum);
-            } else {
-                // centre outside the readable range (clamped): nearest pixel
-                let nearest = (center.floor() as i64).clamp(a as i64, b as i64 - 1) as usize;
-                w.iter_mut().for_each(|x| *x = 0.0);
-                w[nearest - a] = 1.0;
-            }
-            (a, w)
-        })
-        .collect()
-}
-
-/// Resamples `rect` of `img` to `s x s` into `out` `[3, s, s]`, normalised; reads only pixels in
-/// `bounds = (x0, y0, x1, y1)` (exclusive ends). `flip` mirrors horizontally.
-fn resample_chw(
-    img: &RgbImage,
-    rect: Rect,
-    bounds: (u32, u32, u32, u32),
-    s: usize,
-    flip: bool,
-    cfg: &Config,
-    out: &mut [f32],
-) {
-    assert_eq!(out.len(), 3 * s * s, "output buffer must be [3, {s}, {s}]");
-    let xs = axis_weights(rect.x, rect.w, s, bounds.0, bounds.2);
-    let ys = axis_weights(rect.y, rect.h, s, bounds.1, bounds.3);
-    let y_lo = ys.iter().map(|(a, _)| *a).min().unwrap_or(0);
-    let y_hi = ys.iter().map(|(a, w)| a + w.len()).max().unwrap_or(0);
-    let width = img.width() as usize;
-    let raw = img.as_raw();
-    // Horizontal pass: rows y_lo..y_hi -> tmp [rows, s, 3]
-    let rows = y_hi - y_lo;
-    let mut tmp = vec![0f32; rows * s * 3];
-    for r in 0..rows {
-        let row = &raw[(y_lo + r) * width * 3..(y_lo + r + 1) * width * 3];
-        let dst = &mut tmp[r * s * 3..(r + 1) * s * 3];
-        for (ox, (a, w)) in xs.iter().enumerate() {
-            let (mut c0, mut c1, mut c2) = (0f32, 0f32, 0f32);
-            for (k, wk) in w.iter().enumerate() {
-                let p = &row[(a + k) * 3..(a + k) * 3 + 3];
-                c0 += wk * p[0] as f32;
-                c1 += wk * p[1] as f32;
-                c2 += wk * p[2] as f32;
-            }
-            dst[ox * 3] = c0;
-            dst[ox * 3 + 1] = c1;
-            dst[ox * 3 + 2] = c2;
-        }
-    }
-    // Vertical pass + normalise: out[c][oy][ox] = (v/255 - mean[c]) / std[c]
-    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * cfg.std[c]));
-    let shift: [f32; 3] = std::array::from_fn(|c| -cfg.mean[c] / cfg.std[c]);
-    let plane = s * s;
-    let mut acc = vec![0f32; s * 3];
-    for (oy, (a, w)) in ys.iter().enumerate() {
-        acc.iter_mut().for_each(|v| *v = 0.0);
-        for (k, wk) in w.iter().enumerate() {
-            let src = &tmp[(a + k - y_lo) * s * 3..(a + k - y_lo + 1) * s * 3];
-            for (v, x) in acc.iter_mut().zip(src) {
-                *v += wk * x;
-            }
-        }
-        for ox in 0..s {
-            let dx = if flip { s - 1 - ox } else { ox };
-            for c in 0..3 {
-                // Round like an 8-bit resize would not: keep full precision, but clamp the
-                // filter's tiny overshoot-free range to 0..255 anyway for safety.
-                let v = acc[ox * 3 + c].clamp(0.0, 255.0);
-                out[c * plane + oy * s + dx] = v * scale[c] + shift[c];
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -791,6 +738,23 @@ mod tests {
             seen[increasing as usize] = true;
         }
         assert_eq!(seen, [true, true], "both flipped and unflipped crops occur");
+    }
+
+    #[test]
+    fn degenerate_sizes_resample_without_panicking() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let c = cfg(8);
+        let mut out = vec![f32::NAN; 3 * 64];
+        for (w, h) in [(1, 1), (1, 300), (300, 1), (2, 3), (7, 8)] {
+            let img = RgbImage::from_pixel(w, h, Rgb([10, 20, 30]));
+            for _ in 0..20 {
+                train_transform(&img, &c, &mut rng, &mut out);
+                assert!(out.iter().all(|v| v.is_finite()), "{w}x{h}");
+            }
+            eval_transform(&img, &c, &mut out);
+            let want = (10.0 / 255.0 - c.mean[0]) / c.std[0];
+            assert!((out[0] - want).abs() < 1e-4, "{w}x{h}: {}", out[0]);
+        }
     }
 
     #[test]
