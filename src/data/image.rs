@@ -11,7 +11,8 @@
 //! [`decode_train`] / [`decode_eval`] (what the reader calls) decode and transform in one step:
 //! the crop is drawn from the full-size dimensions in the header, and when the crop still covers
 //! at least `image_size` pixels per side at 1/2, 1/4 or 1/8 scale, a JPEG is decoded at that
-//! scale by DCT scaling (`data.jpeg_dct_scaling`, default on; see [`decode_train`]).
+//! scale by DCT scaling (`data.jpeg_dct_scaling`, default on; see [`decode_train`]), and only
+//! the part of it around the crop is decoded.
 //!
 //! Policies (torchvision's `ImageFolder` loader, `PIL.Image.convert("RGB")`, unless noted):
 //! - the format is sniffed from magic bytes, never taken from the file name (ImageNet holds a PNG
@@ -96,7 +97,7 @@ impl From<&Config> for DecodeOptions {
 /// too many pixels. Never panics on hostile input.
 pub fn decode_rgb(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage> {
     match sniff(bytes) {
-        Sniffed::Jpeg => Jpeg::open(bytes, opts)?.decode(8),
+        Sniffed::Jpeg => Ok(Jpeg::open(bytes, opts)?.decode(8, None)?.img),
         Sniffed::Png => {
             let (w, h) = png_dimensions(bytes)?;
             check_pixels(w, h, opts.max_pixels)?;
@@ -147,43 +148,157 @@ impl<'a> Jpeg<'a> {
         oriented(self.info.width, self.info.height, self.orientation)
     }
 
-    /// Decodes at `eighths/8` scale (8: full size; 1, 2, 4: DCT scaling, greyscale and YCbCr/RGB
-    /// only), oriented. libjpeg-turbo first; if it fails, or for CMYK/YCCK, the image crate at
-    /// full size (so a reduced-scale request may return a full-size image: callers map by the
-    /// returned dimensions).
-    fn decode(self, eighths: u32) -> Result<RgbImage> {
+    /// Decodes at `eighths/8` scale (8: full size; 1, 2, 4: DCT scaling; greyscale and
+    /// YCbCr/RGB only), oriented; with `region` (`x0, y0, x1, y1` in pixels of the image at that
+    /// scale, exclusive ends; honoured only without an orientation transform) possibly only a
+    /// part of it containing the region. libjpeg-turbo first; if it fails, or for CMYK/YCCK, the
+    /// image crate at full size, whole: callers map by the returned [`Decoded`].
+    fn decode(self, eighths: u32, region: Option<(u32, u32, u32, u32)>) -> Result<Decoded> {
         if matches!(self.info.components, 1 | 3) {
-            match decode_turbo(self.bytes, eighths) {
-                Ok(img) => return Ok(orient(img, self.orientation)),
+            let region = region.filter(|_| self.orientation == Orientation::NoTransforms);
+            match decode_turbo(self.bytes, eighths, region) {
+                Ok((img, offset)) => {
+                    return Ok(Decoded {
+                        img: orient(img, self.orientation),
+                        factor: eighths as f64 / 8.0,
+                        offset,
+                    })
+                }
                 Err(e) => tracing::debug!("libjpeg-turbo: {e:#}; decoding with zune-jpeg"),
             }
         }
-        finish(self.fallback, self.orientation, "JPEG")
+        Ok(Decoded {
+            img: finish(self.fallback, self.orientation, "JPEG")?,
+            factor: 1.0,
+            offset: (0, 0),
+        })
     }
 }
 
-/// Decodes a greyscale or YCbCr/RGB JPEG with libjpeg-turbo at `eighths/8` scale to RGB,
-/// `ceil(W*e/8) x ceil(H*e/8)`, as stored (not oriented). Corrupt data that libjpeg-turbo only
-/// warns about is an error here (the caller falls back).
-fn decode_turbo(bytes: &[u8], eighths: u32) -> Result<RgbImage> {
-    let mut d = turbojpeg::Decompressor::new()?;
-    let header = d.read_header(bytes)?;
-    let factor = turbojpeg::ScalingFactor::new(eighths as usize, 8);
-    d.set_scaling_factor(factor)?;
-    let scaled = header.scaled(factor);
-    let mut pixels = vec![0u8; scaled.width * scaled.height * 3];
-    d.decompress(
-        bytes,
-        turbojpeg::Image {
-            pixels: &mut pixels[..],
-            width: scaled.width,
-            pitch: scaled.width * 3,
-            height: scaled.height,
-            format: turbojpeg::PixelFormat::RGB,
-        },
-    )?;
-    RgbImage::from_raw(scaled.width as u32, scaled.height as u32, pixels)
-        .ok_or_else(|| anyhow!("libjpeg-turbo output size mismatch"))
+/// A decoded JPEG: `img` is the part at `offset` (pixels) of the whole image at `factor` of its
+/// full size.
+struct Decoded {
+    img: RgbImage,
+    factor: f64,
+    offset: (u32, u32),
+}
+
+/// iMCU width in pixels per TurboJPEG subsampling (`TJSAMP_444` .. `TJSAMP_441`): turbojpeg.h's
+/// `tjMCUWidth` (a `static const` there, so not a linkable symbol).
+const TJ_MCU_WIDTH: [u32; 7] = [8, 16, 16, 8, 8, 32, 8];
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Owns a TurboJPEG decompression handle.
+struct TjHandle(turbojpeg::raw::tjhandle);
+
+impl Drop for TjHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tj3Init, is non-null, and is destroyed exactly once.
+        unsafe { turbojpeg::raw::tj3Destroy(self.0) }
+    }
+}
+
+impl TjHandle {
+    fn error(&self, what: &str) -> anyhow::Error {
+        // SAFETY: a valid handle; tj3GetErrorStr returns a NUL-terminated string owned by the
+        // handle (or a static one), copied out before the handle can change.
+        let msg = unsafe { std::ffi::CStr::from_ptr(turbojpeg::raw::tj3GetErrorStr(self.0)) };
+        anyhow!("{what}: {}", msg.to_string_lossy())
+    }
+
+    fn check(&self, rc: std::ffi::c_int, what: &str) -> Result<()> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(self.error(what))
+        }
+    }
+}
+
+/// Decodes a greyscale or YCbCr/RGB JPEG with libjpeg-turbo at `eighths/8` scale to RGB, as
+/// stored (not oriented): the whole `ceil(W*e/8) x ceil(H*e/8)` image, or with `region` only a
+/// rectangle containing it (libjpeg-turbo's partial decode: rows below are never entropy-decoded,
+/// rows above are skipped without inverse DCT, columns outside are not transformed or colour
+/// converted). The rectangle's left edge is aligned down to the scaled iMCU width as
+/// libjpeg-turbo requires, and it is widened by one iMCU and 16 rows on each side so that its
+/// pixels equal the whole-image decode's (chroma upsampling reads neighbours). Returns the image
+/// and its offset in the whole scaled image. Corrupt data that libjpeg-turbo only warns about is
+/// an error here (the caller falls back).
+fn decode_turbo(
+    bytes: &[u8],
+    eighths: u32,
+    region: Option<(u32, u32, u32, u32)>,
+) -> Result<(RgbImage, (u32, u32))> {
+    use turbojpeg::raw;
+    // SAFETY: tj3Init has no preconditions; a null result is checked before use.
+    let handle = TjHandle(unsafe { raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as _) });
+    if handle.0.is_null() {
+        bail!("tj3Init failed");
+    }
+    // SAFETY (all calls below): `handle` is a valid decompression handle; `bytes` outlives the
+    // calls and its length is passed with its pointer; `pixels` is allocated for exactly the
+    // width x height x 3 bytes libjpeg-turbo writes (pitch 0 = width * 3).
+    let rc = unsafe { raw::tj3DecompressHeader(handle.0, bytes.as_ptr(), bytes.len() as _) };
+    handle.check(rc, "JPEG header")?;
+    let get = |p: raw::TJPARAM| unsafe { raw::tj3Get(handle.0, p as _) };
+    let (w, h) = (
+        get(raw::TJPARAM_TJPARAM_JPEGWIDTH),
+        get(raw::TJPARAM_TJPARAM_JPEGHEIGHT),
+    );
+    let subsamp = get(raw::TJPARAM_TJPARAM_SUBSAMP);
+    if w <= 0 || h <= 0 {
+        bail!("JPEG header: {w}x{h}");
+    }
+    // In lowest terms: libjpeg-turbo matches factors exactly (4/8 is "unsupported", 1/2 is not).
+    let g = gcd(eighths, 8);
+    let factor = raw::tjscalingfactor {
+        num: (eighths / g) as _,
+        denom: (8 / g) as _,
+    };
+    let rc = unsafe { raw::tj3SetScalingFactor(handle.0, factor) };
+    handle.check(rc, "scaling factor")?;
+    let scaled = |v: u32| (v * eighths).div_ceil(8);
+    let (sw, sh) = (scaled(w as u32), scaled(h as u32));
+    let (mut x0, mut y0, mut x1, mut y1) = (0, 0, sw, sh);
+    if let (Some(r), Some(&mcu)) = (region, TJ_MCU_WIDTH.get(subsamp as usize)) {
+        let mcu = scaled(mcu);
+        x0 = r.0.min(sw).saturating_sub(mcu) / mcu * mcu;
+        x1 = r.2.saturating_add(mcu).clamp(x0 + 1, sw);
+        y0 = r.1.min(sh).saturating_sub(16);
+        y1 = r.3.saturating_add(16).clamp(y0 + 1, sh);
+        if (x0, y0, x1, y1) != (0, 0, sw, sh) {
+            let region = raw::tjregion {
+                x: x0 as _,
+                y: y0 as _,
+                w: (x1 - x0) as _,
+                h: (y1 - y0) as _,
+            };
+            let rc = unsafe { raw::tj3SetCroppingRegion(handle.0, region) };
+            handle.check(rc, "cropping region")?;
+        }
+    }
+    let (cw, ch) = (x1 - x0, y1 - y0);
+    let mut pixels = vec![0u8; cw as usize * ch as usize * 3];
+    let rc = unsafe {
+        raw::tj3Decompress8(
+            handle.0,
+            bytes.as_ptr(),
+            bytes.len() as _,
+            pixels.as_mut_ptr(),
+            0,
+            raw::TJPF_TJPF_RGB as _,
+        )
+    };
+    handle.check(rc, "JPEG decode")?;
+    let img = RgbImage::from_raw(cw, ch, pixels).ok_or_else(|| anyhow!("buffer size"))?;
+    Ok((img, (x0, y0)))
 }
 
 /// The orientation to apply under `opts` (the image crate's EXIF reader; a missing or malformed
@@ -435,6 +550,10 @@ pub fn eval_transform(img: &RgbImage, cfg: &Config, out: &mut [f32]) {
 /// With `cfg.jpeg_dct_scaling = false` the output equals [`decode_rgb`] + [`train_transform`]
 /// exactly.
 ///
+/// Partial decode (always, for images without an EXIF rotation/flip): libjpeg-turbo decodes
+/// only a rectangle around the pixels the filter reads (see `decode_turbo`); its pixels equal
+/// the whole decode's, so this changes speed, not values.
+///
 /// Errors: as [`decode_rgb`] (names no sample: the caller adds which). Panics if
 /// `out.len() != 3*s*s`.
 pub fn decode_train(
@@ -500,6 +619,44 @@ impl Crop {
                 h: self.rect.h * factor,
             },
             bounds: (bx0, by0, hi(x1, to.0, bx0), hi(y1, to.1, by0)),
+            flip: self.flip,
+        }
+    }
+}
+
+impl Crop {
+    /// The pixels the filter may read, `(x0, y0, x1, y1)` (exclusive ends): `bounds` cut to the
+    /// rectangle widened by the triangle filter's support (`max(1, scale)` source pixels) plus 2.
+    fn needed(&self, s: u32) -> (u32, u32, u32, u32) {
+        let (b0, b1, b2, b3) = self.bounds;
+        let sx = (self.rect.w / s as f64).max(1.0) + 2.0;
+        let sy = (self.rect.h / s as f64).max(1.0) + 2.0;
+        let lo = |v: f64, b: u32| (v.floor().max(0.0) as u32).max(b);
+        let hi = |v: f64, b: u32, lo: u32| (v.ceil().max(0.0) as u32).min(b).max(lo + 1);
+        let (x0, y0) = (lo(self.rect.x - sx, b0), lo(self.rect.y - sy, b1));
+        let x1 = hi(self.rect.x + self.rect.w + sx, b2, x0);
+        let y1 = hi(self.rect.y + self.rect.h + sy, b3, y0);
+        (x0, y0, x1, y1)
+    }
+
+    /// The same crop in the part at `offset` of the image, of size `dims` (bounds clamped to it).
+    fn shifted(&self, offset: (u32, u32), dims: (u32, u32)) -> Crop {
+        let (ox, oy) = offset;
+        let (b0, b1, b2, b3) = self.bounds;
+        let x0 = b0.saturating_sub(ox).min(dims.0 - 1);
+        let y0 = b1.saturating_sub(oy).min(dims.1 - 1);
+        Crop {
+            rect: Rect {
+                x: self.rect.x - ox as f64,
+                y: self.rect.y - oy as f64,
+                ..self.rect
+            },
+            bounds: (
+                x0,
+                y0,
+                b2.saturating_sub(ox).clamp(x0 + 1, dims.0),
+                b3.saturating_sub(oy).clamp(y0 + 1, dims.1),
+            ),
             flip: self.flip,
         }
     }
@@ -611,15 +768,16 @@ fn decode_cropped(
         } else {
             8
         };
-        let img = jpeg.decode(eighths)?;
-        // The fallback decoder ignores the requested scale: map by what came back.
-        let factor = if img.dimensions() == full {
-            1.0
-        } else {
-            eighths as f64 / 8.0
-        };
-        let crop = crop.scaled(factor, img.dimensions());
-        (img, crop)
+        // The part the filter reads, in the image at eighths/8 scale: a partial decode.
+        let at = |e: u32| ((full.0 * e).div_ceil(8), (full.1 * e).div_ceil(8));
+        let wanted = crop.scaled(eighths as f64 / 8.0, at(eighths));
+        let d = jpeg.decode(eighths, Some(wanted.needed(cfg.image_size)))?;
+        // Map by what came back (the fallback decodes everything at full size).
+        let e = (d.factor * 8.0).round() as u32;
+        let crop = crop
+            .scaled(d.factor, at(e))
+            .shifted(d.offset, d.img.dimensions());
+        (d.img, crop)
     } else {
         let img = decode_rgb(bytes, &opts)?;
         let crop = crop_for(img.width(), img.height());
@@ -835,6 +993,44 @@ mod tests {
         assert_eq!(h.bounds, (0, 0, 263, 211));
         assert!(h.flip);
         assert_eq!(c.scaled(0.25, (150, 125)).bounds, (2, 5, 128, 105));
+    }
+
+    #[test]
+    fn partial_decode_equals_the_same_part_of_the_whole_decode() {
+        let img = RgbImage::from_fn(300, 200, |x, y| {
+            Rgb([
+                (x * 7 % 256) as u8,
+                (y * 5 % 256) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
+        });
+        let mut jpg = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut jpg), ::image::ImageFormat::Jpeg)
+            .unwrap();
+        for eighths in [8, 4, 2, 1] {
+            let (whole, at) = decode_turbo(&jpg, eighths, None).unwrap();
+            assert_eq!(at, (0, 0));
+            assert_eq!(whole.width(), (300 * eighths).div_ceil(8));
+            let region = (
+                whole.width() / 2,
+                whole.height() / 3,
+                whole.width() * 3 / 4,
+                whole.height() / 2,
+            );
+            let (part, (ox, oy)) = decode_turbo(&jpg, eighths, Some(region)).unwrap();
+            assert!(
+                ox <= region.0 && oy <= region.1,
+                "{eighths}/8: at {ox},{oy}"
+            );
+            assert!(ox + part.width() >= region.2 && oy + part.height() >= region.3);
+            if eighths >= 4 {
+                assert!(part.width() < whole.width() && part.height() < whole.height());
+            }
+            for (x, y, p) in part.enumerate_pixels() {
+                assert_eq!(p, whole.get_pixel(ox + x, oy + y), "{eighths}/8 at {x},{y}");
+            }
+        }
     }
 
     #[test]
