@@ -16,8 +16,10 @@ mkdir -p "$deps"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- apt packages -------------------------------------------------------------------------------
+# cmake + nasm: the `turbojpeg` crate builds its bundled libjpeg-turbo 3.1 (with SIMD) from source;
+# Debian's libturbojpeg0 is 2.1, without the TurboJPEG 3 API the crate needs.
 missing=()
-for pkg in unzip patchelf; do
+for pkg in unzip patchelf cmake nasm; do
   command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

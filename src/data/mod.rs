@@ -108,6 +108,16 @@ pub struct Config {
     /// skipped and counted. Default `false`.
     #[serde(default)]
     pub strict: bool,
+    /// EXIF orientation policy: `"apply"` (default; sideways-stored photos come out upright, as
+    /// `PIL.ImageOps.exif_transpose` gives) or `"ignore"` (pixels as stored). Applies to
+    /// training, evaluation and prediction alike ([`image::decode_rgb`]).
+    #[serde(default)]
+    pub exif_orientation: image::ExifOrientation,
+    /// Decode JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling) when the crop still spans at least
+    /// `image_size` pixels per side at that scale ([`image::decode_train`]). Default `true`;
+    /// `false` decodes every image at full size (pixel-identical to decode + transform).
+    #[serde(default = "default_true")]
+    pub jpeg_dct_scaling: bool,
 }
 
 fn default_train_split() -> String {
@@ -167,6 +177,8 @@ impl Config {
             prefetch_shards: default_prefetch_shards(),
             shard_readahead: default_shard_readahead(),
             strict: false,
+            exif_orientation: image::ExifOrientation::default(),
+            jpeg_dct_scaling: true,
         }
     }
 
@@ -255,6 +267,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("imgsize"), "{err}");
+    }
+
+    #[test]
+    fn exif_orientation_values() {
+        let parse = |v: &str| {
+            serde_json::from_str::<Config>(&format!(
+                r#"{{"shards":"s","image_size":2,"exif_orientation":"{v}"}}"#
+            ))
+        };
+        assert_eq!(
+            parse("apply").unwrap().exif_orientation,
+            image::ExifOrientation::Apply
+        );
+        assert_eq!(
+            parse("ignore").unwrap().exif_orientation,
+            image::ExifOrientation::Ignore
+        );
+        let err = parse("rotate").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown variant `rotate`, expected `apply` or `ignore`"),
+            "{err}"
+        );
     }
 
     #[test]

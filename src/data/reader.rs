@@ -85,7 +85,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::feed::{Entry, Memory, SampleData, ShardFeed};
-use super::image::{decode_rgb, eval_transform, train_transform};
+use super::image::{decode_eval, decode_train};
 use super::shards::{mix, shuffle, Manifest, ShardInfo};
 use super::Config;
 use crate::storage::Store;
@@ -556,14 +556,13 @@ fn decode_all(
         cands
             .par_iter()
             .map(|c| {
-                let img = decode_rgb(&c.data.image, cfg.max_pixels)?;
                 let mut out = vec![0f32; 3 * s * s];
                 if augment {
                     let mut rng =
                         ChaCha8Rng::seed_from_u64(mix(&[seed, TAG_AUGMENT, c.epoch, c.position]));
-                    train_transform(&img, cfg, &mut rng, &mut out);
+                    decode_train(&c.data.image, cfg, &mut rng, &mut out)?;
                 } else {
-                    eval_transform(&img, cfg, &mut out);
+                    decode_eval(&c.data.image, cfg, &mut out)?;
                 }
                 Ok(out)
             })

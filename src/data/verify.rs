@@ -29,7 +29,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use super::image::decode_rgb;
+use super::image::{decode_rgb, DecodeOptions};
 use super::shards::{read_manifest, ShardInfo};
 use super::webdataset::SampleReader;
 use crate::storage::Store;
@@ -344,7 +344,7 @@ fn check_shard(
     let decode_errors: Vec<Option<Problem>> = images
         .par_iter()
         .map(|(key, data)| {
-            decode_rgb(data, max_pixels)
+            decode_rgb(data, &DecodeOptions::new(max_pixels))
                 .err()
                 .map(|e| problem(Some(key), format!("image does not decode: {e:#}")))
         })

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use devise::data::image::decode_rgb;
+use devise::data::image::{decode_rgb, DecodeOptions};
 use devise::data::shards::{ShardInfo, SplitInfo, FORMAT};
 use devise::data::synthetic::{generate_shapes, ShapesOptions};
 use devise::data::webdataset::{SampleReader, ShardError};
@@ -184,7 +184,7 @@ fn greyscale_images_come_out_rgb() {
             continue;
         }
         grey += 1;
-        let img = decode_rgb(&bytes, 1 << 20).unwrap();
+        let img = decode_rgb(&bytes, &DecodeOptions::new(1 << 20)).unwrap();
         assert_eq!(img.dimensions(), (64, 64));
         assert!(img.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
     }
@@ -466,7 +466,7 @@ fn shapes_dataset_end_to_end() {
     assert_eq!(names.lines().count(), 25);
     assert!(names.contains("purple_star\tpurple star\n"));
     let img = dir.path().join("src/train/red_star/red_star_11.JPEG");
-    let rgb = decode_rgb(&std::fs::read(&img).unwrap(), 1 << 20).unwrap();
+    let rgb = decode_rgb(&std::fs::read(&img).unwrap(), &DecodeOptions::new(1 << 20)).unwrap();
     assert_eq!(rgb.dimensions(), (32, 32));
 
     // Deterministic: same seed, same bytes.
@@ -738,7 +738,7 @@ fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
     let (Some(jpg), Some(tar)) = (field("B05_cmyk.jpg"), field("B05_cmyk_shard.tar")) else {
         return;
     };
-    let img = decode_rgb(&jpg, 1 << 20).unwrap();
+    let img = decode_rgb(&jpg, &DecodeOptions::new(1 << 20)).unwrap();
     assert_eq!(img.dimensions(), (32, 32));
     let mut mean = [0f64; 3];
     for p in img.pixels() {
@@ -768,7 +768,12 @@ fn b06_png_named_jpg_is_decoded_as_png() {
     else {
         return;
     };
-    assert_eq!(decode_rgb(&png, 1 << 20).unwrap().dimensions(), (20, 20));
+    assert_eq!(
+        decode_rgb(&png, &DecodeOptions::new(1 << 20))
+            .unwrap()
+            .dimensions(),
+        (20, 20)
+    );
     let (keys, labels, stats) = eval_fixture(&tar, 1, 1000, 16);
     assert_eq!(
         (keys, labels),
@@ -791,10 +796,12 @@ fn b07_truncated_jpegs_are_skipped_not_fatal() {
     ) else {
         return;
     };
-    assert!(decode_rgb(&good, 1 << 20).is_ok());
-    let e = decode_rgb(&cut, 1 << 20).unwrap_err().to_string();
+    assert!(decode_rgb(&good, &DecodeOptions::new(1 << 20)).is_ok());
+    let e = decode_rgb(&cut, &DecodeOptions::new(1 << 20))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("truncated"), "{e}");
-    assert!(decode_rgb(&headers, 1 << 20).is_err());
+    assert!(decode_rgb(&headers, &DecodeOptions::new(1 << 20)).is_err());
     let (keys, labels, stats) = eval_fixture(&tar, 2, 3, 16);
     assert_eq!((keys, labels), (vec!["000001".to_string()], vec![1]));
     assert_eq!(stats.decode_errors, 1);
@@ -820,11 +827,15 @@ fn b08_mixed_channel_layouts_stack_into_one_batch() {
         "B08_palette_trns.png",
         "B08_rgba.png",
     ] {
-        let img = decode_rgb(&field(name).unwrap(), 1 << 20).unwrap();
+        let img = decode_rgb(&field(name).unwrap(), &DecodeOptions::new(1 << 20)).unwrap();
         assert_eq!(img.dimensions(), (24, 24), "{name}");
     }
     // 16-bit grey is scaled, not clipped or wrapped: its mean stays in range and non-trivial.
-    let g16 = decode_rgb(&field("B08_gray16.png").unwrap(), 1 << 20).unwrap();
+    let g16 = decode_rgb(
+        &field("B08_gray16.png").unwrap(),
+        &DecodeOptions::new(1 << 20),
+    )
+    .unwrap();
     let max = g16.pixels().map(|p| p[0]).max().unwrap();
     let min = g16.pixels().map(|p| p[0]).min().unwrap();
     assert!(max > min, "16-bit grey kept its contrast ({min}..{max})");
@@ -843,9 +854,13 @@ fn b10_decompression_bombs_are_rejected_from_the_header() {
         return;
     };
     let t = Instant::now();
-    let e = decode_rgb(&png, 89_478_485).unwrap_err().to_string();
+    let e = decode_rgb(&png, &DecodeOptions::new(89_478_485))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image 30000x30000 exceeds max_pixels"), "{e}");
-    let e = decode_rgb(&jpg, 89_478_485).unwrap_err().to_string();
+    let e = decode_rgb(&jpg, &DecodeOptions::new(89_478_485))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image 65000x65000 exceeds max_pixels"), "{e}");
     assert!(
         t.elapsed() < Duration::from_millis(200),

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod data;
 mod dist;
+mod image;
 mod s3;
 mod shards;
 mod text;
