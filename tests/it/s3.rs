@@ -4,8 +4,9 @@
 //! verified from it (`devise data verify s3://...`), a run trains from it, is stopped
 //! (preempted) and resumed from the checkpoint it wrote there, and its losses match the same run
 //! on the local file system step for step. A 2-worker run (`devise-launch --nproc-per-node 2`)
-//! streams the shards through a proxy that cuts one download mid-body: the read resumes at its
-//! byte offset (a `Range` request) and every shard's sha256 still matches. Credentials and
+//! streams the shards through a proxy that first answers `503 Slow Down` (retried with backoff)
+//! and then cuts one download mid-body: the read resumes at its byte offset (a `Range` request)
+//! and every shard's sha256 still matches. Credentials and
 //! endpoint reach `devise` only through the standard `AWS_*` environment variables.
 use crate::common::{shared_dir, tiny_classes};
 use crate::train::config_toml;
@@ -98,26 +99,42 @@ fn s3_env(mut cmd: Command, port: u16) -> Command {
     cmd
 }
 
-/// A TCP proxy in front of the S3 server that cuts ONE connection (both directions) once it
-/// has passed `cut_after` response bytes: a download dying mid-body, as on a flaky network.
-/// It records the `Range` headers of the requests it forwards.
+/// A TCP proxy in front of the S3 server that answers its first `throttle` connections with
+/// `503 Slow Down` (S3 throttling), then cuts ONE connection (both directions) once it has
+/// passed `cut_after` response bytes: a download dying mid-body, as on a flaky network. It
+/// records the `Range` headers of the requests it forwards.
 struct CuttingProxy {
     port: u16,
+    throttled: Arc<AtomicU64>,
     cuts: Arc<AtomicU64>,
     ranges: Arc<Mutex<Vec<String>>>,
 }
 
 impl CuttingProxy {
-    fn start(upstream: u16, cut_after: u64) -> CuttingProxy {
+    fn start(upstream: u16, throttle: u64, cut_after: u64) -> CuttingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
+        let throttled = Arc::new(AtomicU64::new(0));
         let cuts = Arc::new(AtomicU64::new(0));
         let ranges = Arc::new(Mutex::new(Vec::new()));
         let armed = Arc::new(AtomicBool::new(true));
-        let (c, r) = (cuts.clone(), ranges.clone());
+        let (c, r, t) = (cuts.clone(), ranges.clone(), throttled.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
-                let Ok(client) = client else { break };
+                let Ok(mut client) = client else { break };
+                if t.load(Ordering::SeqCst) < throttle {
+                    t.fetch_add(1, Ordering::SeqCst);
+                    let mut request = [0u8; 4096];
+                    let _ = client.read(&mut request);
+                    let body = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                    let _ = write!(
+                        client,
+                        "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
@@ -162,7 +179,12 @@ impl CuttingProxy {
                 });
             }
         });
-        CuttingProxy { port, cuts, ranges }
+        CuttingProxy {
+            port,
+            throttled,
+            cuts,
+            ranges,
+        }
     }
 }
 
@@ -288,8 +310,9 @@ fn two_workers_stream_shards_from_s3_and_a_cut_download_resumes_at_its_offset() 
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    // Cut the first response that passes 300 KB: a shard download (the manifest is ~2 KB).
-    let proxy = CuttingProxy::start(server.port, 300 * 1024);
+    // Throttle the first two connections (503 SlowDown: retried with backoff), then cut the
+    // first response that passes 300 KB: a shard download (the manifest is ~2 KB).
+    let proxy = CuttingProxy::start(server.port, 2, 300 * 1024);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("two.toml");
     std::fs::write(
@@ -317,6 +340,11 @@ fn two_workers_stream_shards_from_s3_and_a_cut_download_resumes_at_its_offset() 
         .unwrap();
     let log = text(&out);
     assert!(out.status.success(), "{log}");
+    assert_eq!(
+        proxy.throttled.load(Ordering::SeqCst),
+        2,
+        "two requests throttled"
+    );
     assert_eq!(proxy.cuts.load(Ordering::SeqCst), 1, "one download was cut");
     let ranges = proxy.ranges.lock().unwrap().clone();
     eprintln!("range requests through the proxy: {ranges:?}");
