@@ -158,6 +158,17 @@ fn parse_split_pattern(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// One line per split of a freshly written manifest: samples and shards.
+fn print_splits(manifest: &devise::data::shards::Manifest) {
+    for (name, split) in &manifest.splits {
+        println!(
+            "{name}: {} samples in {} shards",
+            split.samples,
+            split.shards.len()
+        );
+    }
+}
+
 /// `--set` values must look like `section.key=value`.
 fn parse_set(s: &str) -> Result<String, String> {
     match s.split_once('=') {
@@ -340,13 +351,7 @@ fn run_data(command: DataCommand) -> Result<()> {
             };
             let start = std::time::Instant::now();
             let manifest = on_pool(threads, || shards::build_shards_from(&sources, &dst, &opts))?;
-            for (name, split) in &manifest.splits {
-                println!(
-                    "{name}: {} samples in {} shards",
-                    split.samples,
-                    split.shards.len()
-                );
-            }
+            print_splits(&manifest);
             println!(
                 "manifest: {}/manifest.json ({} classes), {:.1} s",
                 dst.trim_end_matches('/'),
@@ -381,13 +386,7 @@ fn run_data(command: DataCommand) -> Result<()> {
                 overwrite,
             };
             let manifest = on_pool(threads, || index::index_shards(&url, &opts))?;
-            for (name, split) in &manifest.splits {
-                println!(
-                    "{name}: {} samples in {} shards",
-                    split.samples,
-                    split.shards.len()
-                );
-            }
+            print_splits(&manifest);
             println!(
                 "manifest: {}/manifest.json ({} classes)",
                 url.trim_end_matches('/'),

@@ -204,18 +204,11 @@ fn losses(metrics: &str) -> Vec<(u64, f64)> {
         .collect()
 }
 
-#[test]
-fn shards_checkpoints_and_report_live_in_s3_and_resume_from_there() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let Some(server) = start_server("devise") else {
-        return;
-    };
-    let _ = shared;
+/// Four Tiny ImageNet classes (real images from ../shared) built into `s3://devise/shards`.
+fn build_shards_into_bucket(server: &S3Server) {
     let tree = tiny_classes(&["n01443537", "n01629819", "n01641577", "n01644900"]).unwrap();
     let out = devise(
-        &server,
+        server,
         &[
             "data",
             "build-shards",
@@ -228,6 +221,18 @@ fn shards_checkpoints_and_report_live_in_s3_and_resume_from_there() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn shards_checkpoints_and_report_live_in_s3_and_resume_from_there() {
+    let Some(shared) = shared_dir() else {
+        return;
+    };
+    let Some(server) = start_server("devise") else {
+        return;
+    };
+    let _ = shared;
+    build_shards_into_bucket(&server);
     let bucket = server.root.path().join("devise");
     assert!(
         bucket.join("shards/manifest.json").is_file(),
@@ -295,21 +300,7 @@ fn two_workers_stream_shards_from_s3_and_a_cut_download_resumes_at_its_offset() 
     let Some(server) = start_server("devise") else {
         return;
     };
-    let tree = tiny_classes(&["n01443537", "n01629819", "n01641577", "n01644900"]).unwrap();
-    let out = devise(
-        &server,
-        &[
-            "data",
-            "build-shards",
-            "--src",
-            tree.to_str().unwrap(),
-            "--dst",
-            "s3://devise/shards",
-            "--shard-size-bytes",
-            "1048576",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    build_shards_into_bucket(&server);
     // Throttle the first two connections (503 SlowDown: retried with backoff), then cut the
     // first response that passes 300 KB: a shard download (the manifest is ~2 KB).
     let proxy = CuttingProxy::start(server.port, 2, 300 * 1024);
