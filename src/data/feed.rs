@@ -343,15 +343,7 @@ fn stream_shard(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::webdataset::append_member;
-
-    fn tar(members: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in members {
-            append_member(&mut b, path, data).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
+    use crate::data::webdataset::tar_of as tar;
 
     fn info(name: &str, bytes: &[u8], samples: u64) -> ShardInfo {
         ShardInfo {

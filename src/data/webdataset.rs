@@ -390,17 +390,19 @@ pub fn append_member<W: std::io::Write>(
     builder.append_data(&mut header, path, data)
 }
 
+/// Test helper: a tar of `(path, data)` members written by [`append_member`].
+#[cfg(test)]
+pub(crate) fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (p, d) in members {
+        append_member(&mut b, p, d).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (p, d) in members {
-            append_member(&mut b, p, d).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
 
     fn collect(bytes: &[u8]) -> (Vec<Sample>, Option<ShardError>, bool) {
         let mut r = SampleReader::new(bytes, "test.tar");
