@@ -93,6 +93,10 @@ pub struct TrainState {
     /// Wall time of training + evaluation so far, all sessions of the run together, seconds.
     #[serde(default)]
     pub train_seconds: f64,
+    /// Steps whose update was skipped for a non-finite loss or gradient (`train.non_finite =
+    /// "skip"`), all sessions together.
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 /// The parts of the plan that fix what each step computes up to the checkpoint: a resume with a
@@ -262,6 +266,7 @@ pub fn save(
                 .with_context(|| format!("writing {}", path.display()))?;
             f.sync_all()
                 .with_context(|| format!("syncing {}", path.display()))?;
+            crate::fault::checkpoint_pause();
         }
         if fin.exists() {
             // Same step written again (e.g. preempted exactly at a stage end): replace it.
@@ -270,15 +275,28 @@ pub fn save(
         }
         std::fs::rename(&tmp, &fin)
             .with_context(|| format!("publishing {} -> {}", tmp.display(), fin.display()))?;
+        // The rename itself is durable only once the directory is synced.
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
     } else {
         // Object store: files in place, manifest last (a step without manifest is incomplete).
+        // The same step written again (a resume from an older step, explicitly chosen) loses
+        // its old manifest first, so old and new files never pass for one complete step.
+        let manifest = format!("checkpoints/{name}/manifest.json");
+        if run.exists(&manifest)? {
+            run.delete(&manifest)?;
+        }
         for (file, data) in files {
             run.put(&format!("checkpoints/{name}/{file}"), data.into())?;
+            crate::fault::checkpoint_pause();
         }
     }
+    crate::fault::checkpoint_pause();
     verify(run, state.step)
         .with_context(|| format!("verifying freshly written checkpoint {name}"))?;
     run.put("checkpoints/LATEST", format!("{name}\n").into())?;
+    crate::fault::checkpoint_pause();
 
     let steps = list_steps(run)?;
     let stage_ends: Vec<u64> = state

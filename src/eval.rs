@@ -207,6 +207,7 @@ pub fn evaluate(
     )?;
     for batch in batches {
         let batch = batch?;
+        devise_launch::heartbeat::beat();
         let (images, labels) = batch_tensors(&batch, device);
         tch::no_grad(|| -> Result<()> {
             let features = model.features(&images, false); // [batch, feature_dim]

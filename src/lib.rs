@@ -33,6 +33,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod fault;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -16,6 +16,7 @@ use crate::collective::{ddp, Collective, ReduceOp};
 use crate::config::RunConfig;
 use crate::data::reader::TrainStream;
 use crate::eval::{self, Heads, StageEval};
+use crate::fault;
 use crate::loss;
 use crate::model::DeviseModel;
 use crate::optim::Optimizer;
@@ -54,10 +55,36 @@ pub struct Config {
     /// resuming from this run's own checkpoint.
     #[serde(default)]
     pub init_from: Option<String>,
+    /// What every rank does when the loss or a gradient is NaN or infinite on any rank (checked
+    /// before the optimizer step, so the weights never see it): `"stop"` (default: every rank
+    /// fails with the step, the stage and the ranks in the message; the last checkpoint stays
+    /// as it was) or `"skip"` (no rank applies the update; the batch is consumed, the step
+    /// counts, the optimizer state and BatchNorm statistics stay as before the step).
+    #[serde(default)]
+    pub non_finite: NonFinite,
+    /// With `non_finite = "skip"`: stop as with `"stop"` after this many skipped steps in a
+    /// row (a diverged run does not recover by skipping).
+    #[serde(default = "default_max_consecutive_skips")]
+    pub max_consecutive_skips: u64,
+}
+
+/// `train.non_finite`: the policy for a non-finite loss or gradient on any rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Every rank stops with an error.
+    #[default]
+    Stop,
+    /// Every rank skips the update and goes on.
+    Skip,
 }
 
 fn default_log_every() -> u64 {
     10
+}
+
+fn default_max_consecutive_skips() -> u64 {
+    5
 }
 
 /// One stage: how long, and with what optimizer.
@@ -83,6 +110,9 @@ impl Config {
         }
         if self.log_every_steps == 0 {
             bail!("train.log_every_steps must be > 0");
+        }
+        if self.max_consecutive_skips == 0 {
+            bail!("train.max_consecutive_skips must be > 0");
         }
         for (name, st) in [
             ("softmax", &self.softmax),
@@ -168,6 +198,7 @@ pub fn train(
     collective: &dyn Collective,
 ) -> Result<Outcome> {
     let started = Instant::now();
+    let faults = fault::init()?;
     let device = select_device(&cfg.run.device, opts.local_rank)?;
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
@@ -201,8 +232,18 @@ pub fn train(
             check_resumable(&ck.state, &resume_key(cfg, plan))
                 .with_context(|| format!("cannot resume from {}", ck.url))?;
             tracing::info!("resumed from {} at step {}", ck.url, ck.state.step);
+            if ck.state.world_size != plan.world_size {
+                tracing::info!(
+                    "the checkpoint was written by {} rank(s), resuming on {}: the global sample \
+                     order does not depend on the world size (no sample repeated or skipped); \
+                     losses differ from an unchanged world only by float summation order",
+                    ck.state.world_size,
+                    plan.world_size
+                );
+            }
             let mut state = ck.state.clone();
             state.resume_key = resume_key(cfg, plan);
+            state.world_size = plan.world_size;
             state
         }
         None => {
@@ -274,6 +315,7 @@ pub fn train(
     let mut optimizer: Option<(StageKind, Optimizer)> = None;
     let mut cache: Option<FeatureCache> = None;
     let mut window = Window::default();
+    let mut consecutive_skips = 0u64;
 
     for step in state.step + 1..=plan.total_steps {
         let stage = plan.stage_at(step);
@@ -314,8 +356,22 @@ pub fn train(
         };
         let data_wait = wait.elapsed();
         let batch_images = input.len();
+        if faults
+            .hang
+            .is_some_and(|(s, r)| s == step && r == collective.rank())
+        {
+            tracing::warn!("{}: hanging at step {step} (injected fault)", fault::ENV);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        devise_launch::heartbeat::beat();
+        // BatchNorm statistics before the step, restored if the update is skipped.
+        let buffers_before: Option<Vec<Tensor>> = (cfg.train.non_finite == NonFinite::Skip
+            && stage.kind != StageKind::Devise)
+            .then(|| buffers.iter().map(|b| b.copy()).collect());
         tch::manual_seed(step_seed(cfg.run.seed, step));
-        let (loss, mut comm) = train_step(
+        let (local_loss, local_health, mut comm) = train_step(
             &model,
             opt,
             collective,
@@ -324,26 +380,62 @@ pub fn train(
             input,
             &seen_labels,
             &cfg.loss,
-            lr,
+            step,
         )?;
+        // One small all-reduce: the global batch's mean loss, the ranks whose loss or gradients
+        // are not finite, and whether any rank was asked to stop (a signal may reach only some
+        // ranks; all must checkpoint at the same step).
         let comm_started = Instant::now();
-        if stage.kind != StageKind::Devise {
-            // BatchNorm running statistics follow rank 0's (PyTorch DDP's broadcast_buffers).
-            ddp::broadcast_variables(collective, &mut buffers, bucket_bytes)?;
-        }
-        // One small all-reduce: the global batch's mean loss, and whether any rank was asked to
-        // stop (a signal may reach only some ranks; all must checkpoint at the same step).
         let want_stop = opts.stop.load(Ordering::SeqCst) || opts.stop_after_step == Some(step);
-        let [loss, stop_votes] =
-            all_reduce_sum(collective, [loss, f64::from(u8::from(want_stop))], device)?;
-        let loss = loss / collective.world_size() as f64;
+        let votes = StepVotes::all_reduce(collective, local_loss, local_health, want_stop, device)?;
         comm += comm_started.elapsed();
-        if !loss.is_finite() {
-            bail!(
-                "step {step} ({}): loss is {loss} (mean over ranks); every rank stops (lower the learning rate?)",
-                stage.kind.name()
+        let skipped = if votes.unhealthy.is_empty() {
+            opt.step(lr);
+            consecutive_skips = 0;
+            false
+        } else {
+            consecutive_skips += 1;
+            let what = format!(
+                "step {step} ({}): {}",
+                stage.kind.name(),
+                votes.describe_unhealthy()
             );
+            if cfg.train.non_finite == NonFinite::Stop {
+                bail!(
+                    "{what}; every rank stops without applying the update (train.non_finite = \
+                     \"stop\"; the last checkpoint is intact: lower the learning rate, or set \
+                     train.non_finite = \"skip\")"
+                );
+            }
+            if consecutive_skips > cfg.train.max_consecutive_skips {
+                bail!(
+                    "{what}; {consecutive_skips} steps in a row skipped, more than \
+                     train.max_consecutive_skips = {}: every rank stops (the run diverged: lower \
+                     the learning rate)",
+                    cfg.train.max_consecutive_skips
+                );
+            }
+            tracing::warn!(
+                "{what}; every rank skips this update (train.non_finite = \"skip\", \
+                 {consecutive_skips} in a row)"
+            );
+            if let Some(before) = &buffers_before {
+                tch::no_grad(|| {
+                    for (b, old) in buffers.iter_mut().zip(before) {
+                        b.copy_(old);
+                    }
+                });
+            }
+            state.skipped_steps += 1;
+            true
+        };
+        if stage.kind != StageKind::Devise && !skipped {
+            // BatchNorm running statistics follow rank 0's (PyTorch DDP's broadcast_buffers).
+            let started = Instant::now();
+            ddp::broadcast_variables(collective, &mut buffers, bucket_bytes)?;
+            comm += started.elapsed();
         }
+        let loss = votes.mean_loss;
         let every = cfg.dist.check_params_every_steps;
         if every > 0 && step % every == 0 {
             ddp::check_identical(collective, &variables, step)?;
@@ -357,7 +449,13 @@ pub fn train(
         state.step = step;
         state.stage = stage.kind.name().to_string();
         state.samples_seen += plan.global_batch_size as u64;
-        window.add(loss, batch_images, data_wait, comm, wait.elapsed());
+        window.add(
+            (!skipped).then_some(loss),
+            batch_images,
+            data_wait,
+            comm,
+            wait.elapsed(),
+        );
 
         if step % cfg.train.log_every_steps == 0 || step == stage.last_step {
             let line = window.take(
@@ -390,7 +488,7 @@ pub fn train(
             )?;
             record_eval(result, &run, &mut metrics, &mut evals, is_rank0)?;
         }
-        let stopping = stop_votes > 0.0;
+        let stopping = votes.stop;
         let due = cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0;
         if stage_end || due || stopping {
             state.train_seconds = base_seconds + started.elapsed().as_secs_f64();
@@ -455,6 +553,7 @@ fn fresh_state(cfg: &RunConfig, plan: &Plan) -> TrainState {
         shards_fingerprint: plan.manifest.fingerprint(),
         resume_key: resume_key(cfg, plan),
         train_seconds: 0.0,
+        skipped_steps: 0,
     }
 }
 
@@ -515,8 +614,8 @@ fn train_step(
     input: Input,
     seen_labels: &Tensor,
     loss_cfg: &loss::Config,
-    lr: f64,
-) -> Result<(f64, Duration)> {
+    step: u64,
+) -> Result<(f64, Health, Duration)> {
     opt.zero_grad();
     // The first-violation hinge's random label order: keys for the whole global batch
     // `[batch * world_size, classes]`, this rank keeping rows `rank, rank + world_size, ...` (its
@@ -565,13 +664,138 @@ fn train_step(
             bail!("stage {} cannot train on cached features", kind.name())
         }
     };
+    let rank = collective.rank();
+    let faults = fault::get();
+    let loss = if faults.nan_loss == Some((step, rank)) {
+        tracing::warn!("{}: NaN loss at step {step} (injected fault)", fault::ENV);
+        loss * f64::NAN
+    } else {
+        loss
+    };
     loss.backward();
     let mut grads = opt.grads();
+    if faults.inf_grad == Some((step, rank)) {
+        tracing::warn!(
+            "{}: +inf gradient at step {step} (injected fault)",
+            fault::ENV
+        );
+        tch::no_grad(|| {
+            let _ = grads[0].view([-1]).get(0).fill_(f64::INFINITY);
+        });
+    }
+    // Checked on this rank's own gradients, before the all-reduce mixes them: the vote below
+    // names the rank where it happened.
+    let loss = f64::try_from(&loss)?;
+    let health = if !loss.is_finite() {
+        Health::NonFiniteLoss
+    } else if !all_finite(&grads)? {
+        Health::NonFiniteGradients
+    } else {
+        Health::Finite
+    };
     let comm = Instant::now();
     reducer.all_reduce_mean(collective, &mut grads)?;
-    let comm = comm.elapsed();
-    opt.step(lr);
-    Ok((f64::try_from(&loss)?, comm))
+    Ok((loss, health, comm.elapsed()))
+}
+
+/// Whether every element of every tensor is finite (one host sync for all of them).
+fn all_finite(tensors: &[Tensor]) -> Result<bool> {
+    if tensors.is_empty() {
+        return Ok(true);
+    }
+    let flags: Vec<Tensor> = tensors.iter().map(|t| t.isfinite().all()).collect();
+    Ok(bool::try_from(Tensor::stack(&flags, 0).all())?)
+}
+
+/// One rank's loss and gradients before the all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Finite,
+    NonFiniteLoss,
+    NonFiniteGradients,
+}
+
+/// What the ranks agreed on after a step's backward pass (one all-reduce of `2 + world_size`
+/// floats).
+struct StepVotes {
+    /// Mean of the ranks' losses (finite ones only; NaN when none is).
+    mean_loss: f64,
+    /// Some rank was asked to stop.
+    stop: bool,
+    /// `(rank, what)` of every rank whose loss or gradients were not finite.
+    unhealthy: Vec<(usize, Health)>,
+}
+
+impl StepVotes {
+    fn all_reduce(
+        collective: &dyn Collective,
+        loss: f64,
+        health: Health,
+        want_stop: bool,
+        device: Device,
+    ) -> Result<Self> {
+        let (w, r) = (collective.world_size(), collective.rank());
+        // [sum of finite losses, ranks with a finite loss, stop votes, health code per rank]
+        let mut values = vec![0f32; 3 + w];
+        if loss.is_finite() {
+            values[0] = loss as f32;
+            values[1] = 1.0;
+        }
+        values[2] = f32::from(u8::from(want_stop));
+        values[3 + r] = match health {
+            Health::Finite => 0.0,
+            Health::NonFiniteLoss => 1.0,
+            Health::NonFiniteGradients => 2.0,
+        };
+        if w > 1 {
+            let mut t = Tensor::from_slice(&values).to_device(device);
+            collective.all_reduce(&mut t, ReduceOp::Sum)?;
+            values = Vec::<f32>::try_from(t.to_device(Device::Cpu))?;
+        }
+        let unhealthy = values[3..]
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, &code)| match code as u8 {
+                0 => None,
+                1 => Some((rank, Health::NonFiniteLoss)),
+                _ => Some((rank, Health::NonFiniteGradients)),
+            })
+            .collect();
+        Ok(StepVotes {
+            mean_loss: if values[1] > 0.0 {
+                f64::from(values[0]) / f64::from(values[1])
+            } else {
+                f64::NAN
+            },
+            stop: values[2] > 0.0,
+            unhealthy,
+        })
+    }
+
+    /// `non-finite loss on rank(s) 1; non-finite gradients (finite loss) on rank(s) 0, 3`.
+    fn describe_unhealthy(&self) -> String {
+        let ranks = |h: Health| -> Vec<String> {
+            self.unhealthy
+                .iter()
+                .filter(|(_, x)| *x == h)
+                .map(|(r, _)| r.to_string())
+                .collect()
+        };
+        let mut parts = Vec::new();
+        for (h, what) in [
+            (Health::NonFiniteLoss, "non-finite loss (NaN/inf)"),
+            (
+                Health::NonFiniteGradients,
+                "non-finite gradients (finite loss)",
+            ),
+        ] {
+            let r = ranks(h);
+            if !r.is_empty() {
+                parts.push(format!("{what} on rank(s) {}", r.join(", ")));
+            }
+        }
+        parts.join("; ")
+    }
 }
 
 /// The optimizer for `stage`: fresh, or with the checkpoint's state when resuming inside the
@@ -699,6 +923,7 @@ impl FeatureCache {
         let (mut features, mut labels, mut rows) = (Vec::new(), Vec::new(), Vec::new());
         for batch in batches {
             let batch = batch.context("caching features of the training images")?;
+            devise_launch::heartbeat::beat();
             rows.extend(batch.slots.iter().map(|c| c.position as i64));
             let (images, y) = eval::batch_tensors(&batch, device);
             features.push(tch::no_grad(|| model.features(&images, false)));
@@ -844,21 +1069,6 @@ fn all_reduce_max_rows(
     Ok([v.iter().fold(0f32, |a, &b| a.max(b)) as i64])
 }
 
-/// Element-wise sums of a few numbers over ranks (one all-reduce on the backend's device).
-fn all_reduce_sum<const N: usize>(
-    collective: &dyn Collective,
-    values: [f64; N],
-    device: Device,
-) -> Result<[f64; N]> {
-    if collective.world_size() == 1 {
-        return Ok(values);
-    }
-    let mut t = Tensor::from_slice(&values.map(|v| v as f32)).to_device(device);
-    collective.all_reduce(&mut t, ReduceOp::Sum)?;
-    let summed = Vec::<f32>::try_from(t.to_device(Device::Cpu))?;
-    Ok(std::array::from_fn(|i| f64::from(summed[i])))
-}
-
 /// `train.trace_samples`: this rank's sample ids per step, one JSON line each, appended to
 /// `run.dir/trace/rank-<R>.jsonl` (a resumed run appends after the checkpoint's step; lines
 /// past it from the interrupted session stay: readers keep the last line per step).
@@ -922,6 +1132,8 @@ impl SampleTrace {
 struct Window {
     loss_sum: f64,
     steps: u64,
+    /// Steps whose update was skipped (non-finite): not in `loss_sum`.
+    skipped: u64,
     images: u64,
     data_wait: Duration,
     comm: Duration,
@@ -929,16 +1141,20 @@ struct Window {
 }
 
 impl Window {
+    /// `loss` None: the step's update was skipped.
     fn add(
         &mut self,
-        loss: f64,
+        loss: Option<f64>,
         images: usize,
         data_wait: Duration,
         comm: Duration,
         elapsed: Duration,
     ) {
         self.comm += comm;
-        self.loss_sum += loss;
+        match loss {
+            Some(l) => self.loss_sum += l,
+            None => self.skipped += 1,
+        }
         self.steps += 1;
         self.images += images as u64;
         self.data_wait += data_wait;
@@ -957,7 +1173,9 @@ impl Window {
         let line = serde_json::json!({
             "step": step,
             "stage": kind.name(),
-            "train/loss": self.loss_sum / self.steps.max(1) as f64,
+            // Mean over the window's applied steps (null when every one was skipped).
+            "train/loss": self.loss_sum / (self.steps - self.skipped) as f64,
+            "train/skipped_steps": self.skipped,
             "train/lr": lr,
             // This rank's images, and all ranks' (every rank's batch is the same size).
             "throughput/images_per_sec": self.images as f64 / secs,

@@ -92,6 +92,12 @@ struct Cli {
     #[arg(long, value_name = "S", default_value_t = 30)]
     stop_timeout_secs: u64,
 
+    /// A worker that sent no heartbeat for this long counts as failed (hung): the group is
+    /// stopped and, with restarts left, restarted. Armed at the worker's first beat (`devise
+    /// train` beats every step and evaluation batch); 0 disables it
+    #[arg(long, value_name = "S", default_value_t = 600)]
+    heartbeat_timeout_secs: u64,
+
     /// Print the resolved world and each local worker's ranks, then run the worker command
     /// once with local worker 0's environment and `--dry-run` appended (the worker must accept
     /// it; `devise train` prints its plan), and exit with its code. Starts no training
@@ -149,6 +155,7 @@ fn main() -> ExitCode {
         max_restarts: cli.max_restarts,
         stop_timeout: Duration::from_secs(cli.stop_timeout_secs),
         log_dir: cli.log_dir.as_deref(),
+        heartbeat_timeout: Duration::from_secs(cli.heartbeat_timeout_secs),
     });
     ExitCode::from(exit.code())
 }

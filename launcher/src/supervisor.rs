@@ -58,6 +58,14 @@
 //! failure while the group stops after a forwarded signal starts the same timeout, without
 //! another SIGTERM (that would be the workers' second signal).
 //!
+//! # Hangs
+//!
+//! Each worker gets a heartbeat file ([`devise_launch::heartbeat`]); `devise train` touches it at every
+//! step and evaluation batch. A worker whose last beat is older than `--heartbeat-timeout-secs`
+//! (default 600; armed at its first beat) is a failure like a crash: a message naming its rank,
+//! pid and the age of its last beat, SIGTERM to the whole group (the hung worker included),
+//! SIGKILL after `--stop-timeout-secs`, and a restart when restarts are left.
+//!
 //! # Restarts
 //!
 //! After a failure, with restarts left (`--max-restarts`), the whole local group is started
@@ -73,12 +81,13 @@
 //! (command not found) or `--log-dir` is unusable; 130 a second interrupt.
 use crate::resolve::{Token, World};
 use anyhow::{Context, Result};
+use devise_launch::heartbeat::{self, Watch};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -107,6 +116,9 @@ pub struct Spec<'a> {
     pub stop_timeout: Duration,
     /// Where `rank-R.log` files go, if anywhere.
     pub log_dir: Option<&'a Path>,
+    /// A worker whose last heartbeat is older than this counts as failed (hung); zero: never.
+    /// See [`devise_launch::heartbeat`].
+    pub heartbeat_timeout: Duration,
 }
 
 /// How the launcher ends.
@@ -154,9 +166,19 @@ pub fn run(spec: &Spec) -> Exit {
             return Exit::Usage;
         }
     }
+    let watch = match Watch::new(spec.heartbeat_timeout) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!(
+                "devise-launch: cannot create the heartbeat folder under {}: {e}",
+                std::env::temp_dir().display()
+            );
+            return Exit::Usage;
+        }
+    };
     let mut attempt = 0u32;
     loop {
-        match run_attempt(spec, attempt, &mut signals) {
+        match run_attempt(spec, attempt, &mut signals, &watch) {
             Attempt::Succeeded => {
                 eprintln!("devise-launch: every worker exited 0");
                 return Exit::Success;
@@ -237,12 +259,14 @@ struct Worker {
     /// The launcher sent its group SIGKILL.
     killed: bool,
     readers: Vec<JoinHandle<()>>,
+    /// Its heartbeat file ([`devise_launch::heartbeat`]).
+    heartbeat: PathBuf,
 }
 
-fn run_attempt(spec: &Spec, attempt: u32, signals: &mut Signals) -> Attempt {
+fn run_attempt(spec: &Spec, attempt: u32, signals: &mut Signals, watch: &Watch) -> Attempt {
     let mut workers: Vec<Worker> = Vec::new();
     for local_rank in 0..spec.world.nproc_per_node.value {
-        match spawn_worker(spec, local_rank, attempt) {
+        match spawn_worker(spec, local_rank, attempt, watch) {
             Ok(w) => workers.push(w),
             Err(e) => {
                 eprintln!("devise-launch: error: {e:#}");
@@ -260,6 +284,7 @@ fn run_attempt(spec: &Spec, attempt: u32, signals: &mut Signals) -> Attempt {
     let mut interrupted = false; // a SIGINT/SIGTERM/SIGHUP reached the launcher
     let mut failed = false; // a worker failed on its own
     let mut preempted = false; // a worker exited 75 on its own or after a forwarded signal
+    let mut heartbeats_checked = Instant::now();
     loop {
         for sig in signals.pending() {
             let interrupt = sig != SIGUSR1;
@@ -363,6 +388,37 @@ fn run_attempt(spec: &Spec, attempt: u32, signals: &mut Signals) -> Attempt {
             }
         }
 
+        // A hung worker (no heartbeat within the timeout) fails the group like a crashed one.
+        if phase == Phase::Running && now - heartbeats_checked >= Duration::from_secs(1) {
+            heartbeats_checked = now;
+            let hung: Vec<(usize, u32, Duration)> = workers
+                .iter()
+                .filter(|w| w.status.is_none())
+                .filter_map(|w| Some((w.rank, w.pid, watch.stale(&w.heartbeat)?)))
+                .collect();
+            if !hung.is_empty() {
+                failed = true;
+                let names: Vec<String> = hung
+                    .iter()
+                    .map(|(rank, pid, age)| {
+                        format!("rank {rank} (pid {pid}, last beat {}s ago)", age.as_secs())
+                    })
+                    .collect();
+                eprintln!(
+                    "devise-launch: no heartbeat for more than {}s from {} (hung?); stopping \
+                     the group",
+                    watch.timeout().as_secs(),
+                    names.join(", ")
+                );
+                for o in workers.iter_mut().filter(|o| o.status.is_none()) {
+                    signal_group(o.pid, SIGTERM);
+                    o.terminated = true;
+                }
+                phase = Phase::Failing;
+                deadline = Some(now + timeout);
+            }
+        }
+
         if let Some(d) = deadline {
             if now >= d {
                 deadline = None;
@@ -410,8 +466,11 @@ fn run_attempt(spec: &Spec, attempt: u32, signals: &mut Signals) -> Attempt {
 }
 
 /// Starts local worker `local_rank` in its own process group, with its readers.
-fn spawn_worker(spec: &Spec, local_rank: usize, attempt: u32) -> Result<Worker> {
+fn spawn_worker(spec: &Spec, local_rank: usize, attempt: u32, watch: &Watch) -> Result<Worker> {
     let rank = spec.world.rank_of(local_rank);
+    let heartbeat = watch
+        .arm(rank)
+        .with_context(|| format!("cannot create rank {rank}'s heartbeat file"))?;
     let (program, args) = spec
         .command
         .split_first()
@@ -431,6 +490,7 @@ fn spawn_worker(spec: &Spec, local_rank: usize, attempt: u32) -> Result<Worker> 
     let mut cmd = Command::new(program);
     cmd.args(args)
         .envs(spec.world.worker_env(local_rank, attempt, spec.token))
+        .env(heartbeat::ENV, &heartbeat)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -465,6 +525,7 @@ fn spawn_worker(spec: &Spec, local_rank: usize, attempt: u32) -> Result<Worker> 
         terminated: false,
         killed: false,
         readers: Vec::new(),
+        heartbeat,
     };
     let prefix = format!("[rank {rank}] ");
     let (stdout, stderr) = (worker.child.stdout.take(), worker.child.stderr.take());

@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn devise() -> PathBuf {
+pub(crate) fn devise() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_devise"))
 }
 
 /// `devise-launch`, built by the same `cargo test --workspace` into the same directory.
-fn launcher() -> PathBuf {
+pub(crate) fn launcher() -> PathBuf {
     let path = devise().with_file_name("devise-launch");
     assert!(
         path.exists(),
@@ -31,7 +31,7 @@ fn launcher() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -42,7 +42,7 @@ fn free_port() -> u16 {
 /// The train tests' small configuration with GroupNorm, one thread per process, the sample
 /// trace, a parameter check every step, `softmax_epochs` of the softmax stage, and `extra` TOML
 /// appended (new sections only: TOML forbids repeating a key).
-fn write_config(dir: &Path, name: &str, softmax_epochs: f64, extra: &str) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, name: &str, softmax_epochs: f64, extra: &str) -> PathBuf {
     let (_, shard_dir) = shards().expect("checked by the caller");
     let run = dir.join(name);
     let toml = config_toml(shard_dir, &run)
@@ -77,12 +77,12 @@ fn write_config(dir: &Path, name: &str, softmax_epochs: f64, extra: &str) -> Pat
     path
 }
 
-fn run_dir(config: &Path) -> PathBuf {
+pub(crate) fn run_dir(config: &Path) -> PathBuf {
     config.with_extension("")
 }
 
 /// `(step, train/loss)` of a run's metrics.
-fn losses(run: &Path) -> Vec<(u64, f64)> {
+pub(crate) fn losses(run: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -94,7 +94,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 /// Step -> the sorted sample ids (slots `[epoch, position]` or cache rows) of all ranks
 /// together; the last line per (rank, step) wins (a resumed run re-traces steps after its
 /// checkpoint).
-fn trace(run: &Path, world: usize) -> BTreeMap<u64, Vec<String>> {
+pub(crate) fn trace(run: &Path, world: usize) -> BTreeMap<u64, Vec<String>> {
     let mut per_rank: Vec<BTreeMap<u64, Vec<String>>> = vec![BTreeMap::new(); world];
     for (r, steps) in per_rank.iter_mut().enumerate() {
         let text = std::fs::read_to_string(run.join(format!("trace/rank-{r}.jsonl"))).unwrap();
@@ -132,7 +132,7 @@ fn trace(run: &Path, world: usize) -> BTreeMap<u64, Vec<String>> {
     all
 }
 
-fn launch(args: &[&str], config: &Path) -> Output {
+pub(crate) fn launch(args: &[&str], config: &Path) -> Output {
     let port = free_port().to_string();
     let mut cmd = Command::new(launcher());
     cmd.args([
@@ -150,7 +150,7 @@ fn launch(args: &[&str], config: &Path) -> Output {
     cmd.output().unwrap()
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
@@ -158,7 +158,7 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+pub(crate) fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: step counts");
     for ((sa, la), (sb, lb)) in a.iter().zip(b) {
         assert_eq!(sa, sb);
@@ -227,7 +227,7 @@ fn two_ranks_through_the_launcher_match_one_rank_with_twice_the_batch() {
 
 /// Linux: the pid of the `devise train` worker with `RANK=rank` whose command line names
 /// `config`.
-fn worker_pid(config: &Path, rank: usize) -> Option<i32> {
+pub(crate) fn worker_pid(config: &Path, rank: usize) -> Option<i32> {
     let want_env = format!("RANK={rank}");
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -325,6 +325,11 @@ fn a_sigkilled_worker_stops_the_group_and_max_restarts_resumes_it_exactly() {
             // Resumed from the last checkpoint: the same losses as the uninterrupted run, bit
             // for bit (same world size, same reduction order).
             assert_eq!(losses(&run_dir(&config)), losses(&run_dir(&reference)));
+            assert!(
+                crate::resume::final_weights(&run_dir(&config))
+                    == crate::resume::final_weights(&run_dir(&reference)),
+                "final weights differ from the uninterrupted run's"
+            );
         }
     }
 }

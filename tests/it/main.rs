@@ -5,6 +5,7 @@ mod common;
 mod data;
 mod dist;
 mod image;
+mod resume;
 mod s3;
 mod shards;
 mod text;

@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A running `s3s-fs`; killed on drop.
-struct S3Server {
+pub(crate) struct S3Server {
     child: Child,
-    port: u16,
-    root: tempfile::TempDir,
+    pub(crate) port: u16,
+    pub(crate) root: tempfile::TempDir,
 }
 
 impl Drop for S3Server {
@@ -54,7 +54,7 @@ fn s3s_fs() -> Option<PathBuf> {
     None
 }
 
-fn start_server(bucket: &str) -> Option<S3Server> {
+pub(crate) fn start_server(bucket: &str) -> Option<S3Server> {
     let bin = s3s_fs()?;
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join(bucket)).unwrap();
@@ -90,7 +90,7 @@ fn devise(server: &S3Server, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn s3_env(mut cmd: Command, port: u16) -> Command {
+pub(crate) fn s3_env(mut cmd: Command, port: u16) -> Command {
     cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("AWS_REGION", "us-east-1")
