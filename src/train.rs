@@ -10,7 +10,15 @@
 //! Exact resume: weights, optimizer state, the data cursor and the step are checkpointed, and all
 //! randomness is derived from `(seed, step)` (libtorch generator, re-seeded before each step) and
 //! `(seed, epoch, slot)` (data order and augmentation), so a resumed run continues with the same
-//! batches, the same random choices and the same losses as an uninterrupted one.
+//! batches, the same random choices and the same losses as an uninterrupted one. On another
+//! world size (the global batch still divisible by it) every step trains on the same samples;
+//! the losses then differ only by the order in which the gradient mean is summed.
+//!
+//! Each step, after backward and the gradient all-reduce, one small all-reduce carries the loss,
+//! every rank's non-finite verdict on its own loss and gradients, and the stop votes (a signal
+//! reaching any rank): so every rank applies or skips the update (`train.non_finite`), fails, or
+//! stops to checkpoint at the same step. Progress is reported to `devise-launch` by a heartbeat
+//! each step and each evaluation batch (`devise_launch::heartbeat`).
 use crate::checkpoint::{self, TrainState};
 use crate::collective::{ddp, Collective, ReduceOp};
 use crate::config::RunConfig;
