@@ -12,11 +12,13 @@
 //! with the collective before dividing, so every rank computes the same numbers.
 use crate::collective::Collective;
 use crate::data::reader::eval_batches;
+use crate::hierarchy::{CandidateIndex, Hierarchy, HpAtK, HpCounter};
 use crate::model::DeviseModel;
 use crate::plan::Plan;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// The k of hit@k, as in the paper's tables.
@@ -32,6 +34,10 @@ pub struct Config {
     /// Images per forward pass.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// A `parent child` wnid file (ImageNet's `wordnet.is_a.txt`): with it, every row also
+    /// reports hierarchical precision@k (paper appendix A.3, `crate::hierarchy`).
+    #[serde(default)]
+    pub hierarchy: Option<String>,
 }
 
 fn default_batch_size() -> usize {
@@ -42,6 +48,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             batch_size: default_batch_size(),
+            hierarchy: None,
         }
     }
 }
@@ -67,6 +74,10 @@ pub struct FlatHits {
     pub hit_at_k: BTreeMap<usize, f64>,
     /// k -> chance rate `min(k, candidates) / candidates`.
     pub chance_at_k: BTreeMap<usize, f64>,
+    /// Hierarchical precision@k (k = 1, 2, 5, 10, 20 capped at the candidates), mean correct-set
+    /// sizes and chance, when `eval.hierarchy` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hp: Option<HpAtK>,
 }
 
 /// What a stage-end evaluation measured, keyed by row name (`seen/softmax`, `seen/devise`,
@@ -83,19 +94,36 @@ pub struct StageEval {
     pub seconds: f64,
 }
 
-/// Accumulates hit counts for one row.
+/// Accumulates hit counts (and hp@k when a hierarchy is given) for one row.
 struct HitCounter {
     hits: [u64; HIT_KS.len()],
     images: u64,
     candidates: usize,
+    hp: Option<HpRow>,
+}
+
+/// hp@k state of one row: the hierarchy, the row's candidates located in it, the counter.
+struct HpRow {
+    hierarchy: Arc<Hierarchy>,
+    wnids: Vec<String>,
+    index: CandidateIndex,
+    counter: HpCounter,
 }
 
 impl HitCounter {
-    fn new(candidates: usize) -> Self {
+    /// `wnids`: the row's candidate labels in candidate order (used for hp@k only).
+    fn new(wnids: &[String], hierarchy: Option<&Arc<Hierarchy>>) -> Self {
+        let candidates = wnids.len();
         HitCounter {
             hits: [0; HIT_KS.len()],
             images: 0,
             candidates,
+            hp: hierarchy.map(|h| HpRow {
+                hierarchy: h.clone(),
+                wnids: wnids.to_vec(),
+                index: h.candidate_index(wnids),
+                counter: HpCounter::new(&HIT_KS, candidates),
+            }),
         }
     }
 
@@ -110,19 +138,33 @@ impl HitCounter {
             self.hits[i] += i64::try_from(first_hit.select(1, col).sum(Kind::Int64))? as u64;
         }
         self.images += labels.size()[0] as u64;
+        if let Some(hp) = &mut self.hp {
+            let top: Vec<i64> = Vec::try_from(top.to_device(Device::Cpu).flatten(0, 1))?;
+            let truth: Vec<i64> = Vec::try_from(labels.to_device(Device::Cpu))?;
+            let top: Vec<u32> = top.iter().map(|&c| c as u32).collect();
+            for (i, &t) in truth.iter().enumerate() {
+                let row = &top[i * kmax as usize..(i + 1) * kmax as usize];
+                hp.counter.add(
+                    &hp.hierarchy,
+                    &hp.index,
+                    (t as u32, &hp.wnids[t as usize]),
+                    row,
+                );
+            }
+        }
         Ok(())
     }
 
     fn finish(&self, collective: &dyn Collective) -> Result<FlatHits> {
         let mut counts: Vec<f64> = self.hits.iter().map(|&h| h as f64).collect();
         counts.push(self.images as f64);
+        let hp_sums = self.hp.as_ref().map(|hp| hp.counter.sums());
+        counts.extend(hp_sums.iter().flatten());
         let mut t = [Tensor::from_slice(&counts).to_kind(Kind::Double)];
         // Summed in f32 by the backend: exact for counts below 2^24 (16.7 M images).
         collective.all_reduce_tensors(&mut t, crate::collective::ReduceOp::Sum)?;
-        let summed: Vec<f64> = Vec::<f64>::try_from(&t[0])?
-            .iter()
-            .map(|c| c.round())
-            .collect();
+        let all: Vec<f64> = Vec::<f64>::try_from(&t[0])?;
+        let summed: Vec<f64> = all[..=HIT_KS.len()].iter().map(|c| c.round()).collect();
         let images = summed[HIT_KS.len()].round() as u64;
         let mut hit_at_k = BTreeMap::new();
         let mut chance_at_k = BTreeMap::new();
@@ -137,11 +179,16 @@ impl HitCounter {
             );
             chance_at_k.insert(k, k.min(self.candidates) as f64 / self.candidates as f64);
         }
+        let hp = self
+            .hp
+            .as_ref()
+            .map(|hp| hp.counter.finish(&all[HIT_KS.len() + 1..]));
         Ok(FlatHits {
             images,
             candidates: self.candidates,
             hit_at_k,
             chance_at_k,
+            hp,
         })
     }
 }
@@ -181,18 +228,21 @@ pub fn evaluate(
         .zip(&plan.unseen_val_map)
         .map(|(s, u)| s.or(u.map(|i| n_seen as i64 + i)))
         .collect();
-    let mut softmax = HitCounter::new(n_seen);
-    let mut devise = HitCounter::new(n_seen);
-    let mut devise_plus = HitCounter::new(n_seen + n_unseen);
-    let mut zero = HitCounter::new(n_unseen);
-    let mut zero_plus = HitCounter::new(n_seen + n_unseen);
+    let h = plan.hierarchy.as_ref();
+    let all_wnids: Vec<String> = plan.seen.iter().chain(&plan.unseen).cloned().collect();
+    let mut softmax = HitCounter::new(&plan.seen, h);
+    let mut softmax_zero_plus = HitCounter::new(&all_wnids, h);
+    let mut devise = HitCounter::new(&plan.seen, h);
+    let mut devise_plus = HitCounter::new(&all_wnids, h);
+    let mut zero = HitCounter::new(&plan.unseen, h);
+    let mut zero_plus = HitCounter::new(&all_wnids, h);
     // ConSE per T: (unseen labels only, seen + unseen labels).
     let mut conse: Vec<(HitCounter, HitCounter)> = CONSE_TS
         .iter()
         .map(|_| {
             (
-                HitCounter::new(n_unseen),
-                HitCounter::new(n_seen + n_unseen),
+                HitCounter::new(&plan.unseen, h),
+                HitCounter::new(&all_wnids, h),
             )
         })
         .collect();
@@ -224,6 +274,15 @@ pub fn evaluate(
                     softmax.add(&logits, &seen_y)?;
                     if n_unseen > 0 {
                         let logits = model.logits(&features.index_select(0, &unseen_rows));
+                        // The softmax baseline on unseen images (paper Table 3): it can only
+                        // name seen labels (unseen candidates score -inf), so hit@k is 0 and
+                        // hp@k credits seen labels near the true one.
+                        let never = Tensor::full(
+                            [logits.size()[0], n_unseen as i64],
+                            f64::NEG_INFINITY,
+                            (logits.kind(), logits.device()),
+                        );
+                        softmax_zero_plus.add(&Tensor::cat(&[&logits, &never], 1), &unseen_y)?;
                         for (i, &t) in CONSE_TS.iter().enumerate() {
                             let emb = conse_embedding(&logits, &seen_labels, t); // [unseen batch, dim]
                             conse[i].0.add(
@@ -260,6 +319,10 @@ pub fn evaluate(
         Heads::Softmax => {
             rows.insert("seen/softmax".to_string(), softmax.finish(collective)?);
             if n_unseen > 0 {
+                rows.insert(
+                    "zero_shot/softmax_plus_seen".to_string(),
+                    softmax_zero_plus.finish(collective)?,
+                );
                 for (&t, (only, plus)) in CONSE_TS.iter().zip(&conse) {
                     rows.insert(format!("zero_shot/conse_t{t}_0"), only.finish(collective)?);
                     rows.insert(
@@ -347,7 +410,8 @@ mod tests {
         // 3 candidates; image 0 true label 2 ranked 1st; image 1 true label 0 ranked 3rd.
         let scores = Tensor::from_slice(&[0.1f32, 0.2, 0.9, 0.1, 0.5, 0.3]).view([2, 3]);
         let labels = Tensor::from_slice(&[2i64, 0]);
-        let mut c = HitCounter::new(3);
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let mut c = HitCounter::new(&names, None);
         c.add(&scores, &labels).unwrap();
         let r = c.finish(&SingleProcess).unwrap();
         assert_eq!(r.images, 2);

@@ -34,6 +34,7 @@ pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod fault;
+pub mod hierarchy;
 pub mod loss;
 pub mod model;
 pub mod optim;

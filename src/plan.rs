@@ -120,6 +120,9 @@ pub struct Plan {
     pub unseen_val_map: Vec<Option<i64>>,
     /// Dimension of the word space.
     pub embed_dim: usize,
+    /// `eval.hierarchy`, loaded: hierarchical precision@k is measured when present.
+    #[serde(skip)]
+    pub hierarchy: Option<std::sync::Arc<crate::hierarchy::Hierarchy>>,
     /// Unit label vectors of `seen`, row-major `[seen, embed_dim]`.
     #[serde(skip)]
     pub seen_matrix: Vec<f32>,
@@ -270,7 +273,28 @@ impl Plan {
             bail!("train: every stage has 0 epochs");
         }
         let coincident_labels = labels.coincident.clone();
+        let hierarchy = match &cfg.eval.hierarchy {
+            Some(path) => {
+                let h = crate::hierarchy::Hierarchy::load(std::path::Path::new(path))
+                    .context("eval.hierarchy")?;
+                let missing: Vec<&String> = seen
+                    .iter()
+                    .chain(&unseen)
+                    .filter(|w| !h.contains(w))
+                    .collect();
+                if !missing.is_empty() {
+                    tracing::warn!(
+                        "eval.hierarchy {path}: {} label(s) not in the hierarchy (their correct \
+                         sets hold only themselves): {missing:?}",
+                        missing.len()
+                    );
+                }
+                Some(std::sync::Arc::new(h))
+            }
+            None => None,
+        };
         Ok(Plan {
+            hierarchy,
             rank,
             world_size,
             global_batch_size,

@@ -51,11 +51,20 @@ pub fn write(
     Ok(run.child_url("report.md"))
 }
 
-fn row(out: &mut String, name: &str, hits: &FlatHits) {
-    let cells: Vec<String> = HIT_KS
+/// The k of the hp@k columns (paper Tables 1 and 3; hp@1 equals hit@1).
+const HP_KS: [usize; 4] = [2, 5, 10, 20];
+
+fn row(out: &mut String, name: &str, hits: &FlatHits, with_hp: bool) {
+    let mut cells: Vec<String> = HIT_KS
         .iter()
         .map(|k| format!("{:.1}", 100.0 * hits.hit_at_k[k]))
         .collect();
+    if with_hp {
+        cells.extend(HP_KS.iter().map(|k| match &hits.hp {
+            Some(hp) => format!("{:.3}", hp.hp_at_k[k]),
+            None => String::new(),
+        }));
+    }
     let _ = writeln!(
         out,
         "| {name} | {} | {} | {} |",
@@ -65,11 +74,17 @@ fn row(out: &mut String, name: &str, hits: &FlatHits) {
     );
 }
 
-fn chance(out: &mut String, hits: &FlatHits) {
-    let cells: Vec<String> = HIT_KS
+fn chance(out: &mut String, hits: &FlatHits, with_hp: bool) {
+    let mut cells: Vec<String> = HIT_KS
         .iter()
         .map(|k| format!("{:.1}", 100.0 * hits.chance_at_k[k]))
         .collect();
+    if with_hp {
+        cells.extend(HP_KS.iter().map(|k| match &hits.hp {
+            Some(hp) => format!("{:.3}", hp.chance_hp_at_k[k]),
+            None => String::new(),
+        }));
+    }
     let _ = writeln!(
         out,
         "| chance | | {} | {} |",
@@ -93,14 +108,30 @@ fn table(out: &mut String, title: &str, evals: &[StageEval], rows: &[(&str, &str
     if present.is_empty() {
         return;
     }
+    let with_hp = present.iter().any(|(_, h)| h.hp.is_some());
     let _ = writeln!(out, "\n### {title}\n");
-    let ks: Vec<String> = HIT_KS.iter().map(|k| format!("hit@{k}")).collect();
-    let _ = writeln!(out, "| model | images | candidates | {} |", ks.join(" | "));
-    let _ = writeln!(out, "|---|---|---|{}|", vec!["---"; HIT_KS.len()].join("|"));
-    for (label, hits) in &present {
-        row(out, label, hits);
+    let mut ks: Vec<String> = HIT_KS.iter().map(|k| format!("hit@{k}")).collect();
+    if with_hp {
+        ks.extend(HP_KS.iter().map(|k| format!("hp@{k}")));
     }
-    chance(out, present[0].1);
+    let _ = writeln!(out, "| model | images | candidates | {} |", ks.join(" | "));
+    let _ = writeln!(out, "|---|---|---|{}|", vec!["---"; ks.len()].join("|"));
+    for (label, hits) in &present {
+        row(out, label, hits, with_hp);
+    }
+    chance(out, present[0].1, with_hp);
+    if let Some(hp) = present.iter().find_map(|(_, h)| h.hp.as_ref()) {
+        let sizes: Vec<String> = HP_KS
+            .iter()
+            .map(|k| format!("{:.1}", hp.mean_correct_set_size[k]))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nMean hCorrectSet size for k = {}: {} (paper Table 5, 1K labels: 6.5 / 12.5 / 22.5 / 41.7).",
+            HP_KS.map(|k| k.to_string()).join(" / "),
+            sizes.join(" / ")
+        );
+    }
 }
 
 fn markdown(
@@ -149,7 +180,7 @@ fn markdown(
     for st in &plan.stages {
         let _ = writeln!(s, "- stage {}", st.describe());
     }
-    let _ = writeln!(s, "\nFlat hit@k in percent (paper Tables 1 and 2 shape). Prediction ranks one unit vector per label by dot product (paper A.2, simpler variant).");
+    let _ = writeln!(s, "\nFlat hit@k in percent (paper Tables 1 and 2 shape); with `eval.hierarchy`, hierarchical precision hp@k as a fraction (paper appendix A.3, Tables 1 and 3; hp@1 = hit@1). Prediction ranks one unit vector per label by dot product (paper A.2, simpler variant).");
     table(
         &mut s,
         "Seen classes (validation images of the training labels)",
@@ -189,6 +220,11 @@ fn markdown(
         "Zero-shot, seen + unseen candidates (unseen images)",
         evals,
         &[
+            (
+                "softmax baseline (names seen labels only)",
+                "softmax",
+                "zero_shot/softmax_plus_seen",
+            ),
             (
                 "DeViSE (frozen CNN)",
                 "devise",

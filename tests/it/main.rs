@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod data;
 mod dist;
+mod hierarchy;
 mod image;
 mod resume;
 mod s3;

@@ -516,7 +516,7 @@ fn a_hung_worker_is_noticed_by_its_heartbeat_and_the_group_restarts_exactly() {
     let config = write_config(dir.path(), "hung", 0.2, "");
     let mut cmd = launch_cmd(
         2,
-        &["--max-restarts", "1", "--heartbeat-timeout-secs", "4"],
+        &["--max-restarts", "1", "--heartbeat-timeout-secs", "6"],
         &config,
         &[],
     );
@@ -527,7 +527,7 @@ fn a_hung_worker_is_noticed_by_its_heartbeat_and_the_group_restarts_exactly() {
     assert!(out.status.success(), "{log}");
     let line = log
         .lines()
-        .find(|l| l.contains("no heartbeat for more than 4s from"));
+        .find(|l| l.contains("no heartbeat for more than 6s from"));
     assert!(line.is_some_and(|l| l.contains("rank 1 (pid")), "{log}");
     assert!(
         log.contains("restarting the group (attempt 1 of 1)"),
@@ -541,14 +541,14 @@ fn a_hung_worker_is_noticed_by_its_heartbeat_and_the_group_restarts_exactly() {
 
     // Without restarts: the launcher fails the group (exit 1) and names the hung rank.
     let config = write_config(dir.path(), "hung0", 0.2, "");
-    let mut cmd = launch_cmd(2, &["--heartbeat-timeout-secs", "4"], &config, &[]);
+    let mut cmd = launch_cmd(2, &["--heartbeat-timeout-secs", "6"], &config, &[]);
     cmd.env("DEVISE_FAULT", "hang:3:0");
     let out = output(cmd, None);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
     let line = log
         .lines()
-        .find(|l| l.contains("no heartbeat for more than 4s from"));
+        .find(|l| l.contains("no heartbeat for more than 6s from"));
     assert!(line.is_some_and(|l| l.contains("rank 0 (pid")), "{log}");
 }
 

@@ -86,6 +86,7 @@ keep_last = 2
 
 [eval]
 batch_size = 64
+hierarchy = "{shared}/data/imagenet-meta/wordnet.is_a.txt"
 "#,
         run = run_dir.display(),
         shards = shards.display(),
@@ -194,6 +195,30 @@ fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
     assert_eq!(
         evals[0]["rows"]["zero_shot/conse_t5_plus_seen"]["candidates"],
         4
+    );
+    // hp@k over the real WordNet hierarchy on every row; hp@1 is hit@1 (the true label is a
+    // candidate). The softmax baseline cannot name unseen labels: hit@k = 0 on unseen images,
+    // while hp@k may credit seen labels near the true one.
+    for e in evals {
+        for (name, row) in e["rows"].as_object().unwrap() {
+            let hp = &row["hp"];
+            assert!(hp.is_object(), "{name}: no hp");
+            assert_eq!(hp["hp_at_k"]["1"], row["hit_at_k"]["1"], "{name}");
+        }
+    }
+    let softmax_zero = &evals[0]["rows"]["zero_shot/softmax_plus_seen"];
+    assert_eq!(
+        softmax_zero["hit_at_k"]["2"], 0.0,
+        "3 seen labels rank above the unseen one"
+    );
+    // Tailed frog's k=2 correct set is {tailed frog, bullfrog} (3 hops; salamander is 4, goldfish
+    // 11): the baseline can get at most bullfrog of it into its top 2.
+    let hp2 = softmax_zero["hp"]["hp_at_k"]["2"].as_f64().unwrap();
+    assert!((0.0..=0.5).contains(&hp2), "{hp2}");
+    assert_eq!(softmax_zero["hp"]["mean_correct_set_size"]["2"], 2.0);
+    assert!(
+        md.contains("hp@2") && md.contains("Mean hCorrectSet size"),
+        "{md}"
     );
     let finetune = &evals[2]["rows"];
     assert_eq!(finetune["seen/devise"]["images"], 150);
