@@ -39,6 +39,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod plan;
+pub mod predict;
 pub mod report;
 pub mod split;
 pub mod storage;

@@ -61,6 +61,34 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
         set: Vec<String>,
     },
+    /// Zero-shot labelling: rank any label list for images (local paths or object-store URLs)
+    /// with a checkpoint's model; print the top-k labels with cosine scores. Images whose file
+    /// name holds a candidate wnid (ImageNet naming) are scored: hit@1 and hit@5.
+    Predict {
+        /// Checkpoint step directory (.../checkpoints/step-NNNNNNNNN). Its config's relative
+        /// paths (word vectors, names) are read from the working directory.
+        #[arg(long)]
+        checkpoint: String,
+        /// Label list: a file with one wnid per line (e.g. ImageNet's 1K, 2-hop, 3-hop or 21K
+        /// list), or `seen` for the checkpoint's training labels.
+        #[arg(long)]
+        labels: String,
+        /// Rank the checkpoint's training labels too (the paper's DeViSE+1K mode).
+        #[arg(long)]
+        plus_seen: bool,
+        /// Labels printed per image.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// `cpu`, `cuda` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Image files or URLs.
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+    },
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -294,11 +322,113 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
             )?))
         }
         Command::Demo { out, set } => Ok(Some(devise::demo::run(&out, &set, stop)?)),
+        Command::Predict {
+            checkpoint,
+            labels,
+            plus_seen,
+            top_k,
+            json,
+            device,
+            images,
+        } => {
+            run_predict(
+                &checkpoint,
+                &labels,
+                plus_seen,
+                top_k,
+                json,
+                &device,
+                &images,
+            )?;
+            Ok(None)
+        }
         Command::Data { command } => {
             run_data(command)?;
             Ok(None)
         }
     }
+}
+
+fn run_predict(
+    checkpoint: &str,
+    labels: &str,
+    plus_seen: bool,
+    top_k: usize,
+    json: bool,
+    device: &str,
+    images: &[String],
+) -> Result<()> {
+    use devise::predict;
+    let device = match device {
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        "auto" => tch::Device::cuda_if_available(),
+        other => anyhow::bail!("--device {other}: expected cpu, cuda or auto"),
+    };
+    let loaded = predict::load_model(checkpoint, device)?;
+    let mut wnids = if labels == "seen" {
+        loaded.seen.clone()
+    } else {
+        predict::read_label_list(labels)?
+    };
+    if plus_seen {
+        for w in &loaded.seen {
+            if !wnids.contains(w) {
+                wnids.push(w.clone());
+            }
+        }
+    }
+    let cands = predict::candidates(&loaded.cfg, &wnids, device)?;
+    if !cands.unmapped.is_empty() {
+        eprintln!(
+            "{} of {} labels have no word vector for any of their names and are left out: {}",
+            cands.unmapped.len(),
+            wnids.len(),
+            cands.unmapped.join(" ")
+        );
+    }
+    let preds = predict::predict(&loaded, &cands, images, top_k, device)?;
+    let (n, hit1, hit5) = predict::hits(&preds);
+    if json {
+        let doc = serde_json::json!({
+            "checkpoint": loaded.url,
+            "labels": labels,
+            "plus_seen": plus_seen,
+            "candidates": cands.wnids.len(),
+            "unmapped": cands.unmapped,
+            "predictions": preds,
+            "scored_images": n,
+            "hit_at_1": (n > 0).then_some(hit1),
+            "hit_at_5": (n > 0).then_some(hit5),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    for p in &preds {
+        let truth = match (&p.label_from_name, p.true_rank) {
+            (Some(w), Some(r)) => format!("  (file name: {w}, ranked {r})"),
+            (Some(w), None) => format!("  (file name: {w}, not a candidate)"),
+            _ => String::new(),
+        };
+        println!("{}{truth}", p.image);
+        for (i, (wnid, name, score)) in p.top.iter().enumerate() {
+            println!("  {:>2}. {wnid}  {score:.3}  {name}", i + 1);
+        }
+    }
+    println!(
+        "{} candidate labels ({} left out without a word vector), {} images",
+        cands.wnids.len(),
+        cands.unmapped.len(),
+        preds.len()
+    );
+    if n > 0 {
+        println!(
+            "hit@1 {:.1}%  hit@5 {:.1}%  over the {n} images whose file name names a candidate",
+            100.0 * hit1,
+            100.0 * hit5
+        );
+    }
+    Ok(())
 }
 
 fn run_data(command: DataCommand) -> Result<()> {

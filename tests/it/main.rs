@@ -6,6 +6,7 @@ mod data;
 mod dist;
 mod hierarchy;
 mod image;
+mod predict;
 mod resume;
 mod s3;
 mod shards;

@@ -1,0 +1,259 @@
+//! `devise predict`: zero-shot labelling of images with any label list (paper §4.2, A.2).
+//!
+//! A checkpoint's model encodes each image (the evaluation transform of its `[data]` section:
+//! resize the short side to `eval_resize`, centre crop `image_size`), projects it into the word
+//! space, and ranks the candidate labels by cosine similarity with their unit label vectors
+//! (one vector per label: the paper's simpler variant). Candidates are any list of wnids, e.g.
+//! ImageNet's 1K, 2-hop, 3-hop or 21K lists; labels with no word vector are left out and
+//! reported. Images are local paths or object-store URLs (`s3://...`, read with
+//! [`crate::storage`]).
+//!
+//! When an image's file name contains a wnid (`n01440764_...JPEG`, as ImageNet files are named)
+//! that is a candidate, it counts towards the hit@1 / hit@5 summary.
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::model::DeviseModel;
+use crate::storage::Store;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+/// A checkpoint ready to embed images.
+pub struct Loaded {
+    /// Its resolved run configuration (`config.toml` of the checkpoint).
+    pub cfg: RunConfig,
+    /// The model with the checkpoint's weights.
+    pub model: DeviseModel,
+    /// The training (seen) labels, in classifier order.
+    pub seen: Vec<String>,
+    /// Step directory URL.
+    pub url: String,
+}
+
+/// Loads the checkpoint at step directory `url` (`.../checkpoints/step-N`) onto `device`.
+/// Errors: a checkpoint that does not verify, a config it cannot parse, weights that do not fit.
+pub fn load_model(url: &str, device: Device) -> Result<Loaded> {
+    let ck = checkpoint::load_url(url)?;
+    let run_url = url
+        .trim_end_matches('/')
+        .rsplit_once("/checkpoints/")
+        .map(|(run, _)| run.to_string())
+        .context("checkpoint URL: expected .../checkpoints/step-N")?;
+    let step_dir = url
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let store = Store::open(&run_url)?;
+    let toml = store
+        .get(&format!("checkpoints/{step_dir}/config.toml"))
+        .with_context(|| format!("{url}: no config.toml"))?;
+    let toml = String::from_utf8(toml.to_vec()).context("config.toml is not UTF-8")?;
+    let cfg = RunConfig::load(&toml, &format!("{url}/config.toml"), &[])?;
+    let seen = ck.state.resume_key.seen.clone();
+    let embed_dim = ck
+        .model
+        .iter()
+        .find(|(name, _)| name == "projection.weight")
+        .map(|(_, t)| t.size()[0])
+        .context("checkpoint has no projection.weight")?;
+    let mut model = DeviseModel::new(&cfg.model, seen.len() as i64, embed_dim, device);
+    model
+        .load_state_dict(&ck.model)
+        .with_context(|| format!("loading the weights of {url}"))?;
+    Ok(Loaded {
+        cfg,
+        model,
+        seen,
+        url: ck.url,
+    })
+}
+
+/// Reads a label list: one wnid per line (the first whitespace-separated field; blank lines and
+/// `#` comments skipped). Errors name the file and line of a field that is not a wnid, and a
+/// wnid listed twice.
+pub fn read_label_list(path: &str) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading label list {path}"))?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let wnid = line.split_whitespace().next().unwrap_or_default();
+        if !is_wnid(wnid) {
+            bail!("{path}:{}: '{wnid}' is not a wnid (n + 8 digits)", i + 1);
+        }
+        if !seen.insert(wnid.to_string()) {
+            bail!("{path}:{}: {wnid} listed twice", i + 1);
+        }
+        out.push(wnid.to_string());
+    }
+    if out.is_empty() {
+        bail!("{path}: no wnids");
+    }
+    Ok(out)
+}
+
+fn is_wnid(s: &str) -> bool {
+    s.len() == 9 && s.starts_with('n') && s[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The first wnid-shaped part of a file name (`n01440764_10026.JPEG` -> `n01440764`).
+pub fn wnid_in_name(path: &str) -> Option<String> {
+    let name = path.rsplit('/').next()?;
+    let bytes = name.as_bytes();
+    (0..bytes.len().saturating_sub(8)).find_map(|i| {
+        let cand = &name[i..i + 9];
+        let boundary_before = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+        let boundary_after = bytes.get(i + 9).is_none_or(|b| !b.is_ascii_digit());
+        (is_wnid(cand) && boundary_before && boundary_after).then(|| cand.to_string())
+    })
+}
+
+/// Candidate labels with unit vectors.
+pub struct Candidates {
+    /// Candidate wnids, in order (the rows of `matrix`).
+    pub wnids: Vec<String>,
+    /// Their first names (for printing).
+    pub names: Vec<String>,
+    /// `[candidates, dim]` unit label vectors.
+    pub matrix: Tensor,
+    /// Requested wnids left out: no word vector for any of their names.
+    pub unmapped: Vec<String>,
+}
+
+/// Label vectors of `wnids` from the checkpoint's `[text]` section; unmapped labels are left
+/// out (listed in [`Candidates::unmapped`]).
+pub fn candidates(cfg: &RunConfig, wnids: &[String], device: Device) -> Result<Candidates> {
+    let mut text = cfg.text.clone();
+    text.on_unmapped = crate::text::OnUnmapped::Skip;
+    let emb = crate::text::load_label_embeddings(&text, wnids)?;
+    let mut kept = Vec::new();
+    let mut names = Vec::new();
+    let mut unmapped = Vec::new();
+    for e in &emb.entries {
+        if e.mapping.is_some() {
+            kept.push(e.wnid.clone());
+            names.push(e.names.first().cloned().unwrap_or_default());
+        } else {
+            unmapped.push(e.wnid.clone());
+        }
+    }
+    if kept.is_empty() {
+        bail!("none of the {} labels has a word vector", wnids.len());
+    }
+    let matrix = Tensor::from_slice(&emb.matrix(&kept)?)
+        .view([kept.len() as i64, emb.dim as i64])
+        .to(device);
+    Ok(Candidates {
+        wnids: kept,
+        names,
+        matrix,
+        unmapped,
+    })
+}
+
+/// One image's top labels.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    /// The image path or URL.
+    pub image: String,
+    /// The wnid in its file name, when there is one.
+    pub label_from_name: Option<String>,
+    /// `(wnid, name, cosine)`, best first.
+    pub top: Vec<(String, String, f32)>,
+    /// Rank (1-based) of `label_from_name` among all candidates, when it is one.
+    pub true_rank: Option<usize>,
+}
+
+/// Reads, decodes and ranks each image. An image that cannot be read or decoded is an error
+/// naming it (nothing is skipped silently).
+pub fn predict(
+    loaded: &Loaded,
+    cands: &Candidates,
+    images: &[String],
+    top_k: usize,
+    device: Device,
+) -> Result<Vec<Prediction>> {
+    let data = &loaded.cfg.data;
+    let s = data.image_size as i64;
+    let mut out = Vec::new();
+    for image in images {
+        let bytes = read_image(image)?;
+        let mut pixels = vec![0f32; (3 * s * s) as usize];
+        crate::data::image::decode_eval(&bytes, data, &mut pixels)
+            .with_context(|| format!("decoding {image}"))?;
+        let x = Tensor::from_slice(&pixels).view([1, 3, s, s]).to(device);
+        let scores = tch::no_grad(|| {
+            let emb = loaded
+                .model
+                .image_embedding(&loaded.model.features(&x, false)); // [1, dim]
+            let emb = &emb / emb.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+            emb.matmul(&cands.matrix.tr()).squeeze_dim(0) // [candidates]
+        });
+        let scores: Vec<f32> = Vec::try_from(scores.to_kind(Kind::Float).to(Device::Cpu))?;
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let label_from_name = wnid_in_name(image);
+        let true_rank = label_from_name
+            .as_ref()
+            .and_then(|w| cands.wnids.iter().position(|c| c == w))
+            .map(|t| order.iter().position(|&i| i == t).unwrap() + 1);
+        out.push(Prediction {
+            image: image.clone(),
+            label_from_name,
+            top: order
+                .iter()
+                .take(top_k)
+                .map(|&i| (cands.wnids[i].clone(), cands.names[i].clone(), scores[i]))
+                .collect(),
+            true_rank,
+        });
+    }
+    Ok(out)
+}
+
+fn read_image(image: &str) -> Result<Vec<u8>> {
+    if image.contains("://") && !image.starts_with("file://") {
+        let (dir, name) = image
+            .rsplit_once('/')
+            .with_context(|| format!("{image}: not a URL to an object"))?;
+        Ok(Store::open(dir)?.get(name)?.to_vec())
+    } else {
+        let path = image.strip_prefix("file://").unwrap_or(image);
+        std::fs::read(path).with_context(|| format!("reading image {path}"))
+    }
+}
+
+/// hit@1 and hit@5 over the predictions whose file-name label is a candidate:
+/// `(images counted, hit@1, hit@5)`.
+pub fn hits(preds: &[Prediction]) -> (usize, f64, f64) {
+    let ranks: Vec<usize> = preds.iter().filter_map(|p| p.true_rank).collect();
+    let n = ranks.len();
+    let frac = |k: usize| ranks.iter().filter(|&&r| r <= k).count() as f64 / n.max(1) as f64;
+    (n, frac(1), frac(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wnids_in_file_names() {
+        assert_eq!(
+            wnid_in_name("a/b/n01440764_10026.JPEG").as_deref(),
+            Some("n01440764")
+        );
+        assert_eq!(
+            wnid_in_name("s3://bucket/ILSVRC2012_val_00000001_n01751748.JPEG").as_deref(),
+            Some("n01751748")
+        );
+        assert_eq!(wnid_in_name("photo.jpg"), None);
+        assert_eq!(wnid_in_name("n0144076_short.jpg"), None);
+        assert_eq!(wnid_in_name("xn01440764.jpg"), None);
+    }
+}

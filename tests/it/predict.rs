@@ -1,0 +1,132 @@
+//! Scope: `devise predict` for real: a checkpoint trained here on 4 Tiny ImageNet classes ranks
+//! ImageNet's 1K label list (real skip-gram vectors; labels without a vector left out and
+//! reported) for the 100 full-size ImageNet JPEGs of `../shared/data/imagenet-sample-100/`
+//! (the wnid is in each file name), as a table and as JSON, with hit@1 / hit@5 against the
+//! file-name labels; bad inputs are errors naming the file or line.
+use crate::common::shared_dir;
+use crate::dist::{devise, text};
+use crate::train::{config_toml, shards};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn predict_ranks_the_1k_labels_for_the_100_full_size_images() {
+    let Some(shared) = shared_dir() else {
+        return;
+    };
+    let Some((_, shard_dir)) = shards() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, config_toml(shard_dir, &run)).unwrap();
+    let out = Command::new(devise())
+        .args(["train", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let checkpoint = run.join("checkpoints/step-000000009");
+    let one_k = shared.join("data/imagenet-meta/zero-shot-splits/1k.txt");
+    let mut images: Vec<String> = std::fs::read_dir(shared.join("data/imagenet-sample-100"))
+        .unwrap()
+        .map(|e| e.unwrap().path().to_str().unwrap().to_string())
+        .collect();
+    images.sort();
+    assert_eq!(images.len(), 100);
+    let predict = |extra: &[&str]| {
+        Command::new(devise())
+            .args(["predict", "--checkpoint", checkpoint.to_str().unwrap()])
+            .args(["--labels", one_k.to_str().unwrap(), "--device", "cpu"])
+            .args(extra)
+            .args(&images)
+            .output()
+            .unwrap()
+    };
+
+    let out = predict(&["--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let unmapped: BTreeSet<String> = doc["unmapped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().to_string())
+        .collect();
+    let candidates = doc["candidates"].as_u64().unwrap() as usize;
+    assert_eq!(
+        candidates + unmapped.len(),
+        1000,
+        "every 1K label is ranked or reported"
+    );
+    assert!(candidates > 900, "{candidates}");
+    let preds = doc["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 100);
+    // Scored: the images whose file-name wnid has a vector (a 1K label with no vector cannot
+    // be named).
+    let scorable = images
+        .iter()
+        .filter(|p| {
+            let name = Path::new(p).file_name().unwrap().to_str().unwrap();
+            !unmapped.contains(&name[..9])
+        })
+        .count();
+    assert_eq!(doc["scored_images"].as_u64().unwrap() as usize, scorable);
+    for p in preds {
+        let top = p["top"].as_array().unwrap();
+        assert_eq!(top.len(), 5);
+        let scores: Vec<f64> = top.iter().map(|t| t[2].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+        assert!(scores.iter().all(|s| (-1.0..=1.0).contains(s)), "cosines");
+        if let Some(rank) = p["true_rank"].as_u64() {
+            assert!((1..=candidates as u64).contains(&rank));
+            let top1 = top[0][0].as_str().unwrap();
+            assert_eq!(rank == 1, top1 == p["label_from_name"].as_str().unwrap());
+        }
+    }
+    let ranks: Vec<u64> = preds
+        .iter()
+        .filter_map(|p| p["true_rank"].as_u64())
+        .collect();
+    let hit = |k: u64| ranks.iter().filter(|&&r| r <= k).count() as f64 / ranks.len() as f64;
+    assert_eq!(doc["hit_at_1"].as_f64().unwrap(), hit(1));
+    assert_eq!(doc["hit_at_5"].as_f64().unwrap(), hit(5));
+
+    // The table: a block per image and the summary line.
+    let out = predict(&["--top-k", "3"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        table.contains("n01491361_tiger_shark.JPEG  (file name: n01491361"),
+        "{table}"
+    );
+    assert!(table.contains("   3. n"), "{table}");
+    assert!(!table.contains("   4. n"), "{table}");
+    assert!(
+        table.contains(&format!("over the {scorable} images")),
+        "{table}"
+    );
+
+    // Bad inputs name what is wrong.
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "n01440764\nnot-a-wnid\n").unwrap();
+    let out = Command::new(devise())
+        .args(["predict", "--checkpoint", checkpoint.to_str().unwrap()])
+        .args(["--labels", bad.to_str().unwrap(), &images[0]])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("bad.txt:2: 'not-a-wnid' is not a wnid"),
+        "{}",
+        text(&out)
+    );
+    let out = Command::new(devise())
+        .args(["predict", "--checkpoint", checkpoint.to_str().unwrap()])
+        .args(["--labels", "seen", "/nonexistent/x.jpg"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("/nonexistent/x.jpg"), "{}", text(&out));
+}
