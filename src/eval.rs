@@ -356,6 +356,60 @@ pub fn evaluate(
     })
 }
 
+/// Evaluates the projection against any candidate label list (`devise eval --labels`): the
+/// validation images whose class is a candidate, ranked among `wnids` (`matrix` `[candidates,
+/// dim]`, unit rows). Returns the row, with hp@k when the plan has a hierarchy. Errors when no
+/// validation image has a candidate label.
+pub fn evaluate_label_set(
+    model: &DeviseModel,
+    plan: &Plan,
+    wnids: &[String],
+    matrix: &Tensor,
+    collective: &dyn Collective,
+    device: Device,
+) -> Result<FlatHits> {
+    let pos: std::collections::HashMap<&str, i64> = wnids
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.as_str(), i as i64))
+        .collect();
+    let val_map: Vec<Option<i64>> = plan
+        .manifest
+        .classes
+        .iter()
+        .map(|w| pos.get(w.as_str()).copied())
+        .collect();
+    if val_map.iter().all(Option::is_none) {
+        bail!(
+            "no class of split '{}' of {} is among the {} candidate labels: nothing to evaluate",
+            plan.data.val_split,
+            plan.data.shards,
+            wnids.len()
+        );
+    }
+    let matrix = matrix.to(device);
+    let mut counter = HitCounter::new(wnids, plan.hierarchy.as_ref());
+    let batches = eval_batches(
+        &plan.data,
+        &plan.manifest,
+        &plan.data.val_split,
+        val_map,
+        plan.eval_batch_size,
+        collective.rank(),
+        collective.world_size(),
+    )?;
+    for batch in batches {
+        let batch = batch?;
+        devise_launch::heartbeat::beat();
+        let (images, labels) = batch_tensors(&batch, device);
+        tch::no_grad(|| -> Result<()> {
+            let emb = model.image_embedding(&model.features(&images, false));
+            counter.add(&emb.matmul(&matrix.tr()), &labels)
+        })?;
+    }
+    counter.finish(collective)
+}
+
 /// ConSE (Norouzi et al., ICLR 2014, "Zero-Shot Learning by Convex Combination of Semantic
 /// Embeddings"): the image's embedding is the softmax-probability-weighted mean of the label
 /// vectors of its top-`t` seen classes, `sum_i p_i t_i / sum_i p_i`. It needs no training beyond

@@ -28,6 +28,7 @@
 //! into a [`plan::Plan`] holding every derived number.
 
 pub mod checkpoint;
+pub mod checkpoint_eval;
 pub mod collective;
 pub mod config;
 pub mod data;

@@ -61,6 +61,23 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
         set: Vec<String>,
     },
+    /// Evaluate a checkpoint (hit@k, and hp@k with eval.hierarchy) on its run's label split or
+    /// on any label list; writes <run dir>/eval/<step>[-<labels>]/report.{json,md}.
+    Eval {
+        /// Checkpoint step directory (.../checkpoints/step-NNNNNNNNN).
+        #[arg(long)]
+        checkpoint: String,
+        /// Candidate labels: a file with one wnid per line, `seen` or `unseen`; default: the
+        /// rows of a stage-end evaluation for the checkpoint's stage.
+        #[arg(long)]
+        labels: Option<String>,
+        /// Rank the training labels too (the paper's DeViSE+1K mode).
+        #[arg(long, requires = "labels")]
+        plus_seen: bool,
+        /// Override a key of the checkpoint's configuration (e.g. eval.hierarchy=FILE).
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+        set: Vec<String>,
+    },
     /// Zero-shot labelling: rank any label list for images (local paths or object-store URLs)
     /// with a checkpoint's model; print the top-k labels with cosine scores. Images whose file
     /// name holds a candidate wnid (ImageNet naming) are scored: hit@1 and hit@5.
@@ -322,6 +339,36 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
             )?))
         }
         Command::Demo { out, set } => Ok(Some(devise::demo::run(&out, &set, stop)?)),
+        Command::Eval {
+            checkpoint,
+            labels,
+            plus_seen,
+            set,
+        } => {
+            let env = WorkerEnv::from_env().context("reading the rank environment")?;
+            let probe = devise::predict::load_model(&checkpoint, tch::Device::Cpu, &set)?;
+            let cuda = match probe.cfg.run.device.as_str() {
+                "cuda" => true,
+                "cpu" => false,
+                _ => tch::Cuda::is_available(),
+            };
+            let collective = devise::collective::init(&env, &probe.cfg.dist, cuda)?;
+            drop(probe);
+            let report = devise::checkpoint_eval::run(
+                &devise::checkpoint_eval::Request {
+                    checkpoint,
+                    overrides: set,
+                    labels,
+                    plus_seen,
+                },
+                collective.as_ref(),
+                env.local_rank,
+            )?;
+            if !report.is_empty() {
+                println!("report: {report}");
+            }
+            Ok(None)
+        }
         Command::Predict {
             checkpoint,
             labels,
@@ -365,7 +412,7 @@ fn run_predict(
         "auto" => tch::Device::cuda_if_available(),
         other => anyhow::bail!("--device {other}: expected cpu, cuda or auto"),
     };
-    let loaded = predict::load_model(checkpoint, device)?;
+    let loaded = predict::load_model(checkpoint, device, &[])?;
     let mut wnids = if labels == "seen" {
         loaded.seen.clone()
     } else {

@@ -28,11 +28,14 @@ pub struct Loaded {
     pub seen: Vec<String>,
     /// Step directory URL.
     pub url: String,
+    /// The checkpoint's train state (step, stage, ...).
+    pub state: checkpoint::TrainState,
 }
 
-/// Loads the checkpoint at step directory `url` (`.../checkpoints/step-N`) onto `device`.
-/// Errors: a checkpoint that does not verify, a config it cannot parse, weights that do not fit.
-pub fn load_model(url: &str, device: Device) -> Result<Loaded> {
+/// Loads the checkpoint at step directory `url` (`.../checkpoints/step-N`) onto `device`, with
+/// `overrides` (`section.key=value`) applied to its configuration. Errors: a checkpoint that does
+/// not verify, a config it cannot parse, weights that do not fit.
+pub fn load_model(url: &str, device: Device, overrides: &[String]) -> Result<Loaded> {
     let ck = checkpoint::load_url(url)?;
     let run_url = url
         .trim_end_matches('/')
@@ -50,7 +53,7 @@ pub fn load_model(url: &str, device: Device) -> Result<Loaded> {
         .get(&format!("checkpoints/{step_dir}/config.toml"))
         .with_context(|| format!("{url}: no config.toml"))?;
     let toml = String::from_utf8(toml.to_vec()).context("config.toml is not UTF-8")?;
-    let cfg = RunConfig::load(&toml, &format!("{url}/config.toml"), &[])?;
+    let cfg = RunConfig::load(&toml, &format!("{url}/config.toml"), overrides)?;
     let seen = ck.state.resume_key.seen.clone();
     let embed_dim = ck
         .model
@@ -67,6 +70,7 @@ pub fn load_model(url: &str, device: Device) -> Result<Loaded> {
         model,
         seen,
         url: ck.url,
+        state: ck.state,
     })
 }
 

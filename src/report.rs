@@ -180,6 +180,14 @@ fn markdown(
     for st in &plan.stages {
         let _ = writeln!(s, "- stage {}", st.describe());
     }
+    s.push_str(&tables(evals));
+    s
+}
+
+/// The results tables of `evals` in Markdown: seen classes, zero-shot (unseen only, seen +
+/// unseen), seen images among all labels, and any `labels/...` rows of `devise eval --labels`.
+pub fn tables(evals: &[StageEval]) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "\nFlat hit@k in percent (paper Tables 1 and 2 shape); with `eval.hierarchy`, hierarchical precision hp@k as a fraction (paper appendix A.3, Tables 1 and 3; hp@1 = hit@1). Prediction ranks one unit vector per label by dot product (paper A.2, simpler variant).");
     table(
         &mut s,
@@ -261,6 +269,27 @@ fn markdown(
             ("DeViSE (fine-tuned)", "finetune", "seen/devise_plus_unseen"),
         ],
     );
+    let custom: Vec<(String, String, String)> = evals
+        .iter()
+        .flat_map(|e| {
+            e.rows
+                .keys()
+                .filter(|k| k.starts_with("labels/"))
+                .map(|k| (format!("{} ({})", k, e.stage), e.stage.clone(), k.clone()))
+        })
+        .collect();
+    let custom: Vec<(&str, &str, &str)> = custom
+        .iter()
+        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+        .collect();
+    for row in &custom {
+        table(
+            &mut s,
+            &format!("Label set {}", row.2.trim_start_matches("labels/")),
+            evals,
+            std::slice::from_ref(row),
+        );
+    }
     s
 }
 

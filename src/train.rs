@@ -1038,7 +1038,8 @@ pub fn step_seed(seed: u64, step: u64) -> i64 {
     ((z ^ (z >> 31)) >> 1) as i64
 }
 
-fn select_device(name: &str, local_rank: usize) -> Result<Device> {
+/// `run.device` (`cpu`, `cuda`, `auto`) as a libtorch device; CUDA is `cuda:local_rank`.
+pub(crate) fn select_device(name: &str, local_rank: usize) -> Result<Device> {
     let cuda = match name {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => true,

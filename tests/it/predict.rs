@@ -1,4 +1,6 @@
-//! Scope: `devise predict` for real: a checkpoint trained here on 4 Tiny ImageNet classes ranks
+//! Scope: `devise predict` and `devise eval` for real. A checkpoint trained here on 4 Tiny ImageNet
+//! classes is evaluated again (the same numbers as the training-time evaluation, bit for bit; on
+//! the 1K label list with hp@k), and ranks
 //! ImageNet's 1K label list (real skip-gram vectors; labels without a vector left out and
 //! reported) for the 100 full-size ImageNet JPEGs of `../shared/data/imagenet-sample-100/`
 //! (the wnid is in each file name), as a table and as JSON, with hit@1 / hit@5 against the
@@ -9,24 +11,36 @@ use crate::train::{config_toml, shards};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
+use std::sync::OnceLock;
+
+/// One trained run (all stages of `config_toml`, 9 steps, hierarchy set) shared by the tests.
+fn trained_run() -> Option<&'static (tempfile::TempDir, std::path::PathBuf)> {
+    static RUN: OnceLock<Option<(tempfile::TempDir, std::path::PathBuf)>> = OnceLock::new();
+    RUN.get_or_init(|| {
+        shared_dir()?;
+        let (_, shard_dir) = shards()?;
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let config = dir.path().join("run.toml");
+        std::fs::write(&config, config_toml(shard_dir, &run)).unwrap();
+        let out = Command::new(devise())
+            .args(["train", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        Some((dir, run))
+    })
+    .as_ref()
+}
 
 #[test]
 fn predict_ranks_the_1k_labels_for_the_100_full_size_images() {
     let Some(shared) = shared_dir() else {
         return;
     };
-    let Some((_, shard_dir)) = shards() else {
+    let Some((dir, run)) = trained_run() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let config = dir.path().join("run.toml");
-    std::fs::write(&config, config_toml(shard_dir, &run)).unwrap();
-    let out = Command::new(devise())
-        .args(["train", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
     let checkpoint = run.join("checkpoints/step-000000009");
     let one_k = shared.join("data/imagenet-meta/zero-shot-splits/1k.txt");
     let mut images: Vec<String> = std::fs::read_dir(shared.join("data/imagenet-sample-100"))
@@ -129,4 +143,77 @@ fn predict_ranks_the_1k_labels_for_the_100_full_size_images() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("/nonexistent/x.jpg"), "{}", text(&out));
+}
+
+#[test]
+fn eval_reproduces_the_training_time_numbers_and_ranks_any_label_list() {
+    let Some(shared) = shared_dir() else {
+        return;
+    };
+    let Some((_, run)) = trained_run() else {
+        return;
+    };
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
+    let at_training = report["evaluations"].as_array().unwrap();
+    let eval = |step: &str, extra: &[&str]| {
+        let out = Command::new(devise())
+            .args(["eval", "--checkpoint"])
+            .arg(run.join("checkpoints").join(step))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let log = text(&out);
+        let path = log
+            .lines()
+            .find_map(|l| l.strip_prefix("report: "))
+            .unwrap_or_else(|| panic!("{log}"))
+            .trim()
+            .to_string();
+        let json = Path::new(&path).with_file_name("report.json");
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+        (doc, std::fs::read_to_string(path).unwrap())
+    };
+    // The softmax stage's end (step 3) and the final checkpoint (step 9), evaluated again: the
+    // same rows and numbers as during training (hit@k and hp@k alike).
+    for (step, index) in [("step-000000003", 0), ("step-000000009", 2)] {
+        let (doc, md) = eval(step, &[]);
+        assert_eq!(
+            doc["evaluations"][0]["rows"], at_training[index]["rows"],
+            "{step}"
+        );
+        assert!(md.contains("hp@5"), "{md}");
+    }
+    // The 1K list: the 200 validation images of the 4 classes (all in 1K) among every 1K label
+    // with a word vector, with hp@k; --plus-seen adds nothing new (the seen labels are in 1K).
+    let one_k = shared.join("data/imagenet-meta/zero-shot-splits/1k.txt");
+    let (doc, md) = eval("step-000000009", &["--labels", one_k.to_str().unwrap()]);
+    let row = &doc["evaluations"][0]["rows"]["labels/1k/devise_0"];
+    let unmapped = doc["unmapped_labels"].as_array().unwrap().len();
+    assert_eq!(
+        row["candidates"].as_u64().unwrap() as usize,
+        1000 - unmapped
+    );
+    assert_eq!(row["images"], 200);
+    assert_eq!(row["hp"]["hp_at_k"]["1"], row["hit_at_k"]["1"]);
+    assert!(md.contains("### Label set 1k/devise_0"), "{md}");
+    assert!(md.contains("left out without a word vector"), "{md}");
+    let (doc, _) = eval(
+        "step-000000009",
+        &["--labels", one_k.to_str().unwrap(), "--plus-seen"],
+    );
+    let plus = &doc["evaluations"][0]["rows"]["labels/1k/devise_plus_seen"];
+    assert_eq!(plus["candidates"], row["candidates"]);
+    assert_eq!(plus["hit_at_k"], row["hit_at_k"]);
+    // A label list with no validation class: a clear error.
+    let two_hop = shared.join("data/imagenet-meta/zero-shot-splits/2-hops.txt");
+    let out = Command::new(devise())
+        .args(["eval", "--checkpoint"])
+        .arg(run.join("checkpoints/step-000000009"))
+        .args(["--labels", two_hop.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("nothing to evaluate"), "{}", text(&out));
 }

@@ -1,0 +1,172 @@
+//! `devise eval`: evaluate a saved checkpoint, on the run's own label split or on any label
+//! list, and write a report beside the checkpoints (`<run dir>/eval/<step>[-<labels>]/report.json`
+//! and `report.md`, by rank 0). Data parallel like training: each rank evaluates its share of the
+//! validation images and the counts are all-reduced.
+//!
+//! Without `--labels` the rows are those of a stage-end evaluation for the checkpoint's stage:
+//! the softmax baseline (and ConSE) for a `softmax` checkpoint, DeViSE (seen, zero-shot
+//! DeViSE-0, seen + unseen) otherwise. With `--labels FILE` (one wnid per line, e.g. ImageNet's
+//! 2-hop / 3-hop / 21K lists) the candidates are the file's labels that have a word vector (the
+//! rest are reported and left out), plus the training labels with `--plus-seen` (the paper's
+//! DeViSE+1K mode); the images are the validation images whose class is a candidate.
+use crate::collective::Collective;
+use crate::eval::{self, Heads, StageEval};
+use crate::plan::Plan;
+use crate::predict;
+use crate::storage::Store;
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+
+/// What to evaluate.
+pub struct Request {
+    /// Checkpoint step directory URL.
+    pub checkpoint: String,
+    /// `section.key=value` overrides of the checkpoint's configuration (e.g. `eval.hierarchy`).
+    pub overrides: Vec<String>,
+    /// A wnid list file, `seen` or `unseen`; None: the checkpoint's own rows.
+    pub labels: Option<String>,
+    /// Add the training labels to the candidates.
+    pub plus_seen: bool,
+}
+
+/// Runs the evaluation; returns the report URL (rank 0) or an empty string (other ranks).
+pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Result<String> {
+    let started = std::time::Instant::now();
+    let probe = predict::load_model(&req.checkpoint, tch::Device::Cpu, &req.overrides)?;
+    let device = crate::train::select_device(&probe.cfg.run.device, local_rank)?;
+    let loaded = if device == tch::Device::Cpu {
+        probe
+    } else {
+        predict::load_model(&req.checkpoint, device, &req.overrides)?
+    };
+    let plan = Plan::build(&loaded.cfg, collective.rank(), collective.world_size())?;
+    if plan.seen != loaded.seen {
+        bail!(
+            "{}: its training labels differ from what its configuration resolves to now (the \
+             split, names or vectors files changed?)",
+            loaded.url
+        );
+    }
+    let (stage, step) = (loaded.state.stage.clone(), loaded.state.step);
+    let mut unmapped = Vec::new();
+    let (result, suffix) = match &req.labels {
+        None => {
+            let heads = if stage == "softmax" {
+                Heads::Softmax
+            } else {
+                Heads::Devise
+            };
+            let r = eval::evaluate(
+                &loaded.model,
+                &plan,
+                heads,
+                collective,
+                device,
+                &stage,
+                step,
+            )?;
+            (r, String::new())
+        }
+        Some(labels) => {
+            let (name, mut wnids) = match labels.as_str() {
+                "seen" => ("seen".to_string(), plan.seen.clone()),
+                "unseen" => ("unseen".to_string(), plan.unseen.clone()),
+                path => (
+                    std::path::Path::new(path)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().to_string())
+                        .unwrap_or_else(|| "labels".into()),
+                    predict::read_label_list(path)?,
+                ),
+            };
+            let mut row = format!("labels/{name}/devise_0");
+            if req.plus_seen {
+                for w in &plan.seen {
+                    if !wnids.contains(w) {
+                        wnids.push(w.clone());
+                    }
+                }
+                row = format!("labels/{name}/devise_plus_seen");
+            }
+            let cands = predict::candidates(&loaded.cfg, &wnids, device)?;
+            if !cands.unmapped.is_empty() {
+                tracing::warn!(
+                    "{} of {} labels have no word vector and are left out: {}",
+                    cands.unmapped.len(),
+                    wnids.len(),
+                    cands.unmapped.join(" ")
+                );
+            }
+            unmapped = cands.unmapped.clone();
+            let hits = eval::evaluate_label_set(
+                &loaded.model,
+                &plan,
+                &cands.wnids,
+                &cands.matrix,
+                collective,
+                device,
+            )?;
+            let suffix = format!("-{}", row.replace('/', "-").trim_start_matches("labels-"));
+            let r = StageEval {
+                stage: stage.clone(),
+                step,
+                rows: BTreeMap::from([(row, hits)]),
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            (r, suffix)
+        }
+    };
+    if collective.rank() != 0 {
+        return Ok(String::new());
+    }
+    let (run_url, step_dir) = loaded
+        .url
+        .trim_end_matches('/')
+        .rsplit_once("/checkpoints/")
+        .context("checkpoint URL: expected .../checkpoints/step-N")?;
+    let store = Store::open(run_url)?;
+    let dir = format!("eval/{step_dir}{suffix}");
+    let evals = [result];
+    let json = serde_json::json!({
+        "checkpoint": loaded.url,
+        "labels": req.labels,
+        "plus_seen": req.plus_seen,
+        "unmapped_labels": unmapped,
+        "hierarchy": loaded.cfg.eval.hierarchy,
+        "evaluations": evals,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    });
+    store.put(
+        &format!("{dir}/report.json"),
+        serde_json::to_vec_pretty(&json)?.into(),
+    )?;
+    let mut md = format!(
+        "# Evaluation of `{}`\n\n- stage `{stage}`, step {step}; {} seen / {} unseen labels in its \
+         split; validation split `{}` of `{}`\n",
+        loaded.url,
+        plan.seen.len(),
+        plan.unseen.len(),
+        plan.data.val_split,
+        plan.data.shards
+    );
+    if let Some(labels) = &req.labels {
+        md.push_str(&format!(
+            "- candidates: `{labels}`{} ({} left out without a word vector{})\n",
+            if req.plus_seen {
+                " + the training labels"
+            } else {
+                ""
+            },
+            unmapped.len(),
+            if unmapped.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", unmapped.join(" "))
+            }
+        ));
+    }
+    md.push_str(&crate::report::tables(&evals));
+    store.put(&format!("{dir}/report.md"), md.into_bytes().into())?;
+    println!("{}", crate::report::summary(&evals));
+    Ok(store.child_url(&format!("{dir}/report.md")))
+}
