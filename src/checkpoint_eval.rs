@@ -112,6 +112,7 @@ pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Res
                 step,
                 rows: BTreeMap::from([(row, hits)]),
                 seconds: started.elapsed().as_secs_f64(),
+                examples: Vec::new(),
             };
             (r, suffix)
         }

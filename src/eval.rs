@@ -15,7 +15,7 @@ use crate::data::reader::eval_batches;
 use crate::hierarchy::{CandidateIndex, Hierarchy, HpAtK, HpCounter};
 use crate::model::DeviseModel;
 use crate::plan::Plan;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -78,6 +78,23 @@ pub struct FlatHits {
     /// sizes and chance, when `eval.hierarchy` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hp: Option<HpAtK>,
+    /// Per true label (zero-shot DeViSE-0 rows and `devise eval --labels` rows): images,
+    /// hit@1 and hit@5 of that label's images, for labels with at least one image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_class: Vec<ClassHits>,
+}
+
+/// hit@1 / hit@5 of the images of one true label.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassHits {
+    /// The label.
+    pub wnid: String,
+    /// Its images (all ranks).
+    pub images: u64,
+    /// Fraction of them with the label ranked first.
+    pub hit_at_1: f64,
+    /// Fraction of them with the label in the top 5.
+    pub hit_at_5: f64,
 }
 
 /// What a stage-end evaluation measured, keyed by row name (`seen/softmax`, `seen/devise`,
@@ -92,6 +109,49 @@ pub struct StageEval {
     pub rows: BTreeMap<String, FlatHits>,
     /// Wall time of the evaluation, seconds.
     pub seconds: f64,
+    /// A few unseen validation images (rank 0's first) with their DeViSE-0 top-5, for the
+    /// HTML report (devise / finetune evaluations only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<Example>,
+}
+
+/// One example image and its top labels.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Example {
+    /// True label.
+    pub wnid: String,
+    /// The evaluated image (after the eval transform), PNG, base64.
+    pub png_base64: String,
+    /// `(wnid, score)` best first (dot product of the image embedding with the unit label
+    /// vector).
+    pub top: Vec<(String, f32)>,
+}
+
+/// How many example images a devise-head evaluation keeps.
+pub const EXAMPLES: usize = 8;
+
+/// A normalised `[3, s, s]` image back to PNG bytes (undoing `(x/255 - mean) / std`).
+fn to_png(image: &Tensor, data: &crate::data::Config) -> Result<Vec<u8>> {
+    let size = image.size();
+    let (h, w) = (size[1] as u32, size[2] as u32);
+    let chw: Vec<f32> = Vec::try_from(
+        image
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .flatten(0, -1),
+    )?;
+    let plane = (h * w) as usize;
+    let mut rgb = vec![0u8; 3 * plane];
+    for c in 0..3 {
+        for i in 0..plane {
+            let v = (chw[c * plane + i] * data.std[c] + data.mean[c]) * 255.0;
+            rgb[3 * i + c] = v.round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    let img = image::RgbImage::from_raw(w, h, rgb).context("example image buffer")?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(png)
 }
 
 /// Accumulates hit counts (and hp@k when a hierarchy is given) for one row.
@@ -100,6 +160,8 @@ struct HitCounter {
     images: u64,
     candidates: usize,
     hp: Option<HpRow>,
+    /// `(wnids, [images, hit@1, hit@5] per candidate)` when per-class counts are kept.
+    per_class: Option<(Vec<String>, Vec<[u64; 3]>)>,
 }
 
 /// hp@k state of one row: the hierarchy, the row's candidates located in it, the counter.
@@ -124,7 +186,14 @@ impl HitCounter {
                 index: h.candidate_index(wnids),
                 counter: HpCounter::new(&HIT_KS, candidates),
             }),
+            per_class: None,
         }
+    }
+
+    /// Also count hit@1 / hit@5 per true label.
+    fn with_per_class(mut self, wnids: &[String]) -> Self {
+        self.per_class = Some((wnids.to_vec(), vec![[0; 3]; wnids.len()]));
+        self
     }
 
     /// scores `[batch, candidates]`, labels `[batch]` (indices into the candidates).
@@ -138,6 +207,18 @@ impl HitCounter {
             self.hits[i] += i64::try_from(first_hit.select(1, col).sum(Kind::Int64))? as u64;
         }
         self.images += labels.size()[0] as u64;
+        if let Some((_, counts)) = &mut self.per_class {
+            let truth: Vec<i64> = Vec::try_from(labels.to_device(Device::Cpu))?;
+            let at1: Vec<i64> = Vec::try_from(first_hit.select(1, 0).to_device(Device::Cpu))?;
+            let col5 = (5.min(self.candidates) as i64) - 1;
+            let at5: Vec<i64> = Vec::try_from(first_hit.select(1, col5).to_device(Device::Cpu))?;
+            for (i, &t) in truth.iter().enumerate() {
+                let c = &mut counts[t as usize];
+                c[0] += 1;
+                c[1] += at1[i] as u64;
+                c[2] += at5[i] as u64;
+            }
+        }
         if let Some(hp) = &mut self.hp {
             let top: Vec<i64> = Vec::try_from(top.to_device(Device::Cpu).flatten(0, 1))?;
             let truth: Vec<i64> = Vec::try_from(labels.to_device(Device::Cpu))?;
@@ -159,7 +240,11 @@ impl HitCounter {
         let mut counts: Vec<f64> = self.hits.iter().map(|&h| h as f64).collect();
         counts.push(self.images as f64);
         let hp_sums = self.hp.as_ref().map(|hp| hp.counter.sums());
+        let hp_len = hp_sums.as_ref().map_or(0, Vec::len);
         counts.extend(hp_sums.iter().flatten());
+        if let Some((_, per)) = &self.per_class {
+            counts.extend(per.iter().flatten().map(|&c| c as f64));
+        }
         let mut t = [Tensor::from_slice(&counts).to_kind(Kind::Double)];
         // Summed in f32 by the backend: exact for counts below 2^24 (16.7 M images).
         collective.all_reduce_tensors(&mut t, crate::collective::ReduceOp::Sum)?;
@@ -179,16 +264,33 @@ impl HitCounter {
             );
             chance_at_k.insert(k, k.min(self.candidates) as f64 / self.candidates as f64);
         }
+        let rest = &all[HIT_KS.len() + 1..];
         let hp = self
             .hp
             .as_ref()
-            .map(|hp| hp.counter.finish(&all[HIT_KS.len() + 1..]));
+            .map(|hp| hp.counter.finish(&rest[..hp_len]));
+        let mut per_class = Vec::new();
+        if let Some((wnids, _)) = &self.per_class {
+            for (i, wnid) in wnids.iter().enumerate() {
+                let c = &rest[hp_len + 3 * i..hp_len + 3 * i + 3];
+                let n = c[0].round();
+                if n > 0.0 {
+                    per_class.push(ClassHits {
+                        wnid: wnid.clone(),
+                        images: n as u64,
+                        hit_at_1: c[1].round() / n,
+                        hit_at_5: c[2].round() / n,
+                    });
+                }
+            }
+        }
         Ok(FlatHits {
             images,
             candidates: self.candidates,
             hit_at_k,
             chance_at_k,
             hp,
+            per_class,
         })
     }
 }
@@ -234,7 +336,8 @@ pub fn evaluate(
     let mut softmax_zero_plus = HitCounter::new(&all_wnids, h);
     let mut devise = HitCounter::new(&plan.seen, h);
     let mut devise_plus = HitCounter::new(&all_wnids, h);
-    let mut zero = HitCounter::new(&plan.unseen, h);
+    let mut zero = HitCounter::new(&plan.unseen, h).with_per_class(&plan.unseen);
+    let mut examples: Vec<Example> = Vec::new();
     let mut zero_plus = HitCounter::new(&all_wnids, h);
     // ConSE per T: (unseen labels only, seen + unseen labels).
     let mut conse: Vec<(HitCounter, HitCounter)> = CONSE_TS
@@ -302,10 +405,33 @@ pub fn evaluate(
                     devise.add(&seen_emb.matmul(&seen_labels.tr()), &seen_y)?;
                     devise_plus.add(&seen_emb.matmul(&all_labels.tr()), &seen_y)?;
                     if n_unseen > 0 {
-                        zero.add(
-                            &unseen_emb.matmul(&unseen_labels.tr()),
-                            &(&unseen_y - n_seen as i64),
-                        )?;
+                        let scores = unseen_emb.matmul(&unseen_labels.tr()); // [unseen batch, unseen]
+                        let want = (EXAMPLES - examples.len()).min(scores.size()[0] as usize);
+                        if rank == 0 && want > 0 {
+                            let k = 5.min(n_unseen) as i64;
+                            let (top_s, top_i) = scores.topk(k, 1, true, true);
+                            let unseen_images = images.index_select(0, &unseen_rows);
+                            for j in 0..want as i64 {
+                                let s: Vec<f32> =
+                                    Vec::try_from(top_s.get(j).to_device(Device::Cpu))?;
+                                let i: Vec<i64> =
+                                    Vec::try_from(top_i.get(j).to_device(Device::Cpu))?;
+                                let truth = i64::try_from(unseen_y.get(j))? as usize - n_seen;
+                                examples.push(Example {
+                                    wnid: plan.unseen[truth].clone(),
+                                    png_base64: base64::Engine::encode(
+                                        &base64::engine::general_purpose::STANDARD,
+                                        to_png(&unseen_images.get(j), &plan.data)?,
+                                    ),
+                                    top: i
+                                        .iter()
+                                        .zip(s)
+                                        .map(|(&c, v)| (plan.unseen[c as usize].clone(), v))
+                                        .collect(),
+                                });
+                            }
+                        }
+                        zero.add(&scores, &(&unseen_y - n_seen as i64))?;
                         zero_plus.add(&unseen_emb.matmul(&all_labels.tr()), &unseen_y)?;
                     }
                 }
@@ -353,6 +479,7 @@ pub fn evaluate(
         step,
         rows,
         seconds: started.elapsed().as_secs_f64(),
+        examples,
     })
 }
 
@@ -388,7 +515,7 @@ pub fn evaluate_label_set(
         );
     }
     let matrix = matrix.to(device);
-    let mut counter = HitCounter::new(wnids, plan.hierarchy.as_ref());
+    let mut counter = HitCounter::new(wnids, plan.hierarchy.as_ref()).with_per_class(wnids);
     let batches = eval_batches(
         &plan.data,
         &plan.manifest,

@@ -42,6 +42,7 @@ pub mod optim;
 pub mod plan;
 pub mod predict;
 pub mod report;
+pub mod report_html;
 pub mod split;
 pub mod storage;
 pub mod text;

@@ -1,6 +1,7 @@
-//! The run report, written by rank 0 into the run directory: `report.json` (everything) and
+//! The run report, written by rank 0 into the run directory: `report.json` (everything),
 //! `report.md` (the paper-style tables: softmax baseline vs DeViSE on seen classes, zero-shot
-//! DeViSE-0 and seen+unseen, chance), plus a terminal summary.
+//! DeViSE-0 and seen+unseen, chance; hp@k with `eval.hierarchy`), `report.html` (the same tables
+//! with plots and example images, [`crate::report_html`]), plus a terminal summary.
 use crate::config::RunConfig;
 use crate::data::reader::DataStats;
 use crate::eval::{FlatHits, StageEval, HIT_KS};
@@ -47,6 +48,25 @@ pub fn write(
     run.put("report.json", serde_json::to_vec_pretty(&json)?.into())?;
     let md = markdown(cfg, plan, evals, wall, data);
     run.put("report.md", md.clone().into_bytes().into())?;
+    let names: std::collections::HashMap<&str, &str> = plan
+        .labels
+        .entries
+        .iter()
+        .filter_map(|e| Some((e.wnid.as_str(), e.names.first()?.as_str())))
+        .collect();
+    let name_of = |wnid: &str| -> String {
+        names
+            .get(wnid)
+            .map_or_else(|| wnid.to_string(), |n| n.to_string())
+    };
+    let html = crate::report_html::html(
+        &format!("DeViSE run {}", cfg.run.name),
+        &md,
+        evals,
+        metrics,
+        &name_of,
+    )?;
+    run.put("report.html", html.into_bytes().into())?;
     println!("{}", summary(evals));
     Ok(run.child_url("report.md"))
 }

@@ -7,6 +7,7 @@ mod dist;
 mod hierarchy;
 mod image;
 mod predict;
+mod report;
 mod resume;
 mod s3;
 mod shards;

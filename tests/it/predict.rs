@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// One trained run (all stages of `config_toml`, 9 steps, hierarchy set) shared by the tests.
-fn trained_run() -> Option<&'static (tempfile::TempDir, std::path::PathBuf)> {
+pub(crate) fn trained_run() -> Option<&'static (tempfile::TempDir, std::path::PathBuf)> {
     static RUN: OnceLock<Option<(tempfile::TempDir, std::path::PathBuf)>> = OnceLock::new();
     RUN.get_or_init(|| {
         shared_dir()?;
