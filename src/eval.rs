@@ -38,6 +38,10 @@ pub struct Config {
     /// reports hierarchical precision@k (paper appendix A.3, `crate::hierarchy`).
     #[serde(default)]
     pub hierarchy: Option<String>,
+    /// Also evaluate every this many optimizer steps (0: only at the end of each stage). Each
+    /// evaluation is logged as `eval/...` metrics; the report keeps each stage's latest.
+    #[serde(default)]
+    pub every_steps: u64,
 }
 
 fn default_batch_size() -> usize {
@@ -49,6 +53,7 @@ impl Default for Config {
         Config {
             batch_size: default_batch_size(),
             hierarchy: None,
+            every_steps: 0,
         }
     }
 }

@@ -479,7 +479,8 @@ pub fn train(
             metrics.write(&line)?;
         }
         let stage_end = step == stage.last_step;
-        if stage_end {
+        let periodic = cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0;
+        if stage_end || periodic {
             let heads = if stage.kind == StageKind::Softmax {
                 Heads::Softmax
             } else {

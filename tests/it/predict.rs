@@ -22,7 +22,9 @@ pub(crate) fn trained_run() -> Option<&'static (tempfile::TempDir, std::path::Pa
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         let config = dir.path().join("run.toml");
-        std::fs::write(&config, config_toml(shard_dir, &run)).unwrap();
+        // Also evaluate every 2 steps (mid-stage), besides each stage's end.
+        let toml = config_toml(shard_dir, &run).replace("[eval]\n", "[eval]\nevery_steps = 2\n");
+        std::fs::write(&config, toml).unwrap();
         let out = Command::new(devise())
             .args(["train", "--config", config.to_str().unwrap()])
             .output()
@@ -156,6 +158,29 @@ fn eval_reproduces_the_training_time_numbers_and_ranks_any_label_list() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
     let at_training = report["evaluations"].as_array().unwrap();
+    // eval.every_steps = 2: evaluations at steps 2, 4, 6, 8 besides the stage ends 3, 6, 9, each
+    // logged as eval/... metrics; the report keeps each stage's last.
+    let eval_steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| {
+            v.as_object()
+                .unwrap()
+                .keys()
+                .any(|k| k.starts_with("eval/"))
+        })
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(eval_steps, [2, 3, 4, 6, 8, 9]);
+    assert_eq!(at_training.len(), 3);
+    assert_eq!(
+        at_training
+            .iter()
+            .map(|e| e["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [3, 6, 9]
+    );
     let eval = |step: &str, extra: &[&str]| {
         let out = Command::new(devise())
             .args(["eval", "--checkpoint"])
