@@ -633,6 +633,34 @@ fn a_non_finite_loss_or_gradient_on_one_rank_stops_or_is_skipped_by_every_rank()
     );
 }
 
+/// Starts `cmd`, waits until `metrics` has `lines` lines (steps logged), sends the process
+/// SIGUSR1 (a preemption warning) and returns its output.
+fn sigusr1_after_metrics_lines(
+    cmd: &mut Command,
+    metrics: &Path,
+    lines: usize,
+    limit: Duration,
+) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::fs::read_to_string(metrics).map_or(0, |m| m.lines().count()) < lines {
+        assert!(
+            started.elapsed() < limit,
+            "fewer than {lines} metrics lines"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Command::new("kill")
+        .args(["-USR1", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn the_tiny_imagenet_config_resumes_with_resume_auto_after_sigusr1() {
     let Some(shared) = shared_dir() else {
@@ -669,25 +697,8 @@ fn the_tiny_imagenet_config_resumes_with_resume_auto_after_sigusr1() {
     assert!(out.status.success(), "{}", text(&out));
 
     let metrics = dir.path().join("preempted/metrics.jsonl");
-    let child = run("preempted")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::fs::read_to_string(&metrics)
-        .map(|m| m.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(started.elapsed() < Duration::from_secs(300), "no step 2");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Command::new("kill")
-        .args(["-USR1", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut cmd = run("preempted");
+    let out = sigusr1_after_metrics_lines(&mut cmd, &metrics, 2, Duration::from_secs(300));
     let log = text(&out);
     assert_eq!(out.status.code(), Some(75), "{log}");
     assert!(log.contains("preempted"), "{log}");
@@ -764,22 +775,8 @@ fn the_slurm_recipe_forwards_sigusr1_and_requeues_on_the_preempted_code() {
         .stderr(Stdio::piped());
         cmd
     };
-    let child = sbatch(()).spawn().unwrap();
     let metrics = run_dir(&config).join("metrics.jsonl");
-    let started = Instant::now();
-    while std::fs::read_to_string(&metrics)
-        .map(|m| m.lines().count())
-        .unwrap_or(0)
-        < 5
-    {
-        assert!(started.elapsed() < Duration::from_secs(120), "no step 5");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Command::new("kill")
-        .args(["-USR1", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = sigusr1_after_metrics_lines(&mut sbatch(()), &metrics, 5, Duration::from_secs(120));
     let log = text(&out);
     assert_eq!(out.status.code(), Some(75), "{log}");
     assert!(log.contains("devise: got USR1, forwarding"), "{log}");
