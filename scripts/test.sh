@@ -13,11 +13,15 @@ export LIBTORCH="$PWD/.deps/libtorch"
 # The object-storage tests run a real S3 server on 127.0.0.1 (tests/it/s3.rs): s3s-fs, built
 # once into .deps/s3s (~3.5 min on 2 cores).
 [ -x .deps/s3s/bin/s3s-fs ] || cargo install --quiet --locked s3s-fs@0.14.1 --features binary --root .deps/s3s
-# tests/it/report.rs opens report.html in a headless browser (Debian's chromium, ~100 MB).
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "test.sh: apt-get install chromium" >&2
+# tests/it/report.rs opens report.html in a headless browser (Debian's chromium, ~100 MB);
+# tests/it/cluster.rs runs shellcheck on the SLURM scripts.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+if ((${#missing[@]})); then
+  echo "test.sh: apt-get install ${missing[*]}" >&2
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -1,6 +1,7 @@
 //! One integration-test crate (ripgrep style). Each module states its scope. Tests that read
 //! `../shared` skip with a printed reason only when it is absent (never in CI, where it exists).
 mod cli;
+mod cluster;
 mod common;
 mod data;
 mod dist;
