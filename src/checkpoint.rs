@@ -13,7 +13,9 @@
 //! `step-N/` in one `rename(2)`, so a reader sees all of it or none. On object stores (no rename)
 //! the files are written in place and `manifest.json` is written last: a step without a manifest
 //! is incomplete. Either way a reader never trusts a step without its manifest and verifies every
-//! file's size and sha256 before loading; `LATEST` is only a hint, checked like any other step.
+//! file's size and sha256 before loading. `LATEST`, written last, is the commit point: it names
+//! the step to resume from, verified like any other; when it is missing or broken, the newest step
+//! that verifies is used ([`find_latest`]).
 //!
 //! Failure: any I/O error aborts the save with the error (nothing is swallowed); the previous
 //! checkpoints are untouched, and retention deletes old steps only after the new one is published,
