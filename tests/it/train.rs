@@ -362,6 +362,8 @@ fn every_shipped_config_validates() {
         names,
         [
             "demo.toml",
+            "imagenet-1k-resnet50.toml",
+            "smoke.toml",
             "tiny-imagenet-small.toml",
             "tiny-imagenet.toml"
         ]
@@ -521,4 +523,30 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
     }
     let err = try_run(&["train.finetune.epochs=0.05"]).unwrap_err();
     assert!(err.contains("none is intact"), "{err}");
+}
+
+#[test]
+fn the_smoke_config_runs_every_stage_on_real_data() {
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
+    let run = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_devise"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--config", "configs/smoke.toml"])
+        .args(["--set", &format!("data.shards={}", shards.display())])
+        .args(["--set", &format!("run.dir={}", run.path().display())])
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    let steps: Vec<u64> = losses(run.path()).iter().map(|l| l.0).collect();
+    assert_eq!(steps, (1..=9).collect::<Vec<_>>());
+    let md = std::fs::read_to_string(run.path().join("report.md")).unwrap();
+    assert!(md.contains("hp@2") && md.contains("DeViSE-0"), "{md}");
+    assert!(run.path().join("report.html").is_file());
 }
