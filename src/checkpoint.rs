@@ -134,6 +134,8 @@ pub struct Loaded {
     pub optimizer: Vec<(String, Tensor)>,
     /// Train state.
     pub state: TrainState,
+    /// The resolved run configuration it was written with (`config.toml`).
+    pub config_toml: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -467,16 +469,52 @@ pub fn load(run: &Store, step: u64) -> Result<Loaded> {
     )?;
     let state: TrainState = serde_json::from_slice(&files["train_state.json"])
         .with_context(|| format!("{url}/train_state.json"))?;
+    let config_toml = config_text(&files, &url)?;
     Ok(Loaded {
         url,
         model,
         optimizer,
         state,
+        config_toml,
     })
+}
+
+fn config_text(files: &BTreeMap<String, bytes::Bytes>, url: &str) -> Result<String> {
+    let bytes = files
+        .get("config.toml")
+        .with_context(|| format!("{url}: the manifest lists no config.toml"))?;
+    String::from_utf8(bytes.to_vec()).with_context(|| format!("{url}/config.toml is not UTF-8"))
+}
+
+/// The run configuration (`config.toml`) of the checkpoint at step directory URL `url`, checked
+/// against its manifest, without reading the tensors.
+pub fn config_at(url: &str) -> Result<String> {
+    let (run, step) = split_step_url(url)?;
+    let name = step_dir_name(step);
+    let manifest: Manifest = serde_json::from_slice(
+        &run.get(&format!("checkpoints/{name}/manifest.json"))
+            .with_context(|| format!("{url} has no manifest.json (incomplete)"))?,
+    )
+    .with_context(|| format!("{url}/manifest.json is not valid"))?;
+    let entry = manifest
+        .files
+        .get("config.toml")
+        .with_context(|| format!("{url}: the manifest lists no config.toml"))?;
+    let data = run.get(&format!("checkpoints/{name}/config.toml"))?;
+    if data.len() as u64 != entry.bytes || sha256_hex(&data) != entry.sha256 {
+        bail!("{url}/config.toml does not match its manifest (corrupt)");
+    }
+    config_text(&BTreeMap::from([("config.toml".to_string(), data)]), url)
 }
 
 /// Loads a checkpoint given its step directory URL (`.../checkpoints/step-000001000`).
 pub fn load_url(url: &str) -> Result<Loaded> {
+    let (run, step) = split_step_url(url)?;
+    load(&run, step)
+}
+
+/// `.../<run>/checkpoints/step-N` -> (the run directory's store, N).
+pub fn split_step_url(url: &str) -> Result<(Store, u64)> {
     let trimmed = url.trim_end_matches('/');
     let (parent, dir) = trimmed
         .rsplit_once('/')
@@ -486,7 +524,7 @@ pub fn load_url(url: &str) -> Result<Loaded> {
     let run_url = parent
         .strip_suffix("/checkpoints")
         .with_context(|| format!("{url}: expected .../checkpoints/{dir}"))?;
-    load(&Store::open(run_url)?, step)
+    Ok((Store::open(run_url)?, step))
 }
 
 #[cfg(test)]

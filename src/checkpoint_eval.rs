@@ -13,8 +13,8 @@ use crate::collective::Collective;
 use crate::eval::{self, Heads, StageEval};
 use crate::plan::Plan;
 use crate::predict;
-use crate::storage::Store;
-use anyhow::{bail, Context, Result};
+
+use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 
 /// What to evaluate.
@@ -32,13 +32,9 @@ pub struct Request {
 /// Runs the evaluation; returns the report URL (rank 0) or an empty string (other ranks).
 pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Result<String> {
     let started = std::time::Instant::now();
-    let probe = predict::load_model(&req.checkpoint, tch::Device::Cpu, &req.overrides)?;
-    let device = crate::train::select_device(&probe.cfg.run.device, local_rank)?;
-    let loaded = if device == tch::Device::Cpu {
-        probe
-    } else {
-        predict::load_model(&req.checkpoint, device, &req.overrides)?
-    };
+    let cfg = predict::checkpoint_config(&req.checkpoint, &req.overrides)?;
+    let device = crate::train::select_device(&cfg.run.device, local_rank)?;
+    let loaded = predict::load_model(&req.checkpoint, device, &req.overrides)?;
     let plan = Plan::build(&loaded.cfg, collective.rank(), collective.world_size())?;
     if plan.seen != loaded.seen {
         bail!(
@@ -120,13 +116,11 @@ pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Res
     if collective.rank() != 0 {
         return Ok(String::new());
     }
-    let (run_url, step_dir) = loaded
-        .url
-        .trim_end_matches('/')
-        .rsplit_once("/checkpoints/")
-        .context("checkpoint URL: expected .../checkpoints/step-N")?;
-    let store = Store::open(run_url)?;
-    let dir = format!("eval/{step_dir}{suffix}");
+    let (store, step_number) = crate::checkpoint::split_step_url(&loaded.url)?;
+    let dir = format!(
+        "eval/{}{suffix}",
+        crate::checkpoint::step_dir_name(step_number)
+    );
     let evals = [result];
     let json = serde_json::json!({
         "checkpoint": loaded.url,

@@ -212,8 +212,11 @@ impl HitCounter {
             self.hits[i] += i64::try_from(first_hit.select(1, col).sum(Kind::Int64))? as u64;
         }
         self.images += labels.size()[0] as u64;
+        if self.per_class.is_none() && self.hp.is_none() {
+            return Ok(());
+        }
+        let truth: Vec<i64> = Vec::try_from(labels.to_device(Device::Cpu))?;
         if let Some((_, counts)) = &mut self.per_class {
-            let truth: Vec<i64> = Vec::try_from(labels.to_device(Device::Cpu))?;
             let at1: Vec<i64> = Vec::try_from(first_hit.select(1, 0).to_device(Device::Cpu))?;
             let col5 = (5.min(self.candidates) as i64) - 1;
             let at5: Vec<i64> = Vec::try_from(first_hit.select(1, col5).to_device(Device::Cpu))?;
@@ -226,7 +229,6 @@ impl HitCounter {
         }
         if let Some(hp) = &mut self.hp {
             let top: Vec<i64> = Vec::try_from(top.to_device(Device::Cpu).flatten(0, 1))?;
-            let truth: Vec<i64> = Vec::try_from(labels.to_device(Device::Cpu))?;
             let top: Vec<u32> = top.iter().map(|&c| c as u32).collect();
             for (i, &t) in truth.iter().enumerate() {
                 let row = &top[i * kmax as usize..(i + 1) * kmax as usize];

@@ -346,14 +346,13 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
             set,
         } => {
             let env = WorkerEnv::from_env().context("reading the rank environment")?;
-            let probe = devise::predict::load_model(&checkpoint, tch::Device::Cpu, &set)?;
-            let cuda = match probe.cfg.run.device.as_str() {
+            let cfg = devise::predict::checkpoint_config(&checkpoint, &set)?;
+            let cuda = match cfg.run.device.as_str() {
                 "cuda" => true,
                 "cpu" => false,
                 _ => tch::Cuda::is_available(),
             };
-            let collective = devise::collective::init(&env, &probe.cfg.dist, cuda)?;
-            drop(probe);
+            let collective = devise::collective::init(&env, &cfg.dist, cuda)?;
             let report = devise::checkpoint_eval::run(
                 &devise::checkpoint_eval::Request {
                     checkpoint,

@@ -32,28 +32,19 @@ pub struct Loaded {
     pub state: checkpoint::TrainState,
 }
 
+/// The resolved configuration of the checkpoint at step directory `url` with `overrides`
+/// (`section.key=value`) applied; reads only `config.toml` (checked against the manifest).
+pub fn checkpoint_config(url: &str, overrides: &[String]) -> Result<RunConfig> {
+    let toml = checkpoint::config_at(url)?;
+    RunConfig::load(&toml, &format!("{url}/config.toml"), overrides)
+}
+
 /// Loads the checkpoint at step directory `url` (`.../checkpoints/step-N`) onto `device`, with
 /// `overrides` (`section.key=value`) applied to its configuration. Errors: a checkpoint that does
 /// not verify, a config it cannot parse, weights that do not fit.
 pub fn load_model(url: &str, device: Device, overrides: &[String]) -> Result<Loaded> {
     let ck = checkpoint::load_url(url)?;
-    let run_url = url
-        .trim_end_matches('/')
-        .rsplit_once("/checkpoints/")
-        .map(|(run, _)| run.to_string())
-        .context("checkpoint URL: expected .../checkpoints/step-N")?;
-    let step_dir = url
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let store = Store::open(&run_url)?;
-    let toml = store
-        .get(&format!("checkpoints/{step_dir}/config.toml"))
-        .with_context(|| format!("{url}: no config.toml"))?;
-    let toml = String::from_utf8(toml.to_vec()).context("config.toml is not UTF-8")?;
-    let cfg = RunConfig::load(&toml, &format!("{url}/config.toml"), overrides)?;
+    let cfg = RunConfig::load(&ck.config_toml, &format!("{url}/config.toml"), overrides)?;
     let seen = ck.state.resume_key.seen.clone();
     let embed_dim = ck
         .model

@@ -81,6 +81,24 @@ fn local(config: &Path) -> RunAt {
     }
 }
 
+/// The local S3 server when `store` is `"s3"` (`Some(None)` for `"local"`); `None` when the
+/// server is not installed (the caller skips; a failure under `CI=true`).
+fn server_for(store: &str) -> Option<Option<S3Server>> {
+    if store == "s3" {
+        start_server("devise").map(Some)
+    } else {
+        Some(None)
+    }
+}
+
+/// `config` as it is (local run dir) or moved into the S3 server's bucket.
+fn place(config: &Path, server: Option<&S3Server>) -> (PathBuf, RunAt) {
+    match server {
+        Some(s) => at_s3(config, s),
+        None => (config.to_path_buf(), local(config)),
+    }
+}
+
 /// `devise-launch --nproc-per-node N ... -- devise train --config C WORKER_ARGS`.
 fn launch_cmd(
     nproc: usize,
@@ -146,13 +164,8 @@ fn reference(dir: &Path, softmax_epochs: f64, extra: &str) -> PathBuf {
 
 fn stopped_and_resumed_equals_uninterrupted(store: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let server = if store == "s3" {
-        match start_server("devise") {
-            Some(s) => Some(s),
-            None => return,
-        }
-    } else {
-        None
+    let Some(server) = server_for(store) else {
+        return;
     };
     // 0.2 epochs of softmax (19 steps), 3 devise steps on cached features, 3 finetune steps.
     let reference = reference(dir.path(), 0.2, "");
@@ -169,10 +182,7 @@ fn stopped_and_resumed_equals_uninterrupted(store: &str) {
     let stops = [5, 12, softmax_end, softmax_end + 2, total - 1];
 
     let config = write_config(dir.path(), "stopped", 0.2, "");
-    let (config, run) = match &server {
-        Some(s) => at_s3(&config, s),
-        None => (config.clone(), local(&config)),
-    };
+    let (config, run) = place(&config, server.as_ref());
     for stop in stops {
         let s = stop.to_string();
         let out = output(
@@ -371,13 +381,8 @@ fn write_state(ck: &Path, s3: bool) -> WriteState {
 
 fn kill_group_mid_checkpoint(store: &str, iterations: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let server = if store == "s3" {
-        match start_server("devise") {
-            Some(s) => Some(s),
-            None => return,
-        }
-    } else {
-        None
+    let Some(server) = server_for(store) else {
+        return;
     };
     let reference = reference(dir.path(), 0.6, "");
     let config = write_config(dir.path(), "killed", 0.6, "");
@@ -387,10 +392,7 @@ fn kill_group_mid_checkpoint(store: &str, iterations: usize) {
         .unwrap()
         .replace("keep_last = 2", "keep_last = 1");
     std::fs::write(&config, toml).unwrap();
-    let (config, run) = match &server {
-        Some(s) => at_s3(&config, s),
-        None => (config.clone(), local(&config)),
-    };
+    let (config, run) = place(&config, server.as_ref());
     let s3 = server.is_some();
     let ck = run.disk.join("checkpoints");
     let log_dir = dir.path().join("logs");
