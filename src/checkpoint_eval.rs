@@ -8,7 +8,9 @@
 //! DeViSE-0, seen + unseen) otherwise. With `--labels FILE` (one wnid per line, e.g. ImageNet's
 //! 2-hop / 3-hop / 21K lists) the candidates are the file's labels that have a word vector (the
 //! rest are reported and left out), plus the training labels with `--plus-seen` (the paper's
-//! DeViSE+1K mode); the images are the validation images whose class is a candidate.
+//! DeViSE+1K mode); the images are the validation images whose class is a candidate, or, with
+//! `eval.label_set_shards` / `eval.label_set_split`, those of another shard set (held-out images
+//! of ImageNet-21K classes: `configs/zero-shot-21k-eval.toml`).
 use crate::collective::Collective;
 use crate::eval::{self, Heads, StageEval};
 use crate::plan::Plan;
@@ -45,6 +47,7 @@ pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Res
     }
     let (stage, step) = (loaded.state.stage.clone(), loaded.state.step);
     let mut unmapped = Vec::new();
+    let mut images = None;
     let (result, suffix) = match &req.labels {
         None => {
             let heads = if stage == "softmax" {
@@ -94,9 +97,12 @@ pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Res
                 );
             }
             unmapped = cands.unmapped.clone();
+            let source = eval::LabelSetImages::resolve(&plan, &loaded.cfg.eval)?;
+            images = Some((source.shards.clone(), source.split.clone()));
             let hits = eval::evaluate_label_set(
                 &loaded.model,
                 &plan,
+                &source,
                 &cands.wnids,
                 &cands.matrix,
                 collective,
@@ -128,6 +134,7 @@ pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Res
         "plus_seen": req.plus_seen,
         "unmapped_labels": unmapped,
         "hierarchy": loaded.cfg.eval.hierarchy,
+        "images": images.as_ref().map(|(shards, split)| serde_json::json!({"shards": shards, "split": split})),
         "evaluations": evals,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
@@ -137,12 +144,12 @@ pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Res
     )?;
     let mut md = format!(
         "# Evaluation of `{}`\n\n- stage `{stage}`, step {step}; {} seen / {} unseen labels in its \
-         split; validation split `{}` of `{}`\n",
+         split; images: split `{}` of `{}`\n",
         loaded.url,
         plan.seen.len(),
         plan.unseen.len(),
-        plan.data.val_split,
-        plan.data.shards
+        images.as_ref().map_or(&plan.data.val_split, |(_, split)| split),
+        images.as_ref().map_or(&plan.data.shards, |(shards, _)| shards),
     );
     if let Some(labels) = &req.labels {
         md.push_str(&format!(

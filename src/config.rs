@@ -132,6 +132,36 @@ impl RunConfig {
     }
 }
 
+/// Reads a configuration overlay (a TOML file holding some sections' keys, e.g.
+/// `configs/zero-shot-21k-eval.toml`) as `section.key=value` overrides, in file order, to be
+/// layered over another configuration (`devise eval --config`). Errors name the file and, for a
+/// key outside any section, the key. Unknown keys are caught when the layered configuration is
+/// loaded.
+pub fn overlay_overrides(path: &str) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {path}"))?;
+    fn flatten(prefix: &str, table: &toml::Table, path: &str, out: &mut Vec<String>) -> Result<()> {
+        for (key, value) in table {
+            let name = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(inner) => flatten(&name, inner, path, out)?,
+                _ if prefix.is_empty() => {
+                    bail!("{path}: key '{key}' is outside any [section]")
+                }
+                other => out.push(format!("{name}={other}")),
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    flatten("", &table, path, &mut out)?;
+    Ok(out)
+}
+
 fn toml_to_config(v: toml::Value) -> config::Value {
     match v {
         toml::Value::String(s) => s.into(),
@@ -145,5 +175,41 @@ fn toml_to_config(v: toml::Value) -> config::Value {
             .map(|(k, v)| (k, toml_to_config(v)))
             .collect::<std::collections::HashMap<_, _>>()
             .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overlay_becomes_overrides_and_names_a_stray_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.toml");
+        std::fs::write(
+            &path,
+            "[eval]\nhierarchy = \"h.txt\"\nbatch_size = 64\n[train.softmax]\nepochs = 1.5\n\
+             [data]\nmean = [0.5, 0.5, 0.5]\n",
+        )
+        .unwrap();
+        let got = overlay_overrides(path.to_str().unwrap()).unwrap();
+        assert_eq!(
+            got,
+            [
+                "data.mean=[0.5, 0.5, 0.5]",
+                "eval.batch_size=64",
+                "eval.hierarchy=\"h.txt\"",
+                "train.softmax.epochs=1.5",
+            ]
+        );
+        std::fs::write(&path, "hierarchy = \"h.txt\"\n").unwrap();
+        let err = format!(
+            "{:#}",
+            overlay_overrides(path.to_str().unwrap()).unwrap_err()
+        );
+        assert!(
+            err.contains("o.toml") && err.contains("'hierarchy'"),
+            "{err}"
+        );
     }
 }

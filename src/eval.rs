@@ -42,6 +42,15 @@ pub struct Config {
     /// evaluation is logged as `eval/...` metrics; the report keeps each stage's latest.
     #[serde(default)]
     pub every_steps: u64,
+    /// Shards (URL of a directory with `manifest.json`, as written by `devise data
+    /// build-shards`) whose images `devise eval --labels` ranks, e.g. held-out images of
+    /// ImageNet-21K classes for the paper's zero-shot Table 2. Default: `data.shards`.
+    #[serde(default)]
+    pub label_set_shards: Option<String>,
+    /// Split of `label_set_shards` (or of `data.shards`) those images come from. Default:
+    /// `data.val_split`.
+    #[serde(default)]
+    pub label_set_split: Option<String>,
 }
 
 fn default_batch_size() -> usize {
@@ -54,6 +63,8 @@ impl Default for Config {
             batch_size: default_batch_size(),
             hierarchy: None,
             every_steps: 0,
+            label_set_shards: None,
+            label_set_split: None,
         }
     }
 }
@@ -490,13 +501,52 @@ pub fn evaluate(
     })
 }
 
+/// Where the images of a label-set evaluation come from: `eval.label_set_shards` /
+/// `eval.label_set_split` when set, else the run's own validation split.
+pub struct LabelSetImages {
+    /// The shard directory URL (for messages).
+    pub shards: String,
+    /// Its manifest.
+    pub manifest: crate::data::shards::Manifest,
+    /// The split whose images are ranked.
+    pub split: String,
+}
+
+impl LabelSetImages {
+    /// Resolves the source for `plan` and the `[eval]` section `cfg`. Errors: an unreadable
+    /// manifest or a split it does not have (both named).
+    pub fn resolve(plan: &Plan, cfg: &Config) -> Result<LabelSetImages> {
+        let split = cfg
+            .label_set_split
+            .clone()
+            .unwrap_or_else(|| plan.data.val_split.clone());
+        let (shards, manifest) = match &cfg.label_set_shards {
+            Some(url) => (
+                url.clone(),
+                crate::data::shards::read_manifest(url)
+                    .with_context(|| format!("eval.label_set_shards = {url}"))?,
+            ),
+            None => (plan.data.shards.clone(), plan.manifest.clone()),
+        };
+        if !manifest.splits.contains_key(split.as_str()) {
+            bail!("{shards}: the manifest has no split '{split}' (eval.label_set_split)");
+        }
+        Ok(LabelSetImages {
+            shards,
+            manifest,
+            split,
+        })
+    }
+}
+
 /// Evaluates the projection against any candidate label list (`devise eval --labels`): the
-/// validation images whose class is a candidate, ranked among `wnids` (`matrix` `[candidates,
+/// images of `images` whose class is a candidate, ranked among `wnids` (`matrix` `[candidates,
 /// dim]`, unit rows). Returns the row, with hp@k when the plan has a hierarchy. Errors when no
-/// validation image has a candidate label.
+/// image has a candidate label.
 pub fn evaluate_label_set(
     model: &DeviseModel,
     plan: &Plan,
+    images: &LabelSetImages,
     wnids: &[String],
     matrix: &Tensor,
     collective: &dyn Collective,
@@ -507,7 +557,7 @@ pub fn evaluate_label_set(
         .enumerate()
         .map(|(i, w)| (w.as_str(), i as i64))
         .collect();
-    let val_map: Vec<Option<i64>> = plan
+    let val_map: Vec<Option<i64>> = images
         .manifest
         .classes
         .iter()
@@ -516,17 +566,19 @@ pub fn evaluate_label_set(
     if val_map.iter().all(Option::is_none) {
         bail!(
             "no class of split '{}' of {} is among the {} candidate labels: nothing to evaluate",
-            plan.data.val_split,
-            plan.data.shards,
+            images.split,
+            images.shards,
             wnids.len()
         );
     }
     let matrix = matrix.to(device);
     let mut counter = HitCounter::new(wnids, plan.hierarchy.as_ref()).with_per_class(wnids);
+    let mut data = plan.data.clone();
+    data.shards = images.shards.clone();
     let batches = eval_batches(
-        &plan.data,
-        &plan.manifest,
-        &plan.data.val_split,
+        &data,
+        &images.manifest,
+        &images.split,
         val_map,
         plan.eval_batch_size,
         collective.rank(),

@@ -74,6 +74,10 @@ enum Command {
         /// Rank the training labels too (the paper's DeViSE+1K mode).
         #[arg(long, requires = "labels")]
         plus_seen: bool,
+        /// A configuration overlay (some sections' keys, e.g. configs/zero-shot-21k-eval.toml)
+        /// layered over the checkpoint's configuration, before --set.
+        #[arg(long, value_name = "FILE")]
+        config: Option<String>,
         /// Override a key of the checkpoint's configuration (e.g. eval.hierarchy=FILE).
         #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
         set: Vec<String>,
@@ -343,10 +347,27 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
             checkpoint,
             labels,
             plus_seen,
+            config,
             set,
         } => {
+            let set = match &config {
+                Some(path) => {
+                    let mut layered = devise::config::overlay_overrides(path)?;
+                    layered.extend(set);
+                    layered
+                }
+                None => set,
+            };
             let env = WorkerEnv::from_env().context("reading the rank environment")?;
-            let cfg = devise::predict::checkpoint_config(&checkpoint, &set)?;
+            let cfg =
+                devise::predict::checkpoint_config(&checkpoint, &set).with_context(
+                    || match &config {
+                        Some(path) => {
+                            format!("layering {path} over the configuration of {checkpoint}")
+                        }
+                        None => format!("the configuration of {checkpoint}"),
+                    },
+                )?;
             let cuda = match cfg.run.device.as_str() {
                 "cuda" => true,
                 "cpu" => false,

@@ -53,6 +53,50 @@ fn slurm_scripts_pass_bash_n_and_shellcheck() {
     }
 }
 
+/// Every other shell script of the project (scripts/, bench/, .ci/run) passes shellcheck too.
+#[test]
+fn every_project_shell_script_passes_shellcheck() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut scripts = vec![root.join(".ci/run")];
+    for dir in ["scripts", "bench"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "sh") {
+                scripts.push(path);
+            }
+        }
+    }
+    scripts.sort();
+    assert!(
+        scripts
+            .iter()
+            .any(|p| p.ends_with("scripts/imagenet-21k-eval-split.sh")),
+        "{scripts:?}"
+    );
+    for script in &scripts {
+        let out = Command::new("bash").arg("-n").arg(script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "bash -n {}: {out:?}",
+            script.display()
+        );
+    }
+    match Command::new("shellcheck").args(&scripts).output() {
+        Ok(out) => assert!(
+            out.status.success(),
+            "shellcheck:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        ),
+        Err(_) => {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "CI=true but shellcheck is missing (scripts/test.sh installs it)"
+            );
+            eprintln!("SKIP: shellcheck not installed: only bash -n ran");
+        }
+    }
+}
+
 fn arg_after<'a>(args: &'a [&'a str], flag: &str) -> &'a str {
     let i = args
         .iter()

@@ -9,7 +9,7 @@ use crate::common::shared_dir;
 use crate::dist::{devise, text};
 use crate::train::{config_toml, shards};
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -241,4 +241,158 @@ fn eval_reproduces_the_training_time_numbers_and_ranks_any_label_list() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("nothing to evaluate"), "{}", text(&out));
+}
+
+/// The zero-shot recipe end to end, at the scale ../shared allows: the 100 full-size ImageNet
+/// JPEGs packed as per-synset tars (ImageNet-21K's layout), taken by
+/// `scripts/imagenet-21k-eval-split.sh`, sharded by `devise data build-shards`, and ranked by
+/// `devise eval --config configs/zero-shot-21k-eval.toml` (its shards and hierarchy pointed here
+/// with --set) among the 1K labels. The eval must score exactly the images `predict` scores and
+/// give the same hit@1 / hit@5 (same decoder, transform and model; a different path through the
+/// shards). A key the overlay does not know is an error naming the overlay.
+#[test]
+fn the_zero_shot_21k_eval_recipe_ranks_images_from_its_own_shards() {
+    let Some(shared) = shared_dir() else {
+        return;
+    };
+    let Some((_, run)) = trained_run() else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let sample = shared.join("data/imagenet-sample-100");
+    let tars = tmp.path().join("in21k");
+    std::fs::create_dir_all(&tars).unwrap();
+    let mut files: Vec<String> = std::fs::read_dir(&sample)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
+        .collect();
+    files.sort();
+    for name in &files {
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(&sample)
+            .arg("-cf")
+            .arg(tars.join(format!("{}.tar", &name[..9])))
+            .arg(name)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    // A label list named apart from the other test's 1k.txt evaluation (separate report dir).
+    let labels = tmp.path().join("recipe-1k.txt");
+    std::fs::copy(
+        shared.join("data/imagenet-meta/zero-shot-splits/1k.txt"),
+        &labels,
+    )
+    .unwrap();
+    let folder = tmp.path().join("folder");
+    let out = Command::new("bash")
+        .arg(root.join("scripts/imagenet-21k-eval-split.sh"))
+        .args([&tars, &labels, &folder])
+        .arg("50")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("100 classes, 100 images; 900 labels"),
+        "{}",
+        text(&out)
+    );
+    let shards = tmp.path().join("shards");
+    let out = Command::new(devise())
+        .args(["data", "build-shards", "--src"])
+        .arg(&folder)
+        .args(["--splits", "val", "--dst"])
+        .arg(&shards)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let checkpoint = run.join("checkpoints/step-000000009");
+    let recipe = root.join("configs/zero-shot-21k-eval.toml");
+    let out = Command::new(devise())
+        .args(["eval", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--config")
+        .arg(&recipe)
+        .arg("--set")
+        .arg(format!("eval.label_set_shards={}", shards.display()))
+        .arg("--set")
+        .arg(format!(
+            "eval.hierarchy={}",
+            shared.join("data/imagenet-meta/wordnet.is_a.txt").display()
+        ))
+        .arg("--labels")
+        .arg(&labels)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    let report = log
+        .lines()
+        .find_map(|l| l.strip_prefix("report: "))
+        .unwrap_or_else(|| panic!("{log}"))
+        .trim()
+        .to_string();
+    assert!(
+        report.ends_with("eval/step-000000009-recipe-1k-devise_0/report.md"),
+        "{report}"
+    );
+    let md = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        md.contains(&format!("images: split `val` of `{}`", shards.display())),
+        "{md}"
+    );
+    let doc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(&report).with_file_name("report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc["images"]["split"], "val");
+    let row = &doc["evaluations"][0]["rows"]["labels/recipe-1k/devise_0"];
+    assert_eq!(row["hp"]["hp_at_k"]["1"], row["hit_at_k"]["1"]);
+
+    // The same images through `devise predict`.
+    let images: Vec<PathBuf> = files.iter().map(|f| sample.join(f)).collect();
+    let out = Command::new(devise())
+        .args(["predict", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--labels")
+        .arg(&labels)
+        .args(["--device", "cpu", "--json"])
+        .args(&images)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let predicted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["images"], predicted["scored_images"]);
+    assert_eq!(row["candidates"], predicted["candidates"]);
+    let scored = predicted["scored_images"].as_f64().unwrap();
+    for (k, key) in [("1", "hit_at_1"), ("5", "hit_at_5")] {
+        let (ours, theirs) = (
+            row["hit_at_k"][k].as_f64().unwrap(),
+            predicted[key].as_f64().unwrap(),
+        );
+        assert!(
+            ((ours - theirs) * scored).abs() < 0.5,
+            "hit@{k}: eval {ours} vs predict {theirs}"
+        );
+    }
+
+    // An unknown key in an overlay names the overlay.
+    let bad = tmp.path().join("bad-eval.toml");
+    std::fs::write(&bad, "[eval]\nlabel_set_shard = \"x\"\n").unwrap();
+    let out = Command::new(devise())
+        .args(["eval", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = text(&out);
+    assert!(
+        err.contains("bad-eval.toml") && err.contains("label_set_shard"),
+        "{err}"
+    );
 }

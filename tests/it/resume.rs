@@ -720,20 +720,32 @@ fn the_tiny_imagenet_config_resumes_with_resume_auto_after_sigusr1() {
     assert!(dir.path().join("preempted/report.md").exists());
 }
 
-/// `cluster/slurm/train.sbatch` under a stand-in SLURM: `srun` runs its command here once (one
-/// node), `scontrol` records its arguments, and the variables SLURM would set give a one-node job
-/// with 2 "GPUs". SIGUSR1 to the batch script (what `--signal=B:USR1@90` does) is forwarded to
-/// the step; the workers checkpoint and exit 75, and the script requeues the job. Running the
-/// script again (the requeued job) resumes with `--resume auto` and finishes with the
-/// uninterrupted run's losses.
+/// `cluster/slurm/train.sbatch` under a stand-in SLURM: `srun` runs its command here once per
+/// "node" (with that node's `SLURM_NODEID` / `SLURM_PROCID`, forwarding signals to each),
+/// `scontrol` records its arguments, and the variables SLURM would set give a job of `nodes`
+/// nodes with 2 / `nodes` "GPUs" each (world size 2). SIGUSR1 to the batch script (what
+/// `--signal=B:USR1@90` does) is forwarded to the step; the workers checkpoint and exit 75, and
+/// the script requeues the job. Running the script again (the requeued job) resumes with
+/// `--resume auto` and finishes with the uninterrupted run's losses.
 #[test]
 fn the_slurm_recipe_forwards_sigusr1_and_requeues_on_the_preempted_code() {
+    slurm_recipe_preempt_requeue_resume(1);
+}
+
+/// The same with two launcher processes as two nodes (`--nnodes 2` resolved from the SLURM
+/// variables, rendezvous at the first host of `SLURM_JOB_NODELIST`), one worker each.
+#[test]
+fn the_slurm_recipe_runs_two_nodes_preempts_requeues_and_resumes_exactly() {
+    slurm_recipe_preempt_requeue_resume(2);
+}
+
+fn slurm_recipe_preempt_requeue_resume(nodes: usize) {
     if shared_dir().is_none() || shards().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let reference = reference(dir.path(), 0.2, "");
-    let config = write_config(dir.path(), "slurm", 0.2, "");
+    let config = write_config(dir.path(), &format!("slurm{nodes}"), 0.2, "");
     let bin = dir.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let script = |name: &str, body: &str| {
@@ -743,7 +755,23 @@ fn the_slurm_recipe_forwards_sigusr1_and_requeues_on_the_preempted_code() {
     };
     script(
         "srun",
-        "while [[ $# -gt 0 && $1 == -* ]]; do shift; done\nexec \"$@\"",
+        &format!(
+            r#"while [[ $# -gt 0 && $1 == -* ]]; do shift; done
+pids=()
+for ((node = 0; node < {nodes}; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
+    pids+=($!)
+done
+trap 'kill -USR1 "${{pids[@]}}"' USR1
+trap 'kill -TERM "${{pids[@]}}"' TERM
+rc=0
+for pid in "${{pids[@]}}"; do
+    wait "$pid"; code=$?
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid"; code=$?; done
+    if [ "$code" -gt "$rc" ]; then rc=$code; fi
+done
+exit "$rc""#
+        ),
     );
     let requeues = dir.path().join("scontrol.log");
     script(
@@ -752,7 +780,7 @@ fn the_slurm_recipe_forwards_sigusr1_and_requeues_on_the_preempted_code() {
     );
     // A job id whose SLURM-derived port (10000 + id % 20000) is free.
     let job_id = (0..20000u32)
-        .map(|i| 4000 + (i * 7919 + std::process::id()) % 20000)
+        .map(|i| 4000 + (i * 7919 + std::process::id() + 10007 * nodes as u32) % 20000)
         .find(|id| std::net::TcpListener::bind(("127.0.0.1", (10000 + id % 20000) as u16)).is_ok())
         .unwrap();
     let sbatch = |_: ()| -> Command {
@@ -769,10 +797,17 @@ fn the_slurm_recipe_forwards_sigusr1_and_requeues_on_the_preempted_code() {
         .env("DEVISE", devise())
         .env("DEVISE_LAUNCH", launcher())
         .env("SLURM_JOB_ID", job_id.to_string())
-        .env("SLURM_JOB_NUM_NODES", "1")
+        .env("SLURM_JOB_NUM_NODES", nodes.to_string())
         .env("SLURM_NODEID", "0")
-        .env("SLURM_JOB_NODELIST", "localhost")
-        .env("SLURM_GPUS_ON_NODE", "2")
+        .env(
+            "SLURM_JOB_NODELIST",
+            if nodes == 1 {
+                "localhost"
+            } else {
+                "localhost,localhost"
+            },
+        )
+        .env("SLURM_GPUS_ON_NODE", (2 / nodes).to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         cmd
@@ -783,6 +818,13 @@ fn the_slurm_recipe_forwards_sigusr1_and_requeues_on_the_preempted_code() {
     assert_eq!(out.status.code(), Some(75), "{log}");
     assert!(log.contains("devise: got USR1, forwarding"), "{log}");
     assert!(log.contains("world_size=2"), "{log}");
+    for node in 0..nodes {
+        let line = format!(
+            "nnodes={nodes} node_rank={node} nproc_per_node={}",
+            2 / nodes
+        );
+        assert!(log.contains(&line), "no '{line}' in {log}");
+    }
     assert_eq!(
         std::fs::read_to_string(&requeues).unwrap().trim(),
         format!("requeue {job_id}")

@@ -351,9 +351,20 @@ fn every_shipped_config_validates() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            RunConfig::load(&text, &path.display().to_string(), &[])
-                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with("-eval.toml") {
+                // An overlay for `devise eval --config`: valid over a run configuration.
+                let overrides = devise::config::overlay_overrides(path.to_str().unwrap()).unwrap();
+                assert!(!overrides.is_empty(), "{name}");
+                RunConfig::load_file(dir.join("tiny-imagenet.toml").to_str().unwrap(), &overrides)
+                    .unwrap_or_else(|e| {
+                        panic!("{} over tiny-imagenet.toml: {e:#}", path.display())
+                    });
+            } else {
+                let text = std::fs::read_to_string(&path).unwrap();
+                RunConfig::load(&text, &path.display().to_string(), &[])
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            }
             names.push(path.file_name().unwrap().to_string_lossy().into_owned());
         }
     }
@@ -365,7 +376,8 @@ fn every_shipped_config_validates() {
             "imagenet-1k-resnet50.toml",
             "smoke.toml",
             "tiny-imagenet-small.toml",
-            "tiny-imagenet.toml"
+            "tiny-imagenet.toml",
+            "zero-shot-21k-eval.toml"
         ]
     );
 }
