@@ -5,16 +5,36 @@
 //! project's `.deps/libtorch`, which `scripts/setup.sh` creates). `libtorch.so` stays linked with
 //! `--no-as-needed`: on a GPU node the same binary, pointed at the PyTorch wheel's `torch/lib`
 //! through LD_LIBRARY_PATH, loads the real `libtorch.so`, which pulls in `libtorch_cuda.so`.
+//!
+//! It also compiles `csrc/gpu_shim.cpp` (autocast dtype, channels-last: libtorch calls tch does
+//! not expose; `src/gpu.rs`) against libtorch's headers, with torch-sys's flags.
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=csrc/gpu_shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set: run scripts/setup.sh (binaries will need LD_LIBRARY_PATH)");
         return;
     };
-    let lib = PathBuf::from(libtorch).join("lib");
+    let root = PathBuf::from(libtorch);
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!(
+            "-D_GLIBCXX_USE_CXX11_ABI={}",
+            std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())
+        ))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/gpu_shim.cpp")
+        .compile("devise_gpu_shim");
+    let lib = root.join("lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-Wl,-ltorch");

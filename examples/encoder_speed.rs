@@ -21,8 +21,10 @@ fn main() {
             },
             projection_bias: false,
             norm: Default::default(),
+            precision: Default::default(),
+            channels_last: false,
         };
-        let m = DeviseModel::new(&cfg, 30, 300, Device::Cpu);
+        let m = DeviseModel::new(&cfg, 30, 300, Device::Cpu).unwrap();
         let mut opt = tch::nn::Sgd::default().build(&m.vs, 0.01).unwrap();
         let x = Tensor::randn([64, 3, size, size], (Kind::Float, Device::Cpu));
         let y = Tensor::zeros([64], (Kind::Int64, Device::Cpu));

@@ -613,14 +613,19 @@ pub fn conse_embedding(logits: &Tensor, seen_labels: &Tensor, t: usize) -> Tenso
     weighted / p.sum_dim_intlist(1, true, Kind::Float)
 }
 
-/// A data batch as tensors on `device`: images `[n, 3, s, s]` float, labels `[n]` int64.
+/// A data batch as tensors on `device`: images `[n, 3, s, s]` float, labels `[n]` int64. On
+/// CUDA both go through pinned host memory and are copied without blocking the host (queued on
+/// the current stream; the kernels that read them wait for the copy).
 pub fn batch_tensors(batch: &crate::data::reader::Batch, device: Device) -> (Tensor, Tensor) {
     let s = batch.image_size as i64;
-    let images = Tensor::from_slice(&batch.images)
-        .view([batch.n as i64, 3, s, s])
-        .to(device);
-    let labels = Tensor::from_slice(&batch.labels).to(device);
-    (images, labels)
+    let images = Tensor::from_slice(&batch.images).view([batch.n as i64, 3, s, s]);
+    let labels = Tensor::from_slice(&batch.labels);
+    if device.is_cuda() {
+        let to = |t: Tensor, kind| t.pin_memory(device).to_device_(device, kind, true, false);
+        (to(images, Kind::Float), to(labels, Kind::Int64))
+    } else {
+        (images, labels)
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod fault;
+pub mod gpu;
 pub mod hierarchy;
 pub mod loss;
 pub mod model;

@@ -46,6 +46,15 @@ pub struct Config {
     /// always use BatchNorm.
     #[serde(default)]
     pub norm: Norm,
+    /// Arithmetic of the encoder's forward pass: `fp32` (default) or `bf16` (bfloat16 autocast;
+    /// float32 weights, gradients, optimizer state, heads and loss; `crate::gpu`). Meant for
+    /// CUDA; it also runs on the CPU (oneDNN), slowly without AVX512-BF16.
+    #[serde(default)]
+    pub precision: crate::gpu::Precision,
+    /// Lay out convolution weights and input batches channels-last (NHWC), what cuDNN's
+    /// tensor-core kernels want (PyTorch's `channels_last`). Same values; default `false`.
+    #[serde(default)]
+    pub channels_last: bool,
 }
 
 /// Normalisation layers of the `convnet` encoder.
@@ -104,12 +113,21 @@ pub struct DeviseModel {
     pub embed_dim: i64,
     /// Number of softmax classes (the seen training labels).
     pub num_classes: i64,
+    precision: crate::gpu::Precision,
+    channels_last: bool,
+    device: Device,
 }
 
 impl DeviseModel {
     /// Builds a freshly initialised model on `device`. Initialisation draws from libtorch's global
-    /// generator: seed it first (`tch::manual_seed`) for reproducible weights.
-    pub fn new(cfg: &Config, num_classes: i64, embed_dim: i64, device: Device) -> DeviseModel {
+    /// generator: seed it first (`tch::manual_seed`) for reproducible weights. Errors: libtorch
+    /// refuses `cfg.precision`'s autocast or the channels-last layout on `device`.
+    pub fn new(
+        cfg: &Config,
+        num_classes: i64,
+        embed_dim: i64,
+        device: Device,
+    ) -> anyhow::Result<DeviseModel> {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let enc = &root / "encoder";
@@ -141,7 +159,12 @@ impl DeviseModel {
                 bias: cfg.projection_bias,
             },
         );
-        DeviseModel {
+        if cfg.channels_last {
+            crate::gpu::to_channels_last(&vs)?;
+        }
+        // Fails here, not in the middle of a forward pass, if autocast cannot be set.
+        crate::gpu::autocast(cfg.precision, device, || ())?;
+        Ok(DeviseModel {
             vs,
             encoder,
             classifier,
@@ -149,13 +172,32 @@ impl DeviseModel {
             feature_dim,
             embed_dim,
             num_classes,
-        }
+            precision: cfg.precision,
+            channels_last: cfg.channels_last,
+            device,
+        })
     }
 
     /// `v(image)`: images `[batch, 3, H, W]` (normalised float) -> features `[batch, feature_dim]`.
     /// `train` selects BatchNorm's batch statistics (and updates the running ones).
+    /// With `precision = bf16` the encoder runs under bfloat16 autocast and the features come
+    /// back as float32; with `channels_last` a 4-d batch is laid out NHWC first.
     pub fn features(&self, images: &Tensor, train: bool) -> Tensor {
-        self.encoder.forward_t(images, train)
+        use crate::gpu::{self, Precision};
+        // Layout only (same values): if libtorch refused it, NCHW computes the same features.
+        let nhwc = (self.channels_last && images.dim() == 4)
+            .then(|| gpu::channels_last(images).ok())
+            .flatten();
+        let images = nhwc.as_ref().unwrap_or(images);
+        match self.precision {
+            Precision::Fp32 => self.encoder.forward_t(images, train),
+            // `new` checked that autocast can be set on this device.
+            Precision::Bf16 => gpu::autocast(Precision::Bf16, self.device, || {
+                self.encoder.forward_t(images, train)
+            })
+            .unwrap_or_else(|_| self.encoder.forward_t(images, train))
+            .to_kind(tch::Kind::Float),
+        }
     }
 
     /// Softmax logits `[batch, num_classes]` from features `[batch, feature_dim]`.
@@ -286,8 +328,10 @@ mod tests {
             widths: vec![8, 16],
             projection_bias: true,
             norm: Norm::Batch,
+            precision: Default::default(),
+            channels_last: false,
         };
-        let m = DeviseModel::new(&cfg, 5, 7, Device::Cpu);
+        let m = DeviseModel::new(&cfg, 5, 7, Device::Cpu).unwrap();
         let x = Tensor::randn([2, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
         let f = m.features(&x, true);
         assert_eq!(f.size(), vec![2, 16]);
@@ -310,8 +354,10 @@ mod tests {
             widths: default_widths(),
             projection_bias: false,
             norm: Norm::Batch,
+            precision: Default::default(),
+            channels_last: false,
         };
-        let m = DeviseModel::new(&cfg, 3, 4, Device::Cpu);
+        let m = DeviseModel::new(&cfg, 3, 4, Device::Cpu).unwrap();
         let x = Tensor::randn([1, 3, 64, 64], (tch::Kind::Float, Device::Cpu));
         assert_eq!(m.features(&x, false).size(), vec![1, 512]);
         assert!(!m.state_dict().iter().any(|(n, _)| n == "projection.bias"));

@@ -162,18 +162,27 @@ impl Optimizer {
     }
 
     /// One update with learning rate `lr`, using each parameter's current `.grad()`.
+    ///
+    /// SGD runs in place with no temporaries (`buf = momentum * buf + g + weight_decay * p`,
+    /// `p += (-lr) * buf`: four passes over the parameter's size, as PyTorch's
+    /// single-tensor SGD), the scalars as 0-dim tensors of the parameter's kind (`addcmul_`, as
+    /// tch has no `add_(other, alpha)`).
     pub fn step(&mut self, lr: f64) {
+        let Some((_, first)) = self.params.first() else {
+            return;
+        };
+        let scalar = |v: f64| {
+            Tensor::from(v)
+                .to_kind(first.kind())
+                .to_device(first.device())
+        };
+        let (weight_decay, neg_lr) = (scalar(self.cfg.weight_decay), scalar(-lr));
         tch::no_grad(|| {
             for (name, p) in &self.params {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let g = if self.cfg.weight_decay != 0.0 {
-                    g + p * self.cfg.weight_decay
-                } else {
-                    g
-                };
                 let state = self
                     .state
                     .get_mut(&state_name(self.cfg.algorithm, name))
@@ -182,10 +191,18 @@ impl Optimizer {
                 match self.cfg.algorithm {
                     Algorithm::Sgd => {
                         let _ = state.g_mul_scalar_(self.cfg.momentum).g_add_(&g);
-                        let _ = p.g_sub_(&(&*state * lr));
+                        if self.cfg.weight_decay != 0.0 {
+                            let _ = state.addcmul_(&p, &weight_decay);
+                        }
+                        let _ = p.addcmul_(state, &neg_lr);
                     }
                     Algorithm::Adagrad => {
-                        let _ = state.g_add_(&(&g * &g));
+                        let g = if self.cfg.weight_decay != 0.0 {
+                            g + &p * self.cfg.weight_decay
+                        } else {
+                            g
+                        };
+                        let _ = state.addcmul_(&g, &g);
                         let _ = p.g_sub_(&(g * lr / (state.sqrt() + self.cfg.eps)));
                     }
                 }

@@ -52,7 +52,7 @@ pub fn load_model(url: &str, device: Device, overrides: &[String]) -> Result<Loa
         .find(|(name, _)| name == "projection.weight")
         .map(|(_, t)| t.size()[0])
         .context("checkpoint has no projection.weight")?;
-    let mut model = DeviseModel::new(&cfg.model, seen.len() as i64, embed_dim, device);
+    let mut model = DeviseModel::new(&cfg.model, seen.len() as i64, embed_dim, device)?;
     model
         .load_state_dict(&ck.model)
         .with_context(|| format!("loading the weights of {url}"))?;

@@ -562,3 +562,66 @@ fn the_smoke_config_runs_every_stage_on_real_data() {
     assert!(md.contains("hp@2") && md.contains("DeViSE-0"), "{md}");
     assert!(run.path().join("report.html").is_file());
 }
+
+/// The GPU path's options, run on the CPU through all three stages: `model.channels_last` (NHWC
+/// weights and batches) computes the same function as NCHW (every logged loss within 1e-3
+/// relative), and its checkpoint loads into an NCHW model that gives the same features;
+/// `model.precision = "bf16"` (bfloat16 autocast of the encoder) trains every stage with finite
+/// losses near float32's.
+#[test]
+fn channels_last_and_bf16_autocast_train_every_stage_on_the_cpu() {
+    let Some((_dir, shards)) = shards() else {
+        return;
+    };
+    let _serial = training_lock();
+    let trained = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let Outcome::Completed { .. } =
+            run(&config(shards, dir.path(), extra), Resume::Never, None)
+        else {
+            panic!("{extra:?} did not complete")
+        };
+        let l = losses(dir.path());
+        (dir, l)
+    };
+    let (_base_dir, base) = trained(&[]);
+    let (nhwc_dir, nhwc) = trained(&["model.channels_last=true"]);
+    let (_bf16_dir, bf16) = trained(&["model.precision=\"bf16\""]);
+    assert_eq!(base.len(), 9, "{base:?}");
+    for (other, tolerance) in [(&nhwc, 1e-3), (&bf16, 0.1)] {
+        assert_eq!(other.len(), base.len());
+        for ((s, stage, a), (s2, stage2, b)) in base.iter().zip(other.iter()) {
+            assert_eq!((s, stage), (s2, stage2));
+            assert!(b.is_finite(), "step {s}: {b}");
+            assert!(
+                (a - b).abs() <= tolerance * a.abs().max(1.0),
+                "step {s} ({stage}): {a} vs {b} (tolerance {tolerance})"
+            );
+        }
+    }
+    // bfloat16 did change the arithmetic.
+    assert!(base.iter().zip(&bf16).any(|(a, b)| a.2 != b.2), "{bf16:?}");
+    // The channels-last run's final checkpoint, loaded as NCHW and as NHWC: the same features.
+    let checkpoint = nhwc_dir.path().join("checkpoints/step-000000009");
+    let url = checkpoint.to_str().unwrap();
+    let images = tch::Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+    let features = |layout: &str| {
+        let loaded =
+            devise::predict::load_model(url, tch::Device::Cpu, &[layout.to_string()]).unwrap();
+        let conv_nhwc = loaded
+            .model
+            .vs
+            .variables()
+            .values()
+            .any(|v| v.dim() == 4 && devise::gpu::is_channels_last(v) && v.size()[2] > 1);
+        assert_eq!(conv_nhwc, layout.ends_with("true"), "{layout}");
+        tch::no_grad(|| loaded.model.features(&images, false))
+    };
+    let (nchw, nhwc) = (
+        features("model.channels_last=false"),
+        features("model.channels_last=true"),
+    );
+    let diff = f64::try_from((&nchw - &nhwc).abs().max()).unwrap();
+    assert!(diff < 1e-4, "{diff}");
+    assert!(f64::try_from(nchw.abs().max()).unwrap() > 0.0);
+}
