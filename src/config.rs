@@ -23,6 +23,12 @@ pub struct RunSection {
     /// `cpu`, `cuda` (local GPU `LOCAL_RANK`), or `auto` (CUDA when available).
     #[serde(default = "default_device")]
     pub device: String,
+    /// On CUDA, let cuDNN time its convolution algorithms on the first batches and keep the
+    /// fastest (`torch.backends.cudnn.benchmark`, which torchvision's reference sets). Faster;
+    /// the choice can differ between processes, so GPU runs (and a resume against an
+    /// uninterrupted run) are no longer bit-identical. Default `false`.
+    #[serde(default)]
+    pub cudnn_benchmark: bool,
 }
 
 fn default_device() -> String {

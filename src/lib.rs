@@ -27,6 +27,7 @@
 //! Configuration: [`config::RunConfig`] nests each component's own `Config`; it is validated once
 //! into a [`plan::Plan`] holding every derived number.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod checkpoint_eval;
 pub mod collective;

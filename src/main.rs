@@ -115,6 +115,47 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// Benchmark: time the training loop's step on one synthetic batch kept on the device (no
+    /// data pipeline); prints one JSON line (bench/gpu.sh, bench/train_step.sh).
+    BenchStep {
+        /// convnet, resnet18, resnet34 or resnet50.
+        #[arg(long, default_value = "resnet50")]
+        encoder: String,
+        /// Input side, pixels.
+        #[arg(long, default_value_t = 224)]
+        image_size: i64,
+        /// Images per step.
+        #[arg(long, default_value_t = 128)]
+        batch_size: i64,
+        /// softmax, devise or finetune.
+        #[arg(long, default_value = "softmax")]
+        stage: String,
+        /// fp32 or bf16.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// NHWC layout.
+        #[arg(long)]
+        channels_last: bool,
+        /// Softmax classes / seen labels.
+        #[arg(long, default_value_t = 1000)]
+        classes: i64,
+        /// Timed steps.
+        #[arg(long, default_value_t = 30)]
+        steps: u64,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 10)]
+        warmup: u64,
+        /// `cpu`, `cuda` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Intra-op threads (0: libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+        /// Join a collective from the rank environment (RANK, WORLD_SIZE, MASTER_ADDR,
+        /// MASTER_PORT; one rank is fine) with this backend (cpu or nccl) and check an all-reduce.
+        #[arg(long)]
+        collective: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -387,6 +428,103 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
             if !report.is_empty() {
                 println!("report: {report}");
             }
+            Ok(None)
+        }
+        Command::BenchStep {
+            encoder,
+            image_size,
+            batch_size,
+            stage,
+            precision,
+            channels_last,
+            classes,
+            steps,
+            warmup,
+            device,
+            threads,
+            collective,
+        } => {
+            use devise::model::Encoder;
+            use devise::plan::StageKind;
+            let encoder = match encoder.as_str() {
+                "convnet" => Encoder::Convnet,
+                "resnet18" => Encoder::Resnet18,
+                "resnet34" => Encoder::Resnet34,
+                "resnet50" => Encoder::Resnet50,
+                other => anyhow::bail!(
+                    "--encoder {other}: expected convnet, resnet18, resnet34 or resnet50"
+                ),
+            };
+            let stage = match stage.as_str() {
+                "softmax" => StageKind::Softmax,
+                "devise" => StageKind::Devise,
+                "finetune" => StageKind::Finetune,
+                other => anyhow::bail!("--stage {other}: expected softmax, devise or finetune"),
+            };
+            let precision = match precision.as_str() {
+                "fp32" => devise::gpu::Precision::Fp32,
+                "bf16" => devise::gpu::Precision::Bf16,
+                other => anyhow::bail!("--precision {other}: expected fp32 or bf16"),
+            };
+            let device = match device.as_str() {
+                "cpu" => tch::Device::Cpu,
+                "cuda" => tch::Device::Cuda(0),
+                "auto" => tch::Device::cuda_if_available(),
+                other => anyhow::bail!("--device {other}: expected cpu, cuda or auto"),
+            };
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let bench = devise::bench::BenchStep {
+                encoder,
+                image_size,
+                batch_size,
+                stage,
+                precision,
+                channels_last,
+                classes,
+                steps,
+                warmup,
+            };
+            let (collective, smoke): (Box<dyn devise::collective::Collective>, bool) =
+                match collective {
+                    None => (Box::new(devise::collective::SingleProcess), false),
+                    Some(backend) => {
+                        let env = WorkerEnv::from_env().context("reading the rank environment")?;
+                        let store = devise::collective::store::Rendezvous::join(
+                            &env,
+                            std::time::Duration::from_secs(120),
+                        )?;
+                        let c: Box<dyn devise::collective::Collective> = match backend.as_str() {
+                            "nccl" => Box::new(devise::collective::nccl::Nccl::connect(
+                                store,
+                                env.local_rank,
+                            )?),
+                            "cpu" => Box::new(devise::collective::ring::Ring::connect(
+                                store,
+                                std::time::Duration::from_secs(120),
+                                true,
+                            )?),
+                            other => anyhow::bail!("--collective {other}: expected cpu or nccl"),
+                        };
+                        (c, true)
+                    }
+                };
+            let result = devise::bench::run(&bench, device, collective.as_ref(), smoke)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "encoder": format!("{encoder:?}").to_lowercase(),
+                    "image_size": image_size,
+                    "batch_size": batch_size,
+                    "stage": stage.name(),
+                    "precision": format!("{precision:?}").to_lowercase(),
+                    "channels_last": channels_last,
+                    "device": format!("{device:?}"),
+                    "threads": tch::get_num_threads(),
+                    "result": result,
+                })
+            );
             Ok(None)
         }
         Command::Predict {

@@ -208,6 +208,9 @@ pub fn train(
     let started = Instant::now();
     let faults = fault::init()?;
     let device = select_device(&cfg.run.device, opts.local_rank)?;
+    if device.is_cuda() && cfg.run.cudnn_benchmark {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }
@@ -538,7 +541,7 @@ pub fn train(
 
 /// What a step trains on: images `[n, 3, s, s]` with labels `[n]`, or cached frozen-encoder
 /// features `[n, feature_dim]` with labels `[n]` (devise stage with `cache_features`).
-enum Input {
+pub(crate) enum Input {
     Images(Tensor, Tensor),
     Features(Tensor, Tensor),
 }
@@ -614,7 +617,7 @@ pub fn check_resumable(state: &TrainState, now: &checkpoint::ResumeKey) -> Resul
 /// One optimizer step on one batch; returns the batch's loss (this rank's) and the time spent
 /// averaging gradients across ranks.
 #[allow(clippy::too_many_arguments)]
-fn train_step(
+pub(crate) fn train_step(
     model: &DeviseModel,
     opt: &mut Optimizer,
     collective: &dyn Collective,
@@ -732,7 +735,7 @@ fn all_finite(tensors: &[Tensor]) -> Result<bool> {
 
 /// One rank's loss and gradients before the all-reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Health {
+pub(crate) enum Health {
     Finite,
     NonFiniteLoss,
     NonFiniteGradients,
@@ -740,17 +743,17 @@ enum Health {
 
 /// What the ranks agreed on after a step's backward pass (one all-reduce of `2 + world_size`
 /// floats).
-struct StepVotes {
+pub(crate) struct StepVotes {
     /// Mean of the ranks' losses (finite ones only; NaN when none is).
-    mean_loss: f64,
+    pub(crate) mean_loss: f64,
     /// Some rank was asked to stop.
     stop: bool,
     /// `(rank, what)` of every rank whose loss or gradients were not finite.
-    unhealthy: Vec<(usize, Health)>,
+    pub(crate) unhealthy: Vec<(usize, Health)>,
 }
 
 impl StepVotes {
-    fn all_reduce(
+    pub(crate) fn all_reduce(
         collective: &dyn Collective,
         loss: f64,
         health: Health,
@@ -823,18 +826,25 @@ impl StepVotes {
 
 /// The optimizer for `stage`: fresh, or with the checkpoint's state when resuming inside the
 /// stage the checkpoint was written in.
+/// The parameter name prefixes a stage trains.
+pub(crate) fn stage_parameters(kind: StageKind) -> &'static [&'static str] {
+    match kind {
+        StageKind::Softmax => &["encoder.", "classifier."],
+        StageKind::Devise => &["projection."],
+        StageKind::Finetune => &["encoder.", "projection."],
+    }
+}
+
 fn stage_optimizer(
     model: &DeviseModel,
     stage: &StagePlan,
     resumed: Option<&checkpoint::Loaded>,
     step: u64,
 ) -> Result<Optimizer> {
-    let prefixes: &[&str] = match stage.kind {
-        StageKind::Softmax => &["encoder.", "classifier."],
-        StageKind::Devise => &["projection."],
-        StageKind::Finetune => &["encoder.", "projection."],
-    };
-    let mut opt = Optimizer::new(&stage.optimizer, model.parameters(prefixes));
+    let mut opt = Optimizer::new(
+        &stage.optimizer,
+        model.parameters(stage_parameters(stage.kind)),
+    );
     if let Some(ck) = resumed {
         if ck.state.step + 1 == step
             && ck.state.stage == stage.kind.name()
