@@ -59,7 +59,8 @@ pub enum OnUnmapped {
 /// (messages name the file and line), a wnid not in the names file (naming both), a wnid listed
 /// twice, and, with [`OnUnmapped::Error`], any unmapped label.
 pub fn load_label_embeddings(cfg: &Config, wnids: &[String]) -> Result<LabelEmbeddings> {
-    let names = labels::read_names(&cfg.names)?;
+    let wanted: HashSet<&str> = wnids.iter().map(String::as_str).collect();
+    let names = labels::read_names_of(&cfg.names, &wanted)?;
     let mut keep = HashSet::new();
     for wnid in wnids {
         let Some(label_names) = names.get(wnid) else {

@@ -268,6 +268,8 @@ pub(crate) fn local_path(location: &str) -> Result<PathBuf> {
 struct Sink<'a> {
     source: &'a str,
     keep: Option<&'a HashSet<String>>,
+    /// Built from `keep`: rejects most unwanted words before the `HashSet` lookup.
+    filter: Option<KeepFilter>,
     vectors: WordVectors,
     header_count: Option<usize>,
     rows_read: usize,
@@ -280,6 +282,7 @@ impl<'a> Sink<'a> {
         Sink {
             source,
             keep,
+            filter: keep.map(KeepFilter::new),
             vectors: WordVectors::default(),
             header_count: None,
             rows_read: 0,
@@ -313,7 +316,9 @@ impl<'a> Sink<'a> {
         match self.keep {
             None => true,
             Some(keep) => match std::str::from_utf8(word) {
-                Ok(word) => keep.contains(word),
+                Ok(text) => {
+                    self.filter.as_ref().is_none_or(|f| f.may_contain(word)) && keep.contains(text)
+                }
                 Err(_) => keep.contains(String::from_utf8_lossy(word).as_ref()),
             },
         }
@@ -366,6 +371,70 @@ impl<'a> Sink<'a> {
         };
         (self.vectors, report)
     }
+}
+
+/// A Bloom filter over the bytes of the `keep` words (two probes from one 64-bit hash, ~16 bits
+/// per word, at most 2 MiB). Most rows of a large file are words nobody asked for; this rejects
+/// all but ~1% of them with two bit tests in a cache-resident table, instead of a SipHash and a
+/// probe of the (much larger) `HashSet<String>`, which still decides every word that passes.
+struct KeepFilter {
+    bits: Vec<u64>,
+    mask: usize,
+}
+
+impl KeepFilter {
+    fn new(keep: &HashSet<String>) -> Self {
+        let n_bits = keep
+            .len()
+            .saturating_mul(16)
+            .next_power_of_two()
+            .clamp(1 << 10, 1 << 24);
+        let mut filter = KeepFilter {
+            bits: vec![0; n_bits / 64],
+            mask: n_bits - 1,
+        };
+        for word in keep {
+            let (a, b) = filter.probes(word.as_bytes());
+            filter.bits[a / 64] |= 1 << (a % 64);
+            filter.bits[b / 64] |= 1 << (b % 64);
+        }
+        filter
+    }
+
+    fn probes(&self, word: &[u8]) -> (usize, usize) {
+        let h = word_hash(word);
+        (h as usize & self.mask, (h >> 32) as usize & self.mask)
+    }
+
+    /// False only when `word` is certainly not a `keep` word.
+    fn may_contain(&self, word: &[u8]) -> bool {
+        let (a, b) = self.probes(word);
+        self.bits[a / 64] & (1 << (a % 64)) != 0 && self.bits[b / 64] & (1 << (b % 64)) != 0
+    }
+}
+
+/// A fast 64-bit hash of a short byte string (8 bytes per multiply, murmur3's finaliser).
+fn word_hash(word: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = word.len() as u64;
+    let mut chunks = word.chunks_exact(8);
+    for chunk in &mut chunks {
+        let x = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
+        h = (h ^ x).wrapping_mul(K).rotate_left(29);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        h = (h ^ u64::from_le_bytes(last))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 fn read_format<R: BufRead>(reader: R, format: Format, sink: &mut Sink) -> Result<()> {
@@ -639,6 +708,31 @@ fn read_binary<R: BufRead>(mut reader: R, sink: &mut Sink) -> Result<()> {
         let record = sink.rows_read + 1; // 1-based vector index
         offset += skip_newlines(&mut reader).map_err(io)?;
         let word_offset = offset;
+        // Fast path: the whole record (word, space, vector) is in the reader's buffer: it is
+        // checked and, when wanted, decoded in place, then consumed: no copy, no allocation.
+        let buf = reader.fill_buf().map_err(io)?;
+        let window = &buf[..buf.len().min(MAX_WORD_BYTES + 1)];
+        if let Some(space) = window.iter().position(|&b| b == b' ') {
+            let end = space + 1 + raw.len();
+            if end <= buf.len() {
+                let location = RecordAt {
+                    record,
+                    word_offset,
+                };
+                check_binary_word(source, location, &buf[..space])?;
+                binary_record(
+                    sink,
+                    location,
+                    &buf[..space],
+                    &buf[space + 1..end],
+                    &mut values,
+                )?;
+                reader.consume(end);
+                offset += end as u64;
+                continue;
+            }
+        }
+        // Slow path (a record across the buffer's end, EOF, or an error): copy it out.
         word.clear();
         let n = (&mut reader)
             .take(MAX_WORD_BYTES as u64 + 1)
@@ -663,12 +757,11 @@ fn read_binary<R: BufRead>(mut reader: R, sink: &mut Sink) -> Result<()> {
             );
         }
         word.pop();
-        if word.is_empty() || word.contains(&b'\n') {
-            bail!(
-                "{source}: vector {record} (byte offset {word_offset}): bad word {}; not a word2vec binary file, or corrupt",
-                show(&word)
-            );
-        }
+        let location = RecordAt {
+            record,
+            word_offset,
+        };
+        check_binary_word(source, location, &word)?;
         let got = read_full(&mut reader, &mut raw).map_err(io)?;
         offset += got as u64;
         if got < raw.len() {
@@ -678,29 +771,7 @@ fn read_binary<R: BufRead>(mut reader: R, sink: &mut Sink) -> Result<()> {
                 raw.len()
             );
         }
-        sink.rows_read += 1;
-        if record == 1 && dim >= 4 && looks_like_text(&raw) {
-            bail!(
-                "{source}: vector 1 (word {}): the vector bytes are text ({}); this looks like a word2vec text file, not binary (vectors_format = \"word2vec-text\")",
-                show(&word),
-                show(&raw[..raw.len().min(40)])
-            );
-        }
-        if !sink.wants(&word) {
-            continue;
-        }
-        for (value, bytes) in values.iter_mut().zip(raw.chunks_exact(4)) {
-            *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        }
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            bail!(
-                "{source}: vector {record} (word {}, byte offset {word_offset}): value {} is {} (not finite)",
-                show(&word),
-                i + 1,
-                values[i]
-            );
-        }
-        sink.push(&word, &values, &format!("vector {record}"));
+        binary_record(sink, location, &word, &raw, &mut values)?;
     }
     // Anything but newlines after the announced vectors is trailing data (header undercount).
     skip_newlines(&mut reader).map_err(io)?;
@@ -709,6 +780,66 @@ fn read_binary<R: BufRead>(mut reader: R, sink: &mut Sink) -> Result<()> {
             "{source}: header says {count} vectors but data continues at byte offset {offset}; the rest of the file is ignored"
         ));
     }
+    Ok(())
+}
+
+/// Where a binary record starts, for messages: its 1-based index and the byte offset of its word.
+#[derive(Clone, Copy)]
+struct RecordAt {
+    record: usize,
+    word_offset: u64,
+}
+
+/// A binary record's word (without its space) must be non-empty and hold no `\n`.
+fn check_binary_word(source: &str, at: RecordAt, word: &[u8]) -> Result<()> {
+    if word.is_empty() || word.contains(&b'\n') {
+        bail!(
+            "{source}: vector {} (byte offset {}): bad word {}; not a word2vec binary file, or corrupt",
+            at.record,
+            at.word_offset,
+            show(word)
+        );
+    }
+    Ok(())
+}
+
+/// One complete binary record (`raw`: its `dim * 4` vector bytes): counted, checked (the first
+/// for being text), and, when `sink` wants the word, decoded (finite values only) and stored.
+fn binary_record(
+    sink: &mut Sink,
+    at: RecordAt,
+    word: &[u8],
+    raw: &[u8],
+    values: &mut [f32],
+) -> Result<()> {
+    let source = sink.source;
+    let RecordAt {
+        record,
+        word_offset,
+    } = at;
+    sink.rows_read += 1;
+    if record == 1 && raw.len() >= 16 && looks_like_text(raw) {
+        bail!(
+            "{source}: vector 1 (word {}): the vector bytes are text ({}); this looks like a word2vec text file, not binary (vectors_format = \"word2vec-text\")",
+            show(word),
+            show(&raw[..raw.len().min(40)])
+        );
+    }
+    if !sink.wants(word) {
+        return Ok(());
+    }
+    for (value, bytes) in values.iter_mut().zip(raw.chunks_exact(4)) {
+        *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{source}: vector {record} (word {}, byte offset {word_offset}): value {} is {} (not finite)",
+            show(word),
+            i + 1,
+            values[i]
+        );
+    }
+    sink.push(word, values, &format!("vector {record}"));
     Ok(())
 }
 
@@ -1031,6 +1162,59 @@ mod tests {
             50 + 1,
             "warnings are capped, the rest counted"
         );
+    }
+
+    #[test]
+    fn binary_any_buffer_size_and_keep_filter() {
+        // Records split anywhere across the reader's buffer (slow path) or whole in it (fast
+        // path) read the same; the Bloom prefilter never drops a kept word.
+        let mut rows: Vec<(String, Vec<f32>)> = (0..300)
+            .map(|i| (format!("w{i}"), vec![i as f32, 1.0, -2.5]))
+            .collect();
+        rows.push((
+            "\u{e9}t\u{e9}_long_word_of_more_than_16_bytes".into(),
+            vec![7.0; 3],
+        ));
+        let refs: Vec<(&str, &[f32])> = rows.iter().map(|(w, v)| (w.as_str(), &v[..])).collect();
+        let keep: HashSet<String> = [
+            "w7",
+            "w299",
+            "w30",
+            "\u{e9}t\u{e9}_long_word_of_more_than_16_bytes",
+        ]
+        .map(str::to_owned)
+        .into();
+        for newline in [false, true] {
+            let bytes = binary(&refs, newline);
+            let (all, _) = read(&bytes, Format::Word2vecBinary).unwrap();
+            assert_eq!(all.len(), 301);
+            for cap in [1, 2, 7, 16, 17, 64, 1000, 1 << 16] {
+                let reader = BufReader::with_capacity(cap, &bytes[..]);
+                let (v, r) = read_vectors(reader, "t", Format::Word2vecBinary, None).unwrap();
+                assert_eq!(
+                    (v.words.clone(), v.data.clone()),
+                    (all.words.clone(), all.data.clone())
+                );
+                assert_eq!(r.rows_read, 301);
+                let reader = BufReader::with_capacity(cap, &bytes[..]);
+                let (v, _) =
+                    read_vectors(reader, "t", Format::Word2vecBinary, Some(&keep)).unwrap();
+                assert_eq!(v.len(), 4, "buffer {cap}");
+                assert_eq!(v.get("w299"), Some(&[299.0, 1.0, -2.5][..]));
+            }
+        }
+        // A bad word is reported with its index and byte offset on either path.
+        let bad = binary(&[("a", &[1.0, 2.0]), ("b\nc", &[3.0, 4.0])], false);
+        for cap in [1, 1 << 16] {
+            let reader = BufReader::with_capacity(cap, &bad[..]);
+            let err = read_vectors(reader, "t", Format::Word2vecBinary, None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("vector 2 (byte offset 14)") && err.contains("bad word"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
