@@ -11,33 +11,19 @@ fn cluster() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster")
 }
 
-#[test]
-fn slurm_scripts_pass_bash_n_and_shellcheck() {
-    let mut scripts: Vec<PathBuf> = std::fs::read_dir(cluster().join("slurm"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sbatch"))
-        .collect();
-    scripts.sort();
-    assert!(scripts.len() >= 2, "{scripts:?}");
-    for script in &scripts {
-        let out = Command::new("bash").arg("-n").arg(script).output().unwrap();
-        assert!(
-            out.status.success(),
-            "bash -n {}: {out:?}",
-            script.display()
-        );
-        let text = std::fs::read_to_string(script).unwrap();
-        for needed in [
-            "--signal=B:USR1@90",
-            "--requeue",
-            "scontrol requeue",
-            "--resume auto",
-        ] {
-            assert!(text.contains(needed), "{}: no {needed}", script.display());
-        }
-    }
-    match Command::new("shellcheck").args(&scripts).output() {
+/// `bash -n SCRIPT` succeeds.
+fn bash_n(script: &Path) {
+    let out = Command::new("bash").arg("-n").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "bash -n {}: {out:?}",
+        script.display()
+    );
+}
+
+/// shellcheck passes on all of `scripts`; without shellcheck a printed skip, except under CI.
+fn shellcheck(scripts: &[PathBuf]) {
+    match Command::new("shellcheck").args(scripts).output() {
         Ok(out) => assert!(
             out.status.success(),
             "shellcheck:\n{}",
@@ -51,6 +37,30 @@ fn slurm_scripts_pass_bash_n_and_shellcheck() {
             eprintln!("SKIP: shellcheck not installed: only bash -n ran");
         }
     }
+}
+
+#[test]
+fn slurm_scripts_pass_bash_n_and_shellcheck() {
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(cluster().join("slurm"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sbatch"))
+        .collect();
+    scripts.sort();
+    assert!(scripts.len() >= 2, "{scripts:?}");
+    for script in &scripts {
+        bash_n(script);
+        let text = std::fs::read_to_string(script).unwrap();
+        for needed in [
+            "--signal=B:USR1@90",
+            "--requeue",
+            "scontrol requeue",
+            "--resume auto",
+        ] {
+            assert!(text.contains(needed), "{}: no {needed}", script.display());
+        }
+    }
+    shellcheck(&scripts);
 }
 
 /// Every other shell script of the project (scripts/, bench/, .ci/run) passes shellcheck too.
@@ -74,27 +84,9 @@ fn every_project_shell_script_passes_shellcheck() {
         "{scripts:?}"
     );
     for script in &scripts {
-        let out = Command::new("bash").arg("-n").arg(script).output().unwrap();
-        assert!(
-            out.status.success(),
-            "bash -n {}: {out:?}",
-            script.display()
-        );
+        bash_n(script);
     }
-    match Command::new("shellcheck").args(&scripts).output() {
-        Ok(out) => assert!(
-            out.status.success(),
-            "shellcheck:\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        ),
-        Err(_) => {
-            assert!(
-                std::env::var("CI").map_or(true, |v| v != "true"),
-                "CI=true but shellcheck is missing (scripts/test.sh installs it)"
-            );
-            eprintln!("SKIP: shellcheck not installed: only bash -n ran");
-        }
-    }
+    shellcheck(&scripts);
 }
 
 fn arg_after<'a>(args: &'a [&'a str], flag: &str) -> &'a str {
