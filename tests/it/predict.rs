@@ -35,6 +35,18 @@ pub(crate) fn trained_run() -> Option<&'static (tempfile::TempDir, std::path::Pa
     .as_ref()
 }
 
+/// The report URL a successful `devise eval` prints (`report: URL`); panics with its log
+/// otherwise.
+fn report_path(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{}", text(out));
+    let log = text(out);
+    log.lines()
+        .find_map(|l| l.strip_prefix("report: "))
+        .unwrap_or_else(|| panic!("{log}"))
+        .trim()
+        .to_string()
+}
+
 #[test]
 fn predict_ranks_the_1k_labels_for_the_100_full_size_images() {
     let Some(shared) = shared_dir() else {
@@ -188,14 +200,7 @@ fn eval_reproduces_the_training_time_numbers_and_ranks_any_label_list() {
             .args(extra)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        let log = text(&out);
-        let path = log
-            .lines()
-            .find_map(|l| l.strip_prefix("report: "))
-            .unwrap_or_else(|| panic!("{log}"))
-            .trim()
-            .to_string();
+        let path = report_path(&out);
         let json = Path::new(&path).with_file_name("report.json");
         let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
         (doc, std::fs::read_to_string(path).unwrap())
@@ -327,14 +332,7 @@ fn the_zero_shot_21k_eval_recipe_ranks_images_from_its_own_shards() {
         .arg(&labels)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let log = text(&out);
-    let report = log
-        .lines()
-        .find_map(|l| l.strip_prefix("report: "))
-        .unwrap_or_else(|| panic!("{log}"))
-        .trim()
-        .to_string();
+    let report = report_path(&out);
     assert!(
         report.ends_with("eval/step-000000009-recipe-1k-devise_0/report.md"),
         "{report}"
