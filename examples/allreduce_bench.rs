@@ -46,7 +46,7 @@ fn main() -> Result<()> {
         unix_sockets: transport != "tcp",
         ..Config::default()
     };
-    let coll = collective::init(&env, &cfg, false)?;
+    let coll = collective::init(&env, &cfg, Device::Cpu)?;
     let (rank, w) = (coll.rank(), coll.world_size());
     if w < 2 {
         bail!("run at least 2 ranks (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT)");

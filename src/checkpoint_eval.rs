@@ -31,11 +31,17 @@ pub struct Request {
     pub plus_seen: bool,
 }
 
-/// Runs the evaluation; returns the report URL (rank 0) or an empty string (other ranks).
-pub fn run(req: &Request, collective: &dyn Collective, local_rank: usize) -> Result<String> {
+/// Runs the evaluation on the GPU of local worker `local_rank` of `local_world_size` (when
+/// `run.device` asks for one); returns the report URL (rank 0) or an empty string (other ranks).
+pub fn run(
+    req: &Request,
+    collective: &dyn Collective,
+    local_rank: usize,
+    local_world_size: usize,
+) -> Result<String> {
     let started = std::time::Instant::now();
     let cfg = predict::checkpoint_config(&req.checkpoint, &req.overrides)?;
-    let device = crate::train::select_device(&cfg.run.device, local_rank)?;
+    let device = crate::train::select_device(cfg.run.device, local_rank, local_world_size)?;
     let loaded = predict::load_model(&req.checkpoint, device, &req.overrides)?;
     let plan = Plan::build(&loaded.cfg, collective.rank(), collective.world_size())?;
     if plan.seen != loaded.seen {

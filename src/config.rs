@@ -20,19 +20,38 @@ pub struct RunSection {
     /// libtorch intra-op threads (0: libtorch's default, usually the number of cores).
     #[serde(default)]
     pub threads: usize,
-    /// `cpu`, `cuda` (local GPU `LOCAL_RANK`), or `auto` (CUDA when available).
-    #[serde(default = "default_device")]
-    pub device: String,
+    /// `cpu`, `cuda` (the worker's own GPU: `devise_launch::world::cuda_ordinal`), or `auto`
+    /// (CUDA when libtorch sees a GPU).
+    #[serde(default)]
+    pub device: DeviceKind,
     /// On CUDA, let cuDNN time its convolution algorithms on the first batches and keep the
     /// fastest (`torch.backends.cudnn.benchmark`, which torchvision's reference sets). Faster;
     /// the choice can differ between processes, so GPU runs (and a resume against an
     /// uninterrupted run) are no longer bit-identical. Default `false`.
     #[serde(default)]
     pub cudnn_benchmark: bool,
+    /// The signal the site sends before it stops the job: `usr1` (`SIGUSR1`, the default),
+    /// `usr2` (`SIGUSR2`) or `term` (`SIGTERM` only). It, SIGTERM and SIGINT make training
+    /// finish its step, write a checkpoint and exit 75. Under `devise-launch`, give the
+    /// launcher `--preempt-signal`: it sets `DEVISE__RUN__PREEMPT_SIGNAL` for its workers,
+    /// which overrides this key (see `devise_launch::signal`).
+    #[serde(default)]
+    pub preempt_signal: devise_launch::signal::PreemptSignal,
 }
 
-fn default_device() -> String {
-    "auto".into()
+/// `run.device`: where the model runs.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// The CPU.
+    Cpu,
+    /// The worker's own CUDA GPU; an error when it has none.
+    Cuda,
+    /// CUDA when libtorch sees a GPU, else the CPU.
+    #[default]
+    Auto,
 }
 
 /// The whole run configuration.
@@ -123,12 +142,6 @@ impl RunConfig {
         self.checkpoint.validate()?;
         self.eval.validate()?;
         self.dist.validate()?;
-        if !matches!(self.run.device.as_str(), "cpu" | "cuda" | "auto") {
-            bail!(
-                "run.device must be cpu, cuda or auto, got '{}'",
-                self.run.device
-            );
-        }
         Ok(())
     }
 
@@ -187,6 +200,36 @@ fn toml_to_config(v: toml::Value) -> config::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `run.device` and `run.preempt_signal` are choices: TOML spells them, a wrong value is an
+    /// error naming the key, and the default is `auto` / `usr1`.
+    #[test]
+    fn device_and_preempt_signal_are_typed_choices() {
+        use devise_launch::signal::PreemptSignal;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/smoke.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let load = |set: &[&str]| {
+            let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+            RunConfig::load(&text, "smoke.toml", &set)
+        };
+        let cfg = load(&[]).unwrap();
+        assert_eq!(cfg.run.device, DeviceKind::Cpu);
+        assert_eq!(cfg.run.preempt_signal, PreemptSignal::Usr1);
+        let cfg = load(&["run.preempt_signal=usr2", "run.device=auto"]).unwrap();
+        assert_eq!(cfg.run.preempt_signal, PreemptSignal::Usr2);
+        assert_eq!(cfg.run.device, DeviceKind::Auto);
+        assert!(cfg.to_toml().contains("preempt_signal = \"usr2\""));
+        let cfg = load(&["run.preempt_signal=\"term\""]).unwrap();
+        assert_eq!(cfg.run.preempt_signal, PreemptSignal::Term);
+        for (set, key) in [
+            ("run.preempt_signal=SIGUSR2", "preempt_signal"),
+            ("run.preempt_signal=hup", "preempt_signal"),
+            ("run.device=gpu", "device"),
+        ] {
+            let e = format!("{:#}", load(&[set]).unwrap_err());
+            assert!(e.contains(key), "{set}: {e}");
+        }
+    }
 
     #[test]
     fn an_overlay_becomes_overrides_and_names_a_stray_key() {

@@ -96,6 +96,7 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
         stop,
         stop_after_step: None,
         local_rank: 0,
+        local_world_size: 1,
     };
     train(&cfg, &plan, &opts, &SingleProcess)
 }

@@ -1,14 +1,17 @@
 //! `devise` command line: parse, install signal handlers that set a stop flag, call the library,
 //! map the result to an exit code.
 //!
-//! Exit codes: 0 done; 1 error; 2 usage error; 75 preempted (SIGTERM/SIGUSR1/SIGINT: the current
-//! step finished and a checkpoint was written — requeue the job and it resumes).
+//! Exit codes: 0 done; 1 error; 2 usage error; 75 preempted (SIGTERM, SIGINT or the
+//! preemption signal `run.preempt_signal`, SIGUSR1 by default: the current step finished and a
+//! checkpoint was written — requeue the job and it resumes); 130 a second stop signal more
+//! than 5 s after the first (no checkpoint).
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use devise::collective::WorkerEnv;
 use devise::config::RunConfig;
 use devise::plan::Plan;
 use devise::train::{Outcome, Resume, RunOptions};
+use devise_launch::signal::{signal_name, PreemptSignal, REPEAT_WINDOW};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -267,40 +270,62 @@ fn parse_set(s: &str) -> Result<String, String> {
     }
 }
 
-/// Training commands turn SIGTERM/SIGUSR1/SIGINT into the stop flag (finish the step,
-/// checkpoint, exit 75). A repeat within [`REPEAT_WINDOW`] of the first counts as the same event:
-/// under SLURM one preemption can reach a worker twice (slurmstepd signals every process of the
-/// step, and `devise-launch` forwards the signal it got too). A signal after that window exits at
-/// once with 130. Other commands keep the default handlers: they are killed, and write nothing
-/// that looks complete (build-shards writes its manifest last).
-fn install_stop_handlers(stop: &Arc<AtomicBool>) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGUSR1, SIGINT])?;
+/// Training commands turn SIGTERM and SIGINT (from the start) and the preemption signal (once
+/// the configuration names it: [`catch_preempt_signal`]) into the stop flag (finish the step,
+/// checkpoint, exit 75). A repeat within [`REPEAT_WINDOW`] of the first counts as the same
+/// event: under SLURM one preemption can reach a worker twice (slurmstepd signals every process
+/// of the step, and `devise-launch` forwards the signal it got too). A signal after that window
+/// exits at once with 130. Other commands keep the default handlers: they are killed, and
+/// write nothing that looks complete (build-shards writes its manifest last).
+fn install_stop_handlers(
+    stop: &Arc<AtomicBool>,
+) -> std::io::Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let handle = signals.handle();
     let stop = stop.clone();
     std::thread::Builder::new()
         .name("devise-signals".into())
         .spawn(move || {
             let mut first: Option<std::time::Instant> = None;
             for sig in signals.forever() {
+                let name = signal_name(sig);
                 match first {
                     None => {
                         first = Some(std::time::Instant::now());
                         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                        eprintln!("signal {sig}: finishing the current step, then checkpoint and exit 75 (signal again after {} s to exit at once)", REPEAT_WINDOW.as_secs());
+                        eprintln!("{name}: finishing the current step, then checkpoint and exit 75 (a stop signal again after {} s exits at once)", REPEAT_WINDOW.as_secs());
                     }
                     Some(t) if t.elapsed() < REPEAT_WINDOW => {}
                     Some(_) => {
-                        eprintln!("signal {sig} again: exiting at once (130), no checkpoint");
+                        eprintln!("{name} again: exiting at once (130), no checkpoint");
                         std::process::exit(130);
                     }
                 }
             }
         })?;
-    Ok(())
+    Ok(handle)
 }
 
-/// Repeats of a stop signal within this window count as one (see [`install_stop_handlers`]).
-const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+/// Adds the preemption signal (`run.preempt_signal`) to the stop handlers; `term` adds none
+/// (SIGTERM is always one), leaving SIGUSR1 and SIGUSR2 their default action. Warns when
+/// `NCCL_PROXY_DUMP_SIGNAL` names a stop signal (NCCL would take it over).
+fn catch_preempt_signal(
+    handle: &signal_hook::iterator::Handle,
+    preempt: PreemptSignal,
+) -> Result<()> {
+    if preempt != PreemptSignal::Term {
+        handle
+            .add_signal(preempt.number())
+            .with_context(|| format!("cannot install a handler for {}", preempt.name()))?;
+    }
+    if let Some(warning) =
+        devise_launch::signal::nccl_dump_signal_clash(preempt, |k| std::env::var(k).ok())
+    {
+        tracing::warn!("{warning}");
+    }
+    Ok(())
+}
 
 fn main() -> ExitCode {
     use std::io::IsTerminal;
@@ -313,13 +338,17 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let stop = Arc::new(AtomicBool::new(false));
+    let mut signals = None;
     if matches!(cli.command, Command::Train { .. } | Command::Demo { .. }) {
-        if let Err(e) = install_stop_handlers(&stop) {
-            eprintln!("error: cannot install signal handlers: {e}");
-            return ExitCode::from(1);
+        match install_stop_handlers(&stop) {
+            Ok(handle) => signals = Some(handle),
+            Err(e) => {
+                eprintln!("error: cannot install signal handlers: {e}");
+                return ExitCode::from(1);
+            }
         }
     }
-    match run(cli, stop) {
+    match run(cli, stop, signals.as_ref()) {
         Ok(Some(Outcome::Preempted { checkpoint })) => {
             if checkpoint.is_empty() {
                 eprintln!("preempted: rank 0 wrote the checkpoint; requeue to resume");
@@ -342,7 +371,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
+/// Runs a command; `signals`: the stop handlers of training commands, which learn the
+/// preemption signal from the configuration.
+fn run(
+    cli: Cli,
+    stop: Arc<AtomicBool>,
+    signals: Option<&signal_hook::iterator::Handle>,
+) -> Result<Option<Outcome>> {
     match cli.command {
         Command::Train {
             config,
@@ -356,6 +391,9 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
                 set.push(format!("text.vectors_format={format:?}"));
             }
             let cfg = RunConfig::load_file(&config, &set)?;
+            if let Some(handle) = signals {
+                catch_preempt_signal(handle, cfg.run.preempt_signal)?;
+            }
             // The one place the rank environment is read (see devise_launch::world).
             let env = WorkerEnv::from_env().context("reading the rank environment")?;
             let plan = Plan::build(&cfg, env.rank, env.world_size)?;
@@ -364,17 +402,23 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
                 println!("{}", plan.summary());
                 return Ok(None);
             }
-            let cuda = match cfg.run.device.as_str() {
-                "cuda" => true,
-                "cpu" => false,
-                _ => tch::Cuda::is_available(),
-            };
-            let collective = devise::collective::init(&env, &cfg.dist, cuda)?;
+            // Before any work: a worker without a GPU of its own stops here.
+            let device = devise::train::select_device(
+                cfg.run.device,
+                env.local_rank,
+                env.local_world_size,
+            )?;
+            tracing::info!(
+                "world: {env}; device {device:?}; preemption signal {}",
+                cfg.run.preempt_signal.name()
+            );
+            let collective = devise::collective::init(&env, &cfg.dist, device)?;
             let opts = RunOptions {
                 resume,
                 stop,
                 stop_after_step,
                 local_rank: env.local_rank,
+                local_world_size: env.local_world_size,
             };
             Ok(Some(devise::train::train(
                 &cfg,
@@ -383,7 +427,15 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
                 collective.as_ref(),
             )?))
         }
-        Command::Demo { out, set } => Ok(Some(devise::demo::run(&out, &set, stop)?)),
+        Command::Demo { out, set } => {
+            // The demo's configuration is assembled inside; its preemption signal comes from
+            // DEVISE__RUN__PREEMPT_SIGNAL, else the default.
+            if let Some(handle) = signals {
+                let preempt = PreemptSignal::from_vars(|k| std::env::var(k).ok())?;
+                catch_preempt_signal(handle, preempt.unwrap_or_default())?;
+            }
+            Ok(Some(devise::demo::run(&out, &set, stop)?))
+        }
         Command::Eval {
             checkpoint,
             labels,
@@ -409,12 +461,12 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
                         None => format!("the configuration of {checkpoint}"),
                     },
                 )?;
-            let cuda = match cfg.run.device.as_str() {
-                "cuda" => true,
-                "cpu" => false,
-                _ => tch::Cuda::is_available(),
-            };
-            let collective = devise::collective::init(&env, &cfg.dist, cuda)?;
+            let device = devise::train::select_device(
+                cfg.run.device,
+                env.local_rank,
+                env.local_world_size,
+            )?;
+            let collective = devise::collective::init(&env, &cfg.dist, device)?;
             let report = devise::checkpoint_eval::run(
                 &devise::checkpoint_eval::Request {
                     checkpoint,
@@ -424,6 +476,7 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<Option<Outcome>> {
                 },
                 collective.as_ref(),
                 env.local_rank,
+                env.local_world_size,
             )?;
             if !report.is_empty() {
                 println!("report: {report}");

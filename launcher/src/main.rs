@@ -9,12 +9,13 @@
 //! Exit codes: 0 every worker exited 0; 75 preempted (the launcher forwarded a signal, or a
 //! worker exited 75 on its own, and every worker exited 0 or 75); 1 a worker failed and
 //! restarts are exhausted; 2 usage or environment error (bad flags, malformed SLURM
-//! variables, worker command not found, unusable `--log-dir`); 130 a second interrupt while
-//! stopping. `--dry-run` exits with the worker's code.
+//! variables, worker command not found, unusable `--log-dir`); 130 a second interrupt, more
+//! than 5 s after the first, while stopping. `--dry-run` exits with the worker's code.
 mod resolve;
 mod supervisor;
 
 use clap::Parser;
+use devise_launch::signal::{self, PreemptSignal};
 use resolve::{Flags, Token};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -28,14 +29,22 @@ Exit codes:
        worker exited 0 or 75 (checkpoint written; requeue the job to resume)
   1    a worker failed (non-zero exit or killed by a signal) and --max-restarts is exhausted
   2    usage or environment error: bad flags, malformed SLURM variables, command not found
-  130  a second SIGINT/SIGTERM while the group was stopping (workers SIGKILLed)
+  130  a second SIGINT/SIGTERM, more than 5 s after the first, while the group was stopping
+       (workers SIGKILLed)
   With --dry-run: the worker's own exit code.
 
 Workers get RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
 MASTER_PORT, DEVISE_RUN_ID, DEVISE_RESTART_ATTEMPT and DEVISE_RDZV_TOKEN (passed through when
 set; random per launch on one node; unset on several nodes: export
-DEVISE_RDZV_TOKEN=$(openssl rand -hex 16) before srun). SIGINT, SIGTERM, SIGUSR1 are forwarded
-to the workers once; a second SIGINT/SIGTERM kills them. Under SLURM run one launcher per node
+DEVISE_RDZV_TOKEN=$(openssl rand -hex 16) before srun), and DEVISE__RUN__PREEMPT_SIGNAL with
+--preempt-signal.
+
+Signals: the preemption signal (--preempt-signal, SIGUSR1 by default), SIGINT and SIGTERM are
+forwarded to the workers, which finish their step, checkpoint and exit 75. Repeats of
+SIGINT/SIGTERM within 5 s of the first count as the same stop (under SLURM a preemption sends
+the launcher SIGTERM twice); one after 5 s kills the workers (exit 130). The other of
+SIGUSR1/SIGUSR2 is relayed to the workers as is. Warns when NCCL_PROXY_DUMP_SIGNAL names a
+stop signal (NCCL would take it over). Under SLURM run one launcher per node
 (srun --ntasks-per-node=1 devise-launch -- devise train ...); no flags are needed.";
 
 /// `devise-launch [OPTIONS] [--] CMD [ARGS...]`
@@ -98,6 +107,14 @@ struct Cli {
     #[arg(long, value_name = "S", default_value_t = 600)]
     heartbeat_timeout_secs: u64,
 
+    /// The signal a site sends before it stops the job (usr1: SIGUSR1, usr2: SIGUSR2, term:
+    /// SIGTERM only): forwarded to the workers as a preemption (checkpoint, exit 75) and passed
+    /// to them as DEVISE__RUN__PREEMPT_SIGNAL, which overrides the config file's
+    /// run.preempt_signal (a --set of the worker overrides it in turn) [default:
+    /// DEVISE__RUN__PREEMPT_SIGNAL from the environment, else usr1]
+    #[arg(long, value_name = "SIGNAL", value_enum)]
+    preempt_signal: Option<PreemptSignal>,
+
     /// Print the resolved world and each local worker's ranks, then run the worker command
     /// once with local worker 0's environment and `--dry-run` appended (the worker must accept
     /// it; `devise train` prints its plan), and exit with its code. Starts no training
@@ -122,6 +139,16 @@ fn main() -> ExitCode {
         run_id: cli.run_id.clone(),
     };
     let env = |k: &str| std::env::var(k).ok();
+    let preempt = match cli.preempt_signal {
+        Some(s) => s,
+        None => match PreemptSignal::from_vars(env) {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => return usage_error(e),
+        },
+    };
+    if let Some(warning) = signal::nccl_dump_signal_clash(preempt, env) {
+        eprintln!("devise-launch: warning: {warning}");
+    }
     let world = match resolve::resolve(&flags, env, local_run_id) {
         Ok(w) => w,
         Err(e) => return usage_error(e),
@@ -140,13 +167,14 @@ fn main() -> ExitCode {
     }
 
     if cli.dry_run {
-        return dry_run(&cli.command, &world, &token);
+        return dry_run(&cli.command, &world, &token, cli.preempt_signal);
     }
 
     eprintln!(
-        "devise-launch: {} max_restarts={}",
+        "devise-launch: {} max_restarts={} preempt_signal={}",
         world.summary(),
-        cli.max_restarts
+        cli.max_restarts,
+        preempt.key()
     );
     let exit = supervisor::run(&Spec {
         command: &cli.command,
@@ -156,6 +184,8 @@ fn main() -> ExitCode {
         stop_timeout: Duration::from_secs(cli.stop_timeout_secs),
         log_dir: cli.log_dir.as_deref(),
         heartbeat_timeout: Duration::from_secs(cli.heartbeat_timeout_secs),
+        preempt,
+        pass_preempt: cli.preempt_signal.is_some(),
     });
     ExitCode::from(exit.code())
 }
@@ -166,8 +196,14 @@ fn usage_error(e: anyhow::Error) -> ExitCode {
 }
 
 /// Prints the world, then runs the worker command once with `--dry-run` appended and local
-/// worker 0's environment (attempt 0), inheriting stdio; returns its exit code.
-fn dry_run(command: &[String], world: &resolve::World, token: &Token) -> ExitCode {
+/// worker 0's environment (attempt 0, and the preemption signal when `--preempt-signal` was
+/// given), inheriting stdio; returns its exit code.
+fn dry_run(
+    command: &[String],
+    world: &resolve::World,
+    token: &Token,
+    preempt: Option<PreemptSignal>,
+) -> ExitCode {
     println!("devise-launch dry run (nothing is trained):");
     for line in world.describe(token) {
         println!("  {line}");
@@ -189,6 +225,7 @@ fn dry_run(command: &[String], world: &resolve::World, token: &Token) -> ExitCod
         .args(args)
         .arg("--dry-run")
         .envs(world.worker_env(0, 0, token))
+        .envs(preempt.map(|s| (signal::ENV, s.key())))
         .status();
     match status {
         Ok(st) => match st.code() {

@@ -35,7 +35,7 @@
 //! Every error names the flag or variable and the offending value (`main` exits 2). Empty
 //! variables count as unset, as in `world.rs`.
 use anyhow::{bail, Context, Result};
-use devise_launch::world::{slurm_default_port, DEFAULT_MASTER_PORT};
+use devise_launch::world::{slurm_default_port, visible_gpu_count, DEFAULT_MASTER_PORT};
 use std::fmt;
 
 /// What the command line said (`None`: not given).
@@ -337,9 +337,11 @@ pub fn resolve(
     }
     if nnodes.value.checked_mul(nproc_per_node.value).is_none() {
         bail!(
-            "nnodes {} x nproc-per-node {} overflows",
+            "nnodes {} (from {}) x nproc-per-node {} (from {}) overflows",
             nnodes.value,
-            nproc_per_node.value
+            nnodes.source,
+            nproc_per_node.value,
+            nproc_per_node.source
         );
     }
 
@@ -414,18 +416,6 @@ pub fn resolve(
         master_port,
         run_id,
     })
-}
-
-/// GPUs a `CUDA_VISIBLE_DEVICES` value exposes: its comma-separated entries up to the first
-/// empty or `-1` one (CUDA ignores the rest); SLURM's `NoDevFiles` is none.
-fn visible_gpu_count(v: &str) -> usize {
-    if v.trim() == "NoDevFiles" {
-        return 0;
-    }
-    v.split(',')
-        .map(str::trim)
-        .take_while(|e| !e.is_empty() && *e != "-1")
-        .count()
 }
 
 #[cfg(test)]
@@ -722,6 +712,44 @@ mod tests {
             Token::choose(set, 2, rnd).unwrap(),
             Token::Inherited("s".into())
         );
+    }
+
+    /// The variables [`resolve`] reads.
+    const VARS: &[&str] = &[
+        "SLURM_JOB_ID",
+        "SLURM_STEP_NUM_NODES",
+        "SLURM_JOB_NUM_NODES",
+        "SLURM_NNODES",
+        "SLURM_LOCALID",
+        "SLURM_NODEID",
+        "SLURM_GPUS_ON_NODE",
+        "CUDA_VISIBLE_DEVICES",
+        "SLURM_STEP_NODELIST",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NODELIST",
+    ];
+
+    proptest::proptest! {
+        /// One variable of a working environment (a 2-node SLURM job, or none) set to arbitrary
+        /// Unicode: no panic, and a refusal names that variable.
+        #[test]
+        fn one_arbitrary_variable_is_refused_by_name(
+            slurm in proptest::bool::ANY,
+            var in proptest::sample::select(VARS),
+            value in proptest::prop_oneof![
+                proptest::arbitrary::any::<String>(),
+                "[0-9]{1,20}",
+                "[a-z0-9\\[\\],-]{0,12}",
+            ],
+        ) {
+            let mut env: Vec<(&str, &str)> = if slurm { SLURM_2X2.to_vec() } else { Vec::new() };
+            env.retain(|(k, _)| k != &var);
+            env.push((var, value.as_str()));
+            if let Err(e) = world(&Flags::default(), &env) {
+                let e = format!("{e:#}");
+                proptest::prop_assert!(e.contains(var), "{var}={value:?}: {e}");
+            }
+        }
     }
 
     /// Field case B22: every hostlist of the shared corpus resolves the master address to its

@@ -28,14 +28,25 @@
 //!
 //! # Signals (to the launcher)
 //!
-//! SIGINT, SIGTERM and SIGUSR1 are forwarded, the same signal, once per receipt, to every
-//! worker not yet exited; SIGHUP (terminal closed) is forwarded as SIGTERM. The launcher then
-//! waits, without a time limit, for the workers to checkpoint and exit 75 (preempted). A second
-//! SIGINT / SIGTERM / SIGHUP SIGKILLs every worker, and the launcher exits 130. While the group
-//! is stopping on its own (a failure: the workers got the launcher's SIGTERM; a worker's own
-//! 75: they got SLURM's signal), a signal is not forwarded, since it would be the workers'
-//! second, but it counts: the next SIGINT/SIGTERM kills. Any signal to the launcher rules out a
-//! restart. Signals are polled every 20 ms: two identical signals within one poll count once.
+//! The preemption signal ([`Spec::preempt`], `--preempt-signal`: `SIGUSR1` by default, or
+//! `SIGUSR2`), SIGINT and SIGTERM are forwarded, the same signal, to every worker not yet
+//! exited; SIGHUP (terminal closed) is forwarded as SIGTERM. The launcher then waits, without a
+//! time limit, for the workers to checkpoint and exit 75 (preempted). The preemption signal is
+//! forwarded once per receipt and never kills. The other user signal (`SIGUSR2` when the
+//! preemption signal is `SIGUSR1`, and both with `--preempt-signal term`) is relayed to the
+//! workers as is and changes nothing else (a worker that does not handle it dies of it, a
+//! failure like any other); NCCL's `NCCL_PROXY_DUMP_SIGNAL`, for one, reaches the workers this
+//! way.
+//!
+//! SIGINT / SIGTERM / SIGHUP within [`REPEAT_WINDOW`] (5 s) of the first one are the same stop
+//! and are not forwarded again (a preemption under SLURM sends the launcher SIGTERM twice:
+//! slurmstepd's and the step abort's); the workers count repeats within the same window as one
+//! ([`devise_launch::signal`]). One after that window SIGKILLs every worker, and the launcher
+//! exits 130. While the group is stopping on its own (a failure: the workers got the
+//! launcher's SIGTERM; a worker's own 75: they got SLURM's signal), a signal is not forwarded,
+//! since it would be the workers' second, but it counts: a SIGINT/SIGTERM after the window
+//! kills. Any signal to the launcher rules out a restart. Signals are polled every 20 ms: two
+//! identical signals within one poll count once.
 //!
 //! Known limit, SLURM: `slurmstepd` delivers signals to a job step by signalling its whole
 //! container (`proctrack_g_signal(step->cont_id, sig)`: with proctrack/cgroup every process of
@@ -43,8 +54,8 @@
 //! the workers directly AND the launcher, and the launcher's forward is the workers' second
 //! signal. The launcher cannot tell (the batch step's `scancel --full` uses killpg, which
 //! misses the workers' own groups), so the worker handles it: `devise train` treats a repeat of
-//! a stop signal within 5 s as the same event (src/main.rs), and only a later one exits at
-//! once (130).
+//! a stop signal within [`REPEAT_WINDOW`] as the same event (src/main.rs), and only a later one
+//! exits at once (130).
 //!
 //! # Failure
 //!
@@ -82,7 +93,8 @@
 use crate::resolve::{Token, World};
 use anyhow::{Context, Result};
 use devise_launch::heartbeat::{self, Watch};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use devise_launch::signal::{signal_name, PreemptSignal, REPEAT_WINDOW};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -119,6 +131,11 @@ pub struct Spec<'a> {
     /// A worker whose last heartbeat is older than this counts as failed (hung); zero: never.
     /// See [`devise_launch::heartbeat`].
     pub heartbeat_timeout: Duration,
+    /// The signal that means "preempted" (module docs, Signals).
+    pub preempt: PreemptSignal,
+    /// Start the workers with `DEVISE__RUN__PREEMPT_SIGNAL` set to [`Spec::preempt`]
+    /// (`--preempt-signal` was given), so their `run.preempt_signal` agrees.
+    pub pass_preempt: bool,
 }
 
 /// How the launcher ends.
@@ -153,7 +170,7 @@ impl Exit {
 pub fn run(spec: &Spec) -> Exit {
     // Installed before any worker exists: from here on SIGINT/SIGTERM no longer kill the
     // launcher (it would orphan the workers), they are forwarded.
-    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP]) {
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("devise-launch: cannot install signal handlers: {e}");
@@ -281,31 +298,48 @@ fn run_attempt(spec: &Spec, attempt: u32, signals: &mut Signals, watch: &Watch) 
     let mut phase = Phase::Running;
     let mut deadline: Option<Instant> = None;
     let mut signalled = false; // a signal reached the launcher
-    let mut interrupted = false; // a SIGINT/SIGTERM/SIGHUP reached the launcher
+    let mut first_stop: Option<Instant> = None; // the first SIGINT/SIGTERM/SIGHUP
     let mut failed = false; // a worker failed on its own
     let mut preempted = false; // a worker exited 75 on its own or after a forwarded signal
     let mut heartbeats_checked = Instant::now();
     loop {
         for sig in signals.pending() {
-            let interrupt = sig != SIGUSR1;
-            let stopping_on_its_own = matches!(phase, Phase::Failing | Phase::Preempting);
-            if interrupt && interrupted {
-                eprintln!(
-                    "devise-launch: got {} again while the group is stopping: killing every worker",
-                    signal_name(sig)
-                );
-                kill_live(&mut workers);
-                finish(&mut workers);
-                return Attempt::Interrupted;
+            let stop = matches!(sig, SIGINT | SIGTERM | SIGHUP);
+            let preemption = sig == spec.preempt.number();
+            if stop {
+                if let Some(first) = first_stop {
+                    let after = first.elapsed();
+                    if after < REPEAT_WINDOW {
+                        eprintln!(
+                            "devise-launch: got {} again {:.1}s after the first stop signal: \
+                             the same stop (repeats within {}s count once), not forwarded",
+                            signal_name(sig),
+                            after.as_secs_f64(),
+                            REPEAT_WINDOW.as_secs()
+                        );
+                        continue;
+                    }
+                    eprintln!(
+                        "devise-launch: got {} again while the group is stopping: killing every worker",
+                        signal_name(sig)
+                    );
+                    kill_live(&mut workers);
+                    finish(&mut workers);
+                    return Attempt::Interrupted;
+                }
+                first_stop = Some(Instant::now());
             }
             signalled = true;
-            interrupted |= interrupt;
+            let stopping_on_its_own = matches!(phase, Phase::Failing | Phase::Preempting);
             if stopping_on_its_own {
                 // The workers already have a stop signal (ours after a failure, or their own
                 // preemption): the launcher's would be their second one (exit 130 at once).
                 eprintln!(
-                    "devise-launch: got {} while the group is already stopping; not forwarded                      (it would be the workers' second signal); SIGINT/SIGTERM again kills them",
-                    signal_name(sig)
+                    "devise-launch: got {} while the group is already stopping; not forwarded \
+                     (it would be the workers' second signal); SIGINT/SIGTERM again after {}s \
+                     kills them",
+                    signal_name(sig),
+                    REPEAT_WINDOW.as_secs()
                 );
                 continue;
             }
@@ -314,12 +348,22 @@ fn run_attempt(spec: &Spec, attempt: u32, signals: &mut Signals, watch: &Watch) 
             for w in workers.iter().filter(|w| w.status.is_none()) {
                 n += usize::from(signal_group(w.pid, fwd));
             }
+            if !stop && !preemption {
+                eprintln!(
+                    "devise-launch: got {}: relayed to {n} worker(s) as is (the preemption \
+                     signal is {})",
+                    signal_name(sig),
+                    spec.preempt.name()
+                );
+                continue;
+            }
             phase = Phase::Forwarded;
             eprintln!(
                 "devise-launch: got {}: forwarded {} to {n} worker(s); waiting for them to \
-                 checkpoint and exit (SIGINT/SIGTERM again kills them)",
+                 checkpoint and exit (SIGINT/SIGTERM again after {}s kills them)",
                 signal_name(sig),
-                signal_name(fwd)
+                signal_name(fwd),
+                REPEAT_WINDOW.as_secs()
             );
         }
 
@@ -491,6 +535,10 @@ fn spawn_worker(spec: &Spec, local_rank: usize, attempt: u32, watch: &Watch) -> 
     cmd.args(args)
         .envs(spec.world.worker_env(local_rank, attempt, spec.token))
         .env(heartbeat::ENV, &heartbeat)
+        .envs(
+            spec.pass_preempt
+                .then_some((devise_launch::signal::ENV, spec.preempt.key())),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -697,36 +745,6 @@ fn describe(status: ExitStatus) -> String {
         ),
         _ => format!("ended ({status})"),
     }
-}
-
-/// `SIGKILL` for 9; `signal N` for numbers without a name here.
-pub fn signal_name(sig: i32) -> String {
-    let name = match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGCHLD => "SIGCHLD",
-        libc::SIGCONT => "SIGCONT",
-        libc::SIGSTOP => "SIGSTOP",
-        libc::SIGTSTP => "SIGTSTP",
-        libc::SIGXCPU => "SIGXCPU",
-        libc::SIGXFSZ => "SIGXFSZ",
-        libc::SIGSYS => "SIGSYS",
-        _ => return format!("signal {sig}"),
-    };
-    name.to_string()
 }
 
 #[cfg(test)]

@@ -390,8 +390,10 @@ esac"#;
     }
 }
 
+/// A repeat of SIGINT within the 5 s window is the same stop (not forwarded); one after the
+/// window SIGKILLs every worker and the launcher exits 130.
 #[test]
-fn a_second_interrupt_kills_the_group_and_exits_130() {
+fn a_second_interrupt_after_the_window_kills_the_group_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let script = r#"trap 'echo int >> "$D/int.$LOCAL_RANK"' INT
 echo $$ > "$D/pid.$LOCAL_RANK"; echo ready > "$D/ready.$LOCAL_RANK"
@@ -405,12 +407,19 @@ while :; do sleep 0.05; done"#;
         &[d.join("ready.0"), d.join("ready.1")],
         Duration::from_secs(10),
     );
+    let first = Instant::now();
     signal(&child, libc::SIGINT);
     wait_for_files(&[d.join("int.0"), d.join("int.1")], Duration::from_secs(10));
+    signal(&child, libc::SIGINT); // within the window: the same stop
+    std::thread::sleep(Duration::from_millis(5300).saturating_sub(first.elapsed()));
     signal(&child, libc::SIGINT);
     let (out, _) = finish(child, Duration::from_secs(15));
     let stderr = text(&out.stderr);
     assert_eq!(code(&out), 130, "{stderr}");
+    assert!(
+        stderr.contains("got SIGINT again") && stderr.contains("the same stop (repeats within 5s count once), not forwarded"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("got SIGINT again while the group is stopping: killing every worker"),
         "{stderr}"
@@ -422,6 +431,158 @@ while :; do sleep 0.05; done"#;
     for pid in worker_pids(d) {
         assert!(gone(pid), "worker {pid} survived\n{stderr}");
     }
+}
+
+/// A preemption under SLURM sends the launcher SIGTERM twice (slurmstepd's, then the step
+/// abort's) within a moment: the workers still checkpoint and exit 75, and so does the
+/// launcher; each worker gets SIGTERM once from it.
+#[test]
+fn two_sigterms_100ms_apart_are_one_preemption_and_exit_75() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"trap 'echo term >> "$D/term.$LOCAL_RANK"; sleep 1; exit 75' TERM
+echo $$ > "$D/pid.$LOCAL_RANK"; echo ready > "$D/ready.$LOCAL_RANK"
+while :; do sleep 0.05; done"#;
+    let child = launcher(dir.path())
+        .args(["--nproc-per-node", "2", "--", "sh", "-c", script])
+        .spawn()
+        .unwrap();
+    let d = dir.path();
+    wait_for_files(
+        &[d.join("ready.0"), d.join("ready.1")],
+        Duration::from_secs(10),
+    );
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&child, libc::SIGTERM);
+    let (out, _) = finish(child, Duration::from_secs(15));
+    let stderr = text(&out.stderr);
+    assert_eq!(code(&out), 75, "{stderr}");
+    assert!(
+        stderr.contains("got SIGTERM: forwarded SIGTERM to 2 worker(s)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("got SIGTERM again") && stderr.contains("the same stop"),
+        "{stderr}"
+    );
+    for r in 0..2 {
+        let got = std::fs::read_to_string(d.join(format!("term.{r}"))).unwrap();
+        assert_eq!(got, "term\n", "rank {r}");
+    }
+    for pid in worker_pids(d) {
+        assert!(gone(pid), "worker {pid} survived\n{stderr}");
+    }
+}
+
+/// `--preempt-signal usr2`: SIGUSR2 is the preemption (forwarded, workers exit 75, launcher
+/// exits 75), the workers learn it through DEVISE__RUN__PREEMPT_SIGNAL, SIGUSR1 (NCCL's dump
+/// signal here) is relayed as is without stopping anything, and NCCL_PROXY_DUMP_SIGNAL=12
+/// (SIGUSR2) is warned about at start.
+#[test]
+fn preempt_signal_usr2_is_forwarded_as_the_preemption() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"trap 'echo usr1 >> "$D/usr1.$LOCAL_RANK"' USR1
+trap 'echo usr2 >> "$D/usr2.$LOCAL_RANK"; exit 75' USR2
+echo "$DEVISE__RUN__PREEMPT_SIGNAL" > "$D/env.$LOCAL_RANK"
+echo $$ > "$D/pid.$LOCAL_RANK"; echo ready > "$D/ready.$LOCAL_RANK"
+while :; do sleep 0.05; done"#;
+    let child = launcher(dir.path())
+        .env("NCCL_PROXY_DUMP_SIGNAL", "12")
+        .args([
+            "--nproc-per-node",
+            "2",
+            "--preempt-signal",
+            "usr2",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .spawn()
+        .unwrap();
+    let d = dir.path();
+    wait_for_files(
+        &[d.join("ready.0"), d.join("ready.1")],
+        Duration::from_secs(10),
+    );
+    signal(&child, libc::SIGUSR1);
+    wait_for_files(&[d.join("usr1.0"), d.join("usr1.1")], Duration::from_secs(10));
+    signal(&child, libc::SIGUSR2);
+    let (out, _) = finish(child, Duration::from_secs(15));
+    let stderr = text(&out.stderr);
+    assert_eq!(code(&out), 75, "{stderr}");
+    assert!(
+        stderr.contains("warning: NCCL_PROXY_DUMP_SIGNAL=12 names SIGUSR2, the preemption signal"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("got SIGUSR1: relayed to 2 worker(s) as is"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("got SIGUSR2: forwarded SIGUSR2 to 2 worker(s)"),
+        "{stderr}"
+    );
+    for r in 0..2 {
+        let read = |name: &str| std::fs::read_to_string(d.join(format!("{name}.{r}"))).unwrap();
+        assert_eq!(read("env"), "usr2\n", "rank {r}");
+        assert_eq!(read("usr1"), "usr1\n", "rank {r}");
+        assert_eq!(read("usr2"), "usr2\n", "rank {r}");
+    }
+    for pid in worker_pids(d) {
+        assert!(gone(pid), "worker {pid} survived\n{stderr}");
+    }
+}
+
+/// Without `--preempt-signal` the launcher still survives SIGUSR2 (it used to die of it,
+/// leaving its workers without a checkpoint): it relays it, and a worker that handles it and
+/// exits 75 makes the launcher exit 75.
+#[test]
+fn sigusr2_without_the_flag_is_relayed_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"trap 'exit 75' USR2
+echo $$ > "$D/pid.$LOCAL_RANK"; echo ready > "$D/ready.$LOCAL_RANK"
+while :; do sleep 0.05; done"#;
+    let child = launcher(dir.path())
+        .args(["--nproc-per-node", "2", "--", "sh", "-c", script])
+        .spawn()
+        .unwrap();
+    let d = dir.path();
+    wait_for_files(
+        &[d.join("ready.0"), d.join("ready.1")],
+        Duration::from_secs(10),
+    );
+    signal(&child, libc::SIGUSR2);
+    let (out, _) = finish(child, Duration::from_secs(15));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{:?}\n{stderr}", out.status);
+    assert!(
+        stderr.contains("got SIGUSR2: relayed to 2 worker(s) as is (the preemption signal is SIGUSR1)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_preempt_signal_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = run(
+        launcher(dir.path()).args(["--preempt-signal", "hup", "--", "true"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(code(&out), 2);
+    assert!(text(&out.stderr).contains("usr1"), "{}", text(&out.stderr));
+    let (out, _) = run(
+        launcher(dir.path())
+            .env("DEVISE__RUN__PREEMPT_SIGNAL", "SIGUSR2")
+            .args(["--", "true"]),
+        Duration::from_secs(10),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(code(&out), 2, "{stderr}");
+    assert!(
+        stderr.contains("DEVISE__RUN__PREEMPT_SIGNAL=\"SIGUSR2\" is not a preemption signal"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -569,7 +730,7 @@ esac"#;
             "--nproc-per-node",
             "2",
             "--stop-timeout-secs",
-            "10",
+            "30",
             "--",
             "sh",
             "-c",
@@ -583,16 +744,19 @@ esac"#;
         assert!(start.elapsed() < Duration::from_secs(10), "{}", stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
+    let first = Instant::now();
     signal(&child, libc::SIGINT);
     while !stderr().contains("not forwarded") {
         assert!(start.elapsed() < Duration::from_secs(10), "{}", stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
+    // After the repeat window (a repeat within it is the same stop).
+    std::thread::sleep(Duration::from_millis(5300).saturating_sub(first.elapsed()));
     signal(&child, libc::SIGINT);
-    let (out, _) = finish(child, Duration::from_secs(15));
+    let (out, _) = finish(child, Duration::from_secs(40));
     assert_eq!(code(&out), 130, "{}", stderr());
     assert!(
-        start.elapsed() < Duration::from_secs(8),
+        start.elapsed() < Duration::from_secs(20),
         "waited for the stop timeout"
     );
     assert!(

@@ -212,12 +212,13 @@ impl Collective for SingleProcess {
 
 /// Joins the process group the environment describes ([`WorkerEnv`]): a single process needs
 /// nothing; otherwise rank 0 starts the rendezvous store, every rank connects, and the backend
-/// `dist.backend` (resolved against `device_is_cuda`) is set up through it.
+/// `dist.backend` (resolved against `device`, this process's device from
+/// `train::select_device`) is set up through it; NCCL on `device`'s GPU.
 ///
 /// Every rank of the job must call this, with the same configuration. Errors: the store cannot
 /// be reached or refuses the token within `dist.timeout_secs`, the backend cannot start
-/// (missing libnccl, no GPU for `local_rank`, ...).
-pub fn init(env: &WorkerEnv, cfg: &Config, device_is_cuda: bool) -> Result<Box<dyn Collective>> {
+/// (missing libnccl, `nccl` on a CPU device, ...).
+pub fn init(env: &WorkerEnv, cfg: &Config, device: Device) -> Result<Box<dyn Collective>> {
     cfg.validate()?;
     if env.world_size == 1 {
         return Ok(Box::new(SingleProcess));
@@ -225,7 +226,7 @@ pub fn init(env: &WorkerEnv, cfg: &Config, device_is_cuda: bool) -> Result<Box<d
     let timeout = std::time::Duration::from_secs(cfg.timeout_secs);
     let store = store::Rendezvous::join(env, timeout)?;
     let backend = match cfg.backend.as_str() {
-        "auto" if device_is_cuda => "nccl",
+        "auto" if device.is_cuda() => "nccl",
         "auto" => "cpu",
         b => b,
     };
@@ -236,7 +237,13 @@ pub fn init(env: &WorkerEnv, cfg: &Config, device_is_cuda: bool) -> Result<Box<d
             timeout,
             cfg.unix_sockets,
         )?)),
-        "nccl" => Ok(Box::new(nccl::Nccl::connect(store, env.local_rank)?)),
+        "nccl" => match device {
+            Device::Cuda(ordinal) => Ok(Box::new(nccl::Nccl::connect(store, ordinal)?)),
+            other => bail!(
+                "dist.backend = \"nccl\" needs a CUDA device, but this process runs on {other:?} \
+                 (run.device)"
+            ),
+        },
         other => bail!("dist.backend = {other:?}: expected auto, cpu or nccl"),
     }
 }

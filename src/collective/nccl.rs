@@ -38,10 +38,10 @@
 //!
 //! # Device, stream, synchronisation (state shared with libtorch)
 //!
-//! [`Nccl::connect`] makes the *primary* context of GPU `local_rank` current on the calling
-//! thread (cudarc's `CudaContext::new`; every operation binds it again on its calling thread).
-//! The CUDA runtime that libtorch uses works in that same primary context, so the raw pointers
-//! of `Tensor::data_ptr` on `cuda:local_rank` are valid in NCCL's calls. Every collective is enqueued on the **legacy default stream** (`NULL`): tch never
+//! [`Nccl::connect`] makes the *primary* context of GPU `ordinal` (the worker's own, from
+//! `devise_launch::world::cuda_ordinal`) current on the calling thread (cudarc's
+//! `CudaContext::new`; every operation binds it again on its calling thread). The CUDA runtime that libtorch uses works in that same primary context, so the raw pointers
+//! of `Tensor::data_ptr` on `cuda:ordinal` are valid in NCCL's calls. Every collective is enqueued on the **legacy default stream** (`NULL`): tch never
 //! sets a current stream, so that is the stream libtorch queued the buffer's producers (the
 //! backward pass, `Tensor::cat`) on and will queue its consumers on; stream order alone makes the
 //! data dependencies right.
@@ -366,22 +366,22 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
-/// GPU `local_rank`'s primary context, made current on this thread.
-fn cuda_context(local_rank: usize) -> Result<Arc<CudaContext>> {
+/// GPU `ordinal`'s primary context, made current on this thread.
+fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     let count = CudaContext::device_count().map_err(|e| {
         anyhow!(
             "the CUDA driver failed to initialise: {e} (no GPU visible? check `nvidia-smi` and \
              CUDA_VISIBLE_DEVICES)"
         )
     })?;
-    if local_rank >= count.max(0) as usize {
+    if ordinal >= count.max(0) as usize {
         bail!(
-            "local_rank {local_rank} has no GPU: the CUDA driver sees {count} (more workers per \
-             node than GPUs? check --nproc-per-node / CUDA_VISIBLE_DEVICES)"
+            "cuda:{ordinal} does not exist: the CUDA driver sees {count} GPUs (check \
+             CUDA_VISIBLE_DEVICES)"
         );
     }
-    CudaContext::new(local_rank)
-        .map_err(|e| anyhow!("making GPU {local_rank}'s primary context current: {e}"))
+    CudaContext::new(ordinal)
+        .map_err(|e| anyhow!("making GPU {ordinal}'s primary context current: {e}"))
 }
 
 /// A communicator handle.
@@ -394,7 +394,8 @@ unsafe impl Send for Comm {}
 pub struct Nccl {
     rank: usize,
     world_size: usize,
-    local_rank: usize,
+    /// The CUDA device ordinal of this rank's GPU.
+    ordinal: usize,
     /// `dist.timeout_secs`: the longest any one operation waits.
     timeout: Duration,
     api: &'static NcclApi,
@@ -407,18 +408,18 @@ pub struct Nccl {
 }
 
 impl Nccl {
-    /// Joins the NCCL group through `store`, on GPU `local_rank` (every rank calls it at the
+    /// Joins the NCCL group through `store`, on GPU `ordinal` (every rank calls it at the
     /// same time). Errors: libcuda or libnccl missing (the message says how to provide them),
-    /// NCCL too old, no GPU `local_rank`, rank 0's id not published or a rank not joining
+    /// NCCL too old, no GPU `ordinal`, rank 0's id not published or a rank not joining
     /// within the store's timeout, an NCCL error (named).
-    pub fn connect(store: Rendezvous, local_rank: usize) -> Result<Nccl> {
+    pub fn connect(store: Rendezvous, ordinal: usize) -> Result<Nccl> {
         let (rank, world) = (store.rank(), store.world_size());
         let timeout = store.timeout();
-        let (api, ctx) = open(local_rank).with_context(|| {
-            format!("rank {rank}: starting the nccl backend on cuda:{local_rank}")
+        let (api, ctx) = open(ordinal).with_context(|| {
+            format!("rank {rank}: starting the nccl backend on cuda:{ordinal}")
         })?;
         tracing::info!(
-            "rank {rank}: NCCL {} ({}) on cuda:{local_rank}, {world} ranks",
+            "rank {rank}: NCCL {} ({}) on cuda:{ordinal}, {world} ranks",
             version_string(api.version),
             api.name
         );
@@ -451,7 +452,7 @@ impl Nccl {
         Ok(Nccl {
             rank,
             world_size: world,
-            local_rank,
+            ordinal,
             timeout,
             api,
             ctx,
@@ -462,10 +463,10 @@ impl Nccl {
 
     /// The buffer must be on this rank's GPU.
     fn check_device(&self, buffer: &Tensor, what: &str) -> Result<()> {
-        if buffer.device() != Device::Cuda(self.local_rank) {
+        if buffer.device() != Device::Cuda(self.ordinal) {
             bail!(
                 "nccl backend: {what} expects a buffer on cuda:{} (this rank's GPU), got {:?}",
-                self.local_rank,
+                self.ordinal,
                 buffer.device()
             );
         }
@@ -487,7 +488,7 @@ impl Nccl {
         let result = guarded(what, || {
             self.ctx
                 .bind_to_thread()
-                .map_err(|e| anyhow!("making cuda:{}'s context current: {e}", self.local_rank))?;
+                .map_err(|e| anyhow!("making cuda:{}'s context current: {e}", self.ordinal))?;
             self.api.check(enqueue(self.api, comm), what)?;
             self.wait_for_default_stream(comm, what)
         });
@@ -564,13 +565,13 @@ impl Nccl {
 }
 
 /// Checks and opens the libraries and this rank's GPU (see the module docs).
-fn open(local_rank: usize) -> Result<(&'static NcclApi, Arc<CudaContext>)> {
+fn open(ordinal: usize) -> Result<(&'static NcclApi, Arc<CudaContext>)> {
     // Both libraries are checked before any cudarc call, and both misses reported at once.
     let cuda = check_libcuda();
     let nccl = NcclApi::get();
     match (cuda, nccl) {
         (Ok(_), Ok(api)) => {
-            let ctx = guarded("selecting the GPU", || cuda_context(local_rank))?;
+            let ctx = guarded("selecting the GPU", || cuda_context(ordinal))?;
             Ok((api, ctx))
         }
         (Err(a), Err(b)) => bail!("{a}\n{b}"),
@@ -598,7 +599,7 @@ fn init_comm(
                 let mut comm: ncclComm_t = std::ptr::null_mut();
                 // SAFETY: `comm` is a valid pointer to write; `id` came from rank 0's
                 // ncclGetUniqueId; NCCL picks the device of the current context (GPU
-                // local_rank).
+                // `ordinal`).
                 let code =
                     unsafe { (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) };
                 api.check(code, "ncclCommInitRank")?;
@@ -657,7 +658,7 @@ impl Collective for Nccl {
     }
 
     fn device(&self) -> Device {
-        Device::Cuda(self.local_rank)
+        Device::Cuda(self.ordinal)
     }
 
     fn all_reduce(&self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
@@ -686,7 +687,7 @@ impl Collective for Nccl {
     /// Through the GPU: the length (8 bytes), then the bytes, as `Uint8` tensors (no size limit,
     /// nothing left behind in the store).
     fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
-        let device = Device::Cuda(self.local_rank);
+        let device = Device::Cuda(self.ordinal);
         let len = if self.rank == 0 {
             bytes.len() as u64
         } else {
@@ -711,7 +712,7 @@ impl Collective for Nccl {
     }
 
     fn barrier(&self) -> Result<()> {
-        let mut one = Tensor::f_ones([1], (Kind::Float, Device::Cuda(self.local_rank)))?;
+        let mut one = Tensor::f_ones([1], (Kind::Float, Device::Cuda(self.ordinal)))?;
         self.all_reduce(&mut one, ReduceOp::Sum).context("barrier")
     }
 }

@@ -13,7 +13,7 @@ pub struct Nccl {
 
 impl Nccl {
     /// Always an error: this binary was built without NCCL support.
-    pub fn connect(_store: Rendezvous, _local_rank: usize) -> Result<Nccl> {
+    pub fn connect(_store: Rendezvous, _ordinal: usize) -> Result<Nccl> {
         bail!(
             "dist.backend = nccl, but this binary was built without the `nccl` cargo feature; \
              rebuild with `cargo build --release --features nccl`, or set dist.backend = \"cpu\""

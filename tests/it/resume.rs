@@ -11,7 +11,9 @@
 //! - a hung worker is noticed by the launcher's heartbeat watch, the group restarts and resumes;
 //! - a NaN loss or an infinite gradient on one rank stops every rank, or is skipped by every
 //!   rank, naming the step and rank;
-//! - the shipped Tiny ImageNet configuration, stopped by SIGUSR1, resumes with `--resume auto`.
+//! - the shipped Tiny ImageNet configuration, stopped by SIGUSR1, resumes with `--resume auto`;
+//! - SIGUSR2 as the configured preemption signal (`run.preempt_signal`, `devise-launch
+//!   --preempt-signal usr2`) checkpoints and exits 75, with and without the launcher.
 //!
 //! Faults are injected with `DEVISE_FAULT` (src/fault.rs).
 use crate::common::shared_dir;
@@ -643,6 +645,17 @@ fn sigusr1_after_metrics_lines(
     lines: usize,
     limit: Duration,
 ) -> Output {
+    signal_after_metrics_lines(cmd, metrics, lines, limit, "USR1")
+}
+
+/// [`sigusr1_after_metrics_lines`] with another signal (`kill -s NAME`).
+fn signal_after_metrics_lines(
+    cmd: &mut Command,
+    metrics: &Path,
+    lines: usize,
+    limit: Duration,
+    signal: &str,
+) -> Output {
     let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -657,10 +670,65 @@ fn sigusr1_after_metrics_lines(
         std::thread::sleep(Duration::from_millis(10));
     }
     Command::new("kill")
-        .args(["-USR1", &child.id().to_string()])
+        .args(["-s", signal, &child.id().to_string()])
         .status()
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// `run.preempt_signal = "usr2"`: SIGUSR2 (whose default action kills a process) stops a
+/// worker started without the launcher (as plain srun starts it) with a checkpoint and exit
+/// 75; `devise-launch --preempt-signal usr2` forwards SIGUSR2 to its workers as a preemption
+/// (checkpoint, exit 75), and that run resumes to the uninterrupted run's losses. Both warn
+/// that NCCL_PROXY_DUMP_SIGNAL=12 names the same signal.
+#[test]
+fn sigusr2_preempts_with_preempt_signal_usr2_with_and_without_the_launcher() {
+    if shared_dir().is_none() || shards().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let warning = "NCCL_PROXY_DUMP_SIGNAL=12 names SIGUSR2, the preemption signal";
+
+    // One worker, no launcher, the signal from the configuration.
+    let config = write_config(dir.path(), "alone", 0.2, "");
+    let mut cmd = Command::new(devise());
+    cmd.args(["train", "--config", config.to_str().unwrap()])
+        .args(["--set", "run.preempt_signal=usr2"])
+        .env("NCCL_PROXY_DUMP_SIGNAL", "12");
+    let metrics = run_dir(&config).join("metrics.jsonl");
+    let out = signal_after_metrics_lines(&mut cmd, &metrics, 2, Duration::from_secs(120), "USR2");
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(75), "{:?}\n{log}", out.status);
+    assert!(log.contains("SIGUSR2: finishing the current step"), "{log}");
+    assert!(log.contains("preempted: checkpoint"), "{log}");
+    assert!(log.contains(warning), "{log}");
+    let store = Store::open(run_dir(&config).to_str().unwrap()).unwrap();
+    assert!(devise::checkpoint::find_latest(&store).unwrap().is_some());
+
+    // Two workers under the launcher, the signal from its flag.
+    let reference = reference(dir.path(), 0.2, "");
+    let config = write_config(dir.path(), "launched", 0.2, "");
+    let metrics = run_dir(&config).join("metrics.jsonl");
+    let mut cmd = launch_cmd(2, &["--preempt-signal", "usr2"], &config, &[]);
+    cmd.env("NCCL_PROXY_DUMP_SIGNAL", "12");
+    let out = signal_after_metrics_lines(&mut cmd, &metrics, 2, Duration::from_secs(120), "USR2");
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(75), "{:?}\n{log}", out.status);
+    assert!(
+        log.contains("got SIGUSR2: forwarded SIGUSR2 to 2 worker(s)"),
+        "{log}"
+    );
+    assert!(log.contains("preempted: checkpoint"), "{log}");
+    assert!(log.contains(&format!("devise-launch: warning: {warning}")), "{log}");
+    assert!(log.matches(warning).count() >= 3, "launcher and both workers warn: {log}");
+    let out = output(
+        launch_cmd(2, &["--preempt-signal", "usr2"], &config, &["--resume", "auto"]),
+        None,
+    );
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("resumed from"), "{log}");
+    assert_eq!(losses(&run_dir(&config)), losses(&reference));
 }
 
 #[test]

@@ -107,6 +107,7 @@ fn run(cfg: &RunConfig, resume: Resume, stop_after_step: Option<u64>) -> Outcome
         stop: Arc::new(AtomicBool::new(false)),
         stop_after_step,
         local_rank: 0,
+        local_world_size: 1,
     };
     train(cfg, &plan, &opts, &SingleProcess).unwrap()
 }
@@ -476,6 +477,7 @@ fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
         stop: Arc::new(AtomicBool::new(false)),
         stop_after_step: None,
         local_rank: 0,
+        local_world_size: 1,
     };
     let err = format!(
         "{:#}",
@@ -506,6 +508,7 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
             stop: Arc::new(AtomicBool::new(false)),
             stop_after_step: None,
             local_rank: 0,
+            local_world_size: 1,
         };
         train(&cfg, &plan, &opts, &SingleProcess)
             .map(|_| ())
