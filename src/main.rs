@@ -407,7 +407,8 @@ fn run(
                 cfg.run.device,
                 env.local_rank,
                 env.local_world_size,
-            )?;
+            )
+            .with_context(|| format!("choosing the GPU of {env}"))?;
             tracing::info!(
                 "world: {env}; device {device:?}; preemption signal {}",
                 cfg.run.preempt_signal.name()
@@ -465,7 +466,8 @@ fn run(
                 cfg.run.device,
                 env.local_rank,
                 env.local_world_size,
-            )?;
+            )
+            .with_context(|| format!("choosing the GPU of {env}"))?;
             let collective = devise::collective::init(&env, &cfg.dist, device)?;
             let report = devise::checkpoint_eval::run(
                 &devise::checkpoint_eval::Request {

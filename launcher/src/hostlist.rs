@@ -332,7 +332,8 @@ mod tests {
     /// host set (`prefix[01-03,07]suffix`), with the hosts it stands for.
     fn rendered_host_sets() -> impl Strategy<Value = (String, Vec<String>)> {
         let text = "[a-zA-Z0-9._-]{1,6}|[a-zü]{1,3}";
-        let element = (0u64..2000, 0u64..30, 1usize..5).prop_map(|(lo, span, width)| {
+        // At most 3 names of 3 groups of 2 elements of 10 numbers: 24000 hosts, under the cap.
+        let element = (0u64..2000, 0u64..10, 1usize..5).prop_map(|(lo, span, width)| {
             let lo_text = format!("{lo:0width$}");
             let hi = lo + span;
             let hosts: Vec<String> = (lo..=hi)
@@ -345,7 +346,7 @@ mod tests {
             };
             (rendered, hosts)
         });
-        let group = proptest::collection::vec(element, 1..4).prop_map(|elements| {
+        let group = proptest::collection::vec(element, 1..3).prop_map(|elements| {
             let rendered = format!(
                 "[{}]",
                 elements
@@ -397,7 +398,14 @@ mod tests {
         /// A host set rendered as a compressed list expands back to exactly that set, in order.
         #[test]
         fn rendered_host_sets_expand_back((list, hosts) in rendered_host_sets()) {
-            prop_assert_eq!(expand(&list).map_err(|e| e.to_string()), Ok(hosts));
+            let got = expand(&list);
+            prop_assert!(
+                got.as_ref().ok() == Some(&hosts),
+                "{:?}: {} hosts expected, got {:?}",
+                list,
+                hosts.len(),
+                got.map(|h| h.len())
+            );
         }
     }
 }

@@ -66,6 +66,8 @@ pub enum Source {
     Formula(&'static str),
     /// Nothing said anything.
     Default,
+    /// Under SLURM, none of these variables was set: the default.
+    DefaultUnset(&'static str),
 }
 
 impl fmt::Display for Source {
@@ -73,6 +75,7 @@ impl fmt::Display for Source {
         match self {
             Source::Flag(s) | Source::Env(s) | Source::Formula(s) => f.write_str(s),
             Source::Default => f.write_str("default"),
+            Source::DefaultUnset(vars) => write!(f, "default: {vars} unset"),
         }
     }
 }
@@ -273,7 +276,12 @@ pub fn resolve(
             Some(n) => n,
             None => match num("SLURM_JOB_NUM_NODES")? {
                 Some(n) => n,
-                None => num("SLURM_NNODES")?.unwrap_or(sourced(1, Source::Default)),
+                None => num("SLURM_NNODES")?.unwrap_or(sourced(
+                    1,
+                    Source::DefaultUnset(
+                        "SLURM_STEP_NUM_NODES, SLURM_JOB_NUM_NODES and SLURM_NNODES",
+                    ),
+                )),
             },
         },
         None => sourced(1, Source::Default),

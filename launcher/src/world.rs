@@ -276,12 +276,22 @@ fn ranks<F: Fn(&str) -> Option<String>>(v: &Vars<F>) -> Result<Ranks> {
             let mut read_from = vec![("rank", "RANK"), ("world_size", "WORLD_SIZE")];
             let local_rank = v.num("LOCAL_RANK")?;
             let local_world_size = v.num("LOCAL_WORLD_SIZE")?;
-            if local_rank.is_some() {
-                read_from.push(("local_rank", "LOCAL_RANK"));
-            }
-            if local_world_size.is_some() {
-                read_from.push(("local_world_size", "LOCAL_WORLD_SIZE"));
-            }
+            read_from.push((
+                "local_rank",
+                if local_rank.is_some() {
+                    "LOCAL_RANK"
+                } else {
+                    "default 0 (LOCAL_RANK unset)"
+                },
+            ));
+            read_from.push((
+                "local_world_size",
+                if local_world_size.is_some() {
+                    "LOCAL_WORLD_SIZE"
+                } else {
+                    "default 1 (LOCAL_WORLD_SIZE unset)"
+                },
+            ));
             return Ok(Ranks {
                 rank,
                 world_size,
@@ -351,7 +361,10 @@ fn slurm_task<F: Fn(&str) -> Option<String>>(v: &Vars<F>, rank: usize) -> Result
         },
     };
     read_from.push(("world_size", world_key));
-    let (local_world_size, local_key) = slurm_local_world_size(v, world_size)?;
+    if rank >= world_size {
+        bail!("rank {rank} (SLURM_PROCID) is not in a world of size {world_size} ({world_key})");
+    }
+    let (local_world_size, local_key) = slurm_local_world_size(v, world_size, world_key)?;
     read_from.push(("local_world_size", local_key));
     let local_rank = match v.num("SLURM_LOCALID")? {
         Some(l) => {
@@ -379,6 +392,7 @@ fn slurm_task<F: Fn(&str) -> Option<String>>(v: &Vars<F>, rank: usize) -> Result
 fn slurm_local_world_size<F: Fn(&str) -> Option<String>>(
     v: &Vars<F>,
     world_size: usize,
+    world_key: &str,
 ) -> Result<(usize, &'static str)> {
     let node = v.num("SLURM_NODEID")?;
     if let Some(list) = v.get("SLURM_STEP_TASKS_PER_NODE") {
@@ -430,7 +444,7 @@ fn slurm_local_world_size<F: Fn(&str) -> Option<String>>(
         None => ", nor is SLURM_STEP_NUM_NODES".to_string(),
     };
     bail!(
-        "cannot tell how many of the step's {world_size} tasks run on this node: none of \
+        "cannot tell how many of the step's {world_size} tasks ({world_key}) run on this node: none of \
          SLURM_STEP_TASKS_PER_NODE, SLURM_GTIDS, SLURM_TASKS_PER_NODE{per_node_text}{spread}. \
          srun sets them for every task: pass them through (a container's environment list?)"
     )
@@ -777,7 +791,7 @@ mod tests {
             how: "built: srun -N2 --ntasks-per-node=4, task 5, without SLURM_STEP_TASKS_PER_NODE, SLURM_GTIDS, SLURM_TASKS_PER_NODE, SLURM_NTASKS_PER_NODE",
             env: "CUDA_VISIBLE_DEVICES=0,1,2,3 SLURM_JOB_ID=31 SLURM_JOB_NODELIST=gpu[01-02] SLURM_LOCALID=1 SLURM_NODEID=1 SLURM_NTASKS=8 SLURM_PROCID=5 SLURM_STEP_ID=0 SLURM_STEP_NODELIST=gpu[01-02] SLURM_STEP_NUM_NODES=2 SLURM_STEP_NUM_TASKS=8",
             cuda_devices: 4,
-            want: Refused("cannot tell how many of the step's 8 tasks run on this node: none of SLURM_STEP_TASKS_PER_NODE, SLURM_GTIDS, SLURM_TASKS_PER_NODE, SLURM_NTASKS_PER_NODE is set, and 8 tasks on 2 nodes (SLURM_STEP_NUM_NODES) do not fix the count per node"),
+            want: Refused("cannot tell how many of the step's 8 tasks (SLURM_STEP_NUM_TASKS) run on this node: none of SLURM_STEP_TASKS_PER_NODE, SLURM_GTIDS, SLURM_TASKS_PER_NODE, SLURM_NTASKS_PER_NODE is set, and 8 tasks on 2 nodes (SLURM_STEP_NUM_NODES) do not fix the count per node"),
         },
         Case {
             name: "a task without SLURM_LOCALID among four on its node",
@@ -1058,6 +1072,7 @@ mod tests {
             ("SLURM_NTASKS", "2"),
             ("SLURM_STEP_ID", "0"),
             ("SLURM_STEP_TASKS_PER_NODE", "2"),
+            ("SLURM_LOCALID", "1"),
             ("SLURM_JOB_NODELIST", "gpu[01"),
         ])
         .unwrap_err();
@@ -1151,12 +1166,14 @@ mod tests {
         bases
     }
 
-    /// Resolves `vars` and picks the GPU as a worker does; the error text, if any.
+    /// Resolves `vars` and picks the GPU as a worker does (`devise train` names the world in
+    /// a GPU error); the error text, if any.
     fn resolve_all(vars: &HashMap<String, String>, cuda_devices: usize) -> Result<(), String> {
         let w = WorkerEnv::from_vars(|k| vars.get(k).cloned()).map_err(|e| format!("{e:#}"))?;
         let cvd = vars.get("CUDA_VISIBLE_DEVICES").map(String::as_str);
         cuda_ordinal(w.local_rank, w.local_world_size, cvd, cuda_devices)
             .map(|_| ())
+            .with_context(|| format!("choosing the GPU of {w}"))
             .map_err(|e| format!("{e:#}"))
     }
 

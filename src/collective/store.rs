@@ -543,6 +543,7 @@ pub(crate) mod tests {
             token: token.into(),
             restart_attempt: 0,
             source: EnvSource::Torchrun,
+            read_from: Vec::new(),
         }
     }
 
