@@ -3,7 +3,8 @@
 #           then runs formatting/lint checks and every test. Tests read real data from ../shared.
 # Hardware: 2 CPU cores; no GPU.
 # Command:  bash scripts/test.sh
-# Time:     ~14 min from a clean clone (cold build, s3s-fs included), ~3 min warm.
+# Time:     ~14 min from a clean clone (cold build, s3s-fs included), ~3 min warm; the SLURM
+#           tests (tests/it/slurm.rs) add ~3-4 min.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
@@ -14,10 +15,13 @@ export LIBTORCH="$PWD/.deps/libtorch"
 # once into .deps/s3s (~3.5 min on 2 cores).
 [ -x .deps/s3s/bin/s3s-fs ] || cargo install --quiet --locked s3s-fs@0.14.1 --features binary --root .deps/s3s
 # tests/it/report.rs opens report.html in a headless browser (Debian's chromium, ~100 MB);
-# tests/it/cluster.rs runs shellcheck on the SLURM scripts.
+# tests/it/cluster.rs runs shellcheck on the SLURM scripts; tests/it/slurm.rs runs them under a
+# real SLURM (Debian's slurm-wlm 22.05 and munge, ~30 MB).
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+command -v slurmctld >/dev/null 2>&1 || missing+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || missing+=(munge)
 if ((${#missing[@]})); then
   echo "test.sh: apt-get install ${missing[*]}" >&2
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -25,6 +29,11 @@ if ((${#missing[@]})); then
 fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# A one-node SLURM on 127.0.0.1 for tests/it/slurm.rs (daemons started directly, no systemd),
+# stopped when this script ends.
+bash scripts/slurm-local.sh start
+trap 'bash scripts/slurm-local.sh stop' EXIT
+eval "$(bash scripts/slurm-local.sh env)"
 # --workspace: the integration tests run the devise-launch binary next to devise.
 cargo test --workspace --all-targets --locked
 # The NCCL backend (cargo feature `nccl`) builds and tests on this CPU machine: without GPU,

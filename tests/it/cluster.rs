@@ -1,8 +1,8 @@
 //! Scope: the cluster recipes as files: every SLURM script passes `bash -n` and shellcheck, and
 //! the Kubernetes manifest is consistent with itself and with `devise-launch` (node count, node
 //! rank from the Job index, rendezvous address through the headless Service, GPUs per pod,
-//! `--resume auto`, credentials from a Secret). `resume.rs` runs `slurm/train.sbatch` for real
-//! under a stand-in `srun`.
+//! `--resume auto`, credentials from a Secret). `slurm.rs` runs both SLURM scripts under a real
+//! one-node SLURM; `resume.rs` runs `slurm/train.sbatch` as two nodes under a stand-in `srun`.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use yaml_rust2::{Yaml, YamlLoader};

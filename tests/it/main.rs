@@ -12,5 +12,6 @@ mod report;
 mod resume;
 mod s3;
 mod shards;
+mod slurm;
 mod text;
 mod train;

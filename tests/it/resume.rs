@@ -788,20 +788,17 @@ fn the_tiny_imagenet_config_resumes_with_resume_auto_after_sigusr1() {
     assert!(dir.path().join("preempted/report.md").exists());
 }
 
-/// `cluster/slurm/train.sbatch` under a stand-in SLURM: `srun` runs its command here once per
-/// "node" (with that node's `SLURM_NODEID` / `SLURM_PROCID`, forwarding signals to each),
-/// `scontrol` records its arguments, and the variables SLURM would set give a job of `nodes`
-/// nodes with 2 / `nodes` "GPUs" each (world size 2). SIGUSR1 to the batch script (what
-/// `--signal=B:USR1@90` does) is forwarded to the step; the workers checkpoint and exit 75, and
-/// the script requeues the job. Running the script again (the requeued job) resumes with
+/// `cluster/slurm/train.sbatch` on two "nodes" under a stand-in SLURM (tests/it/slurm.rs runs
+/// both recipes under a real one-node SLURM; a real SLURM of two nodes needs two machines):
+/// `srun` runs its command here once per node (with that node's `SLURM_NODEID` /
+/// `SLURM_PROCID`, relaying signals to each), `scancel --signal=SIG JOB` signals that `srun`
+/// (SLURM would signal the step's processes), `scontrol` records its arguments, and the
+/// variables SLURM would set give a job of 2 nodes with 1 "GPU" each: two launcher processes
+/// (`--nnodes 2` resolved from the SLURM variables, rendezvous at the first host of
+/// `SLURM_JOB_NODELIST`), one worker each. SIGUSR1 to the batch script (what
+/// `--signal=B:USR1@90` does) reaches the step; the workers checkpoint and exit 75, and the
+/// script requeues the job. Running the script again (the requeued job) resumes with
 /// `--resume auto` and finishes with the uninterrupted run's losses.
-#[test]
-fn the_slurm_recipe_forwards_sigusr1_and_requeues_on_the_preempted_code() {
-    slurm_recipe_preempt_requeue_resume(1);
-}
-
-/// The same with two launcher processes as two nodes (`--nnodes 2` resolved from the SLURM
-/// variables, rendezvous at the first host of `SLURM_JOB_NODELIST`), one worker each.
 #[test]
 fn the_slurm_recipe_runs_two_nodes_preempts_requeues_and_resumes_exactly() {
     slurm_recipe_preempt_requeue_resume(2);
@@ -821,10 +818,12 @@ fn slurm_recipe_preempt_requeue_resume(nodes: usize) {
         std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).unwrap();
         Command::new("chmod").arg("+x").arg(&path).status().unwrap();
     };
+    let srun_pid = dir.path().join("srun.pid");
     script(
         "srun",
         &format!(
             r#"while [[ $# -gt 0 && $1 == -* ]]; do shift; done
+echo $$ > {srun_pid}
 pids=()
 for ((node = 0; node < {nodes}; node++)); do
     SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
@@ -838,7 +837,16 @@ for pid in "${{pids[@]}}"; do
     while kill -0 "$pid" 2>/dev/null; do wait "$pid"; code=$?; done
     if [ "$code" -gt "$rc" ]; then rc=$code; fi
 done
-exit "$rc""#
+exit "$rc""#,
+            srun_pid = srun_pid.display()
+        ),
+    );
+    script(
+        "scancel",
+        &format!(
+            r#"sig=${{1#--signal=}}
+kill -s "$sig" "$(cat {srun_pid})""#,
+            srun_pid = srun_pid.display()
         ),
     );
     let requeues = dir.path().join("scontrol.log");
@@ -884,7 +892,10 @@ exit "$rc""#
     let out = sigusr1_after_metrics_lines(&mut sbatch(()), &metrics, 5, Duration::from_secs(120));
     let log = text(&out);
     assert_eq!(out.status.code(), Some(75), "{log}");
-    assert!(log.contains("devise: got USR1, forwarding"), "{log}");
+    assert!(
+        log.contains("devise: got USR1, passing it to the job step"),
+        "{log}"
+    );
     assert!(log.contains("world_size=2"), "{log}");
     for node in 0..nodes {
         let line = format!(
