@@ -14,38 +14,53 @@
 //! exponential backoff (`object_store`'s retry policy: throttling such as 503 SlowDown and 429,
 //! server errors and cut connections; up to 10 retries within 3 minutes).
 //!
+//! Some S3-compatible gateways and proxies answer GETs with chunked transfer encoding and no
+//! `Content-Length`, which `object_store` rejects. An S3 store whose endpoint does that is
+//! noticed on its first GET and from then on reads objects through presigned URLs, streamed, with
+//! the same retry policy (see `presigned`); the switch is logged once at warn. Everything else
+//! (other operations, other stores) goes through `object_store`.
+//!
 //! Every call blocks the calling thread on one shared tokio runtime ([`runtime`]). Do not call
 //! it from inside an async task (tokio panics on nested `block_on`); the trainer is synchronous.
 //!
 //! Names passed to the methods are `/`-separated keys relative to the store's URL (`"a/b.tar"`).
 //! They must not contain empty, `.` or `..` segments (`object_store::path::Path::parse` rules).
 
+mod presigned;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
-use futures::TryStreamExt;
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{GetResult, ObjectStore, PutPayload};
 use url::Url;
 
+use presigned::{GetError, Presigned};
+
 /// The backend and base path of a non-local URL: `memory://`, or a cloud store configured from
-/// the environment (see the module docs). Errors name what is wrong (unknown scheme, missing
+/// the environment (see the module docs), plus, for S3, the presigned-URL GET path used when the
+/// endpoint answers without `Content-Length`. Errors name what is wrong (unknown scheme, missing
 /// bucket, bad environment value) without echoing credentials.
-fn cloud_backend(url: &Url) -> Result<(Arc<dyn ObjectStore>, ObjectPath)> {
+fn cloud_backend(url: &Url) -> Result<(Arc<dyn ObjectStore>, ObjectPath, Option<Presigned>)> {
     use object_store::ObjectStoreScheme as Scheme;
     let (scheme, path) = Scheme::parse(url).map_err(|e| anyhow!("{e}"))?;
     let retry = object_store::RetryConfig::default();
+    let mut presigned = None;
     let backend: Arc<dyn ObjectStore> = match scheme {
         Scheme::Memory => Arc::new(object_store::memory::InMemory::new()),
-        Scheme::AmazonS3 => Arc::new(
-            object_store::aws::AmazonS3Builder::from_env()
+        Scheme::AmazonS3 => {
+            let builder = object_store::aws::AmazonS3Builder::from_env()
                 .with_url(url.as_str())
-                .with_retry(retry)
-                .build()?,
-        ),
+                .with_retry(retry.clone());
+            let s3 = Arc::new(builder.clone().build()?);
+            presigned = Presigned::new(s3.clone(), &builder, url, retry)?;
+            s3
+        }
         Scheme::GoogleCloudStorage => Arc::new(
             object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_url(url.as_str())
@@ -67,7 +82,7 @@ fn cloud_backend(url: &Url) -> Result<(Arc<dyn ObjectStore>, ObjectPath)> {
         Scheme::Local => bail!("file:// URLs are handled as local directories"),
         other => bail!("unsupported storage scheme {other:?}"),
     };
-    Ok((backend, path))
+    Ok((backend, path, presigned))
 }
 
 /// The process-wide tokio runtime that every blocking [`Store`] call runs on (2 worker threads,
@@ -98,6 +113,15 @@ pub struct Store {
     /// Prefix of every object inside `backend` (empty for local stores, which are rooted at
     /// the directory itself).
     base: ObjectPath,
+    /// S3 stores: GETs through presigned URLs, taken when the endpoint answers without
+    /// `Content-Length` (see the module docs).
+    presigned: Option<Presigned>,
+}
+
+/// An object whose GET has been answered: by `object_store`, or through a presigned URL.
+enum Answer {
+    Store(GetResult),
+    Presigned(BoxStream<'static, Result<Bytes>>),
 }
 
 impl std::fmt::Debug for Store {
@@ -151,17 +175,19 @@ impl Store {
                     local: Some(dir),
                     backend: Arc::new(backend),
                     base: ObjectPath::default(),
+                    presigned: None,
                 })
             }
             None => {
                 let parsed = Url::parse(trimmed).with_context(|| format!("parsing URL {url}"))?;
-                let (backend, base) = cloud_backend(&parsed)
+                let (backend, base, presigned) = cloud_backend(&parsed)
                     .with_context(|| format!("opening object store {url}"))?;
                 Ok(Store {
                     url: keep.to_string(),
                     local: None,
                     backend,
                     base,
+                    presigned,
                 })
             }
         }
@@ -201,26 +227,65 @@ impl Store {
         ObjectPath::parse(&full).map_err(|e| anyhow!("invalid object name {name:?}: {e}"))
     }
 
+    /// Sends the GET of object `name` and waits for the answer's headers: through
+    /// `object_store`, or through a presigned URL when this S3 store's endpoint answers without
+    /// `Content-Length` (noticed here on the first such answer). Errors (missing object,
+    /// request failures after retries) name the full URL.
+    fn answer(&self, name: &str) -> Result<Answer> {
+        let key = self.key(name)?;
+        let url = self.child_url(name);
+        let backend = self.backend.clone();
+        let presigned = self.presigned.clone();
+        let shown = url.clone();
+        let answer = runtime().block_on(async move {
+            if let Some(p) = presigned.as_ref().filter(|p| p.in_use()) {
+                return p.get(&key).await.map(Answer::Presigned);
+            }
+            match backend.get(&key).await {
+                Ok(result) => Ok(Answer::Store(result)),
+                Err(object_store::Error::NotFound { .. }) => Err(GetError::NotFound),
+                Err(e) => match presigned {
+                    Some(p) if lacks_content_length(&e) => {
+                        p.switch(&key, &shown).await;
+                        p.get(&key).await.map(Answer::Presigned)
+                    }
+                    _ => Err(GetError::Failed(e.into())),
+                },
+            }
+        });
+        match answer {
+            Ok(answer) => Ok(answer),
+            // object_store's NotFound message already quotes the OS error it wraps; one line is enough.
+            Err(GetError::NotFound) => bail!("{url}: not found"),
+            Err(GetError::Failed(e)) => Err(e.context(format!("reading {url}"))),
+        }
+    }
+
     /// Reads the whole object `name`. Errors (missing object, I/O) name the full URL.
     pub fn get(&self, name: &str) -> Result<Bytes> {
-        let key = self.key(name)?;
-        let backend = self.backend.clone();
-        match runtime().block_on(async move { backend.get(&key).await?.bytes().await }) {
-            Ok(bytes) => Ok(bytes),
-            // object_store's NotFound message already quotes the OS error it wraps; one line is enough.
-            Err(object_store::Error::NotFound { .. }) => {
-                bail!("{}: not found", self.child_url(name))
-            }
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.child_url(name))),
-        }
+        let read = match self.answer(name)? {
+            Answer::Store(result) => runtime()
+                .block_on(result.bytes())
+                .map_err(anyhow::Error::from),
+            Answer::Presigned(stream) => runtime().block_on(stream.try_fold(
+                BytesMut::new(),
+                |mut all, chunk| async move {
+                    all.extend_from_slice(&chunk);
+                    Ok(all)
+                },
+            ))
+            .map(BytesMut::freeze),
+        };
+        read.with_context(|| format!("reading {}", self.child_url(name)))
     }
 
     /// Opens object `name` for streaming: bytes arrive as they download, so a multi-GB shard
     /// is parsed while it is still coming in and never held whole. Local stores return the
-    /// file (buffered). Remote reads go through `object_store`'s GET stream, which retries a
-    /// connection cut mid-body by re-requesting the remaining byte range (`Range: bytes=N-`,
-    /// guarded by the object's ETag) with backoff; an error the retries could not cure comes out
-    /// of `read` as an `io::Error` naming the URL.
+    /// file (buffered). Remote reads go through `object_store`'s GET stream (or, on an S3
+    /// endpoint that answers without `Content-Length`, a presigned URL's, with the same policy),
+    /// which retries a connection cut mid-body by re-requesting the remaining byte range
+    /// (`Range: bytes=N-`, guarded by the object's ETag) with backoff; an error the retries could
+    /// not cure comes out of `read` as an `io::Error` naming the URL.
     ///
     /// Errors (here): missing object (named by URL), request failures after retries.
     pub fn open_read(&self, name: &str) -> Result<Box<dyn std::io::Read + Send>> {
@@ -235,20 +300,14 @@ impl Store {
             })?;
             return Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)));
         }
-        let key = self.key(name)?;
-        let backend = self.backend.clone();
-        let stream = match runtime().block_on(async move { backend.get(&key).await }) {
-            Ok(result) => result.into_stream(),
-            Err(object_store::Error::NotFound { .. }) => {
-                bail!("{}: not found", self.child_url(name))
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.child_url(name))),
+        let stream = match self.answer(name)? {
+            Answer::Store(result) => result.into_stream().map_err(anyhow::Error::from).boxed(),
+            Answer::Presigned(stream) => stream,
         };
         // The download runs ahead in a task on the storage runtime, pipelined with parsing;
         // at most STREAM_AHEAD_CHUNKS body chunks wait for the reader.
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD_CHUNKS);
         runtime().spawn(async move {
-            use futures::StreamExt;
             let mut stream = stream;
             while let Some(chunk) = stream.next().await {
                 let failed = chunk.is_err();
@@ -363,6 +422,19 @@ fn local_dir_of(url: &str) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// Whether `e` is `object_store`'s refusal of a GET answer without `Content-Length` (its
+/// message is the only mark it has: the error type carrying it is private).
+fn lacks_content_length(e: &object_store::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        if err.to_string().contains("Content-Length Header missing") {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// Body chunks (typically 8-64 KiB each) a streamed read may buffer ahead of its reader.
 const STREAM_AHEAD_CHUNKS: usize = 64;
 
@@ -370,7 +442,7 @@ const STREAM_AHEAD_CHUNKS: usize = 64;
 /// [`Store::open_read`]).
 struct StreamRead {
     url: String,
-    rx: tokio::sync::mpsc::Receiver<object_store::Result<Bytes>>,
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes>>,
     /// The rest of the last chunk received.
     chunk: Bytes,
 }
@@ -382,7 +454,7 @@ impl std::io::Read for StreamRead {
                 None => return Ok(0),
                 Some(Ok(bytes)) => self.chunk = bytes,
                 Some(Err(e)) => {
-                    return Err(std::io::Error::other(format!("reading {}: {e}", self.url)))
+                    return Err(std::io::Error::other(format!("reading {}: {e:#}", self.url)))
                 }
             }
         }

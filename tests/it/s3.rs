@@ -362,3 +362,333 @@ fn two_workers_stream_shards_from_s3_and_a_cut_download_resumes_at_its_offset() 
     assert!(bucket.join("two/report.md").is_file());
     assert_eq!(losses(&metrics).len(), 9, "{metrics}");
 }
+
+/// Faults and counts of a [`ChunkingProxy`], shared with its connection tasks.
+#[derive(Default)]
+struct ChunkingState {
+    /// Presigned GETs (`X-Amz-Signature` in the query) still to answer `503 Slow Down`.
+    throttle: AtomicU64,
+    /// Cut the next presigned GET body that passes this many bytes (`u64::MAX`: none).
+    cut_after: AtomicU64,
+    throttled: AtomicU64,
+    cuts: AtomicU64,
+    /// Answers re-sent chunked.
+    chunked: AtomicU64,
+    /// `Range` and `If-Match` headers of the presigned GETs ("" when absent).
+    requests: Mutex<Vec<(String, String)>>,
+}
+
+/// A loopback HTTP/1.1 proxy (hyper, on its own tokio runtime) in front of the S3 server: it
+/// forwards every request unchanged (the `Host` header included, so SigV4 signatures still
+/// verify) and re-sends every answer that has a body with `Transfer-Encoding: chunked` and no
+/// `Content-Length`, as some S3-compatible gateways and proxies do (HEAD answers, which have no
+/// body, pass unchanged). [`ChunkingProxy::faults`] makes it throttle and cut presigned GETs.
+struct ChunkingProxy {
+    port: u16,
+    state: Arc<ChunkingState>,
+}
+
+type ProxyBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+
+impl ChunkingProxy {
+    fn start(upstream: u16) -> ChunkingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ChunkingState::default());
+        state.cut_after.store(u64::MAX, Ordering::SeqCst);
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                while let Ok((client, _)) = listener.accept().await {
+                    let state = shared.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            chunking_forward(state.clone(), upstream, request)
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(client), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        ChunkingProxy { port, state }
+    }
+
+    /// Answers the next `throttle` presigned GETs with `503 Slow Down`, then cuts the first
+    /// presigned GET body that passes `cut_after` bytes (the connection drops mid-body).
+    fn faults(&self, throttle: u64, cut_after: u64) {
+        self.state.throttle.store(throttle, Ordering::SeqCst);
+        self.state.cut_after.store(cut_after, Ordering::SeqCst);
+    }
+}
+
+/// One request through the [`ChunkingProxy`].
+async fn chunking_forward(
+    state: Arc<ChunkingState>,
+    upstream: u16,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<ProxyBody>, std::io::Error> {
+    use http_body_util::BodyExt;
+    let method = request.method().clone();
+    let presigned = method == hyper::Method::GET
+        && request
+            .uri()
+            .query()
+            .is_some_and(|q| q.contains("X-Amz-Signature="));
+    if presigned {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let headers = (header("range"), header("if-match"));
+        state.requests.lock().unwrap().push(headers);
+        let throttle = state
+            .throttle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if throttle.is_ok() {
+            state.throttled.fetch_add(1, Ordering::SeqCst);
+            let body = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+            return Ok(hyper::Response::builder()
+                .status(503)
+                .header("content-type", "application/xml")
+                .body(
+                    http_body_util::Full::new(bytes::Bytes::from(body))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .unwrap());
+        }
+    }
+    let io_error = |e: hyper::Error| std::io::Error::other(e);
+    let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(server))
+            .await
+            .map_err(io_error)?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await.map_err(io_error)?;
+    let (mut parts, body) = response.into_parts();
+    if method == hyper::Method::HEAD {
+        return Ok(hyper::Response::from_parts(
+            parts,
+            body.map_err(io_error).boxed(),
+        ));
+    }
+    // A body of unknown length: hyper sends it chunked.
+    parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    state.chunked.fetch_add(1, Ordering::SeqCst);
+    let cut_after = if presigned {
+        state.cut_after.load(Ordering::SeqCst)
+    } else {
+        u64::MAX
+    };
+    let frames = futures::stream::unfold(
+        (body, 0u64, state.clone()),
+        move |(mut body, mut passed, state)| async move {
+            let frame = body.frame().await?;
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) => return Some((Err(io_error(e)), (body, passed, state))),
+            };
+            passed += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if passed > cut_after
+                && state
+                    .cut_after
+                    .compare_exchange(cut_after, u64::MAX, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                state.cuts.fetch_add(1, Ordering::SeqCst);
+                // An error instead of the rest: hyper drops the connection before the last chunk.
+                let cut = std::io::Error::other("cut by the test proxy");
+                return Some((Err(cut), (body, passed, state)));
+            }
+            Some((Ok(frame), (body, passed, state)))
+        },
+    );
+    Ok(hyper::Response::from_parts(
+        parts,
+        http_body_util::StreamBody::new(frames).boxed(),
+    ))
+}
+
+/// The status line and headers of a raw `GET path` through the proxy (unsigned: the server
+/// answers with an error document, which is enough to see how the answer is framed).
+fn raw_response_head(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    raw.split("\r\n\r\n").next().unwrap_or("").to_string()
+}
+
+#[test]
+fn chunked_answers_without_content_length_are_read_through_presigned_urls() {
+    let Some(shared) = shared_dir() else {
+        return;
+    };
+    let _ = shared;
+    let Some(server) = start_server("devise") else {
+        return;
+    };
+    build_shards_into_bucket(&server);
+    let proxy = ChunkingProxy::start(server.port);
+    let head = raw_response_head(proxy.port, "/devise/shards/manifest.json");
+    assert!(
+        head.contains("transfer-encoding: chunked") && !head.contains("content-length"),
+        "the proxy answers chunked, without Content-Length: {head}"
+    );
+    let via_proxy = |args: &[&str]| -> Output {
+        s3_env(Command::new(env!("CARGO_BIN_EXE_devise")), proxy.port)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let switch_notice = format!(
+        "http://127.0.0.1:{} answered the GET of s3://devise/",
+        proxy.port
+    );
+
+    // verify: every shard read back whole, sizes and sha256 against the manifest. Two presigned
+    // GETs throttled, one body cut after 300 KB (a shard: the manifest is ~2 KB) and resumed.
+    proxy.faults(2, 300 * 1024);
+    let out = via_proxy(&["data", "verify", "s3://devise/shards"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("OK: "), "{log}");
+    assert_eq!(
+        log.matches(&switch_notice).count(),
+        1,
+        "the switch is logged once, naming the endpoint: {log}"
+    );
+    assert_eq!(proxy.state.throttled.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.state.cuts.load(Ordering::SeqCst), 1);
+    // Resumed reads: a Range from a later offset, guarded by the ETag.
+    let resumed = |state: &ChunkingState| {
+        let requests = state.requests.lock().unwrap();
+        eprintln!("presigned GETs (range, if-match): {requests:?}");
+        requests
+            .iter()
+            .filter(|(range, if_match)| {
+                let from = range
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.strip_suffix('-'))
+                    .and_then(|n| n.parse::<u64>().ok());
+                from.is_some_and(|n| n > 0) && !if_match.is_empty()
+            })
+            .count()
+    };
+    assert_eq!(
+        resumed(&proxy.state),
+        1,
+        "the cut body resumed at its offset, guarded by its ETag"
+    );
+
+    // Training streams the shards and keeps its run (checkpoints included) behind the proxy:
+    // stopped after step 4, resumed from the checkpoint read back through it, with throttling
+    // and a cut shard download again. Its losses match a direct run's.
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, run: &str| -> PathBuf {
+        let toml = config_toml(Path::new("s3://devise/shards"), Path::new(run));
+        let path = dir.path().join(name);
+        std::fs::write(&path, toml).unwrap();
+        path
+    };
+    let proxied_cfg = write("proxied.toml", "s3://devise/chunked-run");
+    let direct_run = dir.path().join("direct-run");
+    let direct_cfg = write("direct.toml", direct_run.to_str().unwrap());
+    proxy.faults(2, 300 * 1024);
+    let out = via_proxy(&[
+        "train",
+        "--config",
+        proxied_cfg.to_str().unwrap(),
+        "--stop-after-step",
+        "4",
+    ]);
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
+    let out = via_proxy(&["train", "--config", proxied_cfg.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("resumed from s3://devise/chunked-run/checkpoints/step-000000004"),
+        "{log}"
+    );
+    assert_eq!(proxy.state.throttled.load(Ordering::SeqCst), 4);
+    assert_eq!(proxy.state.cuts.load(Ordering::SeqCst), 2);
+    assert_eq!(resumed(&proxy.state), 2);
+    let out = devise(&server, &["train", "--config", direct_cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let bucket = server.root.path().join("devise");
+    let metrics = std::fs::read_to_string(bucket.join("chunked-run/metrics.jsonl")).unwrap();
+    for line in metrics.lines().filter(|l| l.contains("data/shard_errors")) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["data/shard_errors"], 0, "{line}");
+    }
+    let proxied_losses = losses(&metrics);
+    let direct_losses =
+        losses(&std::fs::read_to_string(direct_run.join("metrics.jsonl")).unwrap());
+    assert_eq!(proxied_losses.len(), 9);
+    assert_eq!(proxied_losses, direct_losses);
+    assert!(
+        proxy.state.chunked.load(Ordering::SeqCst) > 20,
+        "the answers went through the proxy"
+    );
+
+    // Corrupted objects are still caught against the manifest, by name: one shard with a byte
+    // changed (same size, other sha256), one cut short (other size); a missing one is named too.
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bucket.join("shards/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let names: Vec<String> = manifest["splits"]["train"]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|shard| shard["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.len() >= 3, "enough shards to spoil three: {names:?}");
+    let flipped = bucket.join("shards").join(&names[0]);
+    let mut bytes = std::fs::read(&flipped).unwrap();
+    bytes[700] ^= 0x20;
+    std::fs::write(&flipped, &bytes).unwrap();
+    let short = bucket.join("shards").join(&names[1]);
+    let bytes = std::fs::read(&short).unwrap();
+    std::fs::write(&short, &bytes[..bytes.len() - 512]).unwrap();
+    std::fs::remove_file(bucket.join("shards").join(&names[2])).unwrap();
+    let out = via_proxy(&["data", "verify", "s3://devise/shards"]);
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    let line_of = |name: &str| -> String {
+        log.lines()
+            .filter(|l| l.contains(name))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(line_of(&names[0]).contains("sha256"), "{log}");
+    assert!(
+        line_of(&names[1]).contains("bytes but the manifest says"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("s3://devise/shards/{}: not found", names[2])),
+        "{log}"
+    );
+}
