@@ -438,7 +438,7 @@ mod tests {
         let mut attempts = Attempts::new(&config);
         // The first wait is init_backoff; each later one lies in [init, min(max, previous bound)].
         assert_eq!(attempts.backoff(), Duration::from_millis(100));
-        let mut bound = 0.1 * 2.0;
+        let mut bound: f64 = 0.1 * 2.0;
         for _ in 1..10 {
             assert!(!attempts.exhausted());
             let wait = attempts.backoff().as_secs_f64();
