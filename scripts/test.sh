@@ -4,7 +4,7 @@
 # Hardware: 2 CPU cores; no GPU.
 # Command:  bash scripts/test.sh
 # Time:     ~14 min from a clean clone (cold build, s3s-fs included), ~3 min warm; the SLURM
-#           tests (tests/it/slurm.rs) add ~3-4 min.
+#           tests (tests/it/slurm.rs, under a local SLURM) add ~3 min.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh

@@ -305,7 +305,7 @@ fn a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_with_exact_sample_acco
 }
 
 /// Pids of every process whose command line names `config` (launcher and workers).
-fn processes_of(config: &Path) -> Vec<i32> {
+pub(crate) fn processes_of(config: &Path) -> Vec<i32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {

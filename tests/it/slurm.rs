@@ -19,7 +19,7 @@
 //! under `CI=true` they fail.
 use crate::common::shared_dir;
 use crate::dist::{devise, launcher, losses, run_dir, text, write_config};
-use crate::resume::final_weights;
+use crate::resume::{final_weights, processes_of};
 use crate::train::shards;
 use devise::storage::Store;
 use std::collections::BTreeMap;
@@ -200,7 +200,8 @@ enum Stop {
     /// `scancel --signal=USR1 --batch JOB`: SIGUSR1 to the batch script.
     Usr1ToBatch,
     /// The time limit lowered to 1 minute: the header's `--signal=B:USR1@90` sends SIGUSR1 to
-    /// the batch script at SLURM's next time-limit check (every 30 s).
+    /// the batch script at SLURM's next time-limit check (every 30 s; the workers are paused
+    /// meanwhile).
     TimeLimit,
     /// A job of partition `urgent` (a higher priority tier) needs the whole node while the job
     /// runs in this partition (`debug`: PreemptMode=REQUEUE, `cancel`: PreemptMode=CANCEL; both
@@ -236,7 +237,8 @@ impl Stop {
         }
     }
 
-    fn trigger(self, slurm: &Slurm, id: u32) {
+    /// Stops job `id`, which trains with `config` and logs to `log`.
+    fn trigger(self, slurm: &Slurm, id: u32, config: &Path, log: &Path) {
         let job = id.to_string();
         match self {
             Stop::Usr1ToBatch => {
@@ -246,10 +248,30 @@ impl Stop {
                 slurm.ok("scancel", &["--signal=TERM", "--batch", &job]);
             }
             Stop::TimeLimit => {
+                // SLURM checks time limits every 30 s: the workers are paused (SIGSTOP) until the
+                // batch script reports the warning, so that this short run still trains when
+                // it comes (a real run's time limit comes hours into it).
+                let workers = workers_of(config);
+                assert!(!workers.is_empty(), "no worker of {}", config.display());
+                signal(&workers, "STOP");
+                let before = read(log).matches(self.script_line()).count();
                 slurm.ok(
                     "scontrol",
                     &["update", &format!("JobId={id}"), "TimeLimit=1"],
                 );
+                let asked = Instant::now();
+                while read(log).matches(self.script_line()).count() == before {
+                    if asked.elapsed() > Duration::from_secs(60) {
+                        signal(&workers, "CONT");
+                        panic!("no time-limit warning within 60 s:\n{}", read(log));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                eprintln!(
+                    "time-limit warning {:.1}s after the limit was lowered",
+                    asked.elapsed().as_secs_f64()
+                );
+                signal(&workers, "CONT");
             }
             Stop::Preempted(_) | Stop::TermToAll => {
                 slurm.ok(
@@ -266,9 +288,33 @@ impl Stop {
     }
 }
 
-/// Epochs of the softmax stage (1 epoch: 94 steps of 16 images): long enough that a stop
-/// requested at the time limit (SLURM checks every 30 s) comes while the job still trains.
-const SOFTMAX_EPOCHS: f64 = 9.0;
+/// The `devise train` processes (workers, not launchers) whose command line names `config`.
+fn workers_of(config: &Path) -> Vec<i32> {
+    processes_of(config)
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            Path::new(std::str::from_utf8(program).unwrap_or_default())
+                .file_name()
+                .is_some_and(|n| n == "devise")
+        })
+        .collect()
+}
+
+/// `kill -SIG pids`.
+fn signal(pids: &[i32], sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .args(pids.iter().map(|p| p.to_string()))
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pids:?}");
+}
+
+/// Epochs of the softmax stage (1 epoch: 94 steps of 16 images): room for four stops, each at
+/// least 3 steps after the last.
+const SOFTMAX_EPOCHS: f64 = 3.0;
 
 /// The uninterrupted 2-rank run of `write_config(dir, "reference", SOFTMAX_EPOCHS, "")` (launcher on this
 /// machine, no SLURM): its run directory.
@@ -347,7 +393,7 @@ fn stopped_and_requeued_equals_uninterrupted(
             },
         );
         let t = Instant::now();
-        stop.trigger(slurm, id);
+        stop.trigger(slurm, id, &config, &log);
         // The batch script ends (its last lines: the step's exit code, the requeue) and the job
         // is pending again, requeued.
         let ended = "devise: job step exited";
