@@ -215,6 +215,10 @@ batch_size = 64
     }
 }
 
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn walk(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -524,9 +528,10 @@ fn weights_of_another_dtype_are_an_error_naming_the_file_the_tensor_and_both_dty
     assert_clean_error(&out, &wanted);
 }
 
-/// The checks on the real Tiny ImageNet checkpoint (300-d skip-gram vectors, 4 seen classes):
+/// The checks on the real Tiny ImageNet checkpoint (300-d skip-gram vectors, the split's first 4
+/// classes):
 /// a 100-d copy of the vector file is an error for eval and predict; a copy with noise on every
-/// vector warns, ranks the 4 training labels for the 100 full-size JPEGs exactly as the original
+/// vector warns, ranks the training labels for the 100 full-size JPEGs exactly as the original
 /// file does, and reproduces the training-time seen/devise row; `--strict` refuses it.
 #[test]
 fn the_real_checkpoint_refuses_other_dimensions_and_keeps_its_training_labels() {
@@ -590,7 +595,6 @@ fn the_real_checkpoint_refuses_other_dimensions_and_keeps_its_training_labels() 
             ck.to_str().unwrap().to_string(),
         ]
     };
-    let refs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>();
     let w = wanted(&ck_short);
     assert_clean_error(&predict(&ck_short, one_k, &[], &images[..2]), &refs(&w));
     assert_clean_error(&eval(&ck_short, &[]).0, &refs(&w));
@@ -602,28 +606,32 @@ fn the_real_checkpoint_refuses_other_dimensions_and_keeps_its_training_labels() 
         &refs(&w),
     );
 
-    // The same words, other vectors.
-    let original = tops(&predict(&ck_same, "seen", &["--top-k", "4"], &images));
-    let changed = predict(&ck_noisy, "seen", &["--top-k", "4"], &images);
+    // The same words, other vectors: every training label (of the split's first 4, those with
+    // a vector and training images) differs.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(original_ck.join("train_state.json")).unwrap())
+            .unwrap();
+    let seen = state["resume_key"]["seen"].as_array().unwrap().len();
+    assert!(seen >= 2, "{state}");
+    let all_differ = format!("the vectors of {seen} of {seen} training labels differ");
+    let top_k = seen.to_string();
+    let original = tops(&predict(&ck_same, "seen", &["--top-k", &top_k], &images));
+    let changed = predict(&ck_noisy, "seen", &["--top-k", &top_k], &images);
     let log = text(&changed);
     for w in [
         noisy.to_str().unwrap(),
         ck_noisy.to_str().unwrap(),
-        "the vectors of 4 of 4 training labels differ",
+        all_differ.as_str(),
     ] {
         assert!(log.contains(w), "expected {w:?} in:\n{log}");
     }
     assert_eq!(tops(&changed), original);
     let out = predict(&ck_noisy, one_k, &[], &images);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("4 of 4 training labels differ"));
+    assert!(text(&out).contains(&all_differ), "{}", text(&out));
     assert_clean_error(
         &predict(&ck_noisy, one_k, &["--strict"], &images[..2]),
-        &[
-            noisy.to_str().unwrap(),
-            "4 of 4 training labels differ",
-            "--strict",
-        ],
+        &[noisy.to_str().unwrap(), &all_differ, "--strict"],
     );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
@@ -631,10 +639,10 @@ fn the_real_checkpoint_refuses_other_dimensions_and_keeps_its_training_labels() 
     let set = format!("text.vectors={}", noisy.display());
     let (out, rows) = eval(&ck_same, &["--set", &set]);
     let rows = rows.unwrap_or_else(|| panic!("{}", text(&out)));
-    assert!(text(&out).contains("4 of 4 training labels differ"));
+    assert!(text(&out).contains(&all_differ), "{}", text(&out));
     assert_eq!(&rows["seen/devise"], at_training);
     assert_clean_error(
         &eval(&ck_same, &["--set", &set, "--strict"]).0,
-        &["4 of 4 training labels differ", "--strict"],
+        &[noisy.to_str().unwrap(), &all_differ, "--strict"],
     );
 }
