@@ -885,7 +885,7 @@ fn save_checkpoint(
     Ok(url)
 }
 
-/// A resume trains on against the label vectors the checkpoint was trained with: the current
+/// A resume keeps training against the label vectors the checkpoint was trained with: the current
 /// vector file (`vectors`, read into `plan`) must have the checkpoint's dimension and give the
 /// same vectors to its training labels (within [`label_embedding::SAME_VECTOR_TOLERANCE`]),
 /// otherwise the resumed steps would silently train toward other targets. Checked on every rank
@@ -904,7 +904,8 @@ fn check_resume_label_vectors(ck: &checkpoint::Loaded, plan: &Plan, vectors: &st
                 bail!(
                     "cannot resume from {}: the word-vector file {vectors} does not give its \
                      training labels the vectors it was trained with ({}): {}. Resume with the \
-                     vector file it was trained with, or start a new run.dir",
+                     vector file it was trained with, or start a new run.dir (train.init_from \
+                     reuses its encoder and classifier)",
                     ck.url,
                     label_embedding::FILE_NAME,
                     drift.describe()
