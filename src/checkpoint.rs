@@ -3,6 +3,8 @@
 //! ```text
 //! <run dir>/checkpoints/step-000001000/model.safetensors      every model variable, torchvision-style names
 //!                                      optimizer.safetensors  the current stage's optimizer state
+//!                                      label_embedding.safetensors  the training labels' vectors
+//!                                                             (text::label_embedding's format)
 //!                                      train_state.json       step, stage, data cursor, samples seen, seed
 //!                                      config.toml            the resolved run configuration
 //!                                      manifest.json          size + sha256 of each file above (written last)
@@ -23,6 +25,10 @@
 //! loadable (tested: the whole group SIGKILLed 10 times at four points of the write, on the local
 //! file system and on S3). Only rank 0 writes; every rank loads the step rank 0 chose.
 //!
+//! `label_embedding.safetensors` is the `[seen, dim]` matrix the hinge loss trained against, with
+//! its wnids and provenance; evaluation ranks the training labels with it. Checkpoints written
+//! without one still load ([`Loaded::label_embedding`] is then `None`).
+//!
 //! State: model and optimizer tensors, and `train_state.json`. RNG state is not stored because
 //! none is carried: libtorch's generator is re-seeded from `(seed, step)` before every step and the
 //! data order and augmentation come from `(seed, epoch, slot)`. The data cursor is one value for
@@ -31,6 +37,7 @@
 //! checkpoint resumes on any world size that divides the global batch.
 use crate::data::reader::Cursor;
 use crate::storage::Store;
+use crate::text::label_embedding::{self, LabelEmbeddingMatrix};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -136,6 +143,29 @@ pub struct Loaded {
     pub state: TrainState,
     /// The resolved run configuration it was written with (`config.toml`).
     pub config_toml: String,
+    /// The training labels' vectors it was trained against (`label_embedding.safetensors`);
+    /// `None` for a checkpoint written without one.
+    pub label_embedding: Option<LabelEmbeddingMatrix>,
+}
+
+impl Loaded {
+    /// Dimension of the word space the model projects into: the first dimension of
+    /// `projection.weight` (`[embed_dim, feature_dim]`). Errors when the checkpoint has no such
+    /// 2-d tensor.
+    pub fn embed_dim(&self) -> Result<usize> {
+        let (_, w) = self
+            .model
+            .iter()
+            .find(|(name, _)| name == "projection.weight")
+            .with_context(|| format!("{}/model.safetensors has no projection.weight", self.url))?;
+        match w.size().as_slice() {
+            &[dim, _] => Ok(dim as usize),
+            other => bail!(
+                "{}/model.safetensors: projection.weight has shape {other:?}, expected [embed_dim, feature_dim]",
+                self.url
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -161,6 +191,23 @@ fn parse_step_dir(name: &str) -> Option<u64> {
         digits.parse().ok()
     } else {
         None
+    }
+}
+
+/// The safetensors name of a tensor dtype (`F32`, `F64`, `I64`, ...), for messages.
+pub fn dtype_name(kind: Kind) -> String {
+    match kind {
+        Kind::Float => "F32".into(),
+        Kind::Double => "F64".into(),
+        Kind::Half => "F16".into(),
+        Kind::BFloat16 => "BF16".into(),
+        Kind::Int64 => "I64".into(),
+        Kind::Int => "I32".into(),
+        Kind::Int16 => "I16".into(),
+        Kind::Int8 => "I8".into(),
+        Kind::Uint8 => "U8".into(),
+        Kind::Bool => "BOOL".into(),
+        other => format!("{other:?}"),
     }
 }
 
@@ -229,11 +276,14 @@ fn sha256_hex(data: &[u8]) -> String {
 
 /// Writes checkpoint `step` under `<run>/checkpoints/`, publishes it atomically, updates
 /// `LATEST`, then applies retention. Returns the step directory's URL. Only rank 0 calls this.
+/// `label_embedding`: the `[seen, dim]` label vectors the model trains against (rows in
+/// training-label order).
 pub fn save(
     run: &Store,
     cfg: &Config,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
+    label_embedding: &LabelEmbeddingMatrix,
     state: &TrainState,
     config_toml: &str,
 ) -> Result<String> {
@@ -241,6 +291,10 @@ pub fn save(
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         ("model.safetensors", tensors_to_safetensors(model)?),
         ("optimizer.safetensors", tensors_to_safetensors(optimizer)?),
+        (
+            label_embedding::FILE_NAME,
+            label_embedding.to_safetensors()?,
+        ),
         ("train_state.json", serde_json::to_vec_pretty(state)?),
         ("config.toml", config_toml.as_bytes().to_vec()),
     ];
@@ -470,13 +524,37 @@ pub fn load(run: &Store, step: u64) -> Result<Loaded> {
     let state: TrainState = serde_json::from_slice(&files["train_state.json"])
         .with_context(|| format!("{url}/train_state.json"))?;
     let config_toml = config_text(&files, &url)?;
-    Ok(Loaded {
+    let label_embedding = match files.get(label_embedding::FILE_NAME) {
+        Some(bytes) => {
+            let source = format!("{url}/{}", label_embedding::FILE_NAME);
+            let m = LabelEmbeddingMatrix::from_safetensors(bytes, &source)?;
+            if m.wnids != state.resume_key.seen {
+                bail!("{source}: its labels are not the checkpoint's training labels (train_state.json)");
+            }
+            Some(m)
+        }
+        None => None,
+    };
+    let loaded = Loaded {
         url,
         model,
         optimizer,
         state,
         config_toml,
-    })
+        label_embedding,
+    };
+    if let Some(m) = &loaded.label_embedding {
+        let dim = loaded.embed_dim()?;
+        if m.dim != dim {
+            bail!(
+                "{}: {} has dimension {}, its projection.weight maps to {dim}",
+                loaded.url,
+                label_embedding::FILE_NAME,
+                m.dim
+            );
+        }
+    }
+    Ok(loaded)
 }
 
 fn config_text(files: &BTreeMap<String, bytes::Bytes>, url: &str) -> Result<String> {

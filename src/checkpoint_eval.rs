@@ -11,6 +11,11 @@
 //! DeViSE+1K mode); the images are the validation images whose class is a candidate, or, with
 //! `eval.label_set_shards` / `eval.label_set_split`, those of another shard set (held-out images
 //! of ImageNet-21K classes: `configs/zero-shot-21k-eval.toml`).
+//!
+//! The training labels are ranked with the vectors stored in the checkpoint (those the model was
+//! trained against), the other labels with the current vector file's; a vector file of another
+//! dimension is an error, one that gives the training labels other vectors a warning (an error
+//! with `--strict`): [`predict::check_label_vectors`].
 use crate::collective::Collective;
 use crate::eval::{self, Heads, StageEval};
 use crate::plan::Plan;
@@ -29,6 +34,10 @@ pub struct Request {
     pub labels: Option<String>,
     /// Add the training labels to the candidates.
     pub plus_seen: bool,
+    /// Fail, instead of warning, when the vector file gives the training labels other vectors
+    /// than the checkpoint was trained with, or the checkpoint carries none to compare with
+    /// ([`predict::check_label_vectors`]).
+    pub strict: bool,
 }
 
 /// Runs the evaluation on the GPU of local worker `local_rank` of `local_world_size` (when
@@ -43,7 +52,13 @@ pub fn run(
     let cfg = predict::checkpoint_config(&req.checkpoint, &req.overrides)?;
     let device = crate::train::select_device(cfg.run.device, local_rank, local_world_size)?;
     let loaded = predict::load_model(&req.checkpoint, device, &req.overrides)?;
-    let plan = Plan::build(&loaded.cfg, collective.rank(), collective.world_size())?;
+    let mut plan = Plan::build(&loaded.cfg, collective.rank(), collective.world_size())?;
+    crate::text::label_embedding::check_dim(
+        &loaded.cfg.text.vectors,
+        plan.embed_dim,
+        &loaded.url,
+        loaded.embed_dim,
+    )?;
     if plan.seen != loaded.seen {
         bail!(
             "{}: its training labels differ from what its configuration resolves to now (the \
@@ -51,11 +66,21 @@ pub fn run(
             loaded.url
         );
     }
+    if let Some(stored) = &loaded.label_embedding {
+        // The training labels are ranked with the vectors the model was trained against.
+        plan.seen_matrix = stored.values.clone();
+    }
     let (stage, step) = (loaded.state.stage.clone(), loaded.state.step);
     let mut unmapped = Vec::new();
     let mut images = None;
     let (result, suffix) = match &req.labels {
         None => {
+            predict::check_label_vectors(
+                &loaded,
+                &plan.labels,
+                req.strict,
+                collective.rank() == 0,
+            )?;
             let heads = if stage == "softmax" {
                 Heads::Softmax
             } else {
@@ -93,7 +118,7 @@ pub fn run(
                 }
                 row = format!("labels/{name}/devise_plus_seen");
             }
-            let cands = predict::candidates(&loaded.cfg, &wnids, device)?;
+            let cands = predict::candidates(&loaded, &wnids, req.strict, device)?;
             if !cands.unmapped.is_empty() {
                 tracing::warn!(
                     "{} of {} labels have no word vector and are left out: {}",

@@ -13,7 +13,7 @@
 //! | [`storage`] | `object_store` URLs (plain paths, `file://`) behind one small blocking API |
 //! | [`data`] | ImageFolder / ILSVRC-2012 val folder -> WebDataset tar shards + manifest (build in parallel, verify, index foreign shards); shard reader, decode, augmentation, batches, the data cursor; the synthetic shapes dataset |
 //! | [`split`] | which classes are seen (trained on) and unseen (zero-shot) |
-//! | [`text`] | word-vector files (word2vec bin/text, GloVe, fastText) -> `label_embedding` per wnid (paper A.2) |
+//! | [`text`] | word-vector files (word2vec bin/text, GloVe, fastText) -> `label_embedding` per wnid (paper A.2); the label-embedding file a checkpoint keeps |
 //! | [`model`] | image encoder (`tch::vision` ResNets, a small ConvNet) + softmax head + linear projection `M` (§3) |
 //! | [`loss`] | softmax cross-entropy and the hinge rank loss (§3.3, eq. 1) |
 //! | [`optim`] | SGD with momentum and Adagrad with state of our own (checkpointable), LR schedule |

@@ -84,6 +84,10 @@ enum Command {
         /// Override a key of the checkpoint's configuration (e.g. eval.hierarchy=FILE).
         #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
         set: Vec<String>,
+        /// Fail instead of warning when the word-vector file gives the training labels other
+        /// vectors than the checkpoint was trained with (or it carries none to compare with).
+        #[arg(long)]
+        strict: bool,
     },
     /// Zero-shot labelling: rank any label list for images (local paths or object-store URLs)
     /// with a checkpoint's model; print the top-k labels with cosine scores. Images whose file
@@ -109,6 +113,10 @@ enum Command {
         /// `cpu`, `cuda` or `auto`.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Fail instead of warning when the word-vector file gives the training labels other
+        /// vectors than the checkpoint was trained with (or it carries none to compare with).
+        #[arg(long)]
+        strict: bool,
         /// Image files or URLs.
         #[arg(required = true, value_name = "IMAGE")]
         images: Vec<String>,
@@ -443,6 +451,7 @@ fn run(
             plus_seen,
             config,
             set,
+            strict,
         } => {
             let set = match &config {
                 Some(path) => {
@@ -475,6 +484,7 @@ fn run(
                     overrides: set,
                     labels,
                     plus_seen,
+                    strict,
                 },
                 collective.as_ref(),
                 env.local_rank,
@@ -589,6 +599,7 @@ fn run(
             top_k,
             json,
             device,
+            strict,
             images,
         } => {
             run_predict(
@@ -598,6 +609,7 @@ fn run(
                 top_k,
                 json,
                 &device,
+                strict,
                 &images,
             )?;
             Ok(None)
@@ -609,6 +621,7 @@ fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_predict(
     checkpoint: &str,
     labels: &str,
@@ -616,6 +629,7 @@ fn run_predict(
     top_k: usize,
     json: bool,
     device: &str,
+    strict: bool,
     images: &[String],
 ) -> Result<()> {
     use devise::predict;
@@ -638,7 +652,7 @@ fn run_predict(
             }
         }
     }
-    let cands = predict::candidates(&loaded.cfg, &wnids, device)?;
+    let cands = predict::candidates(&loaded, &wnids, strict, device)?;
     if !cands.unmapped.is_empty() {
         eprintln!(
             "{} of {} labels have no word vector for any of their names and are left out: {}",

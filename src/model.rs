@@ -233,7 +233,8 @@ impl DeviseModel {
 
     /// Initialises the variables whose names start with one of `prefixes` from `tensors` (e.g.
     /// the encoder and classifier of a pretrained softmax stage); every such variable must be
-    /// present with the same shape (errors name the first missing or mismatched one). Other
+    /// present with the same shape and dtype (errors name the first missing or mismatched one,
+    /// with both shapes or dtypes). Other
     /// variables keep their values. Returns how many were copied.
     pub fn load_prefixes(
         &mut self,
@@ -257,6 +258,13 @@ impl DeviseModel {
                     var.size()
                 );
             }
+            if src.kind() != var.kind() {
+                bail!(
+                    "tensor '{name}': dtype {} in the weights, {} expected by this model",
+                    crate::checkpoint::dtype_name(src.kind()),
+                    crate::checkpoint::dtype_name(var.kind())
+                );
+            }
             tch::no_grad(|| var.shallow_clone().copy_(src));
             copied += 1;
         }
@@ -264,7 +272,7 @@ impl DeviseModel {
     }
 
     /// Copies `tensors` into the variables of the same name: every variable must be present with
-    /// the same shape, and every tensor must be a variable. Errors name the first offender.
+    /// the same shape and dtype, and every tensor must be a variable. Errors name the first offender.
     pub fn load_state_dict(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
         let vars = self.vs.variables();
         if let Some((extra, _)) = tensors.iter().find(|(n, _)| !vars.contains_key(n)) {
@@ -345,6 +353,37 @@ mod tests {
             .parameters(&["encoder."])
             .iter()
             .all(|(n, _)| n.starts_with("encoder.")));
+    }
+
+    #[test]
+    fn weights_of_another_dtype_are_refused_naming_tensor_and_dtypes() {
+        let cfg = Config {
+            encoder: Encoder::Convnet,
+            widths: vec![4],
+            projection_bias: true,
+            norm: Norm::Batch,
+            precision: Default::default(),
+            channels_last: false,
+        };
+        let mut m = DeviseModel::new(&cfg, 2, 3, Device::Cpu).unwrap();
+        let same = m.state_dict();
+        m.load_state_dict(&same).unwrap();
+        let doubled: Vec<(String, Tensor)> = same
+            .iter()
+            .map(|(n, t)| {
+                let t = if n == "projection.weight" {
+                    t.to_kind(tch::Kind::Double)
+                } else {
+                    t.shallow_clone()
+                };
+                (n.clone(), t)
+            })
+            .collect();
+        let err = m.load_state_dict(&doubled).unwrap_err().to_string();
+        assert!(
+            err.contains("'projection.weight'") && err.contains("dtype F64") && err.contains("F32"),
+            "{err}"
+        );
     }
 
     #[test]

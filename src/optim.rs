@@ -218,7 +218,7 @@ impl Optimizer {
             .collect()
     }
 
-    /// Restores state saved by [`Optimizer::state_dict`]; every entry must match by name and shape.
+    /// Restores state saved by [`Optimizer::state_dict`]; every entry must match by name, shape and dtype.
     pub fn load_state_dict(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
         if tensors.len() != self.state.len() {
             bail!(
@@ -236,6 +236,13 @@ impl Optimizer {
                     "optimizer state '{name}': shape {:?}, expected {:?}",
                     src.size(),
                     dst.size()
+                );
+            }
+            if dst.kind() != src.kind() {
+                bail!(
+                    "optimizer state '{name}': dtype {}, expected {}",
+                    crate::checkpoint::dtype_name(src.kind()),
+                    crate::checkpoint::dtype_name(dst.kind())
                 );
             }
             tch::no_grad(|| dst.copy_(src));
@@ -296,6 +303,20 @@ mod tests {
         let state = opt.state_dict();
         assert_eq!(state[0].0, "w.sum");
         assert!((f64::try_from(&state[0].1).unwrap() - 4.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn state_of_another_dtype_is_refused() {
+        let p = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+        let mut opt = Optimizer::new(&cfg(Algorithm::Sgd), vec![("w".into(), p.shallow_clone())]);
+        let state = opt.state_dict();
+        opt.load_state_dict(&state).unwrap();
+        let doubled = vec![(state[0].0.clone(), state[0].1.to_kind(tch::Kind::Double))];
+        let err = opt.load_state_dict(&doubled).unwrap_err().to_string();
+        assert!(
+            err.contains("w.momentum_buffer") && err.contains("dtype F64, expected F32"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -132,6 +132,10 @@ pub struct Plan {
     /// How each label mapped (name, match kind), for the report.
     #[serde(skip)]
     pub labels: LabelEmbeddings,
+    /// How the label vectors were made (the `[text]` section and the format read), stored with
+    /// each checkpoint's label-embedding matrix.
+    #[serde(skip)]
+    pub label_provenance: crate::text::Provenance,
     /// Stages with at least one step, in order.
     pub stages: Vec<StagePlan>,
     /// Last global step.
@@ -315,6 +319,7 @@ impl Plan {
             train_label_map,
             seen_val_map,
             unseen_val_map,
+            label_provenance: crate::text::provenance(&cfg.text, &labels.vectors_report),
             labels,
             total_steps: next - 1,
             stages,
@@ -332,6 +337,17 @@ impl Plan {
     /// Label vectors of the seen classes as a tensor `[seen, embed_dim]` (CPU).
     pub fn seen_label_embedding(&self) -> Tensor {
         Tensor::from_slice(&self.seen_matrix).view([self.seen.len() as i64, self.embed_dim as i64])
+    }
+
+    /// The seen classes' label vectors with their wnids and provenance: what each checkpoint
+    /// stores (`label_embedding.safetensors`, format in [`crate::text::label_embedding`]).
+    pub fn seen_label_matrix(&self) -> crate::text::LabelEmbeddingMatrix {
+        crate::text::LabelEmbeddingMatrix {
+            wnids: self.seen.clone(),
+            dim: self.embed_dim,
+            values: self.seen_matrix.clone(),
+            made_by: self.label_provenance.clone(),
+        }
     }
 
     /// Label vectors of the unseen classes as a tensor `[unseen, embed_dim]` (CPU).

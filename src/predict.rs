@@ -8,12 +8,18 @@
 //! reported. Images are local paths or object-store URLs (`s3://...`, read with
 //! [`crate::storage`]).
 //!
+//! The checkpoint's training labels are ranked with the vectors it was trained against (stored
+//! with it, [`crate::text::label_embedding`]); the other candidates with the vector file its
+//! configuration names, which is first checked against the checkpoint ([`check_label_vectors`]).
+//!
 //! When an image's file name contains a wnid (`n01440764_...JPEG`, as ImageNet files are named)
 //! that is a candidate, it counts towards the hit@1 / hit@5 summary.
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::model::DeviseModel;
 use crate::storage::Store;
+use crate::text::label_embedding::{self, LabelEmbeddingMatrix};
+use crate::text::LabelEmbeddings;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -30,6 +36,11 @@ pub struct Loaded {
     pub url: String,
     /// The checkpoint's train state (step, stage, ...).
     pub state: checkpoint::TrainState,
+    /// Dimension of the word space the model projects into.
+    pub embed_dim: usize,
+    /// The training labels' vectors the model was trained against (rows = `seen`); `None` for a
+    /// checkpoint written without them.
+    pub label_embedding: Option<LabelEmbeddingMatrix>,
 }
 
 /// The resolved configuration of the checkpoint at step directory `url` with `overrides`
@@ -41,28 +52,83 @@ pub fn checkpoint_config(url: &str, overrides: &[String]) -> Result<RunConfig> {
 
 /// Loads the checkpoint at step directory `url` (`.../checkpoints/step-N`) onto `device`, with
 /// `overrides` (`section.key=value`) applied to its configuration. Errors: a checkpoint that does
-/// not verify, a config it cannot parse, weights that do not fit.
+/// not verify, a config it cannot parse, weights that do not fit (a tensor missing, or of
+/// another shape or dtype than the model's: named with the file).
 pub fn load_model(url: &str, device: Device, overrides: &[String]) -> Result<Loaded> {
     let ck = checkpoint::load_url(url)?;
     let cfg = RunConfig::load(&ck.config_toml, &format!("{url}/config.toml"), overrides)?;
     let seen = ck.state.resume_key.seen.clone();
-    let embed_dim = ck
-        .model
-        .iter()
-        .find(|(name, _)| name == "projection.weight")
-        .map(|(_, t)| t.size()[0])
-        .context("checkpoint has no projection.weight")?;
-    let mut model = DeviseModel::new(&cfg.model, seen.len() as i64, embed_dim, device)?;
+    let embed_dim = ck.embed_dim()?;
+    let mut model = DeviseModel::new(&cfg.model, seen.len() as i64, embed_dim as i64, device)?;
     model
         .load_state_dict(&ck.model)
-        .with_context(|| format!("loading the weights of {url}"))?;
+        .with_context(|| format!("loading the weights of {}/model.safetensors", ck.url))?;
     Ok(Loaded {
         cfg,
         model,
         seen,
         url: ck.url,
         state: ck.state,
+        embed_dim,
+        label_embedding: ck.label_embedding,
     })
+}
+
+/// Checks the label vectors `current` (from the checkpoint's `[text]` section as it resolves
+/// now, holding at least the training labels that map) against the checkpoint `loaded`:
+///
+/// - a vector file of another dimension than the model's: an error naming the file, both
+///   dimensions and the checkpoint (before any tensor math);
+/// - training labels whose vectors differ from those the model was trained with (after
+///   L2-normalising both, beyond [`label_embedding::SAME_VECTOR_TOLERANCE`]), or that have no
+///   vector now: a warning naming the file, the checkpoint, how many differ and by how much; an
+///   error with `strict`;
+/// - a checkpoint that carries no label vectors: a warning that the training labels come from
+///   the current vector file unchecked; an error with `strict`.
+///
+/// `warn` false silences the warnings (ranks other than 0 of a data-parallel eval).
+pub fn check_label_vectors(
+    loaded: &Loaded,
+    current: &LabelEmbeddings,
+    strict: bool,
+    warn: bool,
+) -> Result<()> {
+    let vectors = &loaded.cfg.text.vectors;
+    label_embedding::check_dim(vectors, current.dim, &loaded.url, loaded.embed_dim)?;
+    let problem = match &loaded.label_embedding {
+        Some(stored) => {
+            let drift = stored.drift(
+                |wnid| current.vector(wnid),
+                label_embedding::SAME_VECTOR_TOLERANCE,
+            );
+            if drift.is_same() {
+                return Ok(());
+            }
+            format!(
+                "the word-vector file {vectors} does not give the training labels of the \
+                 checkpoint {} the vectors it was trained with ({}): {}. The training labels are \
+                 ranked with the checkpoint's vectors, other labels with this file's, which may \
+                 not fit the model: use the vector file it was trained with",
+                loaded.url,
+                label_embedding::FILE_NAME,
+                drift.describe()
+            )
+        }
+        None => format!(
+            "the checkpoint {} carries no {}: its training labels are ranked with vectors from \
+             the current word-vector file {vectors}, which cannot be checked against those it \
+             was trained with",
+            loaded.url,
+            label_embedding::FILE_NAME
+        ),
+    };
+    if strict {
+        bail!("{problem} (--strict)");
+    }
+    if warn {
+        tracing::warn!("{problem} (--strict makes this an error)");
+    }
+    Ok(())
 }
 
 /// Reads a label list: one wnid per line (the first whitespace-separated field; blank lines and
@@ -109,7 +175,8 @@ pub fn wnid_in_name(path: &str) -> Option<String> {
     })
 }
 
-/// Candidate labels with unit vectors.
+/// Candidate labels with unit vectors (the training labels' from the checkpoint when it carries
+/// them, see [`candidates`]).
 pub struct Candidates {
     /// Candidate wnids, in order (the rows of `matrix`).
     pub wnids: Vec<String>,
@@ -121,29 +188,50 @@ pub struct Candidates {
     pub unmapped: Vec<String>,
 }
 
-/// Label vectors of `wnids` from the checkpoint's `[text]` section; unmapped labels are left
-/// out (listed in [`Candidates::unmapped`]).
-pub fn candidates(cfg: &RunConfig, wnids: &[String], device: Device) -> Result<Candidates> {
-    let mut text = cfg.text.clone();
+/// Label vectors of `wnids` for ranking with the checkpoint `loaded`: its training labels get
+/// the vectors it was trained with (when it carries them), the other labels their vectors from
+/// the checkpoint's `[text]` section; labels with no vector are left out (listed in
+/// [`Candidates::unmapped`]). The vector file is first checked against the checkpoint with
+/// [`check_label_vectors`] (`strict` as there). Errors: those of the check, an unreadable names
+/// or vector file, no candidate with a vector.
+pub fn candidates(
+    loaded: &Loaded,
+    wnids: &[String],
+    strict: bool,
+    device: Device,
+) -> Result<Candidates> {
+    let mut text = loaded.cfg.text.clone();
     text.on_unmapped = crate::text::OnUnmapped::Skip;
-    let emb = crate::text::load_label_embeddings(&text, wnids)?;
+    // The training labels too: they are compared with the checkpoint's vectors.
+    let mut wanted = wnids.to_vec();
+    let listed: std::collections::HashSet<&String> = wnids.iter().collect();
+    wanted.extend(loaded.seen.iter().filter(|w| !listed.contains(w)).cloned());
+    let emb = crate::text::load_label_embeddings(&text, &wanted)?;
+    check_label_vectors(loaded, &emb, strict, true)?;
+    let stored = loaded.label_embedding.as_ref();
     let mut kept = Vec::new();
     let mut names = Vec::new();
+    let mut rows: Vec<f32> = Vec::new();
     let mut unmapped = Vec::new();
-    for e in &emb.entries {
-        if e.mapping.is_some() {
-            kept.push(e.wnid.clone());
-            names.push(e.names.first().cloned().unwrap_or_default());
-        } else {
-            unmapped.push(e.wnid.clone());
+    for e in emb.entries.iter().take(wnids.len()) {
+        let vector = stored
+            .and_then(|m| m.row(&e.wnid))
+            .or(e.mapping.as_ref().map(|m| m.vector.as_slice()));
+        match vector {
+            Some(v) => {
+                kept.push(e.wnid.clone());
+                names.push(e.names.first().cloned().unwrap_or_default());
+                rows.extend_from_slice(v);
+            }
+            None => unmapped.push(e.wnid.clone()),
         }
     }
     if kept.is_empty() {
         bail!("none of the {} labels has a word vector", wnids.len());
     }
-    let matrix = Tensor::from_slice(&emb.matrix(&kept)?)
+    let matrix = Tensor::from_slice(&rows)
         .view([kept.len() as i64, emb.dim as i64])
-        .to(device);
+        .to(device); // [candidates, dim]
     Ok(Candidates {
         wnids: kept,
         names,

@@ -30,6 +30,7 @@ use crate::model::DeviseModel;
 use crate::optim::Optimizer;
 use crate::plan::{Plan, StageKind, StagePlan};
 use crate::storage::Store;
+use crate::text::label_embedding;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -231,9 +232,10 @@ pub fn train(
     let resumed = resolve_resume(&run, &opts.resume, collective)?;
     let mut state = match &resumed {
         Some(ck) => {
+            check_resume_label_vectors(ck, plan, &cfg.text.vectors)?;
             model
                 .load_state_dict(&ck.model)
-                .with_context(|| format!("loading {}", ck.url))?;
+                .with_context(|| format!("loading {}/model.safetensors", ck.url))?;
             if ck.state.shards_fingerprint != plan.manifest.fingerprint() {
                 bail!(
                     "{}: written for a different shard build than {} (its data cursor would point at other samples); \
@@ -265,7 +267,7 @@ pub fn train(
                     .with_context(|| format!("train.init_from = {url}"))?;
                 let n = model
                     .load_prefixes(&init.model, &["encoder.", "classifier."])
-                    .with_context(|| format!("train.init_from = {url}"))?;
+                    .with_context(|| format!("train.init_from = {url}: {url}/model.safetensors"))?;
                 tracing::info!("initialised {n} encoder/classifier tensors from {url}");
             }
             fresh_state(cfg, plan)
@@ -506,7 +508,7 @@ pub fn train(
         let due = cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0;
         if stage_end || due || stopping {
             state.train_seconds = base_seconds + started.elapsed().as_secs_f64();
-            let url = save_checkpoint(&run, cfg, &model, opt, &state, collective)?;
+            let url = save_checkpoint(&run, cfg, plan, &model, opt, &state, collective)?;
             if stopping {
                 tracing::warn!("stopping after step {step}: checkpoint {url}");
                 return Ok(Outcome::Preempted { checkpoint: url });
@@ -862,6 +864,7 @@ fn stage_optimizer(
 fn save_checkpoint(
     run: &Store,
     cfg: &RunConfig,
+    plan: &Plan,
     model: &DeviseModel,
     opt: &Optimizer,
     state: &TrainState,
@@ -873,6 +876,7 @@ fn save_checkpoint(
             &cfg.checkpoint,
             &model.state_dict(),
             &opt.state_dict(),
+            &plan.seen_label_matrix(),
             state,
             &cfg.to_toml(),
         )?
@@ -881,6 +885,43 @@ fn save_checkpoint(
     };
     collective.barrier()?;
     Ok(url)
+}
+
+/// A resume keeps training against the label vectors the checkpoint was trained with: the current
+/// vector file (`vectors`, read into `plan`) must have the checkpoint's dimension and give the
+/// same vectors to its training labels (within [`label_embedding::SAME_VECTOR_TOLERANCE`]),
+/// otherwise the resumed steps would silently train toward other targets. Checked on every rank
+/// before any weight is loaded; errors name the vector file and the checkpoint. A checkpoint
+/// that carries no label vectors is resumed with a warning that this cannot be checked.
+fn check_resume_label_vectors(ck: &checkpoint::Loaded, plan: &Plan, vectors: &str) -> Result<()> {
+    label_embedding::check_dim(vectors, plan.embed_dim, &ck.url, ck.embed_dim()?)
+        .context("cannot resume")?;
+    match &ck.label_embedding {
+        Some(stored) => {
+            let drift = stored.drift(
+                |wnid| plan.labels.vector(wnid),
+                label_embedding::SAME_VECTOR_TOLERANCE,
+            );
+            if !drift.is_same() {
+                bail!(
+                    "cannot resume from {}: the word-vector file {vectors} does not give its \
+                     training labels the vectors it was trained with ({}): {}. Resume with the \
+                     vector file it was trained with, or start a new run.dir (train.init_from \
+                     reuses its encoder and classifier)",
+                    ck.url,
+                    label_embedding::FILE_NAME,
+                    drift.describe()
+                );
+            }
+        }
+        None => tracing::warn!(
+            "{} carries no {}: cannot check that {vectors} gives its training labels the vectors \
+             it was trained with",
+            ck.url,
+            label_embedding::FILE_NAME
+        ),
+    }
+    Ok(())
 }
 
 /// Rank 0 resolves `resume` to a checkpoint URL (or none) and broadcasts it; every rank loads it.

@@ -29,6 +29,12 @@ use serde::{Deserialize, Serialize};
 use super::vectors::{ReadReport, WordVectors};
 use super::OnUnmapped;
 
+/// The mapping rule of this module in one line, recorded as `label_mapping` in a
+/// [`super::label_embedding`] file made from word vectors.
+pub const MAPPING_RULE: &str = "first name that maps, each name tried as: exact word, lowercase, \
+     phrase (whitespace joined by _, then lowercase), mean of its tokens' raw vectors (every token \
+     present); then L2-normalised (paper appendix A.2, one vector per label)";
+
 /// How a name found its vector (see the module docs for the order they are tried in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -95,6 +101,16 @@ impl LabelEmbeddings {
         self.entries
             .iter()
             .any(|e| e.wnid == wnid && e.mapping.is_some())
+    }
+
+    /// The unit `[dim]` vector of `wnid`, when it was requested and maps.
+    pub fn vector(&self, wnid: &str) -> Option<&[f32]> {
+        self.entries
+            .iter()
+            .find(|e| e.wnid == wnid)?
+            .mapping
+            .as_ref()
+            .map(|m| m.vector.as_slice())
     }
 
     /// Row-major `[wnids.len(), dim]` matrix of unit label embeddings, rows in `wnids` order.

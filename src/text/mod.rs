@@ -9,7 +9,12 @@
 //! into one `[dim]` unit vector per requested wnid ([`labels`]), plus a report of how each label
 //! mapped, which did not, and which share a vector. [`load_label_embeddings`] is the one entry
 //! point the trainer calls; it reads only the words the requested labels can need.
+//!
+//! A model's training labels and their vectors are kept with each checkpoint in one file whose
+//! format [`label_embedding`] defines (matrix, wnids, how it was made), so evaluation ranks them
+//! with the vectors the model was trained against.
 
+pub mod label_embedding;
 pub mod labels;
 pub mod vectors;
 
@@ -18,6 +23,7 @@ use std::collections::HashSet;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use label_embedding::{EmbedderKind, LabelEmbeddingMatrix, Normalisation, Provenance};
 pub use labels::{LabelEmbeddings, LabelEntry, Mapping, MatchKind};
 pub use vectors::{Format, ReadReport, WordVectors};
 
@@ -81,4 +87,24 @@ pub fn load_label_embeddings(cfg: &Config, wnids: &[String]) -> Result<LabelEmbe
         })?;
     embeddings.vectors_report = report;
     Ok(embeddings)
+}
+
+/// How label embeddings made from `cfg` are described in a [`label_embedding`] file: embedder
+/// [`EmbedderKind::WordVectors`], [`Normalisation::L2`], params `vectors` and `names` (as
+/// configured), `vectors_format` (the format `report` says was read) and `label_mapping`
+/// ([`labels::MAPPING_RULE`]).
+pub fn provenance(cfg: &Config, report: &ReadReport) -> Provenance {
+    Provenance {
+        embedder: EmbedderKind::WordVectors,
+        normalisation: Normalisation::L2,
+        params: [
+            ("vectors", cfg.vectors.clone()),
+            ("vectors_format", report.format.name().to_string()),
+            ("names", cfg.names.clone()),
+            ("label_mapping", labels::MAPPING_RULE.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    }
 }

@@ -7,6 +7,7 @@ mod data;
 mod dist;
 mod hierarchy;
 mod image;
+mod label_vectors;
 mod predict;
 mod report;
 mod resume;

@@ -323,9 +323,10 @@ pub(crate) fn processes_of(config: &Path) -> Vec<i32> {
     pids
 }
 
-const CHECKPOINT_FILES: [&str; 5] = [
+const CHECKPOINT_FILES: [&str; 6] = [
     "model.safetensors",
     "optimizer.safetensors",
+    "label_embedding.safetensors",
     "train_state.json",
     "config.toml",
     "manifest.json",
@@ -430,7 +431,7 @@ fn kill_group_mid_checkpoint(store: &str, iterations: usize) {
             let newest = st.published.last().copied().filter(|&s| s > before);
             let hit = match phase {
                 0 => st.writing.is_some_and(|(s, n)| s > before && n >= 1),
-                1 => st.writing.is_some_and(|(s, n)| s > before && n >= 3),
+                1 => st.writing.is_some_and(|(s, n)| s > before && n >= 4),
                 // Published and verified, LATEST not yet updated.
                 2 => newest.is_some_and(|n| st.latest != Some(n)),
                 // LATEST updated, the previous checkpoint not yet deleted by retention.
