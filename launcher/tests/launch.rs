@@ -417,7 +417,8 @@ while :; do sleep 0.05; done"#;
     let stderr = text(&out.stderr);
     assert_eq!(code(&out), 130, "{stderr}");
     assert!(
-        stderr.contains("got SIGINT again") && stderr.contains("the same stop (repeats within 5s count once), not forwarded"),
+        stderr.contains("got SIGINT again")
+            && stderr.contains("the same stop (repeats within 5s count once), not forwarded"),
         "{stderr}"
     );
     assert!(
@@ -506,7 +507,10 @@ while :; do sleep 0.05; done"#;
         Duration::from_secs(10),
     );
     signal(&child, libc::SIGUSR1);
-    wait_for_files(&[d.join("usr1.0"), d.join("usr1.1")], Duration::from_secs(10));
+    wait_for_files(
+        &[d.join("usr1.0"), d.join("usr1.1")],
+        Duration::from_secs(10),
+    );
     signal(&child, libc::SIGUSR2);
     let (out, _) = finish(child, Duration::from_secs(15));
     let stderr = text(&out.stderr);
@@ -557,7 +561,9 @@ while :; do sleep 0.05; done"#;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(75), "{:?}\n{stderr}", out.status);
     assert!(
-        stderr.contains("got SIGUSR2: relayed to 2 worker(s) as is (the preemption signal is SIGUSR1)"),
+        stderr.contains(
+            "got SIGUSR2: relayed to 2 worker(s) as is (the preemption signal is SIGUSR1)"
+        ),
         "{stderr}"
     );
 }
