@@ -285,9 +285,7 @@ fn parse_set(s: &str) -> Result<String, String> {
 /// of the step, and `devise-launch` forwards the signal it got too). A signal after that window
 /// exits at once with 130. Other commands keep the default handlers: they are killed, and
 /// write nothing that looks complete (build-shards writes its manifest last).
-fn install_stop_handlers(
-    stop: &Arc<AtomicBool>,
-) -> std::io::Result<signal_hook::iterator::Handle> {
+fn install_stop_handlers(stop: &Arc<AtomicBool>) -> std::io::Result<signal_hook::iterator::Handle> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     let handle = signals.handle();
@@ -411,12 +409,9 @@ fn run(
                 return Ok(None);
             }
             // Before any work: a worker without a GPU of its own stops here.
-            let device = devise::train::select_device(
-                cfg.run.device,
-                env.local_rank,
-                env.local_world_size,
-            )
-            .with_context(|| format!("choosing the GPU of {env}"))?;
+            let device =
+                devise::train::select_device(cfg.run.device, env.local_rank, env.local_world_size)
+                    .with_context(|| format!("choosing the GPU of {env}"))?;
             tracing::info!(
                 "world: {env}; device {device:?}; preemption signal {}",
                 cfg.run.preempt_signal.name()
@@ -471,12 +466,9 @@ fn run(
                         None => format!("the configuration of {checkpoint}"),
                     },
                 )?;
-            let device = devise::train::select_device(
-                cfg.run.device,
-                env.local_rank,
-                env.local_world_size,
-            )
-            .with_context(|| format!("choosing the GPU of {env}"))?;
+            let device =
+                devise::train::select_device(cfg.run.device, env.local_rank, env.local_world_size)
+                    .with_context(|| format!("choosing the GPU of {env}"))?;
             let collective = devise::collective::init(&env, &cfg.dist, device)?;
             let report = devise::checkpoint_eval::run(
                 &devise::checkpoint_eval::Request {

@@ -1486,8 +1486,14 @@ mod tests {
         assert_eq!(pick(DeviceKind::Cpu, 3, 4, Some("3"), 1), Ok(Device::Cpu));
         assert_eq!(pick(DeviceKind::Auto, 3, 4, None, 0), Ok(Device::Cpu));
         // srun --gpus-per-task=1: task 3 sees only its GPU (physical 3) as cuda:0.
-        assert_eq!(pick(DeviceKind::Auto, 3, 4, Some("3"), 1), Ok(Device::Cuda(0)));
-        assert_eq!(pick(DeviceKind::Cuda, 3, 4, Some("3"), 1), Ok(Device::Cuda(0)));
+        assert_eq!(
+            pick(DeviceKind::Auto, 3, 4, Some("3"), 1),
+            Ok(Device::Cuda(0))
+        );
+        assert_eq!(
+            pick(DeviceKind::Cuda, 3, 4, Some("3"), 1),
+            Ok(Device::Cuda(0))
+        );
         // srun --gres=gpu:4: every task sees the node's four.
         assert_eq!(
             pick(DeviceKind::Cuda, 2, 4, Some("0,1,2,3"), 4),
@@ -1499,7 +1505,10 @@ mod tests {
             "{e}"
         );
         let e = pick(DeviceKind::Cuda, 0, 1, None, 0).unwrap_err();
-        assert!(e.contains("run.device = cuda") && e.contains("no CUDA device"), "{e}");
+        assert!(
+            e.contains("run.device = cuda") && e.contains("no CUDA device"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -358,10 +358,7 @@ mod tests {
             let numbers: Vec<String> = elements.into_iter().flat_map(|(_, h)| h).collect();
             (rendered, numbers)
         });
-        let part = prop_oneof![
-            text.prop_map(|t| (t.clone(), vec![t])),
-            group,
-        ];
+        let part = prop_oneof![text.prop_map(|t| (t.clone(), vec![t])), group,];
         let name = proptest::collection::vec(part, 1..4).prop_map(|parts| {
             let mut rendered = String::new();
             let mut hosts = vec![String::new()];

@@ -758,6 +758,21 @@ mod tests {
                 proptest::prop_assert!(e.contains(var), "{var}={value:?}: {e}");
             }
         }
+
+        /// Any DEVISE_RDZV_TOKEN is passed through as it is, unless blank.
+        #[test]
+        fn any_token_is_passed_through(
+            token in proptest::arbitrary::any::<String>(),
+            nnodes in 1usize..4,
+        ) {
+            let get = |k: &str| (k == "DEVISE_RDZV_TOKEN").then(|| token.clone());
+            let chosen = Token::choose(get, nnodes, || Ok("r".to_string())).unwrap();
+            if token.trim().is_empty() {
+                proptest::prop_assert!(!matches!(chosen, Token::Inherited(_)));
+            } else {
+                proptest::prop_assert_eq!(chosen, Token::Inherited(token.clone()));
+            }
+        }
     }
 
     /// Field case B22: every hostlist of the shared corpus resolves the master address to its

@@ -213,20 +213,14 @@ mod tests {
 
     #[test]
     fn an_nccl_dump_signal_on_a_stop_signal_is_named() {
-        let w = nccl_dump_signal_clash(
-            PreemptSignal::Usr2,
-            only("NCCL_PROXY_DUMP_SIGNAL", "12"),
-        )
-        .unwrap();
+        let w = nccl_dump_signal_clash(PreemptSignal::Usr2, only("NCCL_PROXY_DUMP_SIGNAL", "12"))
+            .unwrap();
         assert!(
             w.contains("NCCL_PROXY_DUMP_SIGNAL=12 names SIGUSR2, the preemption signal"),
             "{w}"
         );
-        let w = nccl_dump_signal_clash(
-            PreemptSignal::Usr1,
-            only("NCCL_PROXY_DUMP_SIGNAL", "15"),
-        )
-        .unwrap();
+        let w = nccl_dump_signal_clash(PreemptSignal::Usr1, only("NCCL_PROXY_DUMP_SIGNAL", "15"))
+            .unwrap();
         assert!(w.contains("SIGTERM, a stop signal"), "{w}");
         for (preempt, v) in [
             (PreemptSignal::Usr1, "12"),
@@ -241,10 +235,7 @@ mod tests {
                 "{preempt:?} {v}"
             );
         }
-        assert_eq!(
-            nccl_dump_signal_clash(PreemptSignal::Usr1, |_| None),
-            None
-        );
+        assert_eq!(nccl_dump_signal_clash(PreemptSignal::Usr1, |_| None), None);
     }
 
     proptest! {

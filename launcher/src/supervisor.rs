@@ -7,9 +7,10 @@
 //! Each worker is a child in its OWN process group (pgid = its pid), stdin `/dev/null`, stdout
 //! and stderr piped. Own group: a terminal's Ctrl-C goes to the foreground group, which holds
 //! the launcher but not the workers, so a worker gets SIGINT exactly once, from the launcher
-//! (a devise worker exits 130 at once, without checkpointing, on a second signal). Every signal
-//! the launcher sends goes to the worker's whole group (`killpg`): helpers a worker started
-//! (a `sh -c` wrapper's children) are signalled too and SIGKILL leaves nothing behind. When a
+//! (a devise worker exits 130 at once, without checkpointing, on a second signal more than
+//! [`REPEAT_WINDOW`] after the first). Every signal the launcher sends goes to the worker's
+//! whole group (`killpg`): helpers a worker started (a `sh -c` wrapper's children) are
+//! signalled too and SIGKILL leaves nothing behind. When a
 //! worker exits, whatever is left in its group is SIGKILLed at once (no orphans; reported). On
 //! Linux each worker also gets SIGTERM if the launcher itself dies (`PR_SET_PDEATHSIG`), so a
 //! SIGKILLed launcher does not leave workers holding GPUs. Every child is reaped (no zombies)
@@ -89,7 +90,8 @@
 //! 0 every worker exited 0; 75 preempted (a forwarded signal or a worker's own 75, and every
 //! worker exited 0 or 75, or was killed after the preemption timeout); 1 a worker failed and no
 //! restart is left (or the group was stopping when it failed); 2 a worker could not be started
-//! (command not found) or `--log-dir` is unusable; 130 a second interrupt.
+//! (command not found) or `--log-dir` is unusable; 130 a second interrupt after the repeat
+//! window.
 use crate::resolve::{Token, World};
 use anyhow::{Context, Result};
 use devise_launch::heartbeat::{self, Watch};
@@ -149,7 +151,7 @@ pub enum Exit {
     Failed,
     /// Usage or environment error (worker command not startable, log dir unusable).
     Usage,
-    /// A second interrupt killed the group.
+    /// A second interrupt, after the repeat window, killed the group.
     Interrupted,
 }
 

@@ -856,13 +856,9 @@ mod tests {
             let verdict = match (&case.want, got) {
                 (Task(rank, local_rank, world, local_world, ordinal), Ok(w)) => {
                     let place = (w.rank, w.local_rank, w.world_size, w.local_world_size);
-                    let got_ordinal = cuda_ordinal(
-                        w.local_rank,
-                        w.local_world_size,
-                        cvd,
-                        case.cuda_devices,
-                    )
-                    .map_err(|e| e.to_string());
+                    let got_ordinal =
+                        cuda_ordinal(w.local_rank, w.local_world_size, cvd, case.cuda_devices)
+                            .map_err(|e| e.to_string());
                     let ordinal_ok = match (ordinal, &got_ordinal) {
                         (Ok(a), Ok(b)) => a == b,
                         (Err(text), Err(e)) => e.contains(text),
@@ -989,7 +985,9 @@ mod tests {
         assert_eq!(tasks_on_node(&groups, 1), Some(8));
         assert_eq!(tasks_on_node(&groups, 2), Some(4));
         assert_eq!(tasks_on_node(&groups, 3), None);
-        for bad in ["x", "", "4,", "0", "4(x0)", "4(x2", "4x2)", "(x2)", "-1", "4(x-1)"] {
+        for bad in [
+            "x", "", "4,", "0", "4(x0)", "4(x2", "4x2)", "(x2)", "-1", "4(x-1)",
+        ] {
             assert_eq!(parse_tasks_per_node(bad), None, "{bad:?}");
         }
         // Differing counts need the node id; a malformed list is an error naming it.
@@ -1001,7 +999,10 @@ mod tests {
             ("SLURM_STEP_TASKS_PER_NODE", "4,2"),
         ])
         .unwrap_err();
-        assert!(format!("{e:#}").contains("SLURM_NODEID is not set"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("SLURM_NODEID is not set"),
+            "{e:#}"
+        );
         let e = env(&[
             ("SLURM_PROCID", "1"),
             ("SLURM_STEP_NUM_TASKS", "6"),
@@ -1011,7 +1012,8 @@ mod tests {
         ])
         .unwrap_err();
         assert!(
-            format!("{e:#}").contains("SLURM_STEP_TASKS_PER_NODE=\"4,2\" has no entry for SLURM_NODEID 7"),
+            format!("{e:#}")
+                .contains("SLURM_STEP_TASKS_PER_NODE=\"4,2\" has no entry for SLURM_NODEID 7"),
             "{e:#}"
         );
         let e = env(&[
@@ -1022,7 +1024,8 @@ mod tests {
         ])
         .unwrap_err();
         assert!(
-            format!("{e:#}").contains("SLURM_STEP_TASKS_PER_NODE=\"4(x2\" is not a SLURM task count list"),
+            format!("{e:#}")
+                .contains("SLURM_STEP_TASKS_PER_NODE=\"4(x2\" is not a SLURM task count list"),
             "{e:#}"
         );
     }
@@ -1083,7 +1086,10 @@ mod tests {
             ("SLURM_GTIDS", "0,x"),
         ])
         .unwrap_err();
-        assert!(format!("{e:#}").contains("SLURM_STEP_NUM_TASKS nor SLURM_NTASKS"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("SLURM_STEP_NUM_TASKS nor SLURM_NTASKS"),
+            "{e:#}"
+        );
         let e = env(&[
             ("SLURM_PROCID", "1"),
             ("SLURM_STEP_NUM_TASKS", "2"),
@@ -1115,8 +1121,13 @@ mod tests {
                 && e.contains("CUDA_VISIBLE_DEVICES=\"0,1\""),
             "{e}"
         );
-        let e = cuda_ordinal(0, 1, Some("NoDevFiles"), 0).unwrap_err().to_string();
-        assert!(e.contains("no CUDA device") && e.contains("NoDevFiles"), "{e}");
+        let e = cuda_ordinal(0, 1, Some("NoDevFiles"), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no CUDA device") && e.contains("NoDevFiles"),
+            "{e}"
+        );
         let e = cuda_ordinal(0, 1, None, 0).unwrap_err().to_string();
         assert!(e.contains("CUDA_VISIBLE_DEVICES unset"), "{e}");
     }

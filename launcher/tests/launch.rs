@@ -394,12 +394,27 @@ esac"#;
 /// window SIGKILLs every worker and the launcher exits 130.
 #[test]
 fn a_second_interrupt_after_the_window_kills_the_group_and_exits_130() {
+    second_stop_after_the_window_kills(libc::SIGINT, "INT", "SIGINT");
+}
+
+/// The same for SIGTERM: a preemption's second SIGTERM within the window is harmless (next
+/// test), one after it still escalates.
+#[test]
+fn a_second_sigterm_after_the_window_kills_the_group_and_exits_130() {
+    second_stop_after_the_window_kills(libc::SIGTERM, "TERM", "SIGTERM");
+}
+
+/// Workers that trap `trap_name` and keep running; `sig` to the launcher, again at once (the
+/// same stop), and again after the window (kills).
+fn second_stop_after_the_window_kills(sig: i32, trap_name: &str, name: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let script = r#"trap 'echo int >> "$D/int.$LOCAL_RANK"' INT
+    let script = format!(
+        r#"trap 'echo got >> "$D/got.$LOCAL_RANK"' {trap_name}
 echo $$ > "$D/pid.$LOCAL_RANK"; echo ready > "$D/ready.$LOCAL_RANK"
-while :; do sleep 0.05; done"#;
+while :; do sleep 0.05; done"#
+    );
     let child = launcher(dir.path())
-        .args(["--nproc-per-node", "2", "--", "sh", "-c", script])
+        .args(["--nproc-per-node", "2", "--", "sh", "-c", &script])
         .spawn()
         .unwrap();
     let d = dir.path();
@@ -408,25 +423,28 @@ while :; do sleep 0.05; done"#;
         Duration::from_secs(10),
     );
     let first = Instant::now();
-    signal(&child, libc::SIGINT);
-    wait_for_files(&[d.join("int.0"), d.join("int.1")], Duration::from_secs(10));
-    signal(&child, libc::SIGINT); // within the window: the same stop
+    signal(&child, sig);
+    wait_for_files(&[d.join("got.0"), d.join("got.1")], Duration::from_secs(10));
+    signal(&child, sig); // within the window: the same stop
     std::thread::sleep(Duration::from_millis(5300).saturating_sub(first.elapsed()));
-    signal(&child, libc::SIGINT);
+    signal(&child, sig);
     let (out, _) = finish(child, Duration::from_secs(15));
     let stderr = text(&out.stderr);
     assert_eq!(code(&out), 130, "{stderr}");
     assert!(
-        stderr.contains("got SIGINT again") && stderr.contains("the same stop (repeats within 5s count once), not forwarded"),
+        stderr.contains(&format!("got {name} again"))
+            && stderr.contains("the same stop (repeats within 5s count once), not forwarded"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("got SIGINT again while the group is stopping: killing every worker"),
+        stderr.contains(&format!(
+            "got {name} again while the group is stopping: killing every worker"
+        )),
         "{stderr}"
     );
     for r in 0..2 {
-        let got = std::fs::read_to_string(d.join(format!("int.{r}"))).unwrap();
-        assert_eq!(got, "int\n", "rank {r}");
+        let got = std::fs::read_to_string(d.join(format!("got.{r}"))).unwrap();
+        assert_eq!(got, "got\n", "rank {r}");
     }
     for pid in worker_pids(d) {
         assert!(gone(pid), "worker {pid} survived\n{stderr}");
@@ -506,7 +524,10 @@ while :; do sleep 0.05; done"#;
         Duration::from_secs(10),
     );
     signal(&child, libc::SIGUSR1);
-    wait_for_files(&[d.join("usr1.0"), d.join("usr1.1")], Duration::from_secs(10));
+    wait_for_files(
+        &[d.join("usr1.0"), d.join("usr1.1")],
+        Duration::from_secs(10),
+    );
     signal(&child, libc::SIGUSR2);
     let (out, _) = finish(child, Duration::from_secs(15));
     let stderr = text(&out.stderr);
@@ -557,7 +578,9 @@ while :; do sleep 0.05; done"#;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(75), "{:?}\n{stderr}", out.status);
     assert!(
-        stderr.contains("got SIGUSR2: relayed to 2 worker(s) as is (the preemption signal is SIGUSR1)"),
+        stderr.contains(
+            "got SIGUSR2: relayed to 2 worker(s) as is (the preemption signal is SIGUSR1)"
+        ),
         "{stderr}"
     );
 }

@@ -415,9 +415,8 @@ impl Nccl {
     pub fn connect(store: Rendezvous, ordinal: usize) -> Result<Nccl> {
         let (rank, world) = (store.rank(), store.world_size());
         let timeout = store.timeout();
-        let (api, ctx) = open(ordinal).with_context(|| {
-            format!("rank {rank}: starting the nccl backend on cuda:{ordinal}")
-        })?;
+        let (api, ctx) = open(ordinal)
+            .with_context(|| format!("rank {rank}: starting the nccl backend on cuda:{ordinal}"))?;
         tracing::info!(
             "rank {rank}: NCCL {} ({}) on cuda:{ordinal}, {world} ranks",
             version_string(api.version),

@@ -720,10 +720,21 @@ fn sigusr2_preempts_with_preempt_signal_usr2_with_and_without_the_launcher() {
         "{log}"
     );
     assert!(log.contains("preempted: checkpoint"), "{log}");
-    assert!(log.contains(&format!("devise-launch: warning: {warning}")), "{log}");
-    assert!(log.matches(warning).count() >= 3, "launcher and both workers warn: {log}");
+    assert!(
+        log.contains(&format!("devise-launch: warning: {warning}")),
+        "{log}"
+    );
+    assert!(
+        log.matches(warning).count() >= 3,
+        "launcher and both workers warn: {log}"
+    );
     let out = output(
-        launch_cmd(2, &["--preempt-signal", "usr2"], &config, &["--resume", "auto"]),
+        launch_cmd(
+            2,
+            &["--preempt-signal", "usr2"],
+            &config,
+            &["--resume", "auto"],
+        ),
         None,
     );
     let log = text(&out);
