@@ -100,7 +100,10 @@ impl Presigned {
 
     /// Whether this store's GETs already go through presigned URLs (in this process).
     pub(super) fn in_use(&self) -> bool {
-        IN_USE.lock().map(|set| set.contains(&self.id)).unwrap_or(false)
+        IN_USE
+            .lock()
+            .map(|set| set.contains(&self.id))
+            .unwrap_or(false)
     }
 
     /// Switches this store's GETs to presigned URLs for the rest of the process, logging it at
@@ -404,7 +407,10 @@ impl Attempts {
         } else {
             self.init_backoff_secs
         };
-        let wait = std::mem::replace(&mut self.next_backoff_secs, self.max_backoff_secs.min(drawn));
+        let wait = std::mem::replace(
+            &mut self.next_backoff_secs,
+            self.max_backoff_secs.min(drawn),
+        );
         Duration::from_secs_f64(wait.max(0.0))
     }
 
@@ -442,7 +448,10 @@ mod tests {
         for _ in 1..10 {
             assert!(!attempts.exhausted());
             let wait = attempts.backoff().as_secs_f64();
-            assert!((0.1..=bound.min(15.0) + 1e-9).contains(&wait), "{wait} > {bound}");
+            assert!(
+                (0.1..=bound.min(15.0) + 1e-9).contains(&wait),
+                "{wait} > {bound}"
+            );
             bound = bound.min(15.0) * 2.0;
         }
         assert_eq!(attempts.retries, 10);

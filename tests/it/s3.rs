@@ -634,7 +634,10 @@ fn chunked_answers_without_content_length_are_read_through_presigned_urls() {
     assert_eq!(proxy.state.throttled.load(Ordering::SeqCst), 4);
     assert_eq!(proxy.state.cuts.load(Ordering::SeqCst), 2);
     assert_eq!(resumed(&proxy.state), 2);
-    let out = devise(&server, &["train", "--config", direct_cfg.to_str().unwrap()]);
+    let out = devise(
+        &server,
+        &["train", "--config", direct_cfg.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let bucket = server.root.path().join("devise");
     let metrics = std::fs::read_to_string(bucket.join("chunked-run/metrics.jsonl")).unwrap();
@@ -643,8 +646,7 @@ fn chunked_answers_without_content_length_are_read_through_presigned_urls() {
         assert_eq!(v["data/shard_errors"], 0, "{line}");
     }
     let proxied_losses = losses(&metrics);
-    let direct_losses =
-        losses(&std::fs::read_to_string(direct_run.join("metrics.jsonl")).unwrap());
+    let direct_losses = losses(&std::fs::read_to_string(direct_run.join("metrics.jsonl")).unwrap());
     assert_eq!(proxied_losses.len(), 9);
     assert_eq!(proxied_losses, direct_losses);
     assert!(

@@ -573,6 +573,9 @@ struct Shape {
     /// `cuda:local_rank`; more local ranks than visible GPUs is an error before any work (the
     /// last shape).
     visible: usize,
+    /// The CUDA ordinal each task takes by that rule from the environment srun gave it
+    /// (`devise_launch::world::cuda_ordinal`, which `devise train` uses); `None`: refused.
+    ordinals: &'static [Option<usize>],
 }
 
 const SHAPES: &[Shape] = &[
@@ -582,6 +585,7 @@ const SHAPES: &[Shape] = &[
         step: &[],
         want: &[(0, 2, 0, 2), (1, 2, 1, 2)],
         visible: 1,
+        ordinals: &[Some(0), Some(0)],
     },
     Shape {
         name: "one task per GPU (--ntasks-per-gpu=1)",
@@ -589,6 +593,7 @@ const SHAPES: &[Shape] = &[
         step: &[],
         want: &[(0, 2, 0, 2), (1, 2, 1, 2)],
         visible: 1,
+        ordinals: &[Some(0), Some(0)],
     },
     Shape {
         name: "a step of 2 tasks in a job of 4 (srun -n 2)",
@@ -596,6 +601,7 @@ const SHAPES: &[Shape] = &[
         step: &["--ntasks=2"],
         want: &[(0, 2, 0, 2), (1, 2, 1, 2)],
         visible: 2,
+        ordinals: &[Some(0), Some(1)],
     },
     Shape {
         name: "train-per-gpu.sbatch's shape: 2 tasks per node, each sees the node's 2 GPUs",
@@ -607,6 +613,7 @@ const SHAPES: &[Shape] = &[
         step: &["--kill-on-bad-exit=0", "--label"],
         want: &[(0, 2, 0, 2), (1, 2, 1, 2)],
         visible: 2,
+        ordinals: &[Some(0), Some(1)],
     },
     Shape {
         name: "4 tasks per node on 2 GPUs",
@@ -614,6 +621,7 @@ const SHAPES: &[Shape] = &[
         step: &[],
         want: &[(0, 4, 0, 4), (1, 4, 1, 4), (2, 4, 2, 4), (3, 4, 3, 4)],
         visible: 2,
+        ordinals: &[None, None, None, None],
     },
 ];
 
@@ -702,6 +710,19 @@ fn real_srun_step_shapes_give_each_task_its_rank_world_and_gpus() {
                 shape.name
             );
             assert_eq!(var("SLURM_STEP_NUM_TASKS"), want.1.to_string(), "{env}");
+            // CUDA enumerates exactly the GPUs CUDA_VISIBLE_DEVICES lists.
+            let ordinal = devise_launch::world::cuda_ordinal(
+                want.2,
+                want.3,
+                Some(var("CUDA_VISIBLE_DEVICES")),
+                visible.len(),
+            );
+            assert_eq!(
+                ordinal.as_ref().ok().copied(),
+                shape.ordinals[procid],
+                "{}: task {procid}'s CUDA ordinal: {ordinal:?}\n{env}",
+                shape.name
+            );
         }
         assert!(
             !out_dir.join(format!("env.{}", shape.want.len())).exists(),
