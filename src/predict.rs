@@ -107,7 +107,10 @@ pub fn wnid_in_name(path: &str) -> Option<String> {
     name.match_indices('n').find_map(|(i, _)| {
         let cand = name.get(i..i + 9)?;
         let (before, after) = (name.get(..i)?, name.get(i + 9..)?);
-        let boundary_before = !before.chars().next_back().is_some_and(char::is_alphanumeric);
+        let boundary_before = !before
+            .chars()
+            .next_back()
+            .is_some_and(char::is_alphanumeric);
         let boundary_after = !after.starts_with(|c: char| c.is_ascii_digit());
         (is_wnid(cand) && boundary_before && boundary_after).then(|| cand.to_string())
     })
@@ -274,6 +277,9 @@ mod tests {
             Some("n01751748")
         );
         assert_eq!(wnid_in_name("ßn01440764.jpg"), None, "a letter before");
-        assert_eq!(wnid_in_name("😀n01440764.jpg").as_deref(), Some("n01440764"));
+        assert_eq!(
+            wnid_in_name("😀n01440764.jpg").as_deref(),
+            Some("n01440764")
+        );
     }
 }

@@ -14,3 +14,4 @@ mod s3;
 mod shards;
 mod text;
 mod train;
+mod unicode;
