@@ -1162,22 +1162,18 @@ fn image_folder_names_that_become_one_key_are_an_error() {
 // ---------------------------------------------------------------------------------------------
 // `devise predict` on images whose names are not ASCII, local and in S3.
 
-/// A full-size ImageNet JPEG of class n01440764 (tench) from `../shared`.
-fn tench_jpeg(shared: &Path) -> std::path::PathBuf {
+/// A full-size ImageNet JPEG from `../shared` and the wnid its name starts with.
+fn sample_jpeg(shared: &Path) -> (std::path::PathBuf, String) {
     let dir = shared.join("data/imagenet-sample-100");
     let mut found: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("n01440764")
-        })
         .collect();
     found.sort();
-    found.into_iter().next().expect("a n01440764 image")
+    let path = found.into_iter().next().expect("an image");
+    let wnid = path.file_name().unwrap().to_str().unwrap()[..9].to_string();
+    assert!(is_wnid(&wnid), "{}", path.display());
+    (path, wnid)
 }
 
 /// `(image, label_from_name)` of each prediction of a `devise predict --json` run.
@@ -1207,15 +1203,15 @@ fn predict_reads_images_with_non_ascii_names() {
         return;
     };
     let checkpoint = run.join("checkpoints/step-000000009");
-    let jpeg = tench_jpeg(&shared);
+    let (jpeg, wnid) = sample_jpeg(&shared);
     let tmp = tempfile::tempdir().unwrap();
     let names = [
-        ("Straße_01.jpg", None),
-        ("n01440764_ü.JPEG", Some("n01440764")),
-        ("日本語/n01440764_1.jpg", Some("n01440764")),
+        ("Straße_01.jpg".to_string(), None),
+        (format!("{wnid}_ü.JPEG"), Some(&wnid)),
+        (format!("日本語/{wnid}_1.jpg"), Some(&wnid)),
         (
-            "Ünïcödé 😀/\u{202e}gpj.n01440764 (1).jpeg",
-            Some("n01440764"),
+            format!("Ünïcödé 😀/\u{202e}gpj.{wnid} (1).jpeg"),
+            Some(&wnid),
         ),
     ];
     let mut images = Vec::new();
@@ -1237,7 +1233,7 @@ fn predict_reads_images_with_non_ascii_names() {
     let want: Vec<(String, Option<String>)> = images
         .iter()
         .zip(&names)
-        .map(|(image, (_, wnid))| (image.clone(), wnid.map(str::to_string)))
+        .map(|(image, (_, wnid))| (image.clone(), wnid.cloned()))
         .collect();
     assert_eq!(got, want);
     // The table prints the names as they are.
@@ -1264,11 +1260,11 @@ fn predict_reads_s3_objects_with_non_ascii_keys() {
         return;
     };
     let checkpoint = run.join("checkpoints/step-000000009");
-    let jpeg = tench_jpeg(&shared);
+    let (jpeg, wnid) = sample_jpeg(&shared);
     let keys = [
-        ("Straße_01.jpg", None),
-        ("Ordner ü/n01440764_ü.JPEG", Some("n01440764")),
-        ("日本語/n01440764_1.jpg", Some("n01440764")),
+        ("Straße_01.jpg".to_string(), None),
+        (format!("Ordner ü/{wnid}_ü.JPEG"), Some(&wnid)),
+        (format!("日本語/{wnid}_1.jpg"), Some(&wnid)),
     ];
     let store_url = "s3://bilder";
     let mut images = Vec::new();
@@ -1291,7 +1287,7 @@ fn predict_reads_s3_objects_with_non_ascii_keys() {
     let want: Vec<(String, Option<String>)> = images
         .iter()
         .zip(&keys)
-        .map(|(image, (_, wnid))| (image.clone(), wnid.map(str::to_string)))
+        .map(|(image, (_, wnid))| (image.clone(), wnid.cloned()))
         .collect();
     assert_eq!(got, want);
 }
