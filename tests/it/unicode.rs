@@ -19,7 +19,7 @@
 //! | `checkpoint::split_step_url`, `list_steps`, `find_latest`; `train::Resume` | checkpoint step URLs, step folder names, `LATEST` |
 //! | `storage::Store` | store URLs and object names |
 //! | `data::webdataset::SampleReader` | tar member names (ustar, GNU long names, pax `path`) |
-//! | `data::index::{expand_pattern, parse_split_pattern, read_sorted_classes, index_shards}`, `data::shards::{read_class_column, read_manifest, build_shards}` | shard patterns, class files, manifests, `.cls` text, ImageFolder file names |
+//! | `data::index::{expand_pattern, parse_split_pattern, read_sorted_classes, index_shards}`, `data::shards::{read_class_column, read_manifest, build_shards}` | shard patterns, class files, manifests, `.cls` text (also `data::verify::verify_shards`), ImageFolder file names |
 //! | `data::ilsvrc::read_ilsvrc_val` | `LOC_val_solution.csv` and validation file names |
 //! | `report_html::html` | class names in the HTML report |
 use crate::common::shared_dir;
@@ -966,6 +966,7 @@ fn index_and_read_back(
         return Ok(());
     };
     let shard = format!("{split}-ü-000000.tar");
+    let (tar_bytes, tar_sha256) = (tar.len() as u64, sha256_hex(&tar));
     if store.put(&shard, tar.into()).is_err() {
         return Ok(()); // a name the store refuses (named in its error, tested above)
     }
@@ -996,7 +997,61 @@ fn index_and_read_back(
             prop_assert!(!valid && e.contains(&shard), "{e}");
         }
     }
+    // `data verify` reads the shard through a manifest written here, whatever its `.cls` say:
+    // each problem names the shard (and a sample by its key), one per `.cls` that is not an index.
+    let n = keys.len() as u64;
+    let mut class_counts = vec![0; classes.len()];
+    class_counts[0] = n;
+    let manifest = devise::data::Manifest {
+        format: devise::data::shards::FORMAT.into(),
+        classes: classes.to_vec(),
+        splits: BTreeMap::from([(
+            format!("{split}-ü"),
+            devise::data::SplitInfo {
+                samples: n,
+                shards: vec![devise::data::ShardInfo {
+                    name: shard.clone(),
+                    samples: n,
+                    bytes: tar_bytes,
+                    sha256: tar_sha256,
+                }],
+                class_counts,
+            },
+        )]),
+    };
+    store
+        .put(
+            "manifest.json",
+            serde_json::to_vec(&manifest).unwrap().into(),
+        )
+        .unwrap();
+    let opts = devise::data::verify::VerifyOptions {
+        split: None,
+        max_pixels: devise::data::DEFAULT_MAX_PIXELS,
+    };
+    let report = devise::data::verify::verify_shards(root.to_str().unwrap(), &opts).unwrap();
+    for p in &report.problems {
+        prop_assert!(p.shard == shard || p.shard == "(split)", "{p}");
+        prop_assert!(p.key.as_ref().is_none_or(|k| keys.contains(k)), "{p}");
+    }
+    let bad_cls = |c: &Vec<u8>| {
+        !String::from_utf8_lossy(c)
+            .trim()
+            .parse::<usize>()
+            .is_ok_and(|i| i < classes.len())
+    };
+    let cls_problems = report
+        .problems
+        .iter()
+        .filter(|p| p.key.is_some() && p.message.starts_with(".cls"))
+        .count();
+    prop_assert_eq!(cls_problems, cls.iter().filter(|c| bad_cls(c)).count());
     Ok(())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
 }
 
 proptest! {
