@@ -383,9 +383,12 @@ fn text_rows() -> impl Strategy<Value = (usize, Vec<(String, Vec<f32>)>)> {
     })
 }
 
+/// Rows of a binary vector file: `(word bytes, vector)`.
+type BinaryRows = Vec<(Vec<u8>, Vec<f32>)>;
+
 /// Unique byte-string words (any byte but space and newline; invalid UTF-8 included) with
 /// `dim`-vectors; unique also after lossy decoding (how they are stored).
-fn binary_rows() -> impl Strategy<Value = (usize, Vec<(Vec<u8>, Vec<f32>)>)> {
+fn binary_rows() -> impl Strategy<Value = (usize, BinaryRows)> {
     (1usize..9).prop_flat_map(|dim| {
         let word = prop_oneof![
             nasty_without(12, &[' ', '\n']).prop_map(String::into_bytes),
@@ -574,7 +577,7 @@ proptest! {
     #[test]
     fn set_overrides_load_or_are_named(key in override_key(), value in prop_oneof![nasty(20), any::<String>(), Just("[1, 2]".to_string())]) {
         let item = format!("{key}={value}");
-        if let Err(e) = RunConfig::load_with_env(BASE_TOML, "demo-ü.toml", &[item.clone()], no_env()) {
+        if let Err(e) = RunConfig::load_with_env(BASE_TOML, "demo-ü.toml", std::slice::from_ref(&item), no_env()) {
             let e = format!("{e:#}");
             prop_assert!(e.contains(&format!("{item:?}")) || e.contains(&item) || e.contains("demo-ü.toml"), "{e}");
         }
@@ -904,10 +907,8 @@ proptest! {
             out.extend_from_slice(&[0; 511]);
         }
         out.extend_from_slice(&[0; 1024]);
-        for item in SampleReader::new(&out[..], "shard-ü.tar") {
-            if let Ok(sample) = item {
-                prop_assert!(!sample.key.is_empty());
-            }
+        for sample in SampleReader::new(&out[..], "shard-ü.tar").flatten() {
+            prop_assert!(!sample.key.is_empty());
         }
     }
 
