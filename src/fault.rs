@@ -23,6 +23,10 @@ use std::time::Duration;
 /// Environment variable holding the faults.
 pub const ENV: &str = "DEVISE_FAULT";
 
+/// Environment variable holding the restart attempt (`devise-launch` sets it; unset or `0` is
+/// the first attempt).
+pub const RESTART_ATTEMPT_ENV: &str = "DEVISE_RESTART_ATTEMPT";
+
 /// The parsed faults (see the module docs).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Faults {
@@ -75,13 +79,7 @@ impl Faults {
         }
         Ok(f)
     }
-}
 
-/// Environment variable holding the restart attempt (`devise-launch` sets it; unset or `0` is
-/// the first attempt).
-pub const RESTART_ATTEMPT_ENV: &str = "DEVISE_RESTART_ATTEMPT";
-
-impl Faults {
     /// The faults of the values of [`ENV`] and [`RESTART_ATTEMPT_ENV`] as the environment holds
     /// them (`None`: unset). Errors: a value that is not Unicode (naming its variable), and those
     /// of [`Faults::parse`].
