@@ -5,6 +5,7 @@
 //! the rest of the program uses.
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
 
 /// `[run]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,28 +90,116 @@ fn default_loss() -> crate::loss::Config {
     }
 }
 
+/// Prefix of the environment variables that override configuration keys:
+/// `DEVISE__TRAIN__LR=0.1` sets `train.lr` (matched case-insensitively, as the `config` crate does).
+pub const ENV_PREFIX: &str = "DEVISE__";
+
+/// Whether `key` is a plain dotted key path (`run.name`, `train.softmax.epochs`): non-empty
+/// segments of ASCII letters, digits, `_` and `-`, the only keys the run configuration has.
+///
+/// The `config` crate also reads `data.mean[3]` as an array index and grows the array to any
+/// index it is given (`[9223372036854775807]` overflows and panics; a large negative index
+/// exhausts memory), so indices and every other character are refused before it sees a key.
+fn is_key_path(key: &str) -> bool {
+    key.split('.').all(is_key_name)
+}
+
+/// One segment of a key path: non-empty, ASCII letters, digits, `_` and `-`.
+fn is_key_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Splits a `--set` item `section.key=value` at its first `=` into the key (trimmed) and the
+/// value. Errors (naming the item): no `=`, or a key that is not a dotted path of ASCII names.
+pub fn split_override(item: &str) -> Result<(&str, &str)> {
+    let Some((key, value)) = item.split_once('=') else {
+        bail!("--set {item:?}: expected section.key=value");
+    };
+    let key = key.trim();
+    if !is_key_path(key) {
+        bail!(
+            "--set {item:?}: the key {key:?} is not a section.key path (ASCII letters, digits, _ and -, separated by dots)"
+        );
+    }
+    Ok((key, value))
+}
+
+/// The `DEVISE__*` variables of `env` (see [`ENV_PREFIX`]), checked: each must have a Unicode
+/// value and name a plain key path (`DEVISE__TRAIN__SOFTMAX__EPOCHS`). Errors name the variable.
+fn config_env_vars(
+    env: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<config::Map<String, String>> {
+    let prefix = ENV_PREFIX.to_lowercase();
+    let mut out = config::Map::new();
+    for (name, value) in env {
+        // The config crate skips names that are not Unicode; so do we (they cannot be ours).
+        let Ok(name) = name.into_string() else {
+            continue;
+        };
+        let lower = name.to_lowercase();
+        let Some(path) = lower.strip_prefix(&prefix) else {
+            continue;
+        };
+        let path = path.replace("__", ".");
+        if !is_key_path(&path) {
+            bail!(
+                "environment variable {name:?}: {path:?} is not a section.key path (DEVISE__SECTION__KEY, ASCII letters, digits and _)"
+            );
+        }
+        let value = value.into_string().map_err(|v| {
+            anyhow::anyhow!("environment variable {name}: the value {v:?} is not Unicode")
+        })?;
+        out.insert(name, value);
+    }
+    Ok(out)
+}
+
 impl RunConfig {
     /// Layers TOML text (`source` names it in errors), `DEVISE__*` environment variables and
     /// `overrides` (`section.key=value`; the value is parsed as TOML, else taken as a string).
     pub fn load(toml_text: &str, source: &str, overrides: &[String]) -> Result<RunConfig> {
+        Self::load_with_env(toml_text, source, overrides, std::env::vars_os())
+    }
+
+    /// [`RunConfig::load`] with `env` in place of the process environment (only its
+    /// `DEVISE__*` variables are read, see [`ENV_PREFIX`]).
+    ///
+    /// Errors name the source, the `--set` item or the variable: TOML that does not parse, a
+    /// top-level key that is not a plain name, a `--set` item or variable whose key is not a
+    /// plain `section.key` path ([`split_override`]), a variable whose value is not Unicode, an
+    /// unknown key, a value of the wrong type, a value [`RunConfig::validate`] refuses.
+    pub fn load_with_env(
+        toml_text: &str,
+        source: &str,
+        overrides: &[String],
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<RunConfig> {
+        // The config crate reads top-level TOML keys as key paths too (see `is_key_path`).
+        let table: toml::Table =
+            toml::from_str(toml_text).with_context(|| format!("parsing {source}"))?;
+        if let Some(key) = table.keys().find(|k| !is_key_name(k)) {
+            bail!("{source}: {key:?} is not a section name (ASCII letters, digits, _ and -)");
+        }
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(toml_text, config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix("DEVISE")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(config_env_vars(env)?)),
             );
         for item in overrides {
-            let Some((key, value)) = item.split_once('=') else {
-                bail!("--set {item}: expected section.key=value");
-            };
+            let (key, value) = split_override(item)?;
             let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or_else(|| toml::Value::String(value.to_string()));
             builder = builder
-                .set_override(key.trim(), toml_to_config(parsed))
+                .set_override(key, toml_to_config(parsed))
                 .with_context(|| format!("--set {item}"))?;
         }
         let merged = builder
@@ -159,6 +248,9 @@ pub fn overlay_overrides(path: &str) -> Result<Vec<String>> {
     let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {path}"))?;
     fn flatten(prefix: &str, table: &toml::Table, path: &str, out: &mut Vec<String>) -> Result<()> {
         for (key, value) in table {
+            if !is_key_name(key) {
+                bail!("{path}: key {key:?} is not a plain name (ASCII letters, digits, _ and -)");
+            }
             let name = if prefix.is_empty() {
                 key.clone()
             } else {

@@ -16,11 +16,16 @@
 //! a restarted group runs clean. Unset: no fault, no cost beyond one check. A malformed value is
 //! an error naming the item.
 use anyhow::{bail, Context, Result};
+use std::ffi::OsStr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Environment variable holding the faults.
 pub const ENV: &str = "DEVISE_FAULT";
+
+/// Environment variable holding the restart attempt (`devise-launch` sets it; unset or `0` is
+/// the first attempt).
+pub const RESTART_ATTEMPT_ENV: &str = "DEVISE_RESTART_ATTEMPT";
 
 /// The parsed faults (see the module docs).
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -74,6 +79,23 @@ impl Faults {
         }
         Ok(f)
     }
+
+    /// The faults of the values of [`ENV`] and [`RESTART_ATTEMPT_ENV`] as the environment holds
+    /// them (`None`: unset). Errors: a value that is not Unicode (naming its variable), and those
+    /// of [`Faults::parse`].
+    pub fn from_env_values(fault: Option<&OsStr>, restart_attempt: Option<&OsStr>) -> Result<Self> {
+        let text = |name: &str, value: Option<&OsStr>| -> Result<String> {
+            value.map_or(Ok(String::new()), |v| {
+                v.to_str()
+                    .map(str::to_owned)
+                    .with_context(|| format!("{name}: the value {v:?} is not Unicode"))
+            })
+        };
+        let fault = text(ENV, fault)?;
+        let first_attempt =
+            restart_attempt.is_none() || text(RESTART_ATTEMPT_ENV, restart_attempt)?.trim() == "0";
+        Faults::parse(&fault, first_attempt)
+    }
 }
 
 static FAULTS: OnceLock<Faults> = OnceLock::new();
@@ -84,11 +106,10 @@ pub fn init() -> Result<&'static Faults> {
     if let Some(f) = FAULTS.get() {
         return Ok(f);
     }
-    let text = std::env::var(ENV).unwrap_or_default();
-    let first_attempt = std::env::var("DEVISE_RESTART_ATTEMPT")
-        .map(|a| a.trim() == "0")
-        .unwrap_or(true);
-    let parsed = Faults::parse(&text, first_attempt)?;
+    let parsed = Faults::from_env_values(
+        std::env::var_os(ENV).as_deref(),
+        std::env::var_os(RESTART_ATTEMPT_ENV).as_deref(),
+    )?;
     if parsed != Faults::default() {
         tracing::warn!("{ENV} is set: injecting faults {parsed:?} (tests only)");
     }

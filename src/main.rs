@@ -236,7 +236,7 @@ enum DataCommand {
         classes: PathBuf,
         /// A split and its shards as a brace pattern, e.g. train=train-{000000..000146}.tar
         /// (repeatable). Default: every <split>-*.tar object of URL.
-        #[arg(long = "shards", value_name = "SPLIT=PATTERN", value_parser = parse_split_pattern)]
+        #[arg(long = "shards", value_name = "SPLIT=PATTERN", value_parser = devise::data::index::parse_split_pattern)]
         shards: Vec<(String, String)>,
         /// Replace an existing manifest.json.
         #[arg(long)]
@@ -245,18 +245,6 @@ enum DataCommand {
         #[arg(long)]
         threads: Option<usize>,
     },
-}
-
-/// `--shards` values look like `split=pattern`.
-fn parse_split_pattern(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((split, pattern)) if !split.trim().is_empty() && !pattern.trim().is_empty() => {
-            Ok((split.trim().to_string(), pattern.trim().to_string()))
-        }
-        _ => Err(format!(
-            "'{s}': expected SPLIT=PATTERN, e.g. train=train-{{000000..000012}}.tar"
-        )),
-    }
 }
 
 /// One line per split of a freshly written manifest: samples and shards.
@@ -270,11 +258,11 @@ fn print_splits(manifest: &devise::data::shards::Manifest) {
     }
 }
 
-/// `--set` values must look like `section.key=value`.
+/// `--set` values must look like `section.key=value` ([`devise::config::split_override`]).
 fn parse_set(s: &str) -> Result<String, String> {
-    match s.split_once('=') {
-        Some((key, _)) if !key.trim().is_empty() => Ok(s.to_string()),
-        _ => Err(format!("'{s}': expected section.key=value")),
+    match devise::config::split_override(s) {
+        Ok(_) => Ok(s.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -163,14 +163,21 @@ fn is_wnid(s: &str) -> bool {
     s.len() == 9 && s.starts_with('n') && s[1..].bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The first wnid-shaped part of a file name (`n01440764_10026.JPEG` -> `n01440764`).
+/// The first wnid-shaped part of the file name of a path or URL (`n01440764_10026.JPEG` ->
+/// `n01440764`): `n` and 8 ASCII digits, not preceded by a letter or digit of any script
+/// (`xn01440764`, `ßn01440764` are not wnids) nor followed by a digit. Any Unicode name works
+/// (`Straße_01.jpg` -> `None`, `n01440764_ü.JPEG` -> `n01440764`).
 pub fn wnid_in_name(path: &str) -> Option<String> {
     let name = path.rsplit('/').next()?;
-    let bytes = name.as_bytes();
-    (0..bytes.len().saturating_sub(8)).find_map(|i| {
-        let cand = &name[i..i + 9];
-        let boundary_before = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
-        let boundary_after = bytes.get(i + 9).is_none_or(|b| !b.is_ascii_digit());
+    // Candidates start at an `n`; `get` refuses a window that ends inside a character.
+    name.match_indices('n').find_map(|(i, _)| {
+        let cand = name.get(i..i + 9)?;
+        let (before, after) = (name.get(..i)?, name.get(i + 9..)?);
+        let boundary_before = !before
+            .chars()
+            .next_back()
+            .is_some_and(char::is_alphanumeric);
+        let boundary_after = !after.starts_with(|c: char| c.is_ascii_digit());
         (is_wnid(cand) && boundary_before && boundary_after).then(|| cand.to_string())
     })
 }
@@ -338,5 +345,29 @@ mod tests {
         assert_eq!(wnid_in_name("photo.jpg"), None);
         assert_eq!(wnid_in_name("n0144076_short.jpg"), None);
         assert_eq!(wnid_in_name("xn01440764.jpg"), None);
+    }
+
+    #[test]
+    fn wnids_in_non_ascii_file_names() {
+        // Each of these panicked with "byte index N is not a char boundary".
+        assert_eq!(wnid_in_name("Straße_01.jpg"), None);
+        assert_eq!(wnid_in_name("s3://bucket/Bilder/Müller_ü.JPEG"), None);
+        assert_eq!(
+            wnid_in_name("n01440764_ü.JPEG").as_deref(),
+            Some("n01440764")
+        );
+        assert_eq!(
+            wnid_in_name("日本語/n01440764_1.jpg").as_deref(),
+            Some("n01440764")
+        );
+        assert_eq!(
+            wnid_in_name("s3://bucket/Straße_n01751748.JPEG").as_deref(),
+            Some("n01751748")
+        );
+        assert_eq!(wnid_in_name("ßn01440764.jpg"), None, "a letter before");
+        assert_eq!(
+            wnid_in_name("😀n01440764.jpg").as_deref(),
+            Some("n01440764")
+        );
     }
 }

@@ -290,7 +290,9 @@ impl Store {
     /// Errors (here): missing object (named by URL), request failures after retries.
     pub fn open_read(&self, name: &str) -> Result<Box<dyn std::io::Read + Send>> {
         if let Some(dir) = &self.local {
-            let path = dir.join(name.trim_start_matches('/'));
+            // The name checked and normalised as for every other method (no `..`, no empty
+            // segment, no trailing `/`), so it names the file `put` wrote.
+            let path = dir.join(self.key(name)?.as_ref());
             let file = std::fs::File::open(&path).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     anyhow!("{}: not found", self.child_url(name))

@@ -14,7 +14,7 @@
 //!   (the split is the name up to its last `-`: `train-000000.tar` -> `train`,
 //!   `imagenet-val-0001.tar` -> `imagenet-val`), in name order;
 //! - or, per split, a brace pattern as WebDataset writes them, relative to the directory:
-//!   `train=train-{000000..000146}.tar` (expanded with the `bracoxide` crate; every name it
+//!   `train=train-{000000..000146}.tar` (expanded with the `brace-expansion` crate; every name it
 //!   gives must exist).
 //!
 //! Every shard is read whole (in parallel on the current rayon pool) for its size, sha256,
@@ -68,18 +68,46 @@ pub fn read_sorted_classes(path: &Path) -> Result<Vec<String>> {
     Ok(column.into_iter().map(|(_, w)| w).collect())
 }
 
-/// Expands a brace pattern (`train-{000000..000003}.tar` -> 4 names, zero-padded like the
-/// bounds; `{a,b}` alternatives) with `bracoxide`. A pattern without braces is itself.
+/// Parses a `--shards` value `SPLIT=PATTERN` (split name and brace pattern, each trimmed).
 ///
-/// Errors: an unbalanced or otherwise malformed pattern (named).
+/// Errors (naming the value): no `=`, an empty split name or pattern.
+pub fn parse_split_pattern(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((split, pattern)) if !split.trim().is_empty() && !pattern.trim().is_empty() => {
+            Ok((split.trim().to_string(), pattern.trim().to_string()))
+        }
+        _ => Err(format!(
+            "'{s}': expected SPLIT=PATTERN, e.g. train=train-{{000000..000012}}.tar"
+        )),
+    }
+}
+
+/// Most names one shard pattern may expand to (a typo such as `{0..99999999}` is an error, not
+/// a hundred million names).
+pub const MAX_PATTERN_NAMES: usize = 1_000_000;
+
+/// Expands a brace pattern as bash does (`train-{000000..000003}.tar` -> 4 names, zero-padded
+/// like the bounds; `{a,b}` alternatives, nesting, `\{` escapes) with the `brace-expansion`
+/// crate, on any Unicode text. A pattern without braces is itself.
+///
+/// Errors (naming the pattern): braces that expand nothing (unbalanced, `{a}`), no names, more
+/// than [`MAX_PATTERN_NAMES`] names.
 pub fn expand_pattern(pattern: &str) -> Result<Vec<String>> {
     if !pattern.contains(['{', '}']) {
         return Ok(vec![pattern.to_string()]);
     }
-    let names = bracoxide::bracoxidize(pattern)
-        .map_err(|e| anyhow!("shard pattern {pattern:?}: cannot expand it ({e:?})"))?;
+    let names = brace_expansion::expand_with_max(pattern, MAX_PATTERN_NAMES + 1);
+    if names.len() > MAX_PATTERN_NAMES {
+        bail!("shard pattern {pattern:?} expands to more than {MAX_PATTERN_NAMES} names");
+    }
     if names.is_empty() {
         bail!("shard pattern {pattern:?} names no shard");
+    }
+    if names.len() == 1 && names[0] == pattern {
+        bail!(
+            "shard pattern {pattern:?}: cannot expand it (unbalanced braces, or braces around \
+             one item; a range is {{000000..000012}}, alternatives {{a,b}})"
+        );
     }
     Ok(names)
 }

@@ -19,7 +19,9 @@
 //! validation folder `source` is the file name). The key is the file stem with `.` replaced by
 //! `_` (keys never contain dots, so WebDataset's "cut at the first dot" rule recovers it). If two
 //! files of an ImageFolder split share a stem (possible in generic trees, not in ImageNet), every
-//! key of that split becomes `<wnid>_<stem>` instead. The Python `webdataset` library reads these
+//! key of that split becomes `<wnid>_<stem>` instead; two files that still get one key (`a.b.jpg`
+//! and `a_b.jpg` in one class folder) are an error naming both. A file named only by its
+//! extension (`.jpg`) has no stem and is not an image. The Python `webdataset` library reads these
 //! shards as they are (tested: `tests/it/shards.rs`).
 //!
 //! Tar headers are ustar with mtime 0, mode 0644, uid/gid 0 and no user names, the sample order
@@ -348,6 +350,9 @@ pub fn build_shards_from(
     if let Some(images) = val_images {
         per_split.insert(ILSVRC_VAL_SPLIT.to_string(), val_files(images, &classes));
     }
+    for (split, files) in &per_split {
+        check_unique_keys(split, files)?;
+    }
     let total: usize = per_split.values().map(Vec::len).sum();
     if total == 0 {
         bail!("no images found in {}", describe(sources, opts));
@@ -494,10 +499,11 @@ fn list_split(src: &Path, split: &str, classes: &[String]) -> Result<Vec<SourceF
         {
             let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let ext = name
-                .rsplit_once('.')
-                .map(|(_, e)| e.to_ascii_lowercase())
-                .unwrap_or_default();
+            let ext = match name.rsplit_once('.') {
+                // A name that is all extension (`.jpg`, a hidden file) has no stem to key by.
+                Some((stem, ext)) if !stem.is_empty() => ext.to_ascii_lowercase(),
+                _ => String::new(),
+            };
             // metadata() follows symbolic links: a linked image is an image.
             match std::fs::metadata(entry.path()) {
                 Ok(m) if m.is_file() && IMAGE_EXTENSIONS.contains(&ext.as_str()) => {
@@ -544,6 +550,22 @@ fn list_split(src: &Path, split: &str, classes: &[String]) -> Result<Vec<SourceF
         }
     }
     Ok(files)
+}
+
+/// Two files of one split must not get one sample key (e.g. `a.b.jpg` and `a_b.jpg` of one class
+/// both become `a_b`): a reader would see one sample twice. Errors name both files and the key.
+fn check_unique_keys(split: &str, files: &[SourceFile]) -> Result<()> {
+    let mut by_key: BTreeMap<&str, &str> = BTreeMap::new();
+    for f in files {
+        if let Some(other) = by_key.insert(&f.stem, &f.rel) {
+            bail!(
+                "split {split}: {other:?} and {:?} both become the sample key {:?} (a `.` in a file name becomes `_`); rename one",
+                f.rel,
+                f.stem
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Cuts a split's (shuffled) files into shards: a new shard starts when the next sample would

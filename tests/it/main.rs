@@ -16,3 +16,4 @@ mod shards;
 mod slurm;
 mod text;
 mod train;
+mod unicode;
