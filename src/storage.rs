@@ -58,7 +58,7 @@ fn cloud_backend(url: &Url) -> Result<(Arc<dyn ObjectStore>, ObjectPath, Option<
                 .with_url(url.as_str())
                 .with_retry(retry.clone());
             let s3 = Arc::new(builder.clone().build()?);
-            presigned = Presigned::new(s3.clone(), &builder, url, retry)?;
+            presigned = Presigned::new(s3.clone(), &builder, url, retry);
             s3
         }
         Scheme::GoogleCloudStorage => Arc::new(
@@ -267,14 +267,14 @@ impl Store {
             Answer::Store(result) => runtime()
                 .block_on(result.bytes())
                 .map_err(anyhow::Error::from),
-            Answer::Presigned(stream) => runtime().block_on(stream.try_fold(
-                BytesMut::new(),
-                |mut all, chunk| async move {
-                    all.extend_from_slice(&chunk);
-                    Ok(all)
-                },
-            ))
-            .map(BytesMut::freeze),
+            Answer::Presigned(stream) => runtime()
+                .block_on(
+                    stream.try_fold(BytesMut::new(), |mut all, chunk| async move {
+                        all.extend_from_slice(&chunk);
+                        Ok(all)
+                    }),
+                )
+                .map(BytesMut::freeze),
         };
         read.with_context(|| format!("reading {}", self.child_url(name)))
     }
@@ -454,7 +454,10 @@ impl std::io::Read for StreamRead {
                 None => return Ok(0),
                 Some(Ok(bytes)) => self.chunk = bytes,
                 Some(Err(e)) => {
-                    return Err(std::io::Error::other(format!("reading {}: {e:#}", self.url)))
+                    return Err(std::io::Error::other(format!(
+                        "reading {}: {e:#}",
+                        self.url
+                    )))
                 }
             }
         }
