@@ -58,7 +58,7 @@ fn cloud_backend(url: &Url) -> Result<(Arc<dyn ObjectStore>, ObjectPath, Option<
                 .with_url(url.as_str())
                 .with_retry(retry.clone());
             let s3 = Arc::new(builder.clone().build()?);
-            presigned = Presigned::new(s3.clone(), &builder, url, retry)?;
+            presigned = Presigned::new(s3.clone(), &builder, url, retry);
             s3
         }
         Scheme::GoogleCloudStorage => Arc::new(

@@ -20,7 +20,7 @@
 //! [`Signer`]: object_store::signer::Signer
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -59,7 +59,10 @@ pub(super) enum GetError {
 #[derive(Clone)]
 pub(super) struct Presigned {
     s3: Arc<AmazonS3>,
-    http: HttpClient,
+    /// The `AWS_*` client options, and the client built from them on first use (only stores
+    /// that are switched need one).
+    options: ClientOptions,
+    http: Arc<OnceLock<HttpClient>>,
     retry: RetryConfig,
     /// `<store scheme>://<bucket>` plus the endpoint setting: which entry of [`IN_USE`] is ours.
     id: String,
@@ -68,34 +71,43 @@ pub(super) struct Presigned {
 impl Presigned {
     /// The presigned path for `s3` (built from the environment and `url`, as `cloud_backend`
     /// does), with `retry` as the store's retry policy. `None` when requests go unsigned
-    /// (`AWS_SKIP_SIGNATURE`): there is nothing to presign with.
-    ///
-    /// Errors: an `AWS_*` client option `object_store` accepted but cannot turn into a client.
+    /// (`AWS_SKIP_SIGNATURE`): there is nothing to presign with. Contacts nothing.
     pub(super) fn new(
         s3: Arc<AmazonS3>,
         builder: &object_store::aws::AmazonS3Builder,
         url: &Url,
         retry: RetryConfig,
-    ) -> anyhow::Result<Option<Presigned>> {
+    ) -> Option<Presigned> {
         let skip = builder
             .get_config_value(&AmazonS3ConfigKey::SkipSignature)
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
         if skip {
-            return Ok(None);
+            return None;
         }
-        let http = ReqwestConnector::default()
-            .connect(&client_options_from_env())
-            .context("building the HTTP client for presigned GETs")?;
         let endpoint = builder
             .get_config_value(&AmazonS3ConfigKey::Endpoint)
             .unwrap_or_default();
         let id = format!("{}|{endpoint}", &url[..url::Position::BeforePath]);
-        Ok(Some(Presigned {
+        Some(Presigned {
             s3,
-            http,
+            options: client_options_from_env(),
+            http: Arc::new(OnceLock::new()),
             retry,
             id,
-        }))
+        })
+    }
+
+    /// The HTTP client `object_store` builds from the same options (timeouts, proxy, TLS roots,
+    /// `AWS_ALLOW_HTTP`), made on first use. Errors: options it cannot build a client from
+    /// (`object_store` would have refused them when the store was opened).
+    fn http(&self) -> anyhow::Result<&HttpClient> {
+        if let Some(client) = self.http.get() {
+            return Ok(client);
+        }
+        let client = ReqwestConnector::default()
+            .connect(&self.options)
+            .context("building the HTTP client for presigned GETs")?;
+        Ok(self.http.get_or_init(|| client))
     }
 
     /// Whether this store's GETs already go through presigned URLs (in this process).
@@ -181,7 +193,8 @@ impl Presigned {
             let request = request
                 .body(HttpRequestBody::empty())
                 .map_err(|e| GetError::Failed(anyhow!("GET {shown}: {e}")))?;
-            let failure = match self.http.execute(request).await {
+            let http = self.http().map_err(GetError::Failed)?;
+            let failure = match http.execute(request).await {
                 Ok(response) if response.status().is_success() => {
                     return check_range(response, from, if_match)
                         .map_err(|e| GetError::Failed(anyhow!("GET {shown}: {e}")));

@@ -656,10 +656,19 @@ fn chunked_answers_without_content_length_are_read_through_presigned_urls() {
 
     // Corrupted objects are still caught against the manifest, by name: one shard with a byte
     // changed (same size, other sha256), one cut short (other size); a missing one is named too.
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(bucket.join("shards/manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let shard_dir = bucket.join("shards");
+    let originals: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&shard_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shard_dir.join("manifest.json")).unwrap())
+            .unwrap();
     let names: Vec<String> = manifest["splits"]["train"]["shards"]
         .as_array()
         .unwrap()
@@ -667,30 +676,73 @@ fn chunked_answers_without_content_length_are_read_through_presigned_urls() {
         .map(|shard| shard["name"].as_str().unwrap().to_string())
         .collect();
     assert!(names.len() >= 3, "enough shards to spoil three: {names:?}");
-    let flipped = bucket.join("shards").join(&names[0]);
+    let flipped = shard_dir.join(&names[0]);
     let mut bytes = std::fs::read(&flipped).unwrap();
     bytes[700] ^= 0x20;
     std::fs::write(&flipped, &bytes).unwrap();
-    let short = bucket.join("shards").join(&names[1]);
+    let short = shard_dir.join(&names[1]);
     let bytes = std::fs::read(&short).unwrap();
     std::fs::write(&short, &bytes[..bytes.len() - 512]).unwrap();
-    std::fs::remove_file(bucket.join("shards").join(&names[2])).unwrap();
+    std::fs::remove_file(shard_dir.join(&names[2])).unwrap();
     let out = via_proxy(&["data", "verify", "s3://devise/shards"]);
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
-    let line_of = |name: &str| -> String {
+    let lines_naming = |name: &str| -> String {
         log.lines()
             .filter(|l| l.contains(name))
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert!(line_of(&names[0]).contains("sha256"), "{log}");
     assert!(
-        line_of(&names[1]).contains("bytes but the manifest says"),
+        lines_naming(&names[0]).contains("but the manifest says"),
+        "{log}"
+    );
+    assert!(lines_naming(&names[0]).contains("sha256"), "{log}");
+    assert!(
+        lines_naming(&names[1]).contains("bytes but the manifest says"),
         "{log}"
     );
     assert!(
         log.contains(&format!("s3://devise/shards/{}: not found", names[2])),
         "{log}"
+    );
+
+    // Streamed by training: every shard cut short by 512 bytes (its tar end blocks, so every
+    // sample still parses) is caught by size and sha256 at its end (evaluation reads its split
+    // to the end), warned by URL; every shard missing stops the run with an error naming one.
+    for (path, bytes) in &originals {
+        std::fs::write(path, &bytes[..bytes.len() - 512]).unwrap();
+    }
+    let short_cfg = write("short.toml", "s3://devise/short-run");
+    let out = via_proxy(&["train", "--config", short_cfg.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let mismatches: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("shard s3://devise/shards/") && l.contains("does not match the manifest's")
+        })
+        .collect();
+    assert!(!mismatches.is_empty(), "{log}");
+    assert!(
+        mismatches
+            .iter()
+            .all(|l| l.contains(" bytes) does not match")),
+        "{mismatches:?}"
+    );
+    for (path, _) in &originals {
+        std::fs::remove_file(path).unwrap();
+    }
+    let gone_cfg = write("gone.toml", "s3://devise/gone-run");
+    let out = via_proxy(&["train", "--config", gone_cfg.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    let missing = log
+        .lines()
+        .find(|l| l.contains(": not found"))
+        .unwrap_or_else(|| panic!("no error names the missing shard: {log}"));
+    assert!(
+        missing.contains("s3://devise/shards/") && missing.contains(".tar: not found"),
+        "{missing}"
     );
 }
