@@ -237,8 +237,17 @@ impl Stop {
         }
     }
 
-    /// Stops job `id`, which trains with `config` and logs to `log`.
+    /// Stops job `id`, which trains with `config` and logs to `log`. The workers are paused
+    /// (SIGSTOP) from just before the stop is asked for until the batch script reports the
+    /// signal it got: SLURM answers in its own time (time limits are checked every 30 s, a
+    /// preemption waits for the scheduler), and this short run (~100 steps a second) must still
+    /// be training when the signal comes, with room left for the next stops (a real run's stop
+    /// comes hours into it). Signals sent meanwhile stay pending and are handled on SIGCONT.
     fn trigger(self, slurm: &Slurm, id: u32, config: &Path, log: &Path) {
+        let workers = workers_of(config);
+        assert!(!workers.is_empty(), "no worker of {}", config.display());
+        signal(&workers, "STOP");
+        let before = read(log).matches(self.script_line()).count();
         let job = id.to_string();
         match self {
             Stop::Usr1ToBatch => {
@@ -248,30 +257,10 @@ impl Stop {
                 slurm.ok("scancel", &["--signal=TERM", "--batch", &job]);
             }
             Stop::TimeLimit => {
-                // SLURM checks time limits every 30 s: the workers are paused (SIGSTOP) until the
-                // batch script reports the warning, so that this short run still trains when
-                // it comes (a real run's time limit comes hours into it).
-                let workers = workers_of(config);
-                assert!(!workers.is_empty(), "no worker of {}", config.display());
-                signal(&workers, "STOP");
-                let before = read(log).matches(self.script_line()).count();
                 slurm.ok(
                     "scontrol",
                     &["update", &format!("JobId={id}"), "TimeLimit=1"],
                 );
-                let asked = Instant::now();
-                while read(log).matches(self.script_line()).count() == before {
-                    if asked.elapsed() > Duration::from_secs(60) {
-                        signal(&workers, "CONT");
-                        panic!("no time-limit warning within 60 s:\n{}", read(log));
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                eprintln!(
-                    "time-limit warning {:.1}s after the limit was lowered",
-                    asked.elapsed().as_secs_f64()
-                );
-                signal(&workers, "CONT");
             }
             Stop::Preempted(_) | Stop::TermToAll => {
                 slurm.ok(
@@ -285,6 +274,26 @@ impl Stop {
                 );
             }
         }
+        let asked = Instant::now();
+        while read(log).matches(self.script_line()).count() == before {
+            if asked.elapsed() > Duration::from_secs(60) {
+                signal(&workers, "CONT");
+                panic!(
+                    "{self:?}: the batch script got no signal within 60 s:\n{}",
+                    read(log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "{self:?}: the batch script got its signal {:.1}s after the stop was asked for",
+            asked.elapsed().as_secs_f64()
+        );
+        // A worker SLURM already ended (SIGKILL after KillWait) is no error here.
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .args(workers.iter().map(|p| p.to_string()))
+            .status();
     }
 }
 
