@@ -4,7 +4,7 @@
 #           root, with two fake GPUs. scripts/test.sh starts it before `cargo test` and stops it
 #           after.
 # Hardware: any Linux machine with Debian's `slurm-wlm` (22.05) and `munge` packages
-#           (scripts/test.sh installs them); no GPU: the two "GPUs" are empty files named like
+#           (scripts/test.sh installs them); no GPU: the two "GPUs" are links to /dev/null named like
 #           NVIDIA device nodes, so SLURM hands out GPU ids and sets CUDA_VISIBLE_DEVICES.
 # Command:  bash scripts/slurm-local.sh start|stop|status|env
 #             start   writes the configuration, starts the three daemons (a no-op when they already
