@@ -8,9 +8,23 @@
 //!
 //! It also compiles `csrc/gpu_shim.cpp` (autocast dtype, channels-last: libtorch calls tch does
 //! not expose; `src/gpu.rs`) against libtorch's headers, with torch-sys's flags.
-use std::path::PathBuf;
+//!
+//! And it sets the cfg `devise_no_shared` when the project's real-data folder `../shared/data`
+//! is missing: the integration tests that read it are then ignored, with that reason
+//! (tests/it/common/mod.rs).
+use std::path::{Path, PathBuf};
 
 fn main() {
+    println!("cargo:rustc-check-cfg=cfg(devise_no_shared)");
+    let root = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let shared = Path::new(&root).join("../shared/data");
+    if shared.is_dir() {
+        // Removing it reruns this script. Cargo treats a missing path as always changed, so it
+        // is watched only while it exists (a test reports a folder that appeared after a build).
+        println!("cargo:rerun-if-changed={}", shared.display());
+    } else {
+        println!("cargo:rustc-cfg=devise_no_shared");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/gpu_shim.cpp");

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Purpose:  README's test command. Installs what the tests need (scripts/setup.sh, idempotent),
-#           then runs formatting/lint checks and every test. Tests read real data from ../shared.
+#           then runs formatting/lint checks and every test. The tests of the machinery run on
+#           data they generate; the tests about real ImageNet data read ../shared and, where it
+#           is missing, are reported as ignored (the last line counts them). CI=true requires it.
 # Hardware: 2 CPU cores; no GPU.
 # Command:  bash scripts/test.sh
 # Time:     ~14 min from a clean clone (cold build, s3s-fs included), ~3 min warm; the SLURM
 #           tests (tests/it/slurm.rs, under a local SLURM) add ~3 min.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ "${CI:-}" = true ] && [ ! -d ../shared/data ]; then
+  echo "test.sh: CI=true but ../shared/data (the real ImageNet data) is missing beside $PWD" >&2
+  exit 1
+fi
 bash scripts/setup.sh
 # A full build needs a few GB under target/; a linker killed by SIGBUS is usually a full disk.
 df -h . | awk 'NR==2 {print "test.sh: " $4 " free on the disk holding the build"}'
@@ -34,9 +40,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 bash scripts/slurm-local.sh start
 trap 'bash scripts/slurm-local.sh stop' EXIT
 eval "$(bash scripts/slurm-local.sh env)"
-# --workspace: the integration tests run the devise-launch binary next to devise.
-cargo test --workspace --all-targets --locked
+# --workspace: the integration tests run the devise-launch binary next to devise. The output is
+# also kept in a log, to count the ignored tests at the end.
+log=$(mktemp)
+trap 'rm -f "$log"; bash scripts/slurm-local.sh stop' EXIT
+cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
 # The NCCL backend (cargo feature `nccl`) builds and tests on this CPU machine: without GPU,
 # libcuda and libnccl, joining a group with it is a clear error, never a panic.
 cargo clippy -p devise --all-targets --features nccl --locked -- -D warnings
 cargo test -p devise --lib --features nccl --locked collective::
+# One line: how many tests were ignored, by reason (cargo prints `test NAME ... ignored, REASON`).
+{ grep -E '^test .* \.\.\. ignored' "$log" || true; } | sed -E 's/^test .* \.\.\. ignored(, )?//' | sort | uniq -c |
+  awk '{n = $1; $1 = ""; sub(/^ /, ""); total += n; parts = parts (parts ? "; " : "") n " " ($0 == "" ? "(no reason given)" : $0)}
+       END {if (total) print "test.sh: " total " tests ignored: " parts; else print "test.sh: no test ignored"}'

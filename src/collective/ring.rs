@@ -651,7 +651,7 @@ impl Collective for Ring {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::collective::store::tests::{env, free_port};
+    use crate::collective::store::tests::{env, host};
 
     /// Runs `f` on `world` ranks connected by a ring (threads of this process).
     pub(crate) fn with_ring<T: Send + 'static>(
@@ -667,12 +667,16 @@ pub(crate) mod tests {
         unix_sockets: bool,
         f: impl Fn(Ring) -> T + Send + Sync + Copy + 'static,
     ) -> Vec<T> {
-        let port = free_port();
+        let t = Duration::from_secs(20);
+        let (host, port) = host(world, "tok", t);
+        let mut host = Some(host);
         let handles: Vec<_> = (0..world)
             .map(|rank| {
+                let hosted = host.take();
                 std::thread::spawn(move || {
-                    let t = Duration::from_secs(20);
-                    let store = Rendezvous::join(&env(rank, world, port, "tok"), t).unwrap();
+                    let store = hosted.unwrap_or_else(|| {
+                        Rendezvous::join(&env(rank, world, port, "tok"), t).unwrap()
+                    });
                     f(Ring::connect(store, t, unix_sockets).unwrap())
                 })
             })

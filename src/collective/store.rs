@@ -276,11 +276,14 @@ pub struct Rendezvous {
     barriers: AtomicU64,
     /// The job spans several hosts (`local_world_size < world_size`).
     multi_node: bool,
+    /// The store's port.
+    port: u16,
 }
 
 impl Rendezvous {
     /// Rank 0 starts the store; every rank connects to `MASTER_ADDR:MASTER_PORT`, retrying
-    /// while it is not up yet, until `timeout`.
+    /// while it is not up yet, until `timeout`. A rank 0 given port 0 hosts the store on a port
+    /// the system chooses ([`Rendezvous::port`]), for ranks in the same process.
     ///
     /// Errors: rank 0 cannot bind the port (another job on it? set `MASTER_PORT`); the store is
     /// unreachable within `timeout`; the store refused the token or attempt.
@@ -291,6 +294,7 @@ impl Rendezvous {
             .enable_all()
             .build()
             .context("starting the rendezvous runtime")?;
+        let mut port = env.master_port;
         if env.rank == 0 {
             let bind = SocketAddr::from(([0, 0, 0, 0], env.master_port));
             let listener = rt.block_on(TcpListener::bind(bind)).with_context(|| {
@@ -299,6 +303,10 @@ impl Rendezvous {
                     env.master_port
                 )
             })?;
+            port = listener
+                .local_addr()
+                .context("the rendezvous store's address")?
+                .port();
             let state = Arc::new(State {
                 map: Mutex::new(HashMap::new()),
                 version: tokio::sync::watch::channel(0).0,
@@ -321,7 +329,7 @@ impl Rendezvous {
                 }
             });
         }
-        let addr = format!("{}:{}", env.master_addr, env.master_port);
+        let addr = format!("{}:{port}", env.master_addr);
         let deadline = Instant::now() + timeout;
         let unreachable = || {
             anyhow!(
@@ -399,6 +407,7 @@ impl Rendezvous {
             local_ip,
             barriers: AtomicU64::new(0),
             multi_node: env.local_world_size < env.world_size,
+            port,
         };
         // Two workers with the same RANK would corrupt every collective: refuse the second.
         if store.add(&format!("rank/{}", env.rank), 1)? > 1 {
@@ -516,6 +525,11 @@ impl Rendezvous {
     pub fn multi_node(&self) -> bool {
         self.multi_node
     }
+
+    /// The TCP port of the store this rank joined.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }
 
 #[cfg(test)]
@@ -523,12 +537,14 @@ pub(crate) mod tests {
     use super::*;
     use crate::collective::EnvSource;
 
-    pub(crate) fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+    /// Rank 0 of a `world`-rank group, hosting its store on a port the system chose when it
+    /// bound it (no other program can take the port in between), and that port for the other
+    /// ranks.
+    pub(crate) fn host(world: usize, token: &str, timeout: Duration) -> (Rendezvous, u16) {
+        let store = Rendezvous::join(&env(0, world, 0, token), timeout).unwrap();
+        let port = store.port();
+        assert_ne!(port, 0);
+        (store, port)
     }
 
     pub(crate) fn env(rank: usize, world: usize, port: u16, token: &str) -> WorkerEnv {
@@ -549,12 +565,16 @@ pub(crate) mod tests {
 
     #[test]
     fn set_get_wait_add_barrier_across_threads() {
-        let port = free_port();
         let t = Duration::from_secs(10);
+        let (host, port) = host(3, "secret", t);
+        let mut host = Some(host);
         let handles: Vec<_> = (0..3)
             .map(|rank| {
+                let hosted = host.take();
                 std::thread::spawn(move || {
-                    let s = Rendezvous::join(&env(rank, 3, port, "secret"), t).unwrap();
+                    let s = hosted.unwrap_or_else(|| {
+                        Rendezvous::join(&env(rank, 3, port, "secret"), t).unwrap()
+                    });
                     s.set(&format!("addr/{rank}"), format!("r{rank}").as_bytes())
                         .unwrap();
                     let all = s
@@ -576,9 +596,8 @@ pub(crate) mod tests {
 
     #[test]
     fn wrong_token_and_stray_connections_are_refused() {
-        let port = free_port();
         let t = Duration::from_secs(5);
-        let host = Rendezvous::join(&env(0, 2, port, "right"), t).unwrap();
+        let (host, port) = host(2, "right", t);
         let e = Rendezvous::join(&env(1, 2, port, "wrong"), t)
             .err()
             .unwrap();
@@ -594,12 +613,12 @@ pub(crate) mod tests {
         // A worker of an older attempt is refused at once; one of a newer attempt waits for
         // the old store to go, and gives up at its deadline.
         let host1 = {
-            let mut e = env(0, 2, free_port(), "right");
+            let mut e = env(0, 2, 0, "right");
             e.restart_attempt = 1;
             e
         };
         let h1 = Rendezvous::join(&host1, t).unwrap();
-        let mut old = env(1, 2, host1.master_port, "right");
+        let mut old = env(1, 2, h1.port(), "right");
         old.restart_attempt = 0;
         let e = Rendezvous::join(&old, t).err().unwrap();
         assert!(format!("{e:#}").contains("restart attempt 0"), "{e:#}");
@@ -631,15 +650,18 @@ pub(crate) mod tests {
 
     #[test]
     fn wait_times_out_naming_the_missing_key() {
-        let port = free_port();
-        let s = Rendezvous::join(&env(0, 2, port, "t"), Duration::from_millis(300)).unwrap();
+        let s = Rendezvous::join(&env(0, 2, 0, "t"), Duration::from_millis(300)).unwrap();
         let e = s.wait(&["never".to_string()]).unwrap_err();
         assert!(format!("{e:#}").contains("never"), "{e:#}");
     }
 
     #[test]
     fn unreachable_store_is_an_error_after_the_timeout() {
-        let port = free_port(); // nobody listens
+        // Bound, never listening: connections to it are refused, and no other program can
+        // listen on it meanwhile.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let port = socket.local_addr().unwrap().port();
         let started = Instant::now();
         let e = Rendezvous::join(&env(1, 2, port, "t"), Duration::from_millis(500))
             .err()

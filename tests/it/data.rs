@@ -32,7 +32,7 @@ const CLASSES: [&str; 3] = ["n01443537", "n01644900", "n01698640"];
 
 /// `<tmp>/.../tiny-imagenet-200/{train,val}/<wnid>/*.JPEG` for [`CLASSES`], extracted once.
 fn tiny_subset() -> Option<PathBuf> {
-    crate::common::tiny_classes(&CLASSES)
+    Some(crate::common::tiny::tiny_classes(&CLASSES))
 }
 
 /// Shards of the subset (200 KB shards -> several per split), built once per test process.
@@ -85,6 +85,7 @@ fn take(stream: &mut TrainStream, n: usize) -> Vec<(devise::data::Batch, Cursor)
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
     let Some(src) = tiny_subset() else { return };
     let Some((dir, m)) = tiny_shards() else {
@@ -172,6 +173,7 @@ fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn greyscale_images_come_out_rgb() {
     let Some(src) = tiny_subset() else { return };
     let dir = src.join("train/n01698640");
@@ -192,6 +194,7 @@ fn greyscale_images_come_out_rgb() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn train_stream_is_deterministic_and_covers_each_epoch_once() {
     let Some((dir, m)) = tiny_shards() else {
         return;
@@ -258,6 +261,7 @@ fn train_stream_is_deterministic_and_covers_each_epoch_once() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn resume_from_a_saved_cursor_is_sample_exact() {
     let Some((dir, m)) = tiny_shards() else {
         return;
@@ -307,6 +311,7 @@ fn resume_exact(cfg: &Config, m: &Manifest) {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
     let Some((dir, m)) = tiny_shards() else {
         return;
@@ -342,6 +347,7 @@ fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
     let Some((dir, m)) = tiny_shards() else {
         return;
@@ -385,6 +391,7 @@ fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn eval_covers_every_accepted_sample_once_across_ranks() {
     let Some((dir, m)) = tiny_shards() else {
         return;
@@ -520,7 +527,7 @@ fn shapes_dataset_end_to_end() {
 // Field cases
 
 fn field(name: &str) -> Option<Vec<u8>> {
-    let dir = shared_dir()?.join("field-cases");
+    let dir = shared_dir().join("field-cases");
     Some(std::fs::read(dir.join(name)).unwrap())
 }
 
@@ -608,6 +615,7 @@ fn eval_fixture(
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
     let (Some(full), Some(cut)) = (
         field("B01_full_shard.tar"),
@@ -658,6 +666,7 @@ fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b02_missing_cls_is_skipped_never_labelled_zero() {
     let (Some(missing), Some(unclosed)) = (
         field("B02_missing_cls.tar"),
@@ -701,6 +710,7 @@ fn b02_missing_cls_is_skipped_never_labelled_zero() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b04_noncontiguous_and_duplicate_members_are_shard_errors() {
     let (Some(noncontig), Some(dup)) = (
         field("B04_noncontiguous.tar"),
@@ -734,6 +744,7 @@ fn b04_noncontiguous_and_duplicate_members_are_shard_errors() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
     let (Some(jpg), Some(tar)) = (field("B05_cmyk.jpg"), field("B05_cmyk_shard.tar")) else {
         return;
@@ -763,6 +774,7 @@ fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b06_png_named_jpg_is_decoded_as_png() {
     let (Some(png), Some(tar)) = (field("B06_png_named.jpg"), field("B06_png_named_shard.tar"))
     else {
@@ -787,6 +799,7 @@ fn b06_png_named_jpg_is_decoded_as_png() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b07_truncated_jpegs_are_skipped_not_fatal() {
     let (Some(cut), Some(headers), Some(good), Some(tar)) = (
         field("B07_truncated_60pct.jpg"),
@@ -816,6 +829,7 @@ fn b07_truncated_jpegs_are_skipped_not_fatal() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b08_mixed_channel_layouts_stack_into_one_batch() {
     let Some(tar) = field("B08_mixed_channels_shard.tar") else {
         return;
@@ -846,6 +860,7 @@ fn b08_mixed_channel_layouts_stack_into_one_batch() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b10_decompression_bombs_are_rejected_from_the_header() {
     let (Some(png), Some(jpg)) = (
         field("B10_png_30000x30000.png"),
@@ -884,6 +899,7 @@ fn b10_decompression_bombs_are_rejected_from_the_header() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn sha_mismatch_is_a_shard_error_strict_mode_fails_and_io_errors_are_fatal() {
     let Some(full) = field("B01_full_shard.tar") else {
         return;
@@ -932,6 +948,7 @@ fn sha_mismatch_is_a_shard_error_strict_mode_fails_and_io_errors_are_fatal() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn dropping_a_stream_mid_flight_stops_its_thread() {
     let Some((dir, m)) = tiny_shards() else {
         return;
@@ -950,7 +967,7 @@ fn dropping_a_stream_mid_flight_stops_its_thread() {
 /// Rendering speed of the demo dataset at its intended size (25 classes x 300 images, 32 px):
 /// `cargo test --test it data::throughput -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "benchmark: run it with --ignored --nocapture"]
 fn throughput_shapes_render() {
     let dir = tempfile::tempdir().unwrap();
     let opts = ShapesOptions {
@@ -970,7 +987,7 @@ fn throughput_shapes_render() {
 /// Throughput of the train stream on Tiny ImageNet (64px JPEGs), 2 decode threads:
 /// `cargo test --test it data::throughput -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "benchmark: run it with --ignored --nocapture"]
 fn throughput_tiny_imagenet() {
     let Some((dir, m)) = tiny_shards() else {
         return;
@@ -996,6 +1013,7 @@ fn throughput_tiny_imagenet() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
     let (Some(good), Some(bad)) = (field("B07_good.jpg"), field("B07_truncated_60pct.jpg")) else {
         return;
@@ -1043,10 +1061,9 @@ fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
 /// exactly once, and none is left over (the 4th global batch takes epoch 0's last slot and
 /// continues into epoch 1).
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b27_uneven_shards_every_rank_same_steps_same_global_batches_nothing_left_over() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
+    let shared = shared_dir();
     let dir = shared.join("field-cases/B27_uneven_shards");
     let scenario: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("SCENARIO.json")).unwrap()).unwrap();

@@ -5,10 +5,9 @@ use crate::common::shared_dir;
 use devise::hierarchy::Hierarchy;
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn mean_correct_set_sizes_over_the_1k_labels_are_on_the_papers_scale() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
+    let shared = shared_dir();
     let meta = shared.join("data/imagenet-meta");
     let h = Hierarchy::load(&meta.join("wordnet.is_a.txt")).unwrap();
     let labels: Vec<String> = std::fs::read_to_string(meta.join("zero-shot-splits/1k.txt"))

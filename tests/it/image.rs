@@ -17,12 +17,12 @@ use crate::common::shared_dir;
 
 /// Bytes of `imagenet-sample-100/<name>`, or `None` (printed) without `../shared`.
 fn sample(name: &str) -> Option<Vec<u8>> {
-    let path = shared_dir()?.join("data/imagenet-sample-100").join(name);
+    let path = shared_dir().join("data/imagenet-sample-100").join(name);
     Some(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
 
 fn field(name: &str) -> Option<Vec<u8>> {
-    Some(std::fs::read(shared_dir()?.join("field-cases").join(name)).unwrap())
+    Some(std::fs::read(shared_dir().join("field-cases").join(name)).unwrap())
 }
 
 /// `jpg` with an APP1 Exif segment (big-endian TIFF, one IFD0 entry: Orientation = `value`,
@@ -95,6 +95,7 @@ fn diff_levels(a: &[f32], b: &[f32]) -> (f64, f64) {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn exif_orientation_is_applied_or_ignored() {
     // 1600x1200 with an Exif segment of its own (replaced); landscape, so a quarter turn shows.
     let Some(jpg) = sample("n03337140_file.JPEG") else {
@@ -128,6 +129,7 @@ fn exif_orientation_is_applied_or_ignored() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn exif_orientation_reaches_the_fused_decode_and_transform() {
     // 1024x768: the crops here take the reduced-scale path too.
     let Some(jpg) = sample("n03538406_horse_cart.JPEG") else {
@@ -190,8 +192,9 @@ fn exif_orientation_reaches_the_fused_decode_and_transform() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn reduced_scale_decode_matches_full_decode_on_real_photos() {
-    let Some(dir) = shared_dir() else { return };
+    let dir = shared_dir();
     let mut names: Vec<_> = std::fs::read_dir(dir.join("data/imagenet-sample-100"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -265,6 +268,7 @@ fn reduced_scale_decode_matches_full_decode_on_real_photos() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn field_cases_through_the_fused_decode() {
     let (Some(cmyk), Some(grey), Some(cut), Some(headers), Some(png_bomb), Some(jpg_bomb)) = (
         field("B05_cmyk.jpg"),
@@ -308,6 +312,7 @@ fn field_cases_through_the_fused_decode() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn progressive_and_corrupt_jpegs_decode() {
     let Some(jpg) = sample("n03538406_horse_cart.JPEG") else {
         return;

@@ -14,10 +14,11 @@
 //! `../shared` needed); the last test repeats the checks on the real Tiny ImageNet checkpoint of
 //! `predict.rs` with vectors derived from `../shared/data/vectors/wiki-skipgram-300d.bin` and the
 //! 100 full-size JPEGs.
+use crate::common::launch::{devise, text};
 use crate::common::shared_dir;
-use crate::dist::{devise, text};
+use crate::common::synthetic::{shape_words, write_text_vectors};
 use devise::data::shards::{build_shards, BuildOptions};
-use devise::data::synthetic::{generate_shapes, ShapesOptions, COLOURS, SHAPES};
+use devise::data::synthetic::{generate_shapes, ShapesOptions};
 use devise::text::label_embedding::{self, LabelEmbeddingMatrix};
 use rand::{Rng, SeedableRng};
 use sha2::Digest;
@@ -27,20 +28,6 @@ use std::process::{Command, Output};
 
 /// The word-vector dimension of the synthetic runs.
 const DIM: usize = 8;
-
-/// The 10 words of the shapes dataset's names with `dim`-d vectors drawn from `seed`.
-fn shape_words(dim: usize, seed: u64) -> Vec<(String, Vec<f32>)> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    COLOURS
-        .iter()
-        .map(|(c, _)| *c)
-        .chain(SHAPES)
-        .map(|w| {
-            let v = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            (w.to_string(), v)
-        })
-        .collect()
-}
 
 /// `words` with Gaussian-ish noise of `scale` times each vector's RMS added to every component.
 fn perturbed(words: &[(String, Vec<f32>)], scale: f32, seed: u64) -> Vec<(String, Vec<f32>)> {
@@ -59,19 +46,6 @@ fn perturbed(words: &[(String, Vec<f32>)], scale: f32, seed: u64) -> Vec<(String
             (w.clone(), noisy)
         })
         .collect()
-}
-
-/// word2vec text format (`count dim` header), values written with `digits` decimals.
-fn write_text_vectors(path: &Path, words: &[(String, Vec<f32>)], digits: usize) {
-    let mut s = format!("{} {}\n", words.len(), words[0].1.len());
-    for (w, v) in words {
-        s.push_str(w);
-        for x in v {
-            s.push_str(&format!(" {x:.digits$}"));
-        }
-        s.push('\n');
-    }
-    std::fs::write(path, s).unwrap();
 }
 
 /// word2vec binary format (`count dim` header, `word<space><dim f32 LE>\n` records).
@@ -534,13 +508,10 @@ fn weights_of_another_dtype_are_an_error_naming_the_file_the_tensor_and_both_dty
 /// vector warns, ranks the training labels for the 100 full-size JPEGs exactly as the original
 /// file does, and reproduces the training-time seen/devise row; `--strict` refuses it.
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn the_real_checkpoint_refuses_other_dimensions_and_keeps_its_training_labels() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let Some((_, run)) = crate::predict::trained_run() else {
-        return;
-    };
+    let shared = shared_dir();
+    let (_, run) = crate::common::tiny::trained_run();
     let original_ck = run.join("checkpoints/step-000000009");
     let source = shared.join("data/vectors/wiki-skipgram-300d.bin");
     let (vectors, _) = devise::text::vectors::read_vectors_file(

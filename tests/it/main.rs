@@ -1,5 +1,7 @@
-//! One integration-test crate (ripgrep style). Each module states its scope. Tests that read
-//! `../shared` skip with a printed reason only when it is absent (never in CI, where it exists).
+//! One integration-test crate (ripgrep style). Each module states its scope; shared setup lives
+//! in `common`. The machinery runs on data the tests generate; tests about the real ImageNet data
+//! read `../shared` and are reported as ignored, with the reason, when it is absent (under
+//! `CI=true` a missing `../shared` fails).
 mod cli;
 mod cluster;
 mod common;

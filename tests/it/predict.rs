@@ -5,35 +5,12 @@
 //! reported) for the 100 full-size ImageNet JPEGs of `../shared/data/imagenet-sample-100/`
 //! (the wnid is in each file name), as a table and as JSON, with hit@1 / hit@5 against the
 //! file-name labels; bad inputs are errors naming the file or line.
+use crate::common::launch::{devise, text};
 use crate::common::shared_dir;
-use crate::dist::{devise, text};
-use crate::train::{config_toml, shards};
+use crate::common::tiny::trained_run;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
-
-/// One trained run (all stages of `config_toml`, 9 steps, hierarchy set) shared by the tests.
-pub(crate) fn trained_run() -> Option<&'static (tempfile::TempDir, std::path::PathBuf)> {
-    static RUN: OnceLock<Option<(tempfile::TempDir, std::path::PathBuf)>> = OnceLock::new();
-    RUN.get_or_init(|| {
-        shared_dir()?;
-        let (_, shard_dir) = shards()?;
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("run");
-        let config = dir.path().join("run.toml");
-        // Also evaluate every 2 steps (mid-stage), besides each stage's end.
-        let toml = config_toml(shard_dir, &run).replace("[eval]\n", "[eval]\nevery_steps = 2\n");
-        std::fs::write(&config, toml).unwrap();
-        let out = Command::new(devise())
-            .args(["train", "--config", config.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        Some((dir, run))
-    })
-    .as_ref()
-}
 
 /// The report URL a successful `devise eval` prints (`report: URL`); panics with its log
 /// otherwise.
@@ -48,13 +25,10 @@ fn report_path(out: &std::process::Output) -> String {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn predict_ranks_the_1k_labels_for_the_100_full_size_images() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let Some((dir, run)) = trained_run() else {
-        return;
-    };
+    let shared = shared_dir();
+    let (dir, run) = trained_run();
     let checkpoint = run.join("checkpoints/step-000000009");
     let one_k = shared.join("data/imagenet-meta/zero-shot-splits/1k.txt");
     let mut images: Vec<String> = std::fs::read_dir(shared.join("data/imagenet-sample-100"))
@@ -160,13 +134,10 @@ fn predict_ranks_the_1k_labels_for_the_100_full_size_images() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn eval_reproduces_the_training_time_numbers_and_ranks_any_label_list() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let Some((_, run)) = trained_run() else {
-        return;
-    };
+    let shared = shared_dir();
+    let (_, run) = trained_run();
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
     let at_training = report["evaluations"].as_array().unwrap();
@@ -256,13 +227,10 @@ fn eval_reproduces_the_training_time_numbers_and_ranks_any_label_list() {
 /// give the same hit@1 / hit@5 (same decoder, transform and model; a different path through the
 /// shards). A key the overlay does not know is an error naming the overlay.
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn the_zero_shot_21k_eval_recipe_ranks_images_from_its_own_shards() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let Some((_, run)) = trained_run() else {
-        return;
-    };
+    let shared = shared_dir();
+    let (_, run) = trained_run();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let sample = shared.join("data/imagenet-sample-100");

@@ -1,19 +1,13 @@
-//! Scope: `report.html` of a real run (the 4-class run of `predict.rs`: all stages, hp@k): it is
-//! one self-contained page (no external references), its plots and example images are inline,
+//! Scope: `report.html` of a real run (`common::synthetic::trained_run`: the shapes, all
+//! stages, hp@k on the shape hierarchy): it is one self-contained page (no external references), its plots and example images are inline,
 //! and a headless browser (Debian's chromium, installed by scripts/test.sh) loads every one of
 //! its images.
-use crate::common::shared_dir;
-use crate::predict::trained_run;
+use crate::common::synthetic::trained_run;
 use std::process::Command;
 
 #[test]
 fn report_html_is_self_contained_and_a_browser_renders_all_its_images() {
-    if shared_dir().is_none() {
-        return;
-    }
-    let Some((dir, run)) = trained_run() else {
-        return;
-    };
+    let (dir, run) = trained_run();
     let html = std::fs::read_to_string(run.join("report.html")).unwrap();
     let images = html.matches("<img ").count();
     // Loss, learning rate, hit@k bars, hp@k curves, per-class zero-shot bars, and 8 examples.

@@ -15,13 +15,17 @@
 //! - SIGUSR2 as the configured preemption signal (`run.preempt_signal`, `devise-launch
 //!   --preempt-signal usr2`) checkpoints and exits 75, with and without the launcher.
 //!
-//! Faults are injected with `DEVISE_FAULT` (src/fault.rs).
-use crate::common::shared_dir;
-use crate::dist::{
-    assert_close, devise, free_port, launcher, losses, run_dir, text, trace, write_config,
+//! Every run is on the synthetic shapes (`common::synthetic`) except the shipped Tiny ImageNet
+//! configuration's, which needs `../shared`. Faults are injected with `DEVISE_FAULT`
+//! (src/fault.rs).
+use crate::common::launch::{
+    assert_close, devise, final_weights, launcher, losses, processes_of, run_dir, text, trace,
+    write_config,
 };
-use crate::s3::{s3_env, start_server, S3Server};
-use crate::train::shards;
+use crate::common::ports;
+use crate::common::s3::{s3_env, start_server, S3Server};
+use crate::common::shared_dir;
+use crate::common::tiny;
 use devise::storage::Store;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -108,7 +112,8 @@ fn launch_cmd(
     config: &Path,
     worker_args: &[&str],
 ) -> Command {
-    let port = free_port().to_string();
+    // Released here: every caller runs the command right away.
+    let port = ports::reserve().release().to_string();
     let mut cmd = Command::new(launcher());
     cmd.args(["--nproc-per-node", &nproc.to_string()])
         .args(["--master-port", &port, "--stop-timeout-secs", "10"])
@@ -135,17 +140,6 @@ fn stages(run: &Path) -> Vec<(u64, String)> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter_map(|v| Some((v["step"].as_u64()?, v["stage"].as_str()?.to_string())))
         .collect()
-}
-
-/// The newest checkpoint's `model.safetensors` bytes (by `LATEST`).
-pub(crate) fn final_weights(run: &Path) -> Vec<u8> {
-    let latest = std::fs::read_to_string(run.join("checkpoints/LATEST")).unwrap();
-    std::fs::read(
-        run.join("checkpoints")
-            .join(latest.trim())
-            .join("model.safetensors"),
-    )
-    .unwrap()
 }
 
 fn train_state(run: &Path) -> serde_json::Value {
@@ -221,17 +215,11 @@ fn stopped_and_resumed_equals_uninterrupted(store: &str) {
 
 #[test]
 fn stopped_at_five_steps_and_resumed_equals_uninterrupted_local() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     stopped_and_resumed_equals_uninterrupted("local");
 }
 
 #[test]
 fn stopped_at_five_steps_and_resumed_equals_uninterrupted_s3() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     stopped_and_resumed_equals_uninterrupted("s3");
 }
 
@@ -247,9 +235,6 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_with_exact_sample_accounting() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let reference = reference(dir.path(), 0.1, "");
     let want = trace(&reference, 2);
@@ -302,25 +287,6 @@ fn a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_with_exact_sample_acco
             &format!("resumed on {world_after} rank(s)"),
         );
     }
-}
-
-/// Pids of every process whose command line names `config` (launcher and workers).
-pub(crate) fn processes_of(config: &Path) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-        if !zombie && String::from_utf8_lossy(&cmdline).contains(config.to_str().unwrap()) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 const CHECKPOINT_FILES: [&str; 6] = [
@@ -497,25 +463,16 @@ fn kill_group_mid_checkpoint(store: &str, iterations: usize) {
 
 #[test]
 fn sigkill_of_the_group_mid_checkpoint_10_times_always_leaves_a_loadable_one_local() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     kill_group_mid_checkpoint("local", 10);
 }
 
 #[test]
 fn sigkill_of_the_group_mid_checkpoint_10_times_always_leaves_a_loadable_one_s3() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     kill_group_mid_checkpoint("s3", 10);
 }
 
 #[test]
 fn a_hung_worker_is_noticed_by_its_heartbeat_and_the_group_restarts_exactly() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let reference = reference(dir.path(), 0.2, "");
     let config = write_config(dir.path(), "hung", 0.2, "");
@@ -559,9 +516,6 @@ fn a_hung_worker_is_noticed_by_its_heartbeat_and_the_group_restarts_exactly() {
 
 #[test]
 fn a_non_finite_loss_or_gradient_on_one_rank_stops_or_is_skipped_by_every_rank() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
 
     // Default policy "stop": both ranks fail at step 4 naming rank 1; no update was applied, the
@@ -684,9 +638,6 @@ fn signal_after_metrics_lines(
 /// that NCCL_PROXY_DUMP_SIGNAL=12 names the same signal.
 #[test]
 fn sigusr2_preempts_with_preempt_signal_usr2_with_and_without_the_launcher() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let warning = "NCCL_PROXY_DUMP_SIGNAL=12 names SIGUSR2, the preemption signal";
 
@@ -744,14 +695,10 @@ fn sigusr2_preempts_with_preempt_signal_usr2_with_and_without_the_launcher() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn the_tiny_imagenet_config_resumes_with_resume_auto_after_sigusr1() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let Some((_, shards)) = shards() else {
-        return;
-    };
-    let _ = shared;
+    let _ = shared_dir();
+    let (_, shards) = tiny::shards();
     let dir = tempfile::tempdir().unwrap();
     let config = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -817,9 +764,6 @@ fn the_slurm_recipe_runs_two_nodes_preempts_requeues_and_resumes_exactly() {
 }
 
 fn slurm_recipe_preempt_requeue_resume(nodes: usize) {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let reference = reference(dir.path(), 0.2, "");
     let config = write_config(dir.path(), &format!("slurm{nodes}"), 0.2, "");

@@ -7,80 +7,18 @@
 //! streams the shards through a proxy that first answers `503 Slow Down` (retried with backoff)
 //! and then cuts one download mid-body: the read resumes at its byte offset (a `Range` request)
 //! and every shard's sha256 still matches. Credentials and
-//! endpoint reach `devise` only through the standard `AWS_*` environment variables.
-use crate::common::{shared_dir, tiny_classes};
-use crate::train::config_toml;
+//! endpoint reach `devise` only through the standard `AWS_*` environment variables. The data is
+//! the synthetic shapes (`common::synthetic`).
+use crate::common::launch::{launcher, run_launcher};
+use crate::common::s3::{s3_env, start_server, S3Server, ACCESS_KEY, SECRET_KEY};
+use crate::common::synthetic::{config_toml, shapes};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// A running `s3s-fs`; killed on drop.
-pub(crate) struct S3Server {
-    child: Child,
-    pub(crate) port: u16,
-    pub(crate) root: tempfile::TempDir,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const ACCESS_KEY: &str = "devise-test-access";
-const SECRET_KEY: &str = "devise-test-secret";
-
-/// `s3s-fs` from `.deps/s3s/bin`, or `None` with a printed reason (a failure under `CI=true`).
-fn s3s_fs() -> Option<PathBuf> {
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".deps/s3s/bin/s3s-fs");
-    if bin.exists() {
-        return Some(bin);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "CI=true but {} is missing (scripts/test.sh installs it)",
-            bin.display()
-        );
-    }
-    eprintln!(
-        "SKIP: {} not found: `cargo install --locked s3s-fs@0.14.1 --features binary --root .deps/s3s`",
-        bin.display()
-    );
-    None
-}
-
-pub(crate) fn start_server(bucket: &str) -> Option<S3Server> {
-    let bin = s3s_fs()?;
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(root.path().join(bucket)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(bin)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-        .arg(root.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "s3s-fs did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some(S3Server { child, port, root })
-}
+use std::time::Duration;
 
 /// `devise` with the server's credentials in the standard variables.
 fn devise(server: &S3Server, args: &[&str]) -> Output {
@@ -88,15 +26,6 @@ fn devise(server: &S3Server, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-pub(crate) fn s3_env(mut cmd: Command, port: u16) -> Command {
-    cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
-        .env("AWS_ALLOW_HTTP", "true");
-    cmd
 }
 
 /// A TCP proxy in front of the S3 server that answers its first `throttle` connections with
@@ -204,9 +133,9 @@ fn losses(metrics: &str) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// Four Tiny ImageNet classes (real images from ../shared) built into `s3://devise/shards`.
+/// The synthetic shapes built into `s3://devise/shards`.
 fn build_shards_into_bucket(server: &S3Server) {
-    let tree = tiny_classes(&["n01443537", "n01629819", "n01641577", "n01644900"]).unwrap();
+    let tree = &shapes().tree;
     let out = devise(
         server,
         &[
@@ -225,13 +154,9 @@ fn build_shards_into_bucket(server: &S3Server) {
 
 #[test]
 fn shards_checkpoints_and_report_live_in_s3_and_resume_from_there() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
     let Some(server) = start_server("devise") else {
         return;
     };
-    let _ = shared;
     build_shards_into_bucket(&server);
     let bucket = server.root.path().join("devise");
     assert!(
@@ -293,10 +218,6 @@ fn shards_checkpoints_and_report_live_in_s3_and_resume_from_there() {
 
 #[test]
 fn two_workers_stream_shards_from_s3_and_a_cut_download_resumes_at_its_offset() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let _ = shared;
     let Some(server) = start_server("devise") else {
         return;
     };
@@ -314,21 +235,14 @@ fn two_workers_stream_shards_from_s3_and_a_cut_download_resumes_at_its_offset() 
         ),
     )
     .unwrap();
-    let launcher = PathBuf::from(env!("CARGO_BIN_EXE_devise")).with_file_name("devise-launch");
-    assert!(launcher.exists(), "run with `cargo test --workspace`");
-    let master_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let out = s3_env(Command::new(launcher), proxy.port)
-        .args(["--nproc-per-node", "2", "--master-port"])
-        .arg(master_port.to_string())
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_devise"))
-        .args(["train", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = run_launcher(|port| {
+        let mut cmd = s3_env(Command::new(launcher()), proxy.port);
+        cmd.args(["--nproc-per-node", "2", "--master-port", port])
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_devise"))
+            .args(["train", "--config", config.to_str().unwrap()]);
+        cmd
+    });
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert_eq!(
@@ -542,10 +456,6 @@ fn raw_response_head(port: u16, path: &str) -> String {
 
 #[test]
 fn chunked_answers_without_content_length_are_read_through_presigned_urls() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let _ = shared;
     let Some(server) = start_server("devise") else {
         return;
     };

@@ -32,7 +32,8 @@ use devise::data::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::common::{shared_dir, tiny_classes};
+use crate::common::shared_dir;
+use crate::common::tiny::tiny_classes;
 
 fn devise() -> Command {
     Command::new(env!("CARGO_BIN_EXE_devise"))
@@ -53,7 +54,7 @@ fn sha256_file(path: &Path) -> String {
 
 /// `(wnid, path)` of the 100 real ImageNet images, sorted by file name.
 fn sample_100() -> Option<Vec<(String, PathBuf)>> {
-    let dir = shared_dir()?.join("data/imagenet-sample-100");
+    let dir = shared_dir().join("data/imagenet-sample-100");
     let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| {
@@ -69,9 +70,7 @@ fn sample_100() -> Option<Vec<(String, PathBuf)>> {
 
 /// The standard ILSVRC-2012 class order (first column of `ilsvrc2012_wnids_names.tsv`).
 fn ilsvrc_classes() -> (PathBuf, Vec<String>) {
-    let path = shared_dir()
-        .unwrap()
-        .join("data/imagenet-meta/ilsvrc2012_wnids_names.tsv");
+    let path = shared_dir().join("data/imagenet-meta/ilsvrc2012_wnids_names.tsv");
     let wnids = std::fs::read_to_string(&path)
         .unwrap()
         .lines()
@@ -145,12 +144,11 @@ fn read_split(dir: &Path, m: &Manifest, split: &str) -> Vec<(String, usize, Stri
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn ilsvrc_val_folder_becomes_split_val_with_real_labels() {
     let Some(images) = sample_100() else { return };
     // One of these Tiny ImageNet classes (n01944390, snail) is also among the 100 images.
-    let Some(tree) = tiny_classes(&["n01443537", "n01944390"]) else {
-        return;
-    };
+    let tree = tiny_classes(&["n01443537", "n01944390"]);
     let tmp = tempfile::tempdir().unwrap();
     let (val, truth) = flat_val(tmp.path(), &images);
     let dst = tmp.path().join("shards");
@@ -258,11 +256,10 @@ fn ilsvrc_val_folder_becomes_split_val_with_real_labels() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn parallel_builds_are_byte_identical_for_1_and_2_threads() {
     let Some(images) = sample_100() else { return };
-    let Some(tree) = tiny_classes(&["n01443537", "n01944390"]) else {
-        return;
-    };
+    let tree = tiny_classes(&["n01443537", "n01944390"]);
     let tmp = tempfile::tempdir().unwrap();
     let (val, _) = flat_val(tmp.path(), &images);
     let sources = Sources {
@@ -317,6 +314,7 @@ fn flip(path: &Path, at: usize) {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn verify_passes_good_shards_and_names_every_damage() {
     let Some(images) = sample_100() else { return };
     let tmp = tempfile::tempdir().unwrap();
@@ -476,6 +474,7 @@ fn interop_script() -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn python_webdataset_reads_our_shards() {
     let Some(images) = sample_100() else { return };
     let python = python();
@@ -547,6 +546,7 @@ fn python_webdataset_reads_our_shards() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn python_written_shards_are_indexed_verified_and_read() {
     let Some(images) = sample_100() else { return };
     let python = python();

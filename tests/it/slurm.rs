@@ -17,10 +17,10 @@
 //!
 //! The tests share the daemons and take one lock. Without a local SLURM they print `SKIP:`;
 //! under `CI=true` they fail.
-use crate::common::shared_dir;
-use crate::dist::{devise, launcher, losses, run_dir, text, write_config};
-use crate::resume::{final_weights, processes_of};
-use crate::train::shards;
+use crate::common::launch::{
+    devise, final_weights, launcher, losses, processes_of, run_dir, run_launcher, text,
+    write_config,
+};
 use devise::storage::Store;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -330,14 +330,14 @@ const SOFTMAX_EPOCHS: f64 = 3.0;
 fn reference(dir: &Path) -> PathBuf {
     let config = write_config(dir, "reference", SOFTMAX_EPOCHS, "");
     let t = Instant::now();
-    let out = Command::new(launcher())
-        .args(["--nproc-per-node", "2", "--master-port"])
-        .arg(crate::dist::free_port().to_string())
-        .arg("--")
-        .arg(devise())
-        .args(["train", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = run_launcher(|port| {
+        let mut cmd = Command::new(launcher());
+        cmd.args(["--nproc-per-node", "2", "--master-port", port])
+            .arg("--")
+            .arg(devise())
+            .args(["train", "--config", config.to_str().unwrap()]);
+        cmd
+    });
     assert!(out.status.success(), "{}", text(&out));
     eprintln!(
         "uninterrupted reference run: {} steps in {:.1}s",
@@ -528,9 +528,6 @@ fn stopped_and_requeued_equals_uninterrupted(
 /// asks for 8 GPUs) and a `--cpus-per-task` the node has (the header asks for 64 or 8).
 #[test]
 fn the_sbatch_recipes_under_real_slurm_checkpoint_requeue_and_resume_exactly_on_every_stop() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     let Some(slurm) = slurm() else {
         return;
     };
@@ -655,9 +652,6 @@ fn resolved(dry_run: &str) -> Option<(usize, usize, usize, usize)> {
 /// (printed, for the record) and the world `devise train --dry-run` resolves from it.
 #[test]
 fn real_srun_step_shapes_give_each_task_its_rank_world_and_gpus() {
-    if shared_dir().is_none() || shards().is_none() {
-        return;
-    }
     let Some(slurm) = slurm() else {
         return;
     };

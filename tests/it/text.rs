@@ -14,7 +14,7 @@ use devise::text::{load_label_embeddings, Config, OnUnmapped};
 use proptest::prelude::*;
 
 fn case(name: &str) -> Option<String> {
-    let path = crate::common::shared_dir()?.join("field-cases").join(name);
+    let path = crate::common::shared_dir().join("field-cases").join(name);
     Some(path.to_str().unwrap().to_owned())
 }
 
@@ -69,6 +69,7 @@ fn write_names(dir: &Path, rows: &[(&str, &str)]) -> String {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b11_word2vec_binary_with_and_without_newlines() {
     let Some(expected) = case("B11_expected.json") else {
         return;
@@ -90,6 +91,7 @@ fn b11_word2vec_binary_with_and_without_newlines() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b12_header_disagrees_with_body() {
     let Some(overcount_vec) = case("B12_header_overcount.vec") else {
         return;
@@ -136,6 +138,7 @@ fn b12_header_disagrees_with_body() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b13_glove_without_header() {
     let Some(path) = case("B13_glove_noheader.txt") else {
         return;
@@ -173,6 +176,7 @@ fn b13_glove_without_header() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b16_duplicates_and_case_collisions() {
     let Some(path) = case("B16_duplicates.vec") else {
         return;
@@ -285,7 +289,7 @@ fn config_parsing_and_names_errors() {
 }
 
 fn shared_file(rel: &str) -> Option<PathBuf> {
-    Some(crate::common::shared_dir()?.join(rel))
+    Some(crate::common::shared_dir().join(rel))
 }
 
 fn tsv_wnids(path: &Path) -> Vec<String> {
@@ -298,6 +302,7 @@ fn tsv_wnids(path: &Path) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn real_tiny_imagenet_labels_with_wiki_skipgram() {
     let Some(meta) = shared_file("data/imagenet-meta") else {
         return;
@@ -378,6 +383,7 @@ fn real_tiny_imagenet_labels_with_wiki_skipgram() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn real_glove_6b_50d_if_installed() {
     let glove = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".deps/vectors/glove.6B.50d.txt");
     if !glove.is_file() {

@@ -1,101 +1,31 @@
-//! Scope: the whole pipeline on real data, in one process — ImageFolder tree (4 real Tiny
-//! ImageNet classes: 3 seen, 1 unseen from the fixed split) -> shards -> label vectors from the
-//! real skip-gram word2vec file -> softmax / devise / finetune stages -> checkpoints -> evaluation
-//! -> report; and exact resume: a run stopped mid-stage and resumed gives the same per-step losses
-//! and bit-identical final weights as an uninterrupted run.
-use crate::common::{shared_dir, tiny_classes, training_lock};
+//! Scope: the whole pipeline in one process — ImageFolder tree -> shards -> label vectors ->
+//! softmax / devise / finetune stages -> checkpoints -> evaluation -> report; and exact resume:
+//! a run stopped mid-stage and resumed gives the same per-step losses and bit-identical final
+//! weights as an uninterrupted run.
+//!
+//! On real data (`../shared`: 4 Tiny ImageNet classes, 3 seen and 1 unseen from the fixed split,
+//! the real skip-gram word2vec file, WordNet): the plan, the evaluation rows and the smoke
+//! configuration. The machinery (corrupt checkpoints, cached features, `init_from`, a changed
+//! plan, channels-last and bf16) runs on the synthetic shapes (`common::synthetic`).
+use crate::common::{synthetic, tiny, training_lock};
 use devise::collective::SingleProcess;
 use devise::config::RunConfig;
 use devise::plan::Plan;
 use devise::train::{train, Outcome, Resume, RunOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-/// The first 4 classes of the fixed split: goldfish, European fire salamander, bullfrog (seen),
-/// tailed frog (unseen).
-const WNIDS: [&str; 4] = ["n01443537", "n01629819", "n01641577", "n01644900"];
-
-/// Shards of the 4 classes, built once per test binary.
-pub(crate) fn shards() -> Option<&'static (tempfile::TempDir, PathBuf)> {
-    static SHARDS: OnceLock<Option<(tempfile::TempDir, PathBuf)>> = OnceLock::new();
-    SHARDS
-        .get_or_init(|| {
-            let tree = tiny_classes(&WNIDS)?;
-            let dir = tempfile::tempdir().unwrap();
-            let dst = dir.path().join("shards");
-            let opts = devise::data::shards::BuildOptions {
-                splits: vec!["train".into(), "val".into()],
-                classes: None,
-                shard_size_bytes: 1 << 20,
-                seed: 0,
-                progress: false,
-            };
-            let m =
-                devise::data::shards::build_shards(&tree, dst.to_str().unwrap(), &opts).unwrap();
-            assert_eq!(m.classes.len(), 4);
-            assert_eq!(m.splits["train"].samples, 2000);
-            assert_eq!(m.splits["val"].samples, 200);
-            Some((dir, dst))
-        })
-        .as_ref()
-}
-
-/// A small but complete run configuration over [`shards`] (3 steps per stage).
-pub(crate) fn config_toml(shards: &Path, run_dir: &Path) -> String {
-    let shared = shared_dir().unwrap();
-    format!(
-        r#"
-[run]
-name = "it-train"
-dir = "{run}"
-seed = 3
-threads = 2
-device = "cpu"
-
-[data]
-shards = "{shards}"
-image_size = 32
-eval_resize = 36
-decode_threads = 2
-prefetch_batches = 2
-
-[labels]
-split = "{shared}/data/tiny-imagenet-200-zero-shot-split.tsv"
-limit = 4
-
-[text]
-vectors = "{shared}/data/vectors/wiki-skipgram-300d.bin"
-names = "{shared}/data/imagenet-meta/words.txt"
-
-[model]
-encoder = "convnet"
-widths = [8, 16]
-
-[train]
-global_batch_size = 16
-log_every_steps = 1
-# 1500 seen training images / 16 per step: 0.032 epochs = 3 steps per stage.
-softmax = {{ epochs = 0.032, optimizer = {{ algorithm = "sgd", lr = 0.05, warmup_steps = 1 }} }}
-devise = {{ epochs = 0.032, optimizer = {{ algorithm = "adagrad", lr = 0.05 }} }}
-finetune = {{ epochs = 0.032, optimizer = {{ algorithm = "sgd", lr = 0.01 }} }}
-
-[checkpoint]
-every_steps = 2
-keep_last = 2
-
-[eval]
-batch_size = 64
-hierarchy = "{shared}/data/imagenet-meta/wordnet.is_a.txt"
-"#,
-        run = run_dir.display(),
-        shards = shards.display(),
-        shared = shared.display()
-    )
-}
-
+/// [`synthetic::config_toml`] over `shards` with `extra` overrides.
 fn config(shards: &Path, run_dir: &Path, extra: &[&str]) -> RunConfig {
-    let toml = config_toml(shards, run_dir);
+    let toml = synthetic::config_toml(shards, run_dir);
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    RunConfig::load(&toml, "it-train.toml", &extra).unwrap()
+}
+
+/// [`tiny::config_toml`] (real data) over `shards` with `extra` overrides.
+fn real_config(shards: &Path, run_dir: &Path, extra: &[&str]) -> RunConfig {
+    let toml = tiny::config_toml(shards, run_dir);
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     RunConfig::load(&toml, "it-train.toml", &extra).unwrap()
 }
@@ -129,13 +59,12 @@ fn losses(run_dir: &Path) -> Vec<(u64, String, f64)> {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn plan_resolves_real_split_vectors_and_shards() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
+    let (_dir, shards) = tiny::shards();
     let _serial = training_lock();
     let run_dir = tempfile::tempdir().unwrap();
-    let cfg = config(shards, run_dir.path(), &[]);
+    let cfg = real_config(shards, run_dir.path(), &[]);
     let plan = Plan::build(&cfg, 0, 1).unwrap();
     assert_eq!(plan.seen, vec!["n01443537", "n01629819", "n01641577"]);
     assert_eq!(plan.unseen, vec!["n01644900"]);
@@ -154,7 +83,7 @@ fn plan_resolves_real_split_vectors_and_shards() {
         .all(|n| (n - 1.0).abs() < 1e-5));
     // A wrong world size is an error naming the key.
     let err = Plan::build(
-        &config(shards, run_dir.path(), &["train.global_batch_size=15"]),
+        &real_config(shards, run_dir.path(), &["train.global_batch_size=15"]),
         0,
         2,
     )
@@ -164,15 +93,14 @@ fn plan_resolves_real_split_vectors_and_shards() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
+    let (_dir, shards) = tiny::shards();
     let _serial = training_lock();
 
     // Uninterrupted run.
     let full_dir = tempfile::tempdir().unwrap();
-    let cfg = config(shards, full_dir.path(), &[]);
+    let cfg = real_config(shards, full_dir.path(), &[]);
     let outcome = run(&cfg, Resume::Never, None);
     let Outcome::Completed { report } = outcome else {
         panic!("{outcome:?}")
@@ -259,7 +187,7 @@ fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
 
     // Stopped after step 5 (inside the devise stage, between checkpoints), resumed to the end.
     let part_dir = tempfile::tempdir().unwrap();
-    let cfg = config(shards, part_dir.path(), &[]);
+    let cfg = real_config(shards, part_dir.path(), &[]);
     let Outcome::Preempted { checkpoint } = run(&cfg, Resume::Auto, Some(5)) else {
         panic!()
     };
@@ -284,9 +212,7 @@ fn trains_all_stages_checkpoints_evaluates_and_resumes_exactly() {
 
 #[test]
 fn resume_skips_a_corrupt_latest_checkpoint_and_never_reads_tmp() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
+    let shards = &synthetic::shapes().shards;
     let _serial = training_lock();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(shards, dir.path(), &["checkpoint.keep_last=5"]);
@@ -317,11 +243,6 @@ fn resume_skips_a_corrupt_latest_checkpoint_and_never_reads_tmp() {
 
 #[test]
 fn config_errors_name_the_key() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
-    let _serial = training_lock();
-    let dir = tempfile::tempdir().unwrap();
     let toml = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/configs/tiny-imagenet-small.toml"
@@ -340,7 +261,6 @@ fn config_errors_name_the_key() {
         RunConfig::load(&toml, "x.toml", &["loss.margin=-1".into()]).unwrap_err()
     );
     assert!(err.contains("loss.margin"), "{err}");
-    let _ = (shards, dir);
 }
 
 /// Every recipe shipped in `configs/` parses and validates (unknown keys, ranges), so a typo in a
@@ -385,9 +305,7 @@ fn every_shipped_config_validates() {
 
 #[test]
 fn devise_stage_on_cached_features_resumes_exactly() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
+    let shards = &synthetic::shapes().shards;
     let _serial = training_lock();
     let extra = ["train.devise.cache_features=true"];
     let full_dir = tempfile::tempdir().unwrap();
@@ -421,7 +339,7 @@ fn devise_stage_on_cached_features_resumes_exactly() {
     assert_ne!(full[4].2, losses(uncached_dir.path())[4].2);
     // Only the devise stage may cache.
     let bad = RunConfig::load(
-        &config_toml(shards, full_dir.path()),
+        &synthetic::config_toml(shards, full_dir.path()),
         "x.toml",
         &["train.softmax.cache_features=true".into()],
     );
@@ -430,9 +348,7 @@ fn devise_stage_on_cached_features_resumes_exactly() {
 
 #[test]
 fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
+    let shards = &synthetic::shapes().shards;
     let _serial = training_lock();
     // Run A keeps its softmax-stage checkpoint (step 3).
     let a = tempfile::tempdir().unwrap();
@@ -464,14 +380,14 @@ fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
         &[
             "train.softmax.epochs=0",
             &init,
-            "labels.exclude=[\"n01629819\"]",
+            "labels.exclude=[\"blue_circle\"]",
         ],
     );
     let plan = Plan::build(&cfg_c, 0, 1).unwrap();
     assert!(plan
         .left_out
         .iter()
-        .any(|(w, why)| w == "n01629819" && why.contains("labels.exclude")));
+        .any(|(w, why)| w == "blue_circle" && why.contains("labels.exclude")));
     let opts = RunOptions {
         resume: Resume::Never,
         stop: Arc::new(AtomicBool::new(false)),
@@ -491,9 +407,7 @@ fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
 
 #[test]
 fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
+    let shards = &synthetic::shapes().shards;
     let _serial = training_lock();
     let dir = tempfile::tempdir().unwrap();
     let Outcome::Preempted { .. } = run(&config(shards, dir.path(), &[]), Resume::Auto, Some(5))
@@ -541,10 +455,9 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn the_smoke_config_runs_every_stage_on_real_data() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
+    let (_dir, shards) = tiny::shards();
     let run = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_devise"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -573,9 +486,7 @@ fn the_smoke_config_runs_every_stage_on_real_data() {
 /// losses near float32's.
 #[test]
 fn channels_last_and_bf16_autocast_train_every_stage_on_the_cpu() {
-    let Some((_dir, shards)) = shards() else {
-        return;
-    };
+    let shards = &synthetic::shapes().shards;
     let _serial = training_lock();
     let trained = |extra: &[&str]| {
         let dir = tempfile::tempdir().unwrap();

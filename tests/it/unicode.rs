@@ -22,8 +22,8 @@
 //! | `data::index::{expand_pattern, parse_split_pattern, read_sorted_classes, index_shards}`, `data::shards::{read_class_column, read_manifest, build_shards}` | shard patterns, class files, manifests, `.cls` text (also `data::verify::verify_shards`), ImageFolder file names |
 //! | `data::ilsvrc::read_ilsvrc_val` | `LOC_val_solution.csv` and validation file names |
 //! | `report_html::html` | class names in the HTML report |
+use crate::common::launch::{devise, text};
 use crate::common::shared_dir;
-use crate::dist::{devise, text};
 use devise::checkpoint;
 use devise::config::{overlay_overrides, split_override, RunConfig};
 use devise::data::index::{expand_pattern, parse_split_pattern, read_sorted_classes};
@@ -1251,13 +1251,10 @@ fn predicted_labels(out: &std::process::Output) -> Vec<(String, Option<String>)>
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn predict_reads_images_with_non_ascii_names() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let Some((_dir, run)) = crate::predict::trained_run() else {
-        return;
-    };
+    let shared = shared_dir();
+    let (_dir, run) = crate::common::tiny::trained_run();
     let checkpoint = run.join("checkpoints/step-000000009");
     let (jpeg, wnid) = sample_jpeg(&shared);
     let tmp = tempfile::tempdir().unwrap();
@@ -1305,14 +1302,11 @@ fn predict_reads_images_with_non_ascii_names() {
 }
 
 #[test]
+#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn predict_reads_s3_objects_with_non_ascii_keys() {
-    let Some(shared) = shared_dir() else {
-        return;
-    };
-    let Some((_dir, run)) = crate::predict::trained_run() else {
-        return;
-    };
-    let Some(server) = crate::s3::start_server("bilder") else {
+    let shared = shared_dir();
+    let (_dir, run) = crate::common::tiny::trained_run();
+    let Some(server) = crate::common::s3::start_server("bilder") else {
         return;
     };
     let checkpoint = run.join("checkpoints/step-000000009");
@@ -1331,7 +1325,7 @@ fn predict_reads_s3_objects_with_non_ascii_keys() {
         std::fs::copy(&jpeg, &path).unwrap();
         images.push(format!("{store_url}/{key}"));
     }
-    let out = crate::s3::s3_env(Command::new(devise()), server.port)
+    let out = crate::common::s3::s3_env(Command::new(devise()), server.port)
         .args(["predict", "--checkpoint", checkpoint.to_str().unwrap()])
         .args([
             "--labels", "seen", "--top-k", "2", "--device", "cpu", "--json",
