@@ -31,21 +31,20 @@ use crate::common::shared_dir;
 const CLASSES: [&str; 3] = ["n01443537", "n01644900", "n01698640"];
 
 /// `<tmp>/.../tiny-imagenet-200/{train,val}/<wnid>/*.JPEG` for [`CLASSES`], extracted once.
-fn tiny_subset() -> Option<PathBuf> {
-    Some(crate::common::tiny::tiny_classes(&CLASSES))
+fn tiny_subset() -> PathBuf {
+    crate::common::tiny::tiny_classes(&CLASSES)
 }
 
 /// Shards of the subset (200 KB shards -> several per split), built once per test process.
-fn tiny_shards() -> Option<(PathBuf, Manifest)> {
-    static SHARDS: OnceLock<Option<(tempfile::TempDir, Manifest)>> = OnceLock::new();
-    let got = SHARDS.get_or_init(|| {
-        let src = tiny_subset()?;
+fn tiny_shards() -> (PathBuf, Manifest) {
+    static SHARDS: OnceLock<(tempfile::TempDir, Manifest)> = OnceLock::new();
+    let (dir, m) = SHARDS.get_or_init(|| {
+        let src = tiny_subset();
         let dst = tempfile::tempdir().unwrap();
         let m = build_shards(&src, dst.path().to_str().unwrap(), &options(7)).unwrap();
-        Some((dst, m))
+        (dst, m)
     });
-    got.as_ref()
-        .map(|(d, m)| (d.path().to_path_buf(), m.clone()))
+    (dir.path().to_path_buf(), m.clone())
 }
 
 fn options(seed: u64) -> BuildOptions {
@@ -87,10 +86,8 @@ fn take(stream: &mut TrainStream, n: usize) -> Vec<(devise::data::Batch, Cursor)
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
-    let Some(src) = tiny_subset() else { return };
-    let Some((dir, m)) = tiny_shards() else {
-        return;
-    };
+    let src = tiny_subset();
+    let (dir, m) = tiny_shards();
     assert_eq!(m.format, FORMAT);
     assert_eq!(m.classes, CLASSES);
     let train = &m.splits["train"];
@@ -175,7 +172,7 @@ fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn greyscale_images_come_out_rgb() {
-    let Some(src) = tiny_subset() else { return };
+    let src = tiny_subset();
     let dir = src.join("train/n01698640");
     let mut grey = 0;
     for e in std::fs::read_dir(dir).unwrap() {
@@ -196,9 +193,7 @@ fn greyscale_images_come_out_rgb() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn train_stream_is_deterministic_and_covers_each_epoch_once() {
-    let Some((dir, m)) = tiny_shards() else {
-        return;
-    };
+    let (dir, m) = tiny_shards();
     let mut cfg = config(&dir, 32);
     cfg.eval_resize = Some(36);
     let start = |seed| {
@@ -242,7 +237,7 @@ fn train_stream_is_deterministic_and_covers_each_epoch_once() {
     }
     assert_eq!(labels, [500, 500, 500]);
     // Labels match the source tree.
-    let src = tiny_subset().unwrap();
+    let src = tiny_subset();
     let truth = source_labels(&src, "train");
     for (batch, _) in &ba[..3] {
         for (k, l) in batch.keys.iter().zip(&batch.labels) {
@@ -263,9 +258,7 @@ fn train_stream_is_deterministic_and_covers_each_epoch_once() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn resume_from_a_saved_cursor_is_sample_exact() {
-    let Some((dir, m)) = tiny_shards() else {
-        return;
-    };
+    let (dir, m) = tiny_shards();
     // Shuffle buffer larger than a shard (a uniform shuffle of it) and smaller (a streaming
     // buffer that refills while slots are taken): resume is exact either way.
     for (shuffle_buffer, prefetch_shards) in [(1000, 1), (5, 3)] {
@@ -313,9 +306,7 @@ fn resume_exact(cfg: &Config, m: &Manifest) {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
-    let Some((dir, m)) = tiny_shards() else {
-        return;
-    };
+    let (dir, m) = tiny_shards();
     let mut cfg = config(&dir, 16);
     cfg.shuffle_buffer = 5;
     cfg.shard_readahead = 2;
@@ -349,9 +340,7 @@ fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
-    let Some((dir, m)) = tiny_shards() else {
-        return;
-    };
+    let (dir, m) = tiny_shards();
     let cfg = config(&dir, 16);
     // Class 1 (tailed frog) held out, as an unseen zero-shot class would be.
     let map = vec![Some(0), None, Some(1)];
@@ -393,10 +382,8 @@ fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn eval_covers_every_accepted_sample_once_across_ranks() {
-    let Some((dir, m)) = tiny_shards() else {
-        return;
-    };
-    let src = tiny_subset().unwrap();
+    let (dir, m) = tiny_shards();
+    let src = tiny_subset();
     let truth = source_labels(&src, "val");
     let cfg = config(&dir, 56);
     let mut keys = Vec::new();
@@ -526,9 +513,9 @@ fn shapes_dataset_end_to_end() {
 // ---------------------------------------------------------------------------------------------
 // Field cases
 
-fn field(name: &str) -> Option<Vec<u8>> {
-    let dir = shared_dir().join("field-cases");
-    Some(std::fs::read(dir.join(name)).unwrap())
+/// Bytes of `../shared/field-cases/<name>`.
+fn field(name: &str) -> Vec<u8> {
+    std::fs::read(shared_dir().join("field-cases").join(name)).unwrap()
 }
 
 /// Serves `tar` as the only shard of split "train" (and "val") with `n_classes` classes and a
@@ -617,12 +604,10 @@ fn eval_fixture(
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
-    let (Some(full), Some(cut)) = (
+    let (full, cut) = (
         field("B01_full_shard.tar"),
         field("B01_truncated_shard.tar"),
-    ) else {
-        return;
-    };
+    );
     let (keys, labels, stats) = eval_fixture(&full, 3, 3, 16);
     assert_eq!(
         (keys, labels),
@@ -668,12 +653,10 @@ fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b02_missing_cls_is_skipped_never_labelled_zero() {
-    let (Some(missing), Some(unclosed)) = (
+    let (missing, unclosed) = (
         field("B02_missing_cls.tar"),
         field("B02_unclosed_shard.tar"),
-    ) else {
-        return;
-    };
+    );
     let (keys, labels, stats) = eval_fixture(&missing, 3, 3, 16);
     assert_eq!(keys, ["000000", "000002"]);
     assert_eq!(labels, [0, 2]);
@@ -712,12 +695,10 @@ fn b02_missing_cls_is_skipped_never_labelled_zero() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b04_noncontiguous_and_duplicate_members_are_shard_errors() {
-    let (Some(noncontig), Some(dup)) = (
+    let (noncontig, dup) = (
         field("B04_noncontiguous.tar"),
         field("B04_duplicate_member.tar"),
-    ) else {
-        return;
-    };
+    );
     let items: Vec<_> = SampleReader::new(&noncontig[..], "B04_noncontiguous.tar").collect();
     let oks = items.iter().filter(|i| i.is_ok()).count();
     assert!(oks <= 1, "no regrouped half-samples: {items:?}");
@@ -746,9 +727,7 @@ fn b04_noncontiguous_and_duplicate_members_are_shard_errors() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
-    let (Some(jpg), Some(tar)) = (field("B05_cmyk.jpg"), field("B05_cmyk_shard.tar")) else {
-        return;
-    };
+    let (jpg, tar) = (field("B05_cmyk.jpg"), field("B05_cmyk_shard.tar"));
     let img = decode_rgb(&jpg, &DecodeOptions::new(1 << 20)).unwrap();
     assert_eq!(img.dimensions(), (32, 32));
     let mut mean = [0f64; 3];
@@ -776,10 +755,7 @@ fn b05_cmyk_jpeg_decodes_to_rgb_like_pil() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b06_png_named_jpg_is_decoded_as_png() {
-    let (Some(png), Some(tar)) = (field("B06_png_named.jpg"), field("B06_png_named_shard.tar"))
-    else {
-        return;
-    };
+    let (png, tar) = (field("B06_png_named.jpg"), field("B06_png_named_shard.tar"));
     assert_eq!(
         decode_rgb(&png, &DecodeOptions::new(1 << 20))
             .unwrap()
@@ -801,14 +777,12 @@ fn b06_png_named_jpg_is_decoded_as_png() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b07_truncated_jpegs_are_skipped_not_fatal() {
-    let (Some(cut), Some(headers), Some(good), Some(tar)) = (
+    let (cut, headers, good, tar) = (
         field("B07_truncated_60pct.jpg"),
         field("B07_headers_only.jpg"),
         field("B07_good.jpg"),
         field("B07_truncated_shard.tar"),
-    ) else {
-        return;
-    };
+    );
     assert!(decode_rgb(&good, &DecodeOptions::new(1 << 20)).is_ok());
     let e = decode_rgb(&cut, &DecodeOptions::new(1 << 20))
         .unwrap_err()
@@ -831,9 +805,7 @@ fn b07_truncated_jpegs_are_skipped_not_fatal() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b08_mixed_channel_layouts_stack_into_one_batch() {
-    let Some(tar) = field("B08_mixed_channels_shard.tar") else {
-        return;
-    };
+    let tar = field("B08_mixed_channels_shard.tar");
     for name in [
         "B08_gray.jpg",
         "B08_gray16.png",
@@ -841,12 +813,12 @@ fn b08_mixed_channel_layouts_stack_into_one_batch() {
         "B08_palette_trns.png",
         "B08_rgba.png",
     ] {
-        let img = decode_rgb(&field(name).unwrap(), &DecodeOptions::new(1 << 20)).unwrap();
+        let img = decode_rgb(&field(name), &DecodeOptions::new(1 << 20)).unwrap();
         assert_eq!(img.dimensions(), (24, 24), "{name}");
     }
     // 16-bit grey is scaled, not clipped or wrapped: its mean stays in range and non-trivial.
     let g16 = decode_rgb(
-        &field("B08_gray16.png").unwrap(),
+        &field("B08_gray16.png"),
         &DecodeOptions::new(1 << 20),
     )
     .unwrap();
@@ -862,12 +834,10 @@ fn b08_mixed_channel_layouts_stack_into_one_batch() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn b10_decompression_bombs_are_rejected_from_the_header() {
-    let (Some(png), Some(jpg)) = (
+    let (png, jpg) = (
         field("B10_png_30000x30000.png"),
         field("B10_jpeg_sof_65000.jpg"),
-    ) else {
-        return;
-    };
+    );
     let t = Instant::now();
     let e = decode_rgb(&png, &DecodeOptions::new(89_478_485))
         .unwrap_err()
@@ -886,7 +856,7 @@ fn b10_decompression_bombs_are_rejected_from_the_header() {
     let mut b = tar::Builder::new(Vec::new());
     for (key, data, cls) in [
         ("bomb", &png, "0"),
-        ("ok", &field("B07_good.jpg").unwrap(), "1"),
+        ("ok", &field("B07_good.jpg"), "1"),
     ] {
         devise::data::webdataset::append_member(&mut b, &format!("{key}.png"), data).unwrap();
         devise::data::webdataset::append_member(&mut b, &format!("{key}.cls"), cls.as_bytes())
@@ -901,9 +871,7 @@ fn b10_decompression_bombs_are_rejected_from_the_header() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn sha_mismatch_is_a_shard_error_strict_mode_fails_and_io_errors_are_fatal() {
-    let Some(full) = field("B01_full_shard.tar") else {
-        return;
-    };
+    let full = field("B01_full_shard.tar");
     // Shards are streamed: a checksum mismatch is known at the end of the shard, after its
     // samples were used; it is counted (and warned with the shard URL).
     let (dir, mut m) = one_shard(&full, 3, 3);
@@ -950,9 +918,7 @@ fn sha_mismatch_is_a_shard_error_strict_mode_fails_and_io_errors_are_fatal() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn dropping_a_stream_mid_flight_stops_its_thread() {
-    let Some((dir, m)) = tiny_shards() else {
-        return;
-    };
+    let (dir, m) = tiny_shards();
     let cfg = config(&dir, 16);
     let t = Instant::now();
     for _ in 0..5 {
@@ -989,9 +955,7 @@ fn throughput_shapes_render() {
 #[test]
 #[ignore = "benchmark: run it with --ignored --nocapture"]
 fn throughput_tiny_imagenet() {
-    let Some((dir, m)) = tiny_shards() else {
-        return;
-    };
+    let (dir, m) = tiny_shards();
     for (size, augment) in [(64u32, true), (56, true), (64, false)] {
         let mut cfg = config(&dir, size);
         cfg.augment = augment;
@@ -1015,9 +979,7 @@ fn throughput_tiny_imagenet() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
-    let (Some(good), Some(bad)) = (field("B07_good.jpg"), field("B07_truncated_60pct.jpg")) else {
-        return;
-    };
+    let (good, bad) = (field("B07_good.jpg"), field("B07_truncated_60pct.jpg"));
     // 7 samples, s3 undecodable.
     let mut b = tar::Builder::new(Vec::new());
     for i in 0..7 {

@@ -15,14 +15,15 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::common::shared_dir;
 
-/// Bytes of `imagenet-sample-100/<name>`, or `None` (printed) without `../shared`.
-fn sample(name: &str) -> Option<Vec<u8>> {
+/// Bytes of `../shared/data/imagenet-sample-100/<name>`.
+fn sample(name: &str) -> Vec<u8> {
     let path = shared_dir().join("data/imagenet-sample-100").join(name);
-    Some(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn field(name: &str) -> Option<Vec<u8>> {
-    Some(std::fs::read(shared_dir().join("field-cases").join(name)).unwrap())
+/// Bytes of `../shared/field-cases/<name>`.
+fn field(name: &str) -> Vec<u8> {
+    std::fs::read(shared_dir().join("field-cases").join(name)).unwrap()
 }
 
 /// `jpg` with an APP1 Exif segment (big-endian TIFF, one IFD0 entry: Orientation = `value`,
@@ -98,9 +99,7 @@ fn diff_levels(a: &[f32], b: &[f32]) -> (f64, f64) {
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn exif_orientation_is_applied_or_ignored() {
     // 1600x1200 with an Exif segment of its own (replaced); landscape, so a quarter turn shows.
-    let Some(jpg) = sample("n03337140_file.JPEG") else {
-        return;
-    };
+    let jpg = sample("n03337140_file.JPEG");
     let apply = DecodeOptions::new(1 << 26);
     let ignore = DecodeOptions {
         exif_orientation: ExifOrientation::Ignore,
@@ -132,9 +131,7 @@ fn exif_orientation_is_applied_or_ignored() {
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn exif_orientation_reaches_the_fused_decode_and_transform() {
     // 1024x768: the crops here take the reduced-scale path too.
-    let Some(jpg) = sample("n03538406_horse_cart.JPEG") else {
-        return;
-    };
+    let jpg = sample("n03538406_horse_cart.JPEG");
     let tagged = with_exif_orientation(&jpg, 6);
     let mut c = cfg(224);
     let full = decode_rgb(&jpg, &DecodeOptions::from(&c)).unwrap();
@@ -270,16 +267,14 @@ fn reduced_scale_decode_matches_full_decode_on_real_photos() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn field_cases_through_the_fused_decode() {
-    let (Some(cmyk), Some(grey), Some(cut), Some(headers), Some(png_bomb), Some(jpg_bomb)) = (
+    let (cmyk, grey, cut, headers, png_bomb, jpg_bomb) = (
         field("B05_cmyk.jpg"),
         field("B08_gray.jpg"),
         field("B07_truncated_60pct.jpg"),
         field("B07_headers_only.jpg"),
         field("B10_png_30000x30000.png"),
         field("B10_jpeg_sof_65000.jpg"),
-    ) else {
-        return;
-    };
+    );
     let c = cfg(16);
     let mut out = vec![0f32; 3 * 16 * 16];
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -314,9 +309,7 @@ fn field_cases_through_the_fused_decode() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn progressive_and_corrupt_jpegs_decode() {
-    let Some(jpg) = sample("n03538406_horse_cart.JPEG") else {
-        return;
-    };
+    let jpg = sample("n03538406_horse_cart.JPEG");
     let c = cfg(224);
     let img = decode_rgb(&jpg, &DecodeOptions::from(&c)).unwrap();
     assert_eq!(img.dimensions(), (1024, 768));
