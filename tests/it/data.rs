@@ -817,11 +817,7 @@ fn b08_mixed_channel_layouts_stack_into_one_batch() {
         assert_eq!(img.dimensions(), (24, 24), "{name}");
     }
     // 16-bit grey is scaled, not clipped or wrapped: its mean stays in range and non-trivial.
-    let g16 = decode_rgb(
-        &field("B08_gray16.png"),
-        &DecodeOptions::new(1 << 20),
-    )
-    .unwrap();
+    let g16 = decode_rgb(&field("B08_gray16.png"), &DecodeOptions::new(1 << 20)).unwrap();
     let max = g16.pixels().map(|p| p[0]).max().unwrap();
     let min = g16.pixels().map(|p| p[0]).min().unwrap();
     assert!(max > min, "16-bit grey kept its contrast ({min}..{max})");
@@ -854,10 +850,7 @@ fn b10_decompression_bombs_are_rejected_from_the_header() {
     );
     // Inside a shard: skipped and counted, the stream goes on.
     let mut b = tar::Builder::new(Vec::new());
-    for (key, data, cls) in [
-        ("bomb", &png, "0"),
-        ("ok", &field("B07_good.jpg"), "1"),
-    ] {
+    for (key, data, cls) in [("bomb", &png, "0"), ("ok", &field("B07_good.jpg"), "1")] {
         devise::data::webdataset::append_member(&mut b, &format!("{key}.png"), data).unwrap();
         devise::data::webdataset::append_member(&mut b, &format!("{key}.cls"), cls.as_bytes())
             .unwrap();

@@ -1,7 +1,7 @@
 //! Scope: `report.html` of a real run (`common::synthetic::trained_run`: the shapes, all
-//! stages, hp@k on the shape hierarchy): it is one self-contained page (no external references), its plots and example images are inline,
-//! and a headless browser (Debian's chromium, installed by scripts/test.sh) loads every one of
-//! its images.
+//! stages, hp@k on the shape hierarchy): it is one self-contained page (no external
+//! references), its plots and example images are inline, and a headless browser (Debian's
+//! chromium, installed by scripts/test.sh) loads every one of its images.
 use crate::common::synthetic::trained_run;
 use std::process::Command;
 

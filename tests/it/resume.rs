@@ -24,7 +24,6 @@ use crate::common::launch::{
 };
 use crate::common::ports;
 use crate::common::s3::{s3_env, start_server, S3Server};
-use crate::common::shared_dir;
 use crate::common::tiny;
 use devise::storage::Store;
 use std::collections::BTreeSet;
@@ -697,7 +696,6 @@ fn sigusr2_preempts_with_preempt_signal_usr2_with_and_without_the_launcher() {
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn the_tiny_imagenet_config_resumes_with_resume_auto_after_sigusr1() {
-    let _ = shared_dir();
     let (_, shards) = tiny::shards();
     let dir = tempfile::tempdir().unwrap();
     let config = concat!(

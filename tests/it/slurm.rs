@@ -15,7 +15,8 @@
 //!   with fewer tasks than its job, several tasks per node): the environment each task gets, and
 //!   the rank, world size and local rank `devise train --dry-run` resolves from it.
 //!
-//! The tests share the daemons and take one lock. Without a local SLURM they print `SKIP:`;
+//! The runs train on the synthetic shapes (`common::synthetic`). The tests share the daemons and
+//! take one lock. Without a local SLURM they print `SKIP:`;
 //! under `CI=true` they fail.
 use crate::common::launch::{
     devise, final_weights, launcher, losses, processes_of, run_dir, run_launcher, text,
