@@ -93,8 +93,8 @@ impl Config {
 pub struct TrainState {
     /// Optimizer steps completed, counted across stages.
     pub step: u64,
-    /// Name of the stage that step belongs to (`softmax`, `devise`, `finetune`).
-    pub stage: String,
+    /// The stage that step belongs to (`softmax`, `devise`, `finetune`).
+    pub stage: crate::plan::StageKind,
     /// Position of the training stream after `step` (shared by all ranks: the global order).
     pub cursor: Cursor,
     /// Training images consumed so far, all ranks together.
@@ -583,6 +583,28 @@ pub fn config_at(url: &str) -> Result<String> {
         bail!("{url}/config.toml does not match its manifest (corrupt)");
     }
     config_text(&BTreeMap::from([("config.toml".to_string(), data)]), url)
+}
+
+/// The checkpoint step directory URL that `arg` names: `arg` itself when it is one
+/// (`.../checkpoints/step-NNNNNNNNN`), else, `arg` read as a run directory, the checkpoint its
+/// `checkpoints/LATEST` names ([`find_latest`]: the newest that verifies when `LATEST` is broken).
+/// Errors name `arg`: a run directory without a complete checkpoint, or neither.
+pub fn resolve_step_url(arg: &str) -> Result<String> {
+    let trimmed = arg.trim_end_matches('/');
+    let last = trimmed.rsplit('/').next().unwrap_or(trimmed);
+    if parse_step_dir(last).is_some() {
+        return Ok(trimmed.to_string());
+    }
+    let run = Store::open_existing(trimmed).with_context(|| {
+        format!("{arg}: neither a checkpoint step directory (.../checkpoints/step-NNNNNNNNN) nor a run directory")
+    })?;
+    match find_latest(&run)? {
+        Some(step) => Ok(run.child_url(&format!("checkpoints/{}", step_dir_name(step)))),
+        None => bail!(
+            "{arg}: neither a checkpoint step directory (.../checkpoints/step-NNNNNNNNN) nor a run \
+             directory holding a complete checkpoint (checkpoints/LATEST)"
+        ),
+    }
 }
 
 /// Loads a checkpoint given its step directory URL (`.../checkpoints/step-000001000`).

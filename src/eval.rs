@@ -14,7 +14,7 @@ use crate::collective::Collective;
 use crate::data::reader::eval_batches;
 use crate::hierarchy::{CandidateIndex, Hierarchy, HpAtK, HpCounter};
 use crate::model::DeviseModel;
-use crate::plan::Plan;
+use crate::plan::{Plan, StageKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -118,7 +118,7 @@ pub struct ClassHits {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageEval {
     /// Stage evaluated (`softmax`, `devise`, `finetune`).
-    pub stage: String,
+    pub stage: StageKind,
     /// Optimizer step at which it was evaluated.
     pub step: u64,
     /// Rows.
@@ -323,6 +323,17 @@ pub enum Heads {
     Devise,
 }
 
+impl Heads {
+    /// The heads a model has trained after `stage`: the classifier after `softmax`, the
+    /// projection after `devise` and `finetune`.
+    pub fn after(stage: StageKind) -> Heads {
+        match stage {
+            StageKind::Softmax => Heads::Softmax,
+            StageKind::Devise | StageKind::Finetune => Heads::Devise,
+        }
+    }
+}
+
 /// Evaluates `model` on the validation split. `stage`/`step` label the result.
 pub fn evaluate(
     model: &DeviseModel,
@@ -330,7 +341,7 @@ pub fn evaluate(
     heads: Heads,
     collective: &dyn Collective,
     device: Device,
-    stage: &str,
+    stage: StageKind,
     step: u64,
 ) -> Result<StageEval> {
     let started = std::time::Instant::now();
@@ -493,7 +504,7 @@ pub fn evaluate(
         }
     }
     Ok(StageEval {
-        stage: stage.to_string(),
+        stage,
         step,
         rows,
         seconds: started.elapsed().as_secs_f64(),

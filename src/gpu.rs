@@ -24,7 +24,7 @@ extern "C" {
 }
 
 /// Arithmetic of the encoder's forward pass (`train.precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Precision {
     /// float32 throughout (default).

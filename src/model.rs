@@ -11,7 +11,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
 
 /// Which image encoder to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Encoder {
     /// ResNet-18 from `tch::vision::resnet` (512-d features).
@@ -58,7 +58,7 @@ pub struct Config {
 }
 
 /// Normalisation layers of the `convnet` encoder.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Norm {
     /// BatchNorm (running statistics, `encoder.*.bn.*`).

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tch::Tensor;
 
 /// Optimizer algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
     /// `buf = momentum * buf + g; p -= lr * buf` (PyTorch SGD, dampening 0, not Nesterov).
@@ -18,7 +18,7 @@ pub enum Algorithm {
 }
 
 /// Decay after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Schedule {
     /// Half-cosine from `lr` to `lr * final_lr_fraction` over the stage's remaining steps.

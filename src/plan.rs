@@ -11,12 +11,13 @@ use crate::config::RunConfig;
 use crate::data::shards::{read_manifest, Manifest};
 use crate::text::labels::LabelEmbeddings;
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tch::Tensor;
 
-/// A training stage (paper §3.3 recipe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A training stage (paper §3.3 recipe). Spelt `softmax`, `devise`, `finetune` in TOML, in
+/// checkpoints (`train_state.json`), in evaluation files and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum StageKind {
     /// Encoder + softmax head, cross-entropy: the pretraining and the softmax baseline.
@@ -28,6 +29,9 @@ pub enum StageKind {
 }
 
 impl StageKind {
+    /// Every stage, in training order.
+    pub const ALL: [StageKind; 3] = [StageKind::Softmax, StageKind::Devise, StageKind::Finetune];
+
     /// `softmax`, `devise`, `finetune`.
     pub fn name(self) -> &'static str {
         match self {
@@ -35,6 +39,21 @@ impl StageKind {
             StageKind::Devise => "devise",
             StageKind::Finetune => "finetune",
         }
+    }
+
+    /// This stage's `[train.<stage>]` section.
+    pub fn config(self, train: &crate::train::Config) -> &crate::train::StageConfig {
+        match self {
+            StageKind::Softmax => &train.softmax,
+            StageKind::Devise => &train.devise,
+            StageKind::Finetune => &train.finetune,
+        }
+    }
+}
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
     }
 }
 
@@ -254,11 +273,8 @@ impl Plan {
 
         let mut stages = Vec::new();
         let mut next = 1u64;
-        for (kind, stage) in [
-            (StageKind::Softmax, &cfg.train.softmax),
-            (StageKind::Devise, &cfg.train.devise),
-            (StageKind::Finetune, &cfg.train.finetune),
-        ] {
+        for kind in StageKind::ALL {
+            let stage = kind.config(&cfg.train);
             let steps =
                 (stage.epochs * train_images as f64 / global_batch_size as f64).ceil() as u64;
             if steps == 0 {

@@ -5,7 +5,7 @@
 use crate::config::RunConfig;
 use crate::data::reader::DataStats;
 use crate::eval::{FlatHits, StageEval, HIT_KS};
-use crate::plan::Plan;
+use crate::plan::{Plan, StageKind};
 use crate::storage::Store;
 use anyhow::Result;
 use std::fmt::Write;
@@ -113,17 +113,17 @@ fn chance(out: &mut String, hits: &FlatHits, with_hp: bool) {
     );
 }
 
-fn find<'a>(evals: &'a [StageEval], stage: &str, key: &str) -> Option<&'a FlatHits> {
+fn find<'a>(evals: &'a [StageEval], stage: StageKind, key: &str) -> Option<&'a FlatHits> {
     evals
         .iter()
         .find(|e| e.stage == stage)
         .and_then(|e| e.rows.get(key))
 }
 
-fn table(out: &mut String, title: &str, evals: &[StageEval], rows: &[(&str, &str, &str)]) {
+fn table(out: &mut String, title: &str, evals: &[StageEval], rows: &[(&str, StageKind, &str)]) {
     let present: Vec<(&str, &FlatHits)> = rows
         .iter()
-        .filter_map(|(label, stage, key)| find(evals, stage, key).map(|h| (*label, h)))
+        .filter_map(|(label, stage, key)| find(evals, *stage, key).map(|h| (*label, h)))
         .collect();
     if present.is_empty() {
         return;
@@ -214,9 +214,9 @@ pub fn tables(evals: &[StageEval]) -> String {
         "Seen classes (validation images of the training labels)",
         evals,
         &[
-            ("softmax baseline", "softmax", "seen/softmax"),
-            ("DeViSE (frozen CNN)", "devise", "seen/devise"),
-            ("DeViSE (fine-tuned)", "finetune", "seen/devise"),
+            ("softmax baseline", StageKind::Softmax, "seen/softmax"),
+            ("DeViSE (frozen CNN)", StageKind::Devise, "seen/devise"),
+            ("DeViSE (fine-tuned)", StageKind::Finetune, "seen/devise"),
         ],
     );
     table(
@@ -224,21 +224,29 @@ pub fn tables(evals: &[StageEval]) -> String {
         "Zero-shot, DeViSE-0 (unseen images, unseen labels only)",
         evals,
         &[
-            ("DeViSE (frozen CNN)", "devise", "zero_shot/devise_0"),
-            ("DeViSE (fine-tuned)", "finetune", "zero_shot/devise_0"),
+            (
+                "DeViSE (frozen CNN)",
+                StageKind::Devise,
+                "zero_shot/devise_0",
+            ),
+            (
+                "DeViSE (fine-tuned)",
+                StageKind::Finetune,
+                "zero_shot/devise_0",
+            ),
             (
                 "ConSE T=1 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t1_0",
             ),
             (
                 "ConSE T=5 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t5_0",
             ),
             (
                 "ConSE T=10 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t10_0",
             ),
         ],
@@ -250,32 +258,32 @@ pub fn tables(evals: &[StageEval]) -> String {
         &[
             (
                 "softmax baseline (names seen labels only)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/softmax_plus_seen",
             ),
             (
                 "DeViSE (frozen CNN)",
-                "devise",
+                StageKind::Devise,
                 "zero_shot/devise_plus_seen",
             ),
             (
                 "DeViSE (fine-tuned)",
-                "finetune",
+                StageKind::Finetune,
                 "zero_shot/devise_plus_seen",
             ),
             (
                 "ConSE T=1 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t1_plus_seen",
             ),
             (
                 "ConSE T=5 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t5_plus_seen",
             ),
             (
                 "ConSE T=10 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t10_plus_seen",
             ),
         ],
@@ -285,22 +293,30 @@ pub fn tables(evals: &[StageEval]) -> String {
         "Seen images, seen + unseen candidates",
         evals,
         &[
-            ("DeViSE (frozen CNN)", "devise", "seen/devise_plus_unseen"),
-            ("DeViSE (fine-tuned)", "finetune", "seen/devise_plus_unseen"),
+            (
+                "DeViSE (frozen CNN)",
+                StageKind::Devise,
+                "seen/devise_plus_unseen",
+            ),
+            (
+                "DeViSE (fine-tuned)",
+                StageKind::Finetune,
+                "seen/devise_plus_unseen",
+            ),
         ],
     );
-    let custom: Vec<(String, String, String)> = evals
+    let custom: Vec<(String, StageKind, String)> = evals
         .iter()
         .flat_map(|e| {
             e.rows
                 .keys()
                 .filter(|k| k.starts_with("labels/"))
-                .map(|k| (format!("{} ({})", k, e.stage), e.stage.clone(), k.clone()))
+                .map(|k| (format!("{} ({})", k, e.stage), e.stage, k.clone()))
         })
         .collect();
-    let custom: Vec<(&str, &str, &str)> = custom
+    let custom: Vec<(&str, StageKind, &str)> = custom
         .iter()
-        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+        .map(|(a, b, c)| (a.as_str(), *b, c.as_str()))
         .collect();
     for row in &custom {
         table(

@@ -65,7 +65,7 @@ pub fn html(
         e.rows
             .get("zero_shot/devise_0")
             .filter(|r| !r.per_class.is_empty())
-            .map(|r| (e.stage.as_str(), r))
+            .map(|r| (e.stage.name(), r))
     }) {
         figure(
             &format!("Zero-shot DeViSE-0 per unseen class after {stage}: hit@1 (blue) and hit@5 (orange)"),
@@ -76,7 +76,7 @@ pub fn html(
         let _ = writeln!(
             body,
             "<h2>Unseen images after {}: DeViSE-0 top 5</h2><div class=\"examples\">",
-            escape(&e.stage)
+            escape(e.stage.name())
         );
         for ex in &e.examples {
             let _ = write!(

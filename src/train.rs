@@ -19,6 +19,8 @@
 //! reaching any rank): so every rank applies or skips the update (`train.non_finite`), fails, or
 //! stops to checkpoint at the same step. Progress is reported to `devise-launch` by a heartbeat
 //! each step and each evaluation batch (`devise_launch::heartbeat`).
+pub mod command;
+
 use crate::checkpoint::{self, TrainState};
 use crate::collective::{ddp, Collective, ReduceOp};
 use crate::config::{DeviceKind, RunConfig};
@@ -123,16 +125,13 @@ impl Config {
         if self.max_consecutive_skips == 0 {
             bail!("train.max_consecutive_skips must be > 0");
         }
-        for (name, st) in [
-            ("softmax", &self.softmax),
-            ("devise", &self.devise),
-            ("finetune", &self.finetune),
-        ] {
+        for kind in StageKind::ALL {
+            let (name, st) = (kind.name(), kind.config(self));
             if !(st.epochs.is_finite() && st.epochs >= 0.0) {
                 bail!("train.{name}.epochs must be >= 0, got {}", st.epochs);
             }
             st.optimizer.validate(&format!("train.{name}.optimizer"))?;
-            if st.cache_features && name != "devise" {
+            if st.cache_features && kind != StageKind::Devise {
                 bail!("train.{name}.cache_features: only the devise stage (frozen encoder) can cache features");
             }
         }
@@ -298,7 +297,7 @@ pub fn train(
             Heads::Softmax,
             collective,
             device,
-            "softmax",
+            StageKind::Softmax,
             0,
         )?;
         record_eval(result, &run, &mut metrics, &mut evals, is_rank0)?;
@@ -462,7 +461,7 @@ pub fn train(
         }
 
         state.step = step;
-        state.stage = stage.kind.name().to_string();
+        state.stage = stage.kind;
         state.samples_seen += plan.global_batch_size as u64;
         window.add(
             (!skipped).then_some(loss),
@@ -488,18 +487,13 @@ pub fn train(
         let stage_end = step == stage.last_step;
         let periodic = cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0;
         if stage_end || periodic {
-            let heads = if stage.kind == StageKind::Softmax {
-                Heads::Softmax
-            } else {
-                Heads::Devise
-            };
             let result = eval::evaluate(
                 &model,
                 plan,
-                heads,
+                Heads::after(stage.kind),
                 collective,
                 device,
-                stage.kind.name(),
+                stage.kind,
                 step,
             )?;
             record_eval(result, &run, &mut metrics, &mut evals, is_rank0)?;
@@ -561,7 +555,7 @@ impl Input {
 fn fresh_state(cfg: &RunConfig, plan: &Plan) -> TrainState {
     TrainState {
         step: 0,
-        stage: plan.stages[0].kind.name().to_string(),
+        stage: plan.stages[0].kind,
         cursor: Default::default(),
         samples_seen: 0,
         seed: cfg.run.seed,
@@ -851,7 +845,7 @@ fn stage_optimizer(
     );
     if let Some(ck) = resumed {
         if ck.state.step + 1 == step
-            && ck.state.stage == stage.kind.name()
+            && ck.state.stage == stage.kind
             && ck.state.step != stage.last_step
         {
             opt.load_state_dict(&ck.optimizer)
@@ -1165,17 +1159,8 @@ pub fn choose_device(
         cuda_visible_devices,
         cuda_devices,
     )
-    .with_context(|| format!("run.device = {}", device_name(device)))?;
+    .with_context(|| format!("run.device = {device}"))?;
     Ok(Device::Cuda(ordinal))
-}
-
-/// `cpu`, `cuda`, `auto`: as TOML spells it.
-fn device_name(device: DeviceKind) -> &'static str {
-    match device {
-        DeviceKind::Cpu => "cpu",
-        DeviceKind::Cuda => "cuda",
-        DeviceKind::Auto => "auto",
-    }
 }
 
 /// The number of rows of the assembled cache: 1 + the largest row id any rank holds.
@@ -1342,7 +1327,7 @@ fn window_line(v: &serde_json::Value) -> String {
 fn eval_line(e: &StageEval) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     m.insert("step".into(), e.step.into());
-    m.insert("stage".into(), e.stage.clone().into());
+    m.insert("stage".into(), e.stage.name().into());
     for (row, hits) in &e.rows {
         for (k, v) in &hits.hit_at_k {
             m.insert(format!("eval/{row}/hit_at_{k}"), (*v).into());

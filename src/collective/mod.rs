@@ -42,8 +42,8 @@ pub use devise_launch::world::{EnvSource, WorkerEnv};
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `auto` (NCCL when `run.device` is CUDA, else `cpu`), `cpu`, or `nccl`.
-    #[serde(default = "default_backend")]
-    pub backend: String,
+    #[serde(default)]
+    pub backend: Backend,
     /// Gradients are averaged in flat buckets of at most this many MiB (one all-reduce each).
     #[serde(default = "default_bucket_mb")]
     pub bucket_size_mb: f64,
@@ -66,8 +66,43 @@ fn default_true() -> bool {
     true
 }
 
-fn default_backend() -> String {
-    "auto".into()
+/// `dist.backend`: how ranks exchange tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `nccl` when this process runs on a CUDA device, else `cpu`.
+    #[default]
+    Auto,
+    /// Ring all-reduce over TCP and Unix sockets ([`ring`]); buffers on the CPU.
+    Cpu,
+    /// NCCL on this process's GPU (cargo feature `nccl`).
+    Nccl,
+}
+
+impl Backend {
+    /// `auto`, `cpu`, `nccl`: as TOML and the command line spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Cpu => "cpu",
+            Backend::Nccl => "nccl",
+        }
+    }
+
+    /// The backend `auto` stands for on `device` (others stand for themselves).
+    pub fn resolve(self, device: Device) -> Backend {
+        match self {
+            Backend::Auto if device.is_cuda() => Backend::Nccl,
+            Backend::Auto => Backend::Cpu,
+            other => other,
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
 }
 fn default_bucket_mb() -> f64 {
     25.0
@@ -82,7 +117,7 @@ fn default_timeout() -> u64 {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            backend: default_backend(),
+            backend: Backend::Auto,
             bucket_size_mb: default_bucket_mb(),
             check_params_every_steps: default_check_every(),
             timeout_secs: default_timeout(),
@@ -94,12 +129,6 @@ impl Default for Config {
 impl Config {
     /// Checks the section; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.backend.as_str(), "auto" | "cpu" | "nccl") {
-            bail!(
-                "dist.backend = {:?}: expected auto, cpu or nccl",
-                self.backend
-            );
-        }
         if !(self.bucket_size_mb.is_finite() && self.bucket_size_mb > 0.0) {
             bail!(
                 "dist.bucket_size_mb must be > 0, got {}",
@@ -219,32 +248,46 @@ impl Collective for SingleProcess {
 /// be reached or refuses the token within `dist.timeout_secs`, the backend cannot start
 /// (missing libnccl, `nccl` on a CPU device, ...).
 pub fn init(env: &WorkerEnv, cfg: &Config, device: Device) -> Result<Box<dyn Collective>> {
+    init_with(env, cfg, device, Join::WhenSeveral)
+}
+
+/// Whether [`init_with`] sets up a backend for a world of one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// Only when the world has several processes; one process gets [`SingleProcess`].
+    WhenSeveral,
+    /// Always, even for one process (`devise bench-step --collective`: a one-rank smoke test
+    /// of the backend itself).
+    Always,
+}
+
+/// [`init`], with the choice of joining a one-process world through the backend (`join`).
+pub fn init_with(
+    env: &WorkerEnv,
+    cfg: &Config,
+    device: Device,
+    join: Join,
+) -> Result<Box<dyn Collective>> {
     cfg.validate()?;
-    if env.world_size == 1 {
+    if env.world_size == 1 && join == Join::WhenSeveral {
         return Ok(Box::new(SingleProcess));
     }
     let timeout = std::time::Duration::from_secs(cfg.timeout_secs);
     let store = store::Rendezvous::join(env, timeout)?;
-    let backend = match cfg.backend.as_str() {
-        "auto" if device.is_cuda() => "nccl",
-        "auto" => "cpu",
-        b => b,
-    };
+    let backend = cfg.backend.resolve(device);
     tracing::info!("{env}, backend {backend}");
-    match backend {
-        "cpu" => Ok(Box::new(ring::Ring::connect(
+    // `resolve` turned `auto` into `cpu` or `nccl`.
+    match (backend, device) {
+        (Backend::Cpu, _) => Ok(Box::new(ring::Ring::connect(
             store,
             timeout,
             cfg.unix_sockets,
         )?)),
-        "nccl" => match device {
-            Device::Cuda(ordinal) => Ok(Box::new(nccl::Nccl::connect(store, ordinal)?)),
-            other => bail!(
-                "dist.backend = \"nccl\" needs a CUDA device, but this process runs on {other:?} \
-                 (run.device)"
-            ),
-        },
-        other => bail!("dist.backend = {other:?}: expected auto, cpu or nccl"),
+        (_, Device::Cuda(ordinal)) => Ok(Box::new(nccl::Nccl::connect(store, ordinal)?)),
+        (_, other) => bail!(
+            "dist.backend = \"nccl\" needs a CUDA device, but this process runs on {other:?} \
+             (run.device)"
+        ),
     }
 }
 

@@ -46,7 +46,7 @@ pub struct Config {
 }
 
 /// Policy for a label none of whose names maps to a word vector. Serialized `"skip"` / `"error"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnUnmapped {
     /// Warn naming the label (wnid and names) and leave it unmapped; the caller leaves it out of

@@ -98,7 +98,9 @@ const MIN_PREFIX_BYTES: usize = 64 << 10;
 
 /// Word-vector file format. Serialized in kebab-case (`"word2vec-binary"`, ...); see the module
 /// documentation for the exact layout of each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// Detect from the first bytes (module docs, "Auto-detection"); the choice is logged.
