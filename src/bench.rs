@@ -1,7 +1,7 @@
 //! `devise bench-step`: the training loop's own step (`train::train_step`, the per-step vote,
 //! the optimizer) timed on one synthetic batch kept on the device, so GPU throughput is measured
 //! without a data pipeline, as the PyTorch reference loop in `bench/gpu_torch.py` is
-//! (`bench/gpu.sh`, BENCHMARKS.md). With a collective (`--nccl` under a one-rank environment)
+//! (`bench/gpu.sh`, BENCHMARKS.md). With a collective (`--collective nccl`, even in a one-rank world)
 //! it also all-reduces a gradient-sized buffer and checks the result: the NCCL smoke test.
 use crate::collective::{ddp, Collective, ReduceOp};
 use crate::gpu::Precision;

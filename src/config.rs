@@ -41,7 +41,7 @@ pub struct RunSection {
 }
 
 /// `run.device`: where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     /// The CPU.
@@ -52,6 +52,8 @@ pub enum DeviceKind {
     #[default]
     Auto,
 }
+
+crate::config::deserialize_by_name!(DeviceKind);
 
 impl DeviceKind {
     /// `cpu`, `cuda`, `auto`: as TOML and the command line spell it.
@@ -103,6 +105,33 @@ pub fn parse_set(s: &str) -> std::result::Result<String, String> {
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// Deserializes a choice ([`clap::ValueEnum`]) from its name as the command line spells it,
+/// which is also how TOML and the JSON files spell it; another value is an error listing the
+/// values (the configuration loader adds the key).
+pub fn deserialize_choice<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: clap::ValueEnum,
+{
+    let name = String::deserialize(d)?;
+    T::from_str(&name, false).map_err(|_| {
+        serde::de::Error::custom(format!("{name:?} is not one of {}", choice_values::<T>()))
+    })
+}
+
+/// `impl Deserialize for $t` through [`deserialize_choice`]: a choice is read by its name, and an
+/// unknown one is an error listing the values.
+macro_rules! deserialize_by_name {
+    ($t:ty) => {
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                $crate::config::deserialize_choice(d)
+            }
+        }
+    };
+}
+pub(crate) use deserialize_by_name;
 
 /// The values of a choice, as the command line and TOML spell them: `cpu, cuda, auto`.
 pub fn choice_values<T: clap::ValueEnum>() -> String {
@@ -445,6 +474,44 @@ mod tests {
             let e = format!("{:#}", load(&[set]).unwrap_err());
             assert!(e.contains(key), "{set}: {e}");
         }
+    }
+
+    /// Every choice is written (serde) as the command line spells it (clap), and read back.
+    #[test]
+    fn every_choice_is_spelt_the_same_in_files_and_on_the_command_line() {
+        fn check<T>()
+        where
+            T: clap::ValueEnum
+                + Serialize
+                + serde::de::DeserializeOwned
+                + PartialEq
+                + std::fmt::Debug,
+        {
+            for v in T::value_variants() {
+                let name = v.to_possible_value().unwrap().get_name().to_string();
+                assert_eq!(serde_json::to_value(v).unwrap(), serde_json::json!(name));
+                let back: T = serde_json::from_value(serde_json::json!(name)).unwrap();
+                assert_eq!(&back, v);
+            }
+            let err = serde_json::from_value::<T>(serde_json::json!("nonesuch")).unwrap_err();
+            assert!(err.to_string().contains(&choice_values::<T>()), "{err}");
+        }
+        check::<DeviceKind>();
+        check::<crate::collective::Backend>();
+        check::<crate::plan::StageKind>();
+        check::<crate::model::Encoder>();
+        check::<crate::model::Norm>();
+        check::<crate::gpu::Precision>();
+        check::<crate::text::Format>();
+        check::<crate::text::OnUnmapped>();
+        check::<crate::optim::Algorithm>();
+        check::<crate::optim::Schedule>();
+        check::<devise_launch::signal::PreemptSignal>();
+        // The names `Display` and `name()` give are the same.
+        assert_eq!(DeviceKind::Cuda.to_string(), "cuda");
+        assert_eq!(crate::collective::Backend::Nccl.to_string(), "nccl");
+        assert_eq!(crate::plan::StageKind::Finetune.to_string(), "finetune");
+        assert_eq!(crate::text::Format::Word2vecText.name(), "word2vec-text");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
 
 /// Which image encoder to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Encoder {
     /// ResNet-18 from `tch::vision::resnet` (512-d features).
@@ -25,6 +25,8 @@ pub enum Encoder {
     /// Feature dimension = the last width.
     Convnet,
 }
+
+crate::config::deserialize_by_name!(Encoder);
 
 /// `[model]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,7 +60,7 @@ pub struct Config {
 }
 
 /// Normalisation layers of the `convnet` encoder.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Norm {
     /// BatchNorm (running statistics, `encoder.*.bn.*`).
@@ -67,6 +69,8 @@ pub enum Norm {
     /// GroupNorm with 8 groups (1 if the width is not a multiple of 8), `encoder.*.gn.*`.
     Group,
 }
+
+crate::config::deserialize_by_name!(Norm);
 
 fn default_true() -> bool {
     true

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tch::Tensor;
 
 /// Optimizer algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
     /// `buf = momentum * buf + g; p -= lr * buf` (PyTorch SGD, dampening 0, not Nesterov).
@@ -17,8 +17,10 @@ pub enum Algorithm {
     Adagrad,
 }
 
+crate::config::deserialize_by_name!(Algorithm);
+
 /// Decay after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Schedule {
     /// Half-cosine from `lr` to `lr * final_lr_fraction` over the stage's remaining steps.
@@ -27,6 +29,8 @@ pub enum Schedule {
     /// `lr` after warmup.
     Constant,
 }
+
+crate::config::deserialize_by_name!(Schedule);
 
 /// Optimizer and schedule of one training stage (`[train.softmax]`, `[train.devise]`, ...).
 #[derive(Debug, Clone, Serialize, Deserialize)]

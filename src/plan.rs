@@ -11,13 +11,13 @@ use crate::config::RunConfig;
 use crate::data::shards::{read_manifest, Manifest};
 use crate::text::labels::LabelEmbeddings;
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::HashMap;
 use tch::Tensor;
 
 /// A training stage (paper §3.3 recipe). Spelt `softmax`, `devise`, `finetune` in TOML, in
 /// checkpoints (`train_state.json`), in evaluation files and on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum StageKind {
     /// Encoder + softmax head, cross-entropy: the pretraining and the softmax baseline.
@@ -27,6 +27,8 @@ pub enum StageKind {
     /// Encoder + projection, hinge rank loss.
     Finetune,
 }
+
+crate::config::deserialize_by_name!(StageKind);
 
 impl StageKind {
     /// Every stage, in training order.

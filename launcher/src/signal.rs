@@ -35,17 +35,7 @@ pub const REPEAT_WINDOW: Duration = Duration::from_secs(5);
 
 /// The signal that asks for "finish the step, checkpoint, exit 75". TOML and the command line
 /// spell it `usr1`, `usr2` or `term`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PreemptSignal {
     /// `SIGUSR1` (SLURM's `--signal=B:USR1@90`, `scancel --signal=USR1`).
@@ -56,6 +46,16 @@ pub enum PreemptSignal {
     /// `SIGTERM` only: no extra signal is caught, both `SIGUSR1` and `SIGUSR2` keep their
     /// default action (or NCCL's handler).
     Term,
+}
+
+/// Read by name (`usr1`, `usr2`, `term`); another value is an error listing them.
+impl<'de> serde::Deserialize<'de> for PreemptSignal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = <String as serde::Deserialize>::deserialize(d)?;
+        <PreemptSignal as clap::ValueEnum>::from_str(&name, false).map_err(|_| {
+            serde::de::Error::custom(format!("{name:?} is not one of usr1, usr2, term"))
+        })
+    }
 }
 
 impl PreemptSignal {

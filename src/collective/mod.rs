@@ -67,7 +67,7 @@ fn default_true() -> bool {
 }
 
 /// `dist.backend`: how ranks exchange tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// `nccl` when this process runs on a CUDA device, else `cpu`.
@@ -78,6 +78,8 @@ pub enum Backend {
     /// NCCL on this process's GPU (cargo feature `nccl`).
     Nccl,
 }
+
+crate::config::deserialize_by_name!(Backend);
 
 impl Backend {
     /// `auto`, `cpu`, `nccl`: as TOML and the command line spell it.
