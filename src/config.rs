@@ -160,6 +160,10 @@ pub fn choices_help() -> String {
         ("text.vectors_format", choice_values::<text::Format>()),
         ("text.on_unmapped", choice_values::<text::OnUnmapped>()),
         (
+            "train.non_finite",
+            choice_values::<crate::train::NonFinite>(),
+        ),
+        (
             "train.<stage>.optimizer.algorithm",
             choice_values::<optim::Algorithm>(),
         ),
@@ -504,6 +508,7 @@ mod tests {
         check::<crate::gpu::Precision>();
         check::<crate::text::Format>();
         check::<crate::text::OnUnmapped>();
+        check::<crate::train::NonFinite>();
         check::<crate::optim::Algorithm>();
         check::<crate::optim::Schedule>();
         check::<devise_launch::signal::PreemptSignal>();

@@ -80,7 +80,7 @@ pub struct Config {
 }
 
 /// `train.non_finite`: the policy for a non-finite loss or gradient on any rank.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NonFinite {
     /// Every rank stops with an error.
@@ -89,6 +89,8 @@ pub enum NonFinite {
     /// Every rank skips the update and goes on.
     Skip,
 }
+
+crate::config::deserialize_by_name!(NonFinite);
 
 fn default_log_every() -> u64 {
     10

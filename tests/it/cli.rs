@@ -1,6 +1,10 @@
 //! Scope: the `devise` binary as a user runs it — `data build-shards`, `train --dry-run`,
-//! configuration errors (exit 1, message names the key), preemption (exit 75 after writing a
-//! checkpoint) and resume to completion (exit 0, report written).
+//! configuration errors (exit 1, message names the key; a wrong choice lists the values),
+//! preemption (exit 75 after writing a checkpoint) and resume to completion (exit 0, report
+//! written); `--help` of `devise`, its worker commands and `devise-launch` (every choice's
+//! values, exit codes, environment); `--device` and `--dry-run` on `train`, `eval`, `predict`
+//! and `bench-step`, also run once by `devise-launch --dry-run`; a run directory as `eval` /
+//! `predict --checkpoint` (a synthetic run made here, no `../shared`).
 use crate::common::tiny_classes;
 use crate::train::{config_toml, shards};
 use std::process::Command;
@@ -156,6 +160,10 @@ fn every_choice() -> Vec<(&'static str, String)> {
         ("precision", choice_values::<devise::gpu::Precision>()),
         ("vectors format", choice_values::<devise::text::Format>()),
         (
+            "non-finite policy",
+            choice_values::<devise::train::NonFinite>(),
+        ),
+        (
             "preempt signal",
             choice_values::<devise_launch::signal::PreemptSignal>(),
         ),
@@ -272,6 +280,7 @@ fn a_wrong_choice_in_toml_names_the_key_and_the_values() {
         ),
         ("model", "precision", "fp16", "fp32, bf16"),
         ("run", "device", "gpu", "cpu, cuda, auto"),
+        ("train", "non_finite", "ignore", "stop, skip"),
     ] {
         // Through --set (the TOML value syntax) and the environment: the same parser.
         let cfg = dir.path().join("run.toml");
