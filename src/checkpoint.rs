@@ -1,4 +1,4 @@
-//! Crash-safe checkpoints under the run directory (STYLE.md point 7):
+//! Crash-safe checkpoints under the run directory:
 //!
 //! ```text
 //! <run dir>/checkpoints/step-000001000/model.safetensors      every model variable, torchvision-style names

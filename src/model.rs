@@ -1,6 +1,7 @@
 //! The DeViSE model (paper §3): an image encoder `v(image)`, a softmax head used for the
 //! pretraining stage (the paper's softmax baseline), and the linear projection `M` into the word
-//! space. The model holds architecture only: it never knows its rank (STYLE.md point 5).
+//! space. The model holds architecture only: it never knows its rank (data
+//! parallelism lives in `collective`).
 //!
 //! Parameter names follow torchvision under three prefixes, so PyTorch users recognise them in the
 //! safetensors checkpoint: `encoder.conv1.weight`, `encoder.layer1.0.bn1.running_mean`, ...,

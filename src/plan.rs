@@ -1,4 +1,4 @@
-//! The validated plan (STYLE.md point 4): what the user wrote, resolved once against the shard
+//! The validated plan: what the user wrote, resolved once against the shard
 //! manifest, the split file and the word vectors into every number the run uses. Nothing after
 //! this point re-validates. `devise train --dry-run` prints it.
 //!

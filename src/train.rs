@@ -1,4 +1,4 @@
-//! The training loop, top to bottom (STYLE.md point 1): resume, then
+//! The training loop, top to bottom: resume, then
 //! `for step in first..=last { train_step(..); log / eval / checkpoint when due }`, then the report.
 //!
 //! Stages follow the paper's recipe (§3.3): `softmax` (encoder + classifier, cross-entropy: the

@@ -1,10 +1,11 @@
-//! Cross-process communication (STYLE.md point 5: the model and the loss never know their rank).
+//! Cross-process communication: the one place ranks talk to each other (the model and the loss
+//! never know their rank).
 //!
 //! - [`store`]: the rendezvous key-value store over TCP (rank 0 hosts it, every rank connects
 //!   with the run's token). It carries the CPU backend's peer addresses and NCCL's unique id.
 //! - [`ring`]: the `cpu` backend, ring all-reduce over TCP (tests, development, CPU clusters).
 //! - `nccl`: the `nccl` backend (cargo feature `nccl`; without it a twin that compiles
-//!   everywhere and returns a clear error, STYLE.md point 8).
+//!   everywhere and returns a clear error).
 //! - [`ddp`]: what the training step builds on top: parameters broadcast from rank 0 at start,
 //!   gradients averaged in buckets, the cross-rank parameter checksum.
 //!
