@@ -333,7 +333,7 @@ pub fn save(
                 .with_context(|| format!("writing {}", path.display()))?;
             f.sync_all()
                 .with_context(|| format!("syncing {}", path.display()))?;
-            crate::fault::checkpoint_pause();
+            crate::train::fault::checkpoint_pause();
         }
         if fin.exists() {
             // Same step written again (e.g. preempted exactly at a stage end): replace it.
@@ -356,14 +356,14 @@ pub fn save(
         }
         for (file, data) in files {
             run.put(&format!("checkpoints/{name}/{file}"), data.into())?;
-            crate::fault::checkpoint_pause();
+            crate::train::fault::checkpoint_pause();
         }
     }
-    crate::fault::checkpoint_pause();
+    crate::train::fault::checkpoint_pause();
     verify(run, state.step)
         .with_context(|| format!("verifying freshly written checkpoint {name}"))?;
     run.put("checkpoints/LATEST", format!("{name}\n").into())?;
-    crate::fault::checkpoint_pause();
+    crate::train::fault::checkpoint_pause();
 
     // Only steps up to this one: newer steps are the abandoned future of a run rewound with
     // `--resume URL`; they are overwritten when the run reaches them, never counted as "newest".

@@ -11,41 +11,44 @@
 //! | module | what lives there |
 //! |---|---|
 //! | [`storage`] | `object_store` URLs (plain paths, `file://`) behind one small blocking API |
-//! | [`data`] | ImageFolder / ILSVRC-2012 val folder -> WebDataset tar shards + manifest (build in parallel, verify, index foreign shards); shard reader, decode, augmentation, batches, the data cursor; the synthetic shapes dataset |
-//! | [`split`] | which classes are seen (trained on) and unseen (zero-shot) |
+//! | [`data`] | ImageFolder / ILSVRC-2012 val folder -> WebDataset tar shards + manifest (build in parallel, verify, index foreign shards); shard reader, decode, augmentation, batches, the data cursor; the synthetic shapes dataset; which classes are seen and unseen ([`data::split`]) |
 //! | [`text`] | word-vector files (word2vec bin/text, GloVe, fastText) -> `label_embedding` per wnid (paper A.2); the label-embedding file a checkpoint keeps |
-//! | [`model`] | image encoder (`tch::vision` ResNets, a small ConvNet) + softmax head + linear projection `M` (§3) |
+//! | [`model`] | image encoder (`tch::vision` ResNets, a small ConvNet) + softmax head + linear projection `M` (§3); bfloat16 autocast and channels-last ([`model::gpu`]) |
 //! | [`loss`] | softmax cross-entropy and the hinge rank loss (§3.3, eq. 1) |
 //! | [`optim`] | SGD with momentum and Adagrad with state of our own (checkpointable), LR schedule |
-//! | [`train`] | the training loop, stage by stage (softmax -> devise -> finetune) |
 //! | [`collective`] | rendezvous store, CPU ring and NCCL all-reduce, the data-parallel step (bucketed gradient mean, broadcast, checksum) |
 //! | [`checkpoint`] | crash-safe checkpoints: temporary name, atomic publish, `LATEST` last |
-//! | [`eval`] | flat hit@k on seen classes and zero-shot label sets; softmax baseline; chance |
-//! | [`report`] | JSON + Markdown report in the run directory, terminal summary |
+//! | [`report`] | JSON + Markdown + HTML report in the run directory, terminal summary |
+//! | [`config`] | the run configuration (each component's own `Config`, nested) and the validated [`config::plan::Plan`] |
+//! | [`eval`] | flat hit@k and hp@k on seen classes and zero-shot label sets; softmax baseline; chance; `devise eval` of a checkpoint; `devise predict` |
+//! | [`train`] | the training loop, stage by stage (softmax -> devise -> finetune); `devise bench-step` |
 //! | [`demo`] | the embedded default run: synthetic shapes with real GloVe names, end to end |
 //!
 //! Configuration: [`config::RunConfig`] nests each component's own `Config`; it is validated once
-//! into a [`plan::Plan`] holding every derived number.
+//! into a [`config::plan::Plan`] holding every derived number.
 
-pub mod bench;
-pub mod checkpoint;
-pub mod checkpoint_eval;
-pub mod collective;
-pub mod config;
-pub mod data;
-pub mod demo;
-pub mod eval;
-pub mod fault;
-pub mod gpu;
-pub mod hierarchy;
-pub mod loss;
-pub mod model;
-pub mod optim;
-pub mod plan;
-pub mod predict;
-pub mod report;
-pub mod report_html;
-pub mod split;
 pub mod storage;
+
+pub mod data;
+
 pub mod text;
+
+pub mod model;
+
+pub mod loss;
+
+pub mod optim;
+
+pub mod collective;
+
+pub mod checkpoint;
+
+pub mod report;
+
+pub mod config;
+
+pub mod eval;
+
 pub mod train;
+
+pub mod demo;

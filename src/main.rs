@@ -8,8 +8,8 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use devise::collective::WorkerEnv;
+use devise::config::plan::Plan;
 use devise::config::RunConfig;
-use devise::plan::Plan;
 use devise::train::{Outcome, Resume, RunOptions};
 use devise_launch::signal::{signal_name, PreemptSignal, REPEAT_WINDOW};
 use std::path::PathBuf;
@@ -446,20 +446,20 @@ fn run(
             };
             let env = WorkerEnv::from_env().context("reading the rank environment")?;
             let cfg =
-                devise::predict::checkpoint_config(&checkpoint, &set).with_context(
-                    || match &config {
+                devise::eval::predict::checkpoint_config(&checkpoint, &set).with_context(|| {
+                    match &config {
                         Some(path) => {
                             format!("layering {path} over the configuration of {checkpoint}")
                         }
                         None => format!("the configuration of {checkpoint}"),
-                    },
-                )?;
+                    }
+                })?;
             let device =
                 devise::train::select_device(cfg.run.device, env.local_rank, env.local_world_size)
                     .with_context(|| format!("choosing the GPU of {env}"))?;
             let collective = devise::collective::init(&env, &cfg.dist, device)?;
-            let report = devise::checkpoint_eval::run(
-                &devise::checkpoint_eval::Request {
+            let report = devise::eval::checkpoint::run(
+                &devise::eval::checkpoint::Request {
                     checkpoint,
                     overrides: set,
                     labels,
@@ -489,8 +489,8 @@ fn run(
             threads,
             collective,
         } => {
+            use devise::config::plan::StageKind;
             use devise::model::Encoder;
-            use devise::plan::StageKind;
             let encoder = match encoder.as_str() {
                 "convnet" => Encoder::Convnet,
                 "resnet18" => Encoder::Resnet18,
@@ -507,8 +507,8 @@ fn run(
                 other => anyhow::bail!("--stage {other}: expected softmax, devise or finetune"),
             };
             let precision = match precision.as_str() {
-                "fp32" => devise::gpu::Precision::Fp32,
-                "bf16" => devise::gpu::Precision::Bf16,
+                "fp32" => devise::model::gpu::Precision::Fp32,
+                "bf16" => devise::model::gpu::Precision::Bf16,
                 other => anyhow::bail!("--precision {other}: expected fp32 or bf16"),
             };
             let device = match device.as_str() {
@@ -520,7 +520,7 @@ fn run(
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
-            let bench = devise::bench::BenchStep {
+            let bench = devise::train::bench::BenchStep {
                 encoder,
                 image_size,
                 batch_size,
@@ -555,7 +555,7 @@ fn run(
                         (c, true)
                     }
                 };
-            let result = devise::bench::run(&bench, device, collective.as_ref(), smoke)?;
+            let result = devise::train::bench::run(&bench, device, collective.as_ref(), smoke)?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -612,7 +612,7 @@ fn run_predict(
     strict: bool,
     images: &[String],
 ) -> Result<()> {
-    use devise::predict;
+    use devise::eval::predict;
     let device = match device {
         "cpu" => tch::Device::Cpu,
         "cuda" => tch::Device::Cuda(0),

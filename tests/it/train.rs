@@ -5,8 +5,8 @@
 //! and bit-identical final weights as an uninterrupted run.
 use crate::common::{shared_dir, tiny_classes, training_lock};
 use devise::collective::SingleProcess;
+use devise::config::plan::Plan;
 use devise::config::RunConfig;
-use devise::plan::Plan;
 use devise::train::{train, Outcome, Resume, RunOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -610,13 +610,12 @@ fn channels_last_and_bf16_autocast_train_every_stage_on_the_cpu() {
     let images = tch::Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
     let features = |layout: &str| {
         let loaded =
-            devise::predict::load_model(url, tch::Device::Cpu, &[layout.to_string()]).unwrap();
-        let conv_nhwc = loaded
-            .model
-            .vs
-            .variables()
-            .values()
-            .any(|v| v.dim() == 4 && devise::gpu::is_channels_last(v) && v.size()[2] > 1);
+            devise::eval::predict::load_model(url, tch::Device::Cpu, &[layout.to_string()])
+                .unwrap();
+        let conv_nhwc =
+            loaded.model.vs.variables().values().any(|v| {
+                v.dim() == 4 && devise::model::gpu::is_channels_last(v) && v.size()[2] > 1
+            });
         assert_eq!(conv_nhwc, layout.ends_with("true"), "{layout}");
         tch::no_grad(|| loaded.model.features(&images, false))
     };

@@ -10,11 +10,14 @@
 //!
 //! Data parallel: each rank evaluates its share of the images; hit counts are summed over ranks
 //! with the collective before dividing, so every rank computes the same numbers.
+pub mod checkpoint;
+pub mod hierarchy;
+pub mod predict;
 use crate::collective::Collective;
+use crate::config::plan::Plan;
 use crate::data::reader::eval_batches;
-use crate::hierarchy::{CandidateIndex, Hierarchy, HpAtK, HpCounter};
+use crate::eval::hierarchy::{CandidateIndex, Hierarchy, HpAtK, HpCounter};
 use crate::model::DeviseModel;
-use crate::plan::Plan;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -35,7 +38,7 @@ pub struct Config {
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// A `parent child` wnid file (ImageNet's `wordnet.is_a.txt`): with it, every row also
-    /// reports hierarchical precision@k (paper appendix A.3, `crate::hierarchy`).
+    /// reports hierarchical precision@k (paper appendix A.3, `crate::eval::hierarchy`).
     #[serde(default)]
     pub hierarchy: Option<String>,
     /// Also evaluate every this many optimizer steps (0: only at the end of each stage). Each

@@ -1,11 +1,12 @@
 //! The run report, written by rank 0 into the run directory: `report.json` (everything),
 //! `report.md` (the paper-style tables: softmax baseline vs DeViSE on seen classes, zero-shot
 //! DeViSE-0 and seen+unseen, chance; hp@k with `eval.hierarchy`), `report.html` (the same tables
-//! with plots and example images, [`crate::report_html`]), plus a terminal summary.
+//! with plots and example images, [`crate::report::html`]), plus a terminal summary.
+pub mod html;
+use crate::config::plan::Plan;
 use crate::config::RunConfig;
 use crate::data::reader::DataStats;
 use crate::eval::{FlatHits, StageEval, HIT_KS};
-use crate::plan::Plan;
 use crate::storage::Store;
 use anyhow::Result;
 use std::fmt::Write;
@@ -59,7 +60,7 @@ pub fn write(
             .get(wnid)
             .map_or_else(|| wnid.to_string(), |n| n.to_string())
     };
-    let html = crate::report_html::html(
+    let html = crate::report::html::html(
         &format!("DeViSE run {}", cfg.run.name),
         &md,
         evals,

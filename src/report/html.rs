@@ -286,7 +286,7 @@ fn hit_bars(rows: &[(String, &FlatHits)]) -> Result<Option<String>> {
 }
 
 fn hp_curves(rows: &[(String, &FlatHits)]) -> Result<Option<String>> {
-    let rows: Vec<(&String, &crate::hierarchy::HpAtK)> = rows
+    let rows: Vec<(&String, &crate::eval::hierarchy::HpAtK)> = rows
         .iter()
         .filter_map(|(n, h)| Some((n, h.hp.as_ref()?)))
         .collect();

@@ -19,16 +19,17 @@
 //! reaching any rank): so every rank applies or skips the update (`train.non_finite`), fails, or
 //! stops to checkpoint at the same step. Progress is reported to `devise-launch` by a heartbeat
 //! each step and each evaluation batch (`devise_launch::heartbeat`).
+pub mod bench;
+pub mod fault;
 use crate::checkpoint::{self, TrainState};
 use crate::collective::{ddp, Collective, ReduceOp};
+use crate::config::plan::{Plan, StageKind, StagePlan};
 use crate::config::{DeviceKind, RunConfig};
 use crate::data::reader::TrainStream;
 use crate::eval::{self, Heads, StageEval};
-use crate::fault;
 use crate::loss;
 use crate::model::DeviseModel;
 use crate::optim::Optimizer;
-use crate::plan::{Plan, StageKind, StagePlan};
 use crate::storage::Store;
 use crate::text::label_embedding;
 use anyhow::{bail, Context, Result};

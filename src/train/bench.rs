@@ -4,10 +4,10 @@
 //! (`bench/gpu.sh`, BENCHMARKS.md). With a collective (`--nccl` under a one-rank environment)
 //! it also all-reduces a gradient-sized buffer and checks the result: the NCCL smoke test.
 use crate::collective::{ddp, Collective, ReduceOp};
-use crate::gpu::Precision;
+use crate::config::plan::StageKind;
+use crate::model::gpu::Precision;
 use crate::model::{self, DeviseModel, Encoder};
 use crate::optim::{self, Algorithm, Optimizer};
-use crate::plan::StageKind;
 use crate::train::{stage_parameters, train_step, Input, StepVotes};
 use anyhow::{bail, Result};
 use std::time::Instant;

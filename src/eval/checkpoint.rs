@@ -17,9 +17,9 @@
 //! dimension is an error, one that gives the training labels other vectors a warning (an error
 //! with `--strict`): [`predict::check_label_vectors`].
 use crate::collective::Collective;
+use crate::config::plan::Plan;
+use crate::eval::predict;
 use crate::eval::{self, Heads, StageEval};
-use crate::plan::Plan;
-use crate::predict;
 
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;

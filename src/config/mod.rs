@@ -1,8 +1,9 @@
 //! The run configuration: TOML through the `config` crate, then `DEVISE__SECTION__KEY`
 //! environment overrides, then `--set section.key=value` flags (later wins). Each component owns
 //! its section (`data::Config`, `text::Config`, ...); this file only nests them. Every section is
-//! `deny_unknown_fields`, so a misspelt key is an error naming it. [`crate::plan::Plan`] is what
+//! `deny_unknown_fields`, so a misspelt key is an error naming it. [`crate::config::plan::Plan`] is what
 //! the rest of the program uses.
+pub mod plan;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -62,7 +63,7 @@ pub struct RunConfig {
     /// `[data]`
     pub data: crate::data::Config,
     /// `[labels]`
-    pub labels: crate::split::Config,
+    pub labels: crate::data::split::Config,
     /// `[text]`
     pub text: crate::text::Config,
     /// `[model]`

@@ -122,7 +122,7 @@ pub struct Plan {
     pub embed_dim: usize,
     /// `eval.hierarchy`, loaded: hierarchical precision@k is measured when present.
     #[serde(skip)]
-    pub hierarchy: Option<std::sync::Arc<crate::hierarchy::Hierarchy>>,
+    pub hierarchy: Option<std::sync::Arc<crate::eval::hierarchy::Hierarchy>>,
     /// Unit label vectors of `seen`, row-major `[seen, embed_dim]`.
     #[serde(skip)]
     pub seen_matrix: Vec<f32>,
@@ -163,7 +163,7 @@ impl Plan {
                 );
             }
         }
-        let split = crate::split::read_split(&cfg.labels)?;
+        let split = crate::data::split::read_split(&cfg.labels)?;
         let mut wanted: Vec<String> = split.seen.clone();
         wanted.extend(split.unseen.iter().cloned());
         let labels = crate::text::load_label_embeddings(&cfg.text, &wanted)?;
@@ -279,7 +279,7 @@ impl Plan {
         let coincident_labels = labels.coincident.clone();
         let hierarchy = match &cfg.eval.hierarchy {
             Some(path) => {
-                let h = crate::hierarchy::Hierarchy::load(std::path::Path::new(path))
+                let h = crate::eval::hierarchy::Hierarchy::load(std::path::Path::new(path))
                     .context("eval.hierarchy")?;
                 let missing: Vec<&String> = seen
                     .iter()

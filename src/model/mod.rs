@@ -6,6 +6,7 @@
 //! Parameter names follow torchvision under three prefixes, so PyTorch users recognise them in the
 //! safetensors checkpoint: `encoder.conv1.weight`, `encoder.layer1.0.bn1.running_mean`, ...,
 //! `classifier.weight` `[num_classes, feature_dim]`, `projection.weight` `[embed_dim, feature_dim]`.
+pub mod gpu;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
@@ -48,10 +49,10 @@ pub struct Config {
     #[serde(default)]
     pub norm: Norm,
     /// Arithmetic of the encoder's forward pass: `fp32` (default) or `bf16` (bfloat16 autocast;
-    /// float32 weights, gradients, optimizer state, heads and loss; `crate::gpu`). Meant for
+    /// float32 weights, gradients, optimizer state, heads and loss; `crate::model::gpu`). Meant for
     /// CUDA; it also runs on the CPU (oneDNN), slowly without AVX512-BF16.
     #[serde(default)]
-    pub precision: crate::gpu::Precision,
+    pub precision: crate::model::gpu::Precision,
     /// Lay out convolution weights and input batches channels-last (NHWC), what cuDNN's
     /// tensor-core kernels want (PyTorch's `channels_last`). Same values; default `false`.
     #[serde(default)]
@@ -114,7 +115,7 @@ pub struct DeviseModel {
     pub embed_dim: i64,
     /// Number of softmax classes (the seen training labels).
     pub num_classes: i64,
-    precision: crate::gpu::Precision,
+    precision: crate::model::gpu::Precision,
     channels_last: bool,
     device: Device,
 }
@@ -161,10 +162,10 @@ impl DeviseModel {
             },
         );
         if cfg.channels_last {
-            crate::gpu::to_channels_last(&vs)?;
+            crate::model::gpu::to_channels_last(&vs)?;
         }
         // Fails here, not in the middle of a forward pass, if autocast cannot be set.
-        crate::gpu::autocast(cfg.precision, device, || ())?;
+        crate::model::gpu::autocast(cfg.precision, device, || ())?;
         Ok(DeviseModel {
             vs,
             encoder,
@@ -184,7 +185,7 @@ impl DeviseModel {
     /// With `precision = bf16` the encoder runs under bfloat16 autocast and the features come
     /// back as float32; with `channels_last` a 4-d batch is laid out NHWC first.
     pub fn features(&self, images: &Tensor, train: bool) -> Tensor {
-        use crate::gpu::{self, Precision};
+        use crate::model::gpu::{self, Precision};
         // Layout only (same values): if libtorch refused it, NCHW computes the same features.
         let nhwc = (self.channels_last && images.dim() == 4)
             .then(|| gpu::channels_last(images).ok())
