@@ -98,7 +98,7 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
         local_rank: 0,
         local_world_size: 1,
     };
-    train(&cfg, &plan, &opts, &SingleProcess)
+    train(&plan, &opts, &SingleProcess)
 }
 
 /// GloVe 6B 50d as `scripts/setup.sh` installs it: `.deps/vectors/` under the current directory

@@ -397,9 +397,12 @@ fn run(
                 return Ok(None);
             }
             // Before any work: a worker without a GPU of its own stops here.
-            let device =
-                devise::train::select_device(cfg.run.device, env.local_rank, env.local_world_size)
-                    .with_context(|| format!("choosing the GPU of {env}"))?;
+            let device = devise::config::device::select_device(
+                cfg.run.device,
+                env.local_rank,
+                env.local_world_size,
+            )
+            .with_context(|| format!("choosing the GPU of {env}"))?;
             tracing::info!(
                 "world: {env}; device {device:?}; preemption signal {}",
                 cfg.run.preempt_signal.name()
@@ -413,7 +416,6 @@ fn run(
                 local_world_size: env.local_world_size,
             };
             Ok(Some(devise::train::train(
-                &cfg,
                 &plan,
                 &opts,
                 collective.as_ref(),
@@ -454,9 +456,12 @@ fn run(
                         None => format!("the configuration of {checkpoint}"),
                     }
                 })?;
-            let device =
-                devise::train::select_device(cfg.run.device, env.local_rank, env.local_world_size)
-                    .with_context(|| format!("choosing the GPU of {env}"))?;
+            let device = devise::config::device::select_device(
+                cfg.run.device,
+                env.local_rank,
+                env.local_world_size,
+            )
+            .with_context(|| format!("choosing the GPU of {env}"))?;
             let collective = devise::collective::init(&env, &cfg.dist, device)?;
             let report = devise::eval::checkpoint::run(
                 &devise::eval::checkpoint::Request {

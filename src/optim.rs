@@ -241,8 +241,8 @@ impl Optimizer {
             if dst.kind() != src.kind() {
                 bail!(
                     "optimizer state '{name}': dtype {}, expected {}",
-                    crate::checkpoint::dtype_name(src.kind()),
-                    crate::checkpoint::dtype_name(dst.kind())
+                    crate::storage::tensors::dtype_name(src.kind()),
+                    crate::storage::tensors::dtype_name(dst.kind())
                 );
             }
             tch::no_grad(|| dst.copy_(src));

@@ -214,7 +214,7 @@ impl Collective for SingleProcess {
 /// Joins the process group the environment describes ([`WorkerEnv`]): a single process needs
 /// nothing; otherwise rank 0 starts the rendezvous store, every rank connects, and the backend
 /// `dist.backend` (resolved against `device`, this process's device from
-/// `train::select_device`) is set up through it; NCCL on `device`'s GPU.
+/// `config::device::select_device`) is set up through it; NCCL on `device`'s GPU.
 ///
 /// Every rank of the job must call this, with the same configuration. Errors: the store cannot
 /// be reached or refuses the token within `dist.timeout_secs`, the backend cannot start

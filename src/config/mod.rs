@@ -3,6 +3,7 @@
 //! its section (`data::Config`, `text::Config`, ...); this file only nests them. Every section is
 //! `deny_unknown_fields`, so a misspelt key is an error naming it. [`crate::config::plan::Plan`] is what
 //! the rest of the program uses.
+pub mod device;
 pub mod plan;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

@@ -54,6 +54,11 @@ pub struct StagePlan {
 }
 
 impl StagePlan {
+    /// The learning rate of global step `step` of this stage.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        self.optimizer.lr_at(step - self.first_step, self.steps())
+    }
+
     /// Number of steps in the stage.
     pub fn steps(&self) -> u64 {
         self.last_step + 1 - self.first_step
@@ -122,7 +127,7 @@ pub struct Plan {
     pub embed_dim: usize,
     /// `eval.hierarchy`, loaded: hierarchical precision@k is measured when present.
     #[serde(skip)]
-    pub hierarchy: Option<std::sync::Arc<crate::eval::hierarchy::Hierarchy>>,
+    pub hierarchy: Option<std::sync::Arc<crate::text::hierarchy::Hierarchy>>,
     /// Unit label vectors of `seen`, row-major `[seen, embed_dim]`.
     #[serde(skip)]
     pub seen_matrix: Vec<f32>,
@@ -140,9 +145,35 @@ pub struct Plan {
     pub stages: Vec<StagePlan>,
     /// Last global step.
     pub total_steps: u64,
+    /// The configuration this plan was built from.
+    #[serde(skip)]
+    pub config: RunConfig,
 }
 
 impl Plan {
+    /// What the run report says about this run and `cfg` (besides the evaluations).
+    pub fn report_facts<'a>(&'a self, cfg: &'a RunConfig) -> Result<crate::report::RunFacts<'a>> {
+        Ok(crate::report::RunFacts {
+            name: &cfg.run.name,
+            config: serde_json::to_value(cfg)?,
+            plan: serde_json::to_value(self)?,
+            encoder: format!("{:?}", cfg.model.encoder),
+            embed_dim: self.embed_dim,
+            global_batch_size: self.global_batch_size,
+            world_size: self.world_size,
+            seen: self.seen.len(),
+            train_images: self.train_images,
+            val_images_seen: self.val_images_seen,
+            unseen: self.unseen.len(),
+            val_images_unseen: self.val_images_unseen,
+            vectors: &cfg.text.vectors,
+            left_out: &self.left_out,
+            coincident_labels: &self.coincident_labels,
+            stages: self.stages.iter().map(StagePlan::describe).collect(),
+            labels: &self.labels,
+        })
+    }
+
     /// Resolves `cfg` for a run of `world_size` processes, as rank `rank`. Reads the manifest,
     /// the split file, the names file and the needed word vectors.
     pub fn build(cfg: &RunConfig, rank: usize, world_size: usize) -> Result<Plan> {
@@ -279,7 +310,7 @@ impl Plan {
         let coincident_labels = labels.coincident.clone();
         let hierarchy = match &cfg.eval.hierarchy {
             Some(path) => {
-                let h = crate::eval::hierarchy::Hierarchy::load(std::path::Path::new(path))
+                let h = crate::text::hierarchy::Hierarchy::load(std::path::Path::new(path))
                     .context("eval.hierarchy")?;
                 let missing: Vec<&String> = seen
                     .iter()
@@ -322,6 +353,7 @@ impl Plan {
             label_provenance: crate::text::provenance(&cfg.text, &labels.vectors_report),
             labels,
             total_steps: next - 1,
+            config: cfg.clone(),
             stages,
         })
     }

@@ -50,7 +50,8 @@ pub fn run(
 ) -> Result<String> {
     let started = std::time::Instant::now();
     let cfg = predict::checkpoint_config(&req.checkpoint, &req.overrides)?;
-    let device = crate::train::select_device(cfg.run.device, local_rank, local_world_size)?;
+    let device =
+        crate::config::device::select_device(cfg.run.device, local_rank, local_world_size)?;
     let loaded = predict::load_model(&req.checkpoint, device, &req.overrides)?;
     let mut plan = Plan::build(&loaded.cfg, collective.rank(), collective.world_size())?;
     crate::text::label_embedding::check_dim(

@@ -263,8 +263,8 @@ impl DeviseModel {
             if src.kind() != var.kind() {
                 bail!(
                     "tensor '{name}': dtype {} in the weights, {} expected by this model",
-                    crate::checkpoint::dtype_name(src.kind()),
-                    crate::checkpoint::dtype_name(var.kind())
+                    crate::storage::tensors::dtype_name(src.kind()),
+                    crate::storage::tensors::dtype_name(var.kind())
                 );
             }
             tch::no_grad(|| var.shallow_clone().copy_(src));

@@ -14,6 +14,7 @@
 //! format [`label_embedding`] defines (matrix, wnids, how it was made), so evaluation ranks them
 //! with the vectors the model was trained against.
 
+pub mod hierarchy;
 pub mod label_embedding;
 pub mod labels;
 pub mod vectors;

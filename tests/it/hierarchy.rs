@@ -2,7 +2,7 @@
 //! (`../shared/data/imagenet-meta/wordnet.is_a.txt`) and the real 1K label list: their mean sizes
 //! against the paper's Table 5.
 use crate::common::shared_dir;
-use devise::eval::hierarchy::Hierarchy;
+use devise::text::hierarchy::Hierarchy;
 
 #[test]
 fn mean_correct_set_sizes_over_the_1k_labels_are_on_the_papers_scale() {

@@ -109,7 +109,7 @@ fn run(cfg: &RunConfig, resume: Resume, stop_after_step: Option<u64>) -> Outcome
         local_rank: 0,
         local_world_size: 1,
     };
-    train(cfg, &plan, &opts, &SingleProcess).unwrap()
+    train(&plan, &opts, &SingleProcess).unwrap()
 }
 
 /// (step, stage, loss) of every metrics line with a training loss.
@@ -479,10 +479,7 @@ fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
         local_rank: 0,
         local_world_size: 1,
     };
-    let err = format!(
-        "{:#}",
-        train(&cfg_c, &plan, &opts, &SingleProcess).unwrap_err()
-    );
+    let err = format!("{:#}", train(&plan, &opts, &SingleProcess).unwrap_err());
     assert!(
         err.contains("classifier") && err.contains("train.init_from"),
         "{err}"
@@ -510,7 +507,7 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
             local_rank: 0,
             local_world_size: 1,
         };
-        train(&cfg, &plan, &opts, &SingleProcess)
+        train(&plan, &opts, &SingleProcess)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     };
