@@ -26,6 +26,23 @@
 //!
 //! Configuration: [`config::RunConfig`] nests each component's own `Config`; it is validated once
 //! into a [`config::plan::Plan`] holding every derived number.
+//!
+//! Layers, top to bottom; a module imports from the layers below it, and from its own layer only
+//! another module's `Config` section type or along an edge named here (`tests/it/layers.rs`
+//! checks every `crate::` path against this table):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | entry points | `src/main.rs` (the `devise` command), [`demo`], the `devise-launch` crate |
+//! | the run | [`train`], [`eval`] (with `devise eval` and `devise predict`), [`config`] (the configuration and its plan) |
+//! | what a run leaves | [`checkpoint`], [`report`] |
+//! | the model and what trains it | [`model`], [`loss`], [`optim`], [`collective`] |
+//! | bytes, samples, words | [`data`], [`text`], [`storage`] |
+//!
+//! Inside the run layer, `train` calls `eval` (it evaluates after each stage) and both read
+//! `config`; `eval` never imports `train`, so what both need (the heads a stage trained,
+//! [`eval::Heads::after`]; the device, [`config::device`]) lives in `eval` or `config`. In the
+//! bottom layer `data` reads and writes through `storage`.
 
 pub mod storage;
 

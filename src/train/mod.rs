@@ -1,19 +1,19 @@
 //! The training loop, top to bottom: resume, then
 //! `for step in first..=last { next batch; step; apply or skip; cadenced actions }`, then the
-//! report. [`train`] holds the whole loop; each concern lives in its own file:
+//! report. [`train`] holds the whole loop; each concern lives in its own file under `src/train/`:
 //!
 //! | file | what lives there |
 //! |---|---|
-//! | [`batches`] | what each step trains on: the training stream, or the feature cache |
-//! | [`feature_cache`] | the frozen encoder's features, for a `devise` stage with `cache_features` |
-//! | [`step`] | one optimizer step, the ranks' vote, the stage's optimizer, the replicas' upkeep |
-//! | [`nonfinite`] | `train.non_finite`: apply, skip or stop on a NaN or infinity |
-//! | [`cadence`] | when a periodic action is due (every N steps or minutes) |
-//! | [`metrics`] | metrics lines and evaluations in `metrics.jsonl` and the log |
-//! | [`resume`] | where a run starts (`--resume`), and the checkpoints it writes |
-//! | [`trace`] | `train.trace_samples`: which samples each step read |
-//! | [`fault`] | fault injection for tests (`DEVISE_FAULT`) |
-//! | [`bench`] | `devise bench-step`: the step timed alone |
+//! | `batches.rs` | what each step trains on: the training stream, or the feature cache |
+//! | `feature_cache.rs` | the frozen encoder's features, for a `devise` stage with `cache_features` |
+//! | `step.rs` | one optimizer step, the ranks' vote, the stage's optimizer, the replicas' upkeep |
+//! | `nonfinite.rs` | `train.non_finite`: apply, skip or stop on a NaN or infinity |
+//! | `cadence.rs` | when a periodic action is due (every N steps or minutes) |
+//! | `metrics.rs` | metrics lines and evaluations in `metrics.jsonl` and the log |
+//! | `resume.rs` | where a run starts (`--resume`), and the checkpoints it writes |
+//! | `trace.rs` | `train.trace_samples`: which samples each step read |
+//! | `fault.rs` | fault injection for tests (`DEVISE_FAULT`) |
+//! | `bench.rs` | `devise bench-step`: the step timed alone |
 //!
 //! Stages follow the paper's recipe (§3.3): `softmax` (encoder + classifier, cross-entropy: the
 //! pretraining and the softmax baseline), `devise` (projection only, encoder frozen), `finetune`

@@ -193,7 +193,10 @@ fn every_crate_path_in_src_follows_the_layers() {
         for (line, path) in crate_paths(&text) {
             checked += 1;
             if let Some(why) = violation(&module, &path) {
-                problems.push(format!("{}:{line}: `{path}`: {why}", file.display()));
+                let shown = file
+                    .strip_prefix(env!("CARGO_MANIFEST_DIR"))
+                    .unwrap_or(file);
+                problems.push(format!("{}:{line}: `{path}`: {why}", shown.display()));
             }
         }
     }

@@ -7,21 +7,21 @@
 //!
 //! | parser | input |
 //! |---|---|
-//! | `predict::wnid_in_name` | image paths and object-store URLs |
-//! | `predict::read_label_list` | label lists (`--labels`) |
-//! | `split::parse_split` | `labels.split` files |
-//! | `hierarchy::Hierarchy::parse` | `eval.hierarchy` files |
+//! | `eval::predict::wnid_in_name` | image paths and object-store URLs |
+//! | `eval::predict::read_label_list` | label lists (`--labels`) |
+//! | `data::split::parse_split` | `labels.split` files |
+//! | `text::hierarchy::Hierarchy::parse` | `eval.hierarchy` files |
 //! | `text::labels::read_names` | `text.names` (words.txt) files |
 //! | `text::labels::candidate_words`, `map_labels` | synset names -> vocabulary words |
 //! | `text::vectors::read_vectors`, `read_vectors_file` | word2vec text / binary, GloVe, fastText `.vec`; file paths and `file://` URLs |
 //! | `config::RunConfig::load_with_env`, `split_override`, `overlay_overrides` | TOML, `--set`, `DEVISE__*` variables, `--config` overlays |
-//! | `fault::Faults::parse`, `from_env_values` | `DEVISE_FAULT`, `DEVISE_RESTART_ATTEMPT` |
+//! | `train::fault::Faults::parse`, `from_env_values` | `DEVISE_FAULT`, `DEVISE_RESTART_ATTEMPT` |
 //! | `checkpoint::split_step_url`, `list_steps`, `find_latest`; `train::Resume` | checkpoint step URLs, step folder names, `LATEST` |
 //! | `storage::Store` | store URLs and object names |
 //! | `data::webdataset::SampleReader` | tar member names (ustar, GNU long names, pax `path`) |
 //! | `data::index::{expand_pattern, parse_split_pattern, read_sorted_classes, index_shards}`, `data::shards::{read_class_column, read_manifest, build_shards}` | shard patterns, class files, manifests, `.cls` text (also `data::verify::verify_shards`), ImageFolder file names |
 //! | `data::ilsvrc::read_ilsvrc_val` | `LOC_val_solution.csv` and validation file names |
-//! | `report_html::html` | class names in the HTML report |
+//! | `report::html::html` | class names in the HTML report |
 use crate::common::shared_dir;
 use crate::dist::{devise, text};
 use devise::checkpoint;
