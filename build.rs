@@ -7,7 +7,7 @@
 //! through LD_LIBRARY_PATH, loads the real `libtorch.so`, which pulls in `libtorch_cuda.so`.
 //!
 //! It also compiles `csrc/gpu_shim.cpp` (autocast dtype, channels-last: libtorch calls tch does
-//! not expose; `src/gpu.rs`) against libtorch's headers, with torch-sys's flags.
+//! not expose; `src/model/gpu.rs`) against libtorch's headers, with torch-sys's flags.
 use std::path::PathBuf;
 
 fn main() {

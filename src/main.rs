@@ -57,12 +57,12 @@ enum Command {
     /// Evaluate a checkpoint (hit@k, and hp@k with eval.hierarchy) on its run's label split or
     /// on any label list; writes <run dir>/eval/<step>[-<labels>]/report.{json,md}.
     #[command(after_help = after_help())]
-    Eval(devise::checkpoint_eval::Args),
+    Eval(devise::eval::checkpoint::Args),
     /// Zero-shot labelling: rank any label list for images (local paths or object-store URLs)
     /// with a checkpoint's model; print the top-k labels with cosine scores. Images whose file
     /// name holds a candidate wnid (ImageNet naming) are scored: hit@1 and hit@5.
     #[command(after_help = after_help())]
-    Predict(devise::predict::Args),
+    Predict(devise::eval::predict::Args),
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -71,7 +71,7 @@ enum Command {
     /// Benchmark: time the training loop's step on one synthetic batch kept on the device (no
     /// data pipeline); prints one JSON line (bench/gpu.sh, bench/train_step.sh).
     #[command(after_help = after_help())]
-    BenchStep(devise::bench::Args),
+    BenchStep(devise::train::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -133,11 +133,11 @@ fn run(cli: Cli, stop: Arc<AtomicBool>, signals: Option<&WorkerStop>) -> Result<
             Ok(Some(devise::demo::run(&out, &set, stop)?))
         }
         Command::Eval(args) => {
-            print_report(&devise::checkpoint_eval::run_command(&args)?);
+            print_report(&devise::eval::checkpoint::run_command(&args)?);
             Ok(None)
         }
-        Command::Predict(args) => devise::predict::run_command(&args).map(|()| None),
+        Command::Predict(args) => devise::eval::predict::run_command(&args).map(|()| None),
         Command::Data { command } => devise::data::cli::run(command).map(|()| None),
-        Command::BenchStep(args) => devise::bench::run_command(&args).map(|()| None),
+        Command::BenchStep(args) => devise::train::bench::run_command(&args).map(|()| None),
     }
 }

@@ -17,7 +17,7 @@ pub enum Algorithm {
     Adagrad,
 }
 
-crate::config::deserialize_by_name!(Algorithm);
+deserialize_by_name!(Algorithm);
 
 /// Decay after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
@@ -30,7 +30,7 @@ pub enum Schedule {
     Constant,
 }
 
-crate::config::deserialize_by_name!(Schedule);
+deserialize_by_name!(Schedule);
 
 /// Optimizer and schedule of one training stage (`[train.softmax]`, `[train.devise]`, ...).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,8 +245,8 @@ impl Optimizer {
             if dst.kind() != src.kind() {
                 bail!(
                     "optimizer state '{name}': dtype {}, expected {}",
-                    crate::checkpoint::dtype_name(src.kind()),
-                    crate::checkpoint::dtype_name(dst.kind())
+                    crate::storage::tensors::dtype_name(src.kind()),
+                    crate::storage::tensors::dtype_name(dst.kind())
                 );
             }
             tch::no_grad(|| dst.copy_(src));

@@ -1,10 +1,11 @@
-//! Cross-process communication (STYLE.md point 5: the model and the loss never know their rank).
+//! Cross-process communication: the one place ranks talk to each other (the model and the loss
+//! never know their rank).
 //!
 //! - [`store`]: the rendezvous key-value store over TCP (rank 0 hosts it, every rank connects
 //!   with the run's token). It carries the CPU backend's peer addresses and NCCL's unique id.
 //! - [`ring`]: the `cpu` backend, ring all-reduce over TCP (tests, development, CPU clusters).
 //! - `nccl`: the `nccl` backend (cargo feature `nccl`; without it a twin that compiles
-//!   everywhere and returns a clear error, STYLE.md point 8).
+//!   everywhere and returns a clear error).
 //! - [`ddp`]: what the training step builds on top: parameters broadcast from rank 0 at start,
 //!   gradients averaged in buckets, the cross-rank parameter checksum.
 //!
@@ -79,7 +80,7 @@ pub enum Backend {
     Nccl,
 }
 
-crate::config::deserialize_by_name!(Backend);
+deserialize_by_name!(Backend);
 
 impl Backend {
     /// `auto`, `cpu`, `nccl`: as TOML and the command line spell it.
@@ -244,7 +245,7 @@ impl Collective for SingleProcess {
 /// Joins the process group the environment describes ([`WorkerEnv`]): a single process needs
 /// nothing; otherwise rank 0 starts the rendezvous store, every rank connects, and the backend
 /// `dist.backend` (resolved against `device`, this process's device from
-/// `train::select_device`) is set up through it; NCCL on `device`'s GPU.
+/// `config::device::select_device`) is set up through it; NCCL on `device`'s GPU.
 ///
 /// Every rank of the job must call this, with the same configuration. Errors: the store cannot
 /// be reached or refuses the token within `dist.timeout_secs`, the backend cannot start

@@ -25,6 +25,7 @@ pub mod image;
 pub mod index;
 pub mod reader;
 pub mod shards;
+pub mod split;
 pub mod synthetic;
 pub mod verify;
 pub mod webdataset;

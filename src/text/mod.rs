@@ -14,6 +14,7 @@
 //! format [`label_embedding`] defines (matrix, wnids, how it was made), so evaluation ranks them
 //! with the vectors the model was trained against.
 
+pub mod hierarchy;
 pub mod label_embedding;
 pub mod labels;
 pub mod vectors;
@@ -57,7 +58,7 @@ pub enum OnUnmapped {
     Error,
 }
 
-crate::config::deserialize_by_name!(OnUnmapped);
+deserialize_by_name!(OnUnmapped);
 
 /// Reads the names file and the word vectors (keeping only the [`labels::candidate_words`] of
 /// the requested labels' names), maps each wnid (paper A.2, see [`labels`]) and L2-normalises.

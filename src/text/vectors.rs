@@ -114,7 +114,7 @@ pub enum Format {
     Fasttext,
 }
 
-crate::config::deserialize_by_name!(Format);
+deserialize_by_name!(Format);
 
 impl Format {
     /// The serialized (config) name, e.g. `"word2vec-binary"`.

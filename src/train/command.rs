@@ -5,8 +5,8 @@
 //! [`crate::collective::init`], train.
 use super::{select_device, train, Outcome, Resume, RunOptions};
 use crate::collective::WorkerEnv;
+use crate::config::plan::Plan;
 use crate::config::{parse_set, RunConfig, WorkerArgs};
-use crate::plan::Plan;
 use anyhow::{Context, Result};
 use devise_launch::signal::{PreemptSignal, WorkerStop};
 use std::sync::atomic::AtomicBool;
@@ -72,7 +72,7 @@ pub fn run_command(
         local_rank: env.local_rank,
         local_world_size: env.local_world_size,
     };
-    Ok(Some(train(&cfg, &plan, &opts, collective.as_ref())?))
+    Ok(Some(train(&plan, &opts, collective.as_ref())?))
 }
 
 /// Adds the preemption signal `preempt` to the stop handlers `signals` (when there are any),

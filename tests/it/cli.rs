@@ -155,9 +155,12 @@ fn every_choice() -> Vec<(&'static str, String)> {
     vec![
         ("device", choice_values::<DeviceKind>()),
         ("backend", choice_values::<devise::collective::Backend>()),
-        ("stage", choice_values::<devise::plan::StageKind>()),
+        ("stage", choice_values::<devise::model::StageKind>()),
         ("encoder", choice_values::<devise::model::Encoder>()),
-        ("precision", choice_values::<devise::gpu::Precision>()),
+        (
+            "precision",
+            choice_values::<devise::model::gpu::Precision>(),
+        ),
         ("vectors format", choice_values::<devise::text::Format>()),
         (
             "non-finite policy",

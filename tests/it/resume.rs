@@ -15,7 +15,7 @@
 //! - SIGUSR2 as the configured preemption signal (`run.preempt_signal`, `devise-launch
 //!   --preempt-signal usr2`) checkpoints and exits 75, with and without the launcher.
 //!
-//! Faults are injected with `DEVISE_FAULT` (src/fault.rs).
+//! Faults are injected with `DEVISE_FAULT` (src/train/fault.rs).
 use crate::common::shared_dir;
 use crate::dist::{
     assert_close, devise, free_port, launcher, losses, run_dir, text, trace, write_config,

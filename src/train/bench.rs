@@ -1,14 +1,15 @@
-//! `devise bench-step`: the training loop's own step (`train::train_step`, the per-step vote,
+//! `devise bench-step`: the training loop's own step (`train::step::train_step`, the per-step vote,
 //! the optimizer) timed on one synthetic batch kept on the device, so GPU throughput is measured
 //! without a data pipeline, as the PyTorch reference loop in `bench/gpu_torch.py` is
 //! (`bench/gpu.sh`, BENCHMARKS.md). With a collective (`--collective nccl`, even in a one-rank world)
 //! it also all-reduces a gradient-sized buffer and checks the result: the NCCL smoke test.
+use super::batches::Input;
+use super::step::{stage_parameters, train_step, StepVotes};
 use crate::collective::{ddp, Collective, ReduceOp};
-use crate::gpu::Precision;
+use crate::config::plan::StageKind;
+use crate::model::gpu::Precision;
 use crate::model::{self, DeviseModel, Encoder};
 use crate::optim::{self, Algorithm, Optimizer};
-use crate::plan::StageKind;
-use crate::train::{stage_parameters, train_step, Input, StepVotes};
 use anyhow::{bail, Context, Result};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};

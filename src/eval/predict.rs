@@ -366,7 +366,7 @@ pub struct Args {
 pub fn run_command(args: &Args) -> Result<()> {
     let checkpoint = checkpoint::resolve_step_url(&args.checkpoint)?;
     let device_kind = args.worker.device.unwrap_or_default();
-    let device = crate::train::select_device(device_kind, 0, 1)?;
+    let device = crate::config::device::select_device(device_kind, 0, 1)?;
     if args.worker.dry_run {
         println!("checkpoint: {checkpoint}");
         println!("device: {device_kind} -> {device:?}");

@@ -1,8 +1,10 @@
 //! The run configuration: TOML through the `config` crate, then `DEVISE__SECTION__KEY`
 //! environment overrides, then `--set section.key=value` flags (later wins). Each component owns
 //! its section (`data::Config`, `text::Config`, ...); this file only nests them. Every section is
-//! `deny_unknown_fields`, so a misspelt key is an error naming it. [`crate::plan::Plan`] is what
+//! `deny_unknown_fields`, so a misspelt key is an error naming it. [`crate::config::plan::Plan`] is what
 //! the rest of the program uses.
+pub mod device;
+pub mod plan;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -53,7 +55,7 @@ pub enum DeviceKind {
     Auto,
 }
 
-crate::config::deserialize_by_name!(DeviceKind);
+deserialize_by_name!(DeviceKind);
 
 impl DeviceKind {
     /// `cpu`, `cuda`, `auto`: as TOML and the command line spell it.
@@ -106,33 +108,6 @@ pub fn parse_set(s: &str) -> std::result::Result<String, String> {
     }
 }
 
-/// Deserializes a choice ([`clap::ValueEnum`]) from its name as the command line spells it,
-/// which is also how TOML and the JSON files spell it; another value is an error listing the
-/// values (the configuration loader adds the key).
-pub fn deserialize_choice<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: clap::ValueEnum,
-{
-    let name = String::deserialize(d)?;
-    T::from_str(&name, false).map_err(|_| {
-        serde::de::Error::custom(format!("{name:?} is not one of {}", choice_values::<T>()))
-    })
-}
-
-/// `impl Deserialize for $t` through [`deserialize_choice`]: a choice is read by its name, and an
-/// unknown one is an error listing the values.
-macro_rules! deserialize_by_name {
-    ($t:ty) => {
-        impl<'de> serde::Deserialize<'de> for $t {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                $crate::config::deserialize_choice(d)
-            }
-        }
-    };
-}
-pub(crate) use deserialize_by_name;
-
 /// The values of a choice, as the command line and TOML spell them: `cpu, cuda, auto`.
 pub fn choice_values<T: clap::ValueEnum>() -> String {
     T::value_variants()
@@ -146,7 +121,9 @@ pub fn choice_values<T: clap::ValueEnum>() -> String {
 /// The configuration keys that take one of a fixed set of values, with the values: the text
 /// `devise --help` and `devise train --help` end with.
 pub fn choices_help() -> String {
-    use crate::{collective, gpu, model, optim, plan, text};
+    use crate::config::plan;
+    use crate::model::gpu;
+    use crate::{collective, model, optim, text};
     let rows = [
         ("run.device", choice_values::<DeviceKind>()),
         (
@@ -221,7 +198,7 @@ pub struct RunConfig {
     /// `[data]`
     pub data: crate::data::Config,
     /// `[labels]`
-    pub labels: crate::split::Config,
+    pub labels: crate::data::split::Config,
     /// `[text]`
     pub text: crate::text::Config,
     /// `[model]`
@@ -502,10 +479,10 @@ mod tests {
         }
         check::<DeviceKind>();
         check::<crate::collective::Backend>();
-        check::<crate::plan::StageKind>();
+        check::<crate::model::StageKind>();
         check::<crate::model::Encoder>();
         check::<crate::model::Norm>();
-        check::<crate::gpu::Precision>();
+        check::<crate::model::gpu::Precision>();
         check::<crate::text::Format>();
         check::<crate::text::OnUnmapped>();
         check::<crate::train::NonFinite>();
@@ -515,7 +492,7 @@ mod tests {
         // The names `Display` and `name()` give are the same.
         assert_eq!(DeviceKind::Cuda.to_string(), "cuda");
         assert_eq!(crate::collective::Backend::Nccl.to_string(), "nccl");
-        assert_eq!(crate::plan::StageKind::Finetune.to_string(), "finetune");
+        assert_eq!(crate::model::StageKind::Finetune.to_string(), "finetune");
         assert_eq!(crate::text::Format::Word2vecText.name(), "word2vec-text");
     }
 

@@ -35,7 +35,7 @@ pub enum Precision {
     Bf16,
 }
 
-crate::config::deserialize_by_name!(Precision);
+deserialize_by_name!(Precision);
 
 /// c10::DeviceType of `device`.
 fn device_type(device: Device) -> i32 {

@@ -7,7 +7,7 @@
 //! on seen classes and zero-shot (unseen only, seen + unseen) with chance; hp@k curves (with
 //! `eval.hierarchy`); per-class zero-shot hit@1 / hit@5; example unseen images with their top-5
 //! labels.
-use crate::eval::{FlatHits, StageEval, HIT_KS};
+use crate::report::results::{FlatHits, HpAtK, StageEval, HIT_KS};
 use anyhow::{anyhow, Result};
 use base64::Engine;
 use plotters::prelude::*;
@@ -286,7 +286,7 @@ fn hit_bars(rows: &[(String, &FlatHits)]) -> Result<Option<String>> {
 }
 
 fn hp_curves(rows: &[(String, &FlatHits)]) -> Result<Option<String>> {
-    let rows: Vec<(&String, &crate::hierarchy::HpAtK)> = rows
+    let rows: Vec<(&String, &HpAtK)> = rows
         .iter()
         .filter_map(|(n, h)| Some((n, h.hp.as_ref()?)))
         .collect();

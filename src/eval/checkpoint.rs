@@ -17,9 +17,9 @@
 //! dimension is an error, one that gives the training labels other vectors a warning (an error
 //! with `--strict`): [`predict::check_label_vectors`].
 use crate::collective::{Collective, WorkerEnv};
+use crate::config::plan::Plan;
+use crate::eval::predict;
 use crate::eval::{self, Heads, StageEval};
-use crate::plan::Plan;
-use crate::predict;
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -73,8 +73,9 @@ pub fn run_command(args: &Args) -> Result<String> {
             None => format!("the configuration of {checkpoint}"),
         }
     })?;
-    let device = crate::train::select_device(cfg.run.device, env.local_rank, env.local_world_size)
-        .with_context(|| format!("choosing the GPU of {env}"))?;
+    let device =
+        crate::config::device::select_device(cfg.run.device, env.local_rank, env.local_world_size)
+            .with_context(|| format!("choosing the GPU of {env}"))?;
     if args.worker.dry_run {
         println!("world: {env}");
         println!("checkpoint: {checkpoint}");
@@ -133,7 +134,8 @@ pub fn run(
 ) -> Result<String> {
     let started = std::time::Instant::now();
     let cfg = predict::checkpoint_config(&req.checkpoint, &req.overrides)?;
-    let device = crate::train::select_device(cfg.run.device, local_rank, local_world_size)?;
+    let device =
+        crate::config::device::select_device(cfg.run.device, local_rank, local_world_size)?;
     let loaded = predict::load_model(&req.checkpoint, device, &req.overrides)?;
     let mut plan = Plan::build(&loaded.cfg, collective.rank(), collective.world_size())?;
     crate::text::label_embedding::check_dim(
