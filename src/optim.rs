@@ -32,6 +32,20 @@ pub enum Schedule {
 
 deserialize_by_name!(Schedule);
 
+/// `train.non_finite`: the policy for a non-finite loss or gradient on any rank: the optimizer's
+/// update is skipped on every rank, or every rank stops (the training loop applies it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Every rank stops with an error.
+    #[default]
+    Stop,
+    /// Every rank skips the update and goes on.
+    Skip,
+}
+
+deserialize_by_name!(NonFinite);
+
 /// Optimizer and schedule of one training stage (`[train.softmax]`, `[train.devise]`, ...).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

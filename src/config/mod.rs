@@ -138,7 +138,7 @@ pub fn choices_help() -> String {
         ("text.on_unmapped", choice_values::<text::OnUnmapped>()),
         (
             "train.non_finite",
-            choice_values::<crate::train::NonFinite>(),
+            choice_values::<crate::optim::NonFinite>(),
         ),
         (
             "train.<stage>.optimizer.algorithm",
@@ -485,7 +485,7 @@ mod tests {
         check::<crate::model::gpu::Precision>();
         check::<crate::text::Format>();
         check::<crate::text::OnUnmapped>();
-        check::<crate::train::NonFinite>();
+        check::<crate::optim::NonFinite>();
         check::<crate::optim::Algorithm>();
         check::<crate::optim::Schedule>();
         check::<devise_launch::signal::PreemptSignal>();

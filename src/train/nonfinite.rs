@@ -5,21 +5,9 @@
 use super::step::StepVotes;
 use crate::config::plan::StageKind;
 use anyhow::{bail, Result};
-use serde::Serialize;
 use tch::Tensor;
 
-/// `train.non_finite`: the policy for a non-finite loss or gradient on any rank.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum NonFinite {
-    /// Every rank stops with an error.
-    #[default]
-    Stop,
-    /// Every rank skips the update and goes on.
-    Skip,
-}
-
-deserialize_by_name!(NonFinite);
+pub use crate::optim::NonFinite;
 
 /// The policy at work: it counts the updates skipped in a row and keeps the BatchNorm statistics
 /// of a step whose update may be skipped.

@@ -164,7 +164,7 @@ fn every_choice() -> Vec<(&'static str, String)> {
         ("vectors format", choice_values::<devise::text::Format>()),
         (
             "non-finite policy",
-            choice_values::<devise::train::NonFinite>(),
+            choice_values::<devise::optim::NonFinite>(),
         ),
         (
             "preempt signal",
