@@ -7,7 +7,7 @@
 //! through LD_LIBRARY_PATH, loads the real `libtorch.so`, which pulls in `libtorch_cuda.so`.
 //!
 //! It also compiles `csrc/gpu_shim.cpp` (autocast dtype, channels-last: libtorch calls tch does
-//! not expose; `src/gpu.rs`) against libtorch's headers, with torch-sys's flags.
+//! not expose; `src/model/gpu.rs`) against libtorch's headers, with torch-sys's flags.
 //!
 //! And it sets the cfg `devise_no_shared` when the project's real-data folder `../shared/data`
 //! is missing: the integration tests that read it are then ignored, with that reason

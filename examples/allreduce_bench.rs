@@ -41,7 +41,7 @@ fn main() -> Result<()> {
         "unix"
     };
     let cfg = Config {
-        backend: "cpu".into(),
+        backend: devise::collective::Backend::Cpu,
         // ALLREDUCE_TRANSPORT=tcp: TCP even between same-host neighbours (default: Unix sockets).
         unix_sockets: transport != "tcp",
         ..Config::default()

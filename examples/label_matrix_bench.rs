@@ -4,7 +4,7 @@
 //! ([`devise::text::load_label_embeddings`], as `plan.rs` and `predict.rs` call it: read the
 //! names file, stream the vector file keeping only the words the labels can need, map each wnid
 //! to the unit vector of its first name that maps), then [`LabelEmbeddings::matrix`] over the
-//! mapped wnids (`predict::candidates` does exactly this, with `on_unmapped = skip`).
+//! mapped wnids (`eval::predict::candidates` does exactly this, with `on_unmapped = skip`).
 //! `bench/label_matrix.sh` runs it side by side with gensim (`bench/label_matrix_gensim.py`,
 //! same task, same JSON line).
 //!

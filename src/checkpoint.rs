@@ -1,4 +1,4 @@
-//! Crash-safe checkpoints under the run directory (STYLE.md point 7):
+//! Crash-safe checkpoints under the run directory:
 //!
 //! ```text
 //! <run dir>/checkpoints/step-000001000/model.safetensors      every model variable, torchvision-style names
@@ -36,14 +36,14 @@
 //! of each global batch), checked equal on every rank every `dist.check_params_every_steps`; so a
 //! checkpoint resumes on any world size that divides the global batch.
 use crate::data::reader::Cursor;
+use crate::storage::tensors::{safetensors_to_tensors, tensors_to_safetensors};
 use crate::storage::Store;
 use crate::text::label_embedding::{self, LabelEmbeddingMatrix};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::borrow::Cow;
 use std::collections::BTreeMap;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// `[checkpoint]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,8 +93,8 @@ impl Config {
 pub struct TrainState {
     /// Optimizer steps completed, counted across stages.
     pub step: u64,
-    /// Name of the stage that step belongs to (`softmax`, `devise`, `finetune`).
-    pub stage: String,
+    /// The stage that step belongs to (`softmax`, `devise`, `finetune`).
+    pub stage: crate::model::StageKind,
     /// Position of the training stream after `step` (shared by all ranks: the global order).
     pub cursor: Cursor,
     /// Training images consumed so far, all ranks together.
@@ -194,82 +194,6 @@ fn parse_step_dir(name: &str) -> Option<u64> {
     }
 }
 
-/// The safetensors name of a tensor dtype (`F32`, `F64`, `I64`, ...), for messages.
-pub fn dtype_name(kind: Kind) -> String {
-    match kind {
-        Kind::Float => "F32".into(),
-        Kind::Double => "F64".into(),
-        Kind::Half => "F16".into(),
-        Kind::BFloat16 => "BF16".into(),
-        Kind::Int64 => "I64".into(),
-        Kind::Int => "I32".into(),
-        Kind::Int16 => "I16".into(),
-        Kind::Int8 => "I8".into(),
-        Kind::Uint8 => "U8".into(),
-        Kind::Bool => "BOOL".into(),
-        other => format!("{other:?}"),
-    }
-}
-
-/// Serialises named tensors (float32/float64/int64, any device) to safetensors bytes.
-pub fn tensors_to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    struct Owned {
-        dtype: safetensors::Dtype,
-        shape: Vec<usize>,
-        data: Vec<u8>,
-    }
-    impl safetensors::View for &Owned {
-        fn dtype(&self) -> safetensors::Dtype {
-            self.dtype
-        }
-        fn shape(&self) -> &[usize] {
-            &self.shape
-        }
-        fn data(&self) -> Cow<'_, [u8]> {
-            Cow::Borrowed(&self.data)
-        }
-        fn data_len(&self) -> usize {
-            self.data.len()
-        }
-    }
-    let mut owned = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
-        let dtype = match t.kind() {
-            Kind::Float => safetensors::Dtype::F32,
-            Kind::Double => safetensors::Dtype::F64,
-            Kind::Int64 => safetensors::Dtype::I64,
-            other => bail!("tensor '{name}': dtype {other:?} is not supported in checkpoints"),
-        };
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.copy_data_u8(&mut data, numel);
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), Owned { dtype, shape, data }));
-    }
-    let views: Vec<(String, &Owned)> = owned.iter().map(|(n, o)| (n.clone(), o)).collect();
-    Ok(safetensors::serialize(views, None)?)
-}
-
-/// Parses safetensors bytes into named CPU tensors, sorted by name. `source` names the file in errors.
-pub fn safetensors_to_tensors(bytes: &[u8], source: &str) -> Result<Vec<(String, Tensor)>> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .with_context(|| format!("{source}: not a valid safetensors file"))?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        let kind = match view.dtype() {
-            safetensors::Dtype::F32 => Kind::Float,
-            safetensors::Dtype::F64 => Kind::Double,
-            safetensors::Dtype::I64 => Kind::Int64,
-            other => bail!("{source}: tensor '{name}' has unsupported dtype {other:?}"),
-        };
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        out.push((name, Tensor::from_data_size(view.data(), &shape, kind)));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
-}
-
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
@@ -333,7 +257,7 @@ pub fn save(
                 .with_context(|| format!("writing {}", path.display()))?;
             f.sync_all()
                 .with_context(|| format!("syncing {}", path.display()))?;
-            crate::fault::checkpoint_pause();
+            write_pause();
         }
         if fin.exists() {
             // Same step written again (e.g. preempted exactly at a stage end): replace it.
@@ -356,14 +280,14 @@ pub fn save(
         }
         for (file, data) in files {
             run.put(&format!("checkpoints/{name}/{file}"), data.into())?;
-            crate::fault::checkpoint_pause();
+            write_pause();
         }
     }
-    crate::fault::checkpoint_pause();
+    write_pause();
     verify(run, state.step)
         .with_context(|| format!("verifying freshly written checkpoint {name}"))?;
     run.put("checkpoints/LATEST", format!("{name}\n").into())?;
-    crate::fault::checkpoint_pause();
+    write_pause();
 
     // Only steps up to this one: newer steps are the abandoned future of a run rewound with
     // `--resume URL`; they are overwritten when the run reaches them, never counted as "newest".
@@ -384,6 +308,21 @@ pub fn save(
         delete_step(run, old)?;
     }
     Ok(run.child_url(&format!("checkpoints/{name}")))
+}
+
+static WRITE_PAUSE: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
+/// Fault injection for tests that kill a save part-way: from now on [`save`] sleeps `pause` after
+/// each file, after publishing and after `LATEST` (`DEVISE_FAULT`'s `checkpoint_pause_ms`).
+/// The first call wins; without one, saving never pauses.
+pub fn set_write_pause(pause: std::time::Duration) {
+    let _ = WRITE_PAUSE.set(pause);
+}
+
+fn write_pause() {
+    if let Some(d) = WRITE_PAUSE.get() {
+        std::thread::sleep(*d);
+    }
 }
 
 /// Steps that have a directory (complete or not) under `checkpoints/`, ascending. `.tmp` folders
@@ -585,6 +524,28 @@ pub fn config_at(url: &str) -> Result<String> {
     config_text(&BTreeMap::from([("config.toml".to_string(), data)]), url)
 }
 
+/// The checkpoint step directory URL that `arg` names: `arg` itself when it is one
+/// (`.../checkpoints/step-NNNNNNNNN`), else, `arg` read as a run directory, the checkpoint its
+/// `checkpoints/LATEST` names ([`find_latest`]: the newest that verifies when `LATEST` is broken).
+/// Errors name `arg`: a run directory without a complete checkpoint, or neither.
+pub fn resolve_step_url(arg: &str) -> Result<String> {
+    let trimmed = arg.trim_end_matches('/');
+    let last = trimmed.rsplit('/').next().unwrap_or(trimmed);
+    if parse_step_dir(last).is_some() {
+        return Ok(trimmed.to_string());
+    }
+    let run = Store::open_existing(trimmed).with_context(|| {
+        format!("{arg}: neither a checkpoint step directory (.../checkpoints/step-NNNNNNNNN) nor a run directory")
+    })?;
+    match find_latest(&run)? {
+        Some(step) => Ok(run.child_url(&format!("checkpoints/{}", step_dir_name(step)))),
+        None => bail!(
+            "{arg}: neither a checkpoint step directory (.../checkpoints/step-NNNNNNNNN) nor a run \
+             directory holding a complete checkpoint (checkpoints/LATEST)"
+        ),
+    }
+}
+
 /// Loads a checkpoint given its step directory URL (`.../checkpoints/step-000001000`).
 pub fn load_url(url: &str) -> Result<Loaded> {
     let (run, step) = split_step_url(url)?;
@@ -640,7 +601,7 @@ mod tests {
 
     #[test]
     fn safetensors_round_trip_is_bit_exact() {
-        let a = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
+        let a = Tensor::randn([3, 4], (tch::Kind::Float, tch::Device::Cpu));
         let b = Tensor::from_slice(&[1i64, -2, 3]);
         let bytes = tensors_to_safetensors(&[
             ("a".into(), a.shallow_clone()),

@@ -4,10 +4,10 @@
 //! pipeline — shards, three training stages, checkpoints, evaluation, report — showing zero-shot
 //! transfer to the held-out combinations. Configuration: `configs/demo.toml`, compiled in.
 use crate::collective::SingleProcess;
+use crate::config::plan::Plan;
 use crate::config::RunConfig;
 use crate::data::shards::{build_shards, BuildOptions};
 use crate::data::synthetic::{generate_shapes, ShapesOptions};
-use crate::plan::Plan;
 use crate::train::{train, Outcome, Resume, RunOptions};
 use anyhow::{Context, Result};
 use std::path::Path;
@@ -98,7 +98,7 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
         local_rank: 0,
         local_world_size: 1,
     };
-    train(&cfg, &plan, &opts, &SingleProcess)
+    train(&plan, &opts, &SingleProcess)
 }
 
 /// GloVe 6B 50d as `scripts/setup.sh` installs it: `.deps/vectors/` under the current directory

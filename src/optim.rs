@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tch::Tensor;
 
 /// Optimizer algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
     /// `buf = momentum * buf + g; p -= lr * buf` (PyTorch SGD, dampening 0, not Nesterov).
@@ -17,8 +17,10 @@ pub enum Algorithm {
     Adagrad,
 }
 
+deserialize_by_name!(Algorithm);
+
 /// Decay after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Schedule {
     /// Half-cosine from `lr` to `lr * final_lr_fraction` over the stage's remaining steps.
@@ -27,6 +29,22 @@ pub enum Schedule {
     /// `lr` after warmup.
     Constant,
 }
+
+deserialize_by_name!(Schedule);
+
+/// `train.non_finite`: the policy for a non-finite loss or gradient on any rank: the optimizer's
+/// update is skipped on every rank, or every rank stops (the training loop applies it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Every rank stops with an error.
+    #[default]
+    Stop,
+    /// Every rank skips the update and goes on.
+    Skip,
+}
+
+deserialize_by_name!(NonFinite);
 
 /// Optimizer and schedule of one training stage (`[train.softmax]`, `[train.devise]`, ...).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,8 +259,8 @@ impl Optimizer {
             if dst.kind() != src.kind() {
                 bail!(
                     "optimizer state '{name}': dtype {}, expected {}",
-                    crate::checkpoint::dtype_name(src.kind()),
-                    crate::checkpoint::dtype_name(dst.kind())
+                    crate::storage::tensors::dtype_name(src.kind()),
+                    crate::storage::tensors::dtype_name(dst.kind())
                 );
             }
             tch::no_grad(|| dst.copy_(src));

@@ -33,6 +33,13 @@ Exit codes:
        (workers SIGKILLed)
   With --dry-run: the worker's own exit code.
 
+Environment read: SLURM_JOB_ID, SLURM_STEP_NUM_NODES / SLURM_JOB_NUM_NODES / SLURM_NNODES,
+SLURM_NODEID, SLURM_LOCALID, SLURM_GPUS_ON_NODE and the node list (SLURM_STEP_NODELIST,
+SLURM_JOB_NODELIST, SLURM_NODELIST) under SLURM, for the defaults above; CUDA_VISIBLE_DEVICES
+(workers per node outside SLURM); DEVISE_RDZV_TOKEN; DEVISE__RUN__PREEMPT_SIGNAL (the preemption
+signal without --preempt-signal: usr1, usr2 or term); NCCL_PROXY_DUMP_SIGNAL (warned about when
+it names a stop signal). The workers inherit the whole environment.
+
 Workers get RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
 MASTER_PORT, DEVISE_RUN_ID, DEVISE_RESTART_ATTEMPT and DEVISE_RDZV_TOKEN (passed through when
 set; random per launch on one node; unset on several nodes: export
@@ -116,8 +123,9 @@ struct Cli {
     preempt_signal: Option<PreemptSignal>,
 
     /// Print the resolved world and each local worker's ranks, then run the worker command
-    /// once with local worker 0's environment and `--dry-run` appended (the worker must accept
-    /// it; `devise train` prints its plan), and exit with its code. Starts no training
+    /// once with local worker 0's environment and `--dry-run` appended, and exit with its code.
+    /// The worker must accept it: devise train (prints its plan), eval, predict and bench-step
+    /// (print the world, the device and what they would run) do. Starts no training
     #[arg(long)]
     dry_run: bool,
 

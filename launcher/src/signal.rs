@@ -35,17 +35,7 @@ pub const REPEAT_WINDOW: Duration = Duration::from_secs(5);
 
 /// The signal that asks for "finish the step, checkpoint, exit 75". TOML and the command line
 /// spell it `usr1`, `usr2` or `term`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PreemptSignal {
     /// `SIGUSR1` (SLURM's `--signal=B:USR1@90`, `scancel --signal=USR1`).
@@ -56,6 +46,16 @@ pub enum PreemptSignal {
     /// `SIGTERM` only: no extra signal is caught, both `SIGUSR1` and `SIGUSR2` keep their
     /// default action (or NCCL's handler).
     Term,
+}
+
+/// Read by name (`usr1`, `usr2`, `term`); another value is an error listing them.
+impl<'de> serde::Deserialize<'de> for PreemptSignal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = <String as serde::Deserialize>::deserialize(d)?;
+        <PreemptSignal as clap::ValueEnum>::from_str(&name, false).map_err(|_| {
+            serde::de::Error::custom(format!("{name:?} is not one of usr1, usr2, term"))
+        })
+    }
 }
 
 impl PreemptSignal {
@@ -139,6 +139,63 @@ pub fn nccl_dump_signal_clash(
         v.trim(),
         signal_name(n)
     ))
+}
+
+/// A worker's stop handlers (`devise train`, `devise demo`): SIGTERM and SIGINT from the start,
+/// the preemption signal once the configuration names it ([`WorkerStop::catch_preempt`]), all
+/// setting `stop` (finish the step, checkpoint, exit 75). A repeat within [`REPEAT_WINDOW`] of
+/// the first counts as the same stop (module docs); a stop signal after that window exits the
+/// process at once with 130 (no checkpoint). Commands without these handlers keep the default
+/// action: they are killed, and write nothing that looks complete.
+pub struct WorkerStop {
+    handle: signal_hook::iterator::Handle,
+}
+
+impl WorkerStop {
+    /// Installs the handlers, on a thread of their own. Errors: the OS refused a handler.
+    pub fn install(stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::io::Result<Self> {
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])?;
+        let handle = signals.handle();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("devise-signals".into())
+            .spawn(move || {
+                let mut first: Option<std::time::Instant> = None;
+                for sig in signals.forever() {
+                    let name = signal_name(sig);
+                    match first {
+                        None => {
+                            first = Some(std::time::Instant::now());
+                            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                            eprintln!("{name}: finishing the current step, then checkpoint and exit 75 (a stop signal again after {} s exits at once)", REPEAT_WINDOW.as_secs());
+                        }
+                        Some(t) if t.elapsed() < REPEAT_WINDOW => {}
+                        Some(_) => {
+                            eprintln!("{name} again: exiting at once (130), no checkpoint");
+                            std::process::exit(130);
+                        }
+                    }
+                }
+            })?;
+        Ok(WorkerStop { handle })
+    }
+
+    /// Adds the preemption signal `preempt` to the stop signals; `term` adds none (SIGTERM is
+    /// always one), leaving SIGUSR1 and SIGUSR2 their default action. Returns the warning to
+    /// log when `NCCL_PROXY_DUMP_SIGNAL` (read through `get`) names a stop signal
+    /// ([`nccl_dump_signal_clash`]). Errors: the OS refused the handler.
+    pub fn catch_preempt(
+        &self,
+        preempt: PreemptSignal,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<String>> {
+        if preempt != PreemptSignal::Term {
+            self.handle.add_signal(preempt.number()).map_err(|e| {
+                anyhow::anyhow!("cannot install a handler for {}: {e}", preempt.name())
+            })?;
+        }
+        Ok(nccl_dump_signal_clash(preempt, get))
+    }
 }
 
 /// `SIGUSR1` for 10 (Linux numbering); `signal N` for numbers without a name here.

@@ -1,4 +1,4 @@
-//! Who am I in the job: the one place the rank environment is read (STYLE.md point 6).
+//! Who am I in the job: the one place the rank environment is read.
 //!
 //! # Precedence (a worker, [`WorkerEnv::from_vars`])
 //!

@@ -1,10 +1,11 @@
-//! Cross-process communication (STYLE.md point 5: the model and the loss never know their rank).
+//! Cross-process communication: the one place ranks talk to each other (the model and the loss
+//! never know their rank).
 //!
 //! - [`store`]: the rendezvous key-value store over TCP (rank 0 hosts it, every rank connects
 //!   with the run's token). It carries the CPU backend's peer addresses and NCCL's unique id.
 //! - [`ring`]: the `cpu` backend, ring all-reduce over TCP (tests, development, CPU clusters).
 //! - `nccl`: the `nccl` backend (cargo feature `nccl`; without it a twin that compiles
-//!   everywhere and returns a clear error, STYLE.md point 8).
+//!   everywhere and returns a clear error).
 //! - [`ddp`]: what the training step builds on top: parameters broadcast from rank 0 at start,
 //!   gradients averaged in buckets, the cross-rank parameter checksum.
 //!
@@ -42,8 +43,8 @@ pub use devise_launch::world::{EnvSource, WorkerEnv};
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `auto` (NCCL when `run.device` is CUDA, else `cpu`), `cpu`, or `nccl`.
-    #[serde(default = "default_backend")]
-    pub backend: String,
+    #[serde(default)]
+    pub backend: Backend,
     /// Gradients are averaged in flat buckets of at most this many MiB (one all-reduce each).
     #[serde(default = "default_bucket_mb")]
     pub bucket_size_mb: f64,
@@ -66,8 +67,45 @@ fn default_true() -> bool {
     true
 }
 
-fn default_backend() -> String {
-    "auto".into()
+/// `dist.backend`: how ranks exchange tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `nccl` when this process runs on a CUDA device, else `cpu`.
+    #[default]
+    Auto,
+    /// Ring all-reduce over TCP and Unix sockets ([`ring`]); buffers on the CPU.
+    Cpu,
+    /// NCCL on this process's GPU (cargo feature `nccl`).
+    Nccl,
+}
+
+deserialize_by_name!(Backend);
+
+impl Backend {
+    /// `auto`, `cpu`, `nccl`: as TOML and the command line spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Cpu => "cpu",
+            Backend::Nccl => "nccl",
+        }
+    }
+
+    /// The backend `auto` stands for on `device` (others stand for themselves).
+    pub fn resolve(self, device: Device) -> Backend {
+        match self {
+            Backend::Auto if device.is_cuda() => Backend::Nccl,
+            Backend::Auto => Backend::Cpu,
+            other => other,
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
 }
 fn default_bucket_mb() -> f64 {
     25.0
@@ -82,7 +120,7 @@ fn default_timeout() -> u64 {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            backend: default_backend(),
+            backend: Backend::Auto,
             bucket_size_mb: default_bucket_mb(),
             check_params_every_steps: default_check_every(),
             timeout_secs: default_timeout(),
@@ -94,12 +132,6 @@ impl Default for Config {
 impl Config {
     /// Checks the section; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.backend.as_str(), "auto" | "cpu" | "nccl") {
-            bail!(
-                "dist.backend = {:?}: expected auto, cpu or nccl",
-                self.backend
-            );
-        }
         if !(self.bucket_size_mb.is_finite() && self.bucket_size_mb > 0.0) {
             bail!(
                 "dist.bucket_size_mb must be > 0, got {}",
@@ -213,38 +245,52 @@ impl Collective for SingleProcess {
 /// Joins the process group the environment describes ([`WorkerEnv`]): a single process needs
 /// nothing; otherwise rank 0 starts the rendezvous store, every rank connects, and the backend
 /// `dist.backend` (resolved against `device`, this process's device from
-/// `train::select_device`) is set up through it; NCCL on `device`'s GPU.
+/// `config::device::select_device`) is set up through it; NCCL on `device`'s GPU.
 ///
 /// Every rank of the job must call this, with the same configuration. Errors: the store cannot
 /// be reached or refuses the token within `dist.timeout_secs`, the backend cannot start
 /// (missing libnccl, `nccl` on a CPU device, ...).
 pub fn init(env: &WorkerEnv, cfg: &Config, device: Device) -> Result<Box<dyn Collective>> {
+    init_with(env, cfg, device, Join::WhenSeveral)
+}
+
+/// Whether [`init_with`] sets up a backend for a world of one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// Only when the world has several processes; one process gets [`SingleProcess`].
+    WhenSeveral,
+    /// Always, even for one process (`devise bench-step --collective`: a one-rank smoke test
+    /// of the backend itself).
+    Always,
+}
+
+/// [`init`], with the choice of joining a one-process world through the backend (`join`).
+pub fn init_with(
+    env: &WorkerEnv,
+    cfg: &Config,
+    device: Device,
+    join: Join,
+) -> Result<Box<dyn Collective>> {
     cfg.validate()?;
-    if env.world_size == 1 {
+    if env.world_size == 1 && join == Join::WhenSeveral {
         return Ok(Box::new(SingleProcess));
     }
     let timeout = std::time::Duration::from_secs(cfg.timeout_secs);
     let store = store::Rendezvous::join(env, timeout)?;
-    let backend = match cfg.backend.as_str() {
-        "auto" if device.is_cuda() => "nccl",
-        "auto" => "cpu",
-        b => b,
-    };
+    let backend = cfg.backend.resolve(device);
     tracing::info!("{env}, backend {backend}");
-    match backend {
-        "cpu" => Ok(Box::new(ring::Ring::connect(
+    // `resolve` turned `auto` into `cpu` or `nccl`.
+    match (backend, device) {
+        (Backend::Cpu, _) => Ok(Box::new(ring::Ring::connect(
             store,
             timeout,
             cfg.unix_sockets,
         )?)),
-        "nccl" => match device {
-            Device::Cuda(ordinal) => Ok(Box::new(nccl::Nccl::connect(store, ordinal)?)),
-            other => bail!(
-                "dist.backend = \"nccl\" needs a CUDA device, but this process runs on {other:?} \
-                 (run.device)"
-            ),
-        },
-        other => bail!("dist.backend = {other:?}: expected auto, cpu or nccl"),
+        (_, Device::Cuda(ordinal)) => Ok(Box::new(nccl::Nccl::connect(store, ordinal)?)),
+        (_, other) => bail!(
+            "dist.backend = \"nccl\" needs a CUDA device, but this process runs on {other:?} \
+             (run.device)"
+        ),
     }
 }
 

@@ -1,5 +1,6 @@
-//! The `nccl` backend's twin for builds without the `nccl` cargo feature (STYLE.md point 8):
-//! same interface, and connecting is a clear error saying how to get the real one.
+//! The `nccl` backend's twin for builds without the `nccl` cargo feature: the same
+//! interface, so every build compiles and runs the same code, and connecting is a clear error
+//! saying how to get the real one.
 use anyhow::{bail, Result};
 use tch::Tensor;
 

@@ -14,15 +14,18 @@
 //! | [`feed`] | one shard streamed from its object (sha256 on the fly) by a thread into a bounded channel |
 //! | [`image`] | bytes -> RGB (format sniffing, decompression-bomb guard), train/eval transforms -> CHW `f32` |
 //! | [`reader`] | the deterministic, resumable [`reader::TrainStream`] (cursor!) and [`reader::eval_batches`] |
+//! | [`cli`] | `devise data`: the flags and runs of build-shards, verify and index |
 //!
 //! Nothing here depends on `tch`: a [`reader::Batch`] is a plain `Vec<f32>` `[n, 3, s, s]`.
 
+pub mod cli;
 pub mod feed;
 pub mod ilsvrc;
 pub mod image;
 pub mod index;
 pub mod reader;
 pub mod shards;
+pub mod split;
 pub mod synthetic;
 pub mod verify;
 pub mod webdataset;

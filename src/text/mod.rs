@@ -14,6 +14,7 @@
 //! format [`label_embedding`] defines (matrix, wnids, how it was made), so evaluation ranks them
 //! with the vectors the model was trained against.
 
+pub mod hierarchy;
 pub mod label_embedding;
 pub mod labels;
 pub mod vectors;
@@ -46,7 +47,7 @@ pub struct Config {
 }
 
 /// Policy for a label none of whose names maps to a word vector. Serialized `"skip"` / `"error"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnUnmapped {
     /// Warn naming the label (wnid and names) and leave it unmapped; the caller leaves it out of
@@ -56,6 +57,8 @@ pub enum OnUnmapped {
     /// Fail, listing every unmapped label.
     Error,
 }
+
+deserialize_by_name!(OnUnmapped);
 
 /// Reads the names file and the word vectors (keeping only the [`labels::candidate_words`] of
 /// the requested labels' names), maps each wnid (paper A.2, see [`labels`]) and L2-normalises.

@@ -98,10 +98,10 @@ const MIN_PREFIX_BYTES: usize = 64 << 10;
 
 /// Word-vector file format. Serialized in kebab-case (`"word2vec-binary"`, ...); see the module
 /// documentation for the exact layout of each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
-    /// Detect from the first bytes (module docs, "Auto-detection"); the choice is logged.
+    /// Detect from the first bytes; the choice is logged.
     #[default]
     Auto,
     /// word2vec.c binary: `count dim\n` then `word<space><dim f32 little-endian>` records.
@@ -113,6 +113,8 @@ pub enum Format {
     /// fastText `.vec`: identical to `word2vec-text`.
     Fasttext,
 }
+
+deserialize_by_name!(Format);
 
 impl Format {
     /// The serialized (config) name, e.g. `"word2vec-binary"`.

@@ -2,7 +2,7 @@
 //! (`../shared/data/imagenet-meta/wordnet.is_a.txt`) and the real 1K label list: their mean sizes
 //! against the paper's Table 5.
 use crate::common::shared_dir;
-use devise::hierarchy::Hierarchy;
+use devise::text::hierarchy::Hierarchy;
 
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
@@ -37,7 +37,7 @@ fn mean_correct_set_sizes_over_the_1k_labels_are_on_the_papers_scale() {
     // definition of PAPER.md (undirected hops, valid = the 1K labels): the paper's sets are
     // 1.2-1.4x larger, presumably another version of the hierarchy (not established; an
     // "ancestor height" variant gives 14.2 / 38.6 / 65.5 / 103, much further off). The hand-made
-    // unit tests in src/hierarchy.rs pin the definition; this pins the real-data scale.
+    // unit tests in src/text/hierarchy.rs and src/eval/hierarchy.rs pin the definition; this pins the real-data scale.
     for (got, paper) in means[1..].iter().zip([6.5, 12.5, 22.5, 41.7]) {
         let ratio = got / paper;
         assert!(

@@ -475,7 +475,7 @@ fn weights_of_another_dtype_are_an_error_naming_the_file_the_tensor_and_both_dty
     let ck = copy_checkpoint(&s.checkpoint(), dir.path(), "f64");
     let model = ck.join("model.safetensors");
     let tensors =
-        devise::checkpoint::safetensors_to_tensors(&std::fs::read(&model).unwrap(), "model")
+        devise::storage::tensors::safetensors_to_tensors(&std::fs::read(&model).unwrap(), "model")
             .unwrap();
     let doubled: Vec<(String, tch::Tensor)> = tensors
         .into_iter()
@@ -484,7 +484,7 @@ fn weights_of_another_dtype_are_an_error_naming_the_file_the_tensor_and_both_dty
     rewrite_in_checkpoint(
         &ck,
         "model.safetensors",
-        Some(devise::checkpoint::tensors_to_safetensors(&doubled).unwrap()),
+        Some(devise::storage::tensors::tensors_to_safetensors(&doubled).unwrap()),
     );
     let wanted = [
         model.to_str().unwrap(),

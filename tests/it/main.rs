@@ -10,6 +10,7 @@ mod dist;
 mod hierarchy;
 mod image;
 mod label_vectors;
+mod layers;
 mod predict;
 mod report;
 mod resume;

@@ -17,7 +17,7 @@
 //!
 //! Every run is on the synthetic shapes (`common::synthetic`) except the shipped Tiny ImageNet
 //! configuration's, which needs `../shared`. Faults are injected with `DEVISE_FAULT`
-//! (src/fault.rs).
+//! (src/train/fault.rs).
 use crate::common::launch::{
     assert_close, devise, final_weights, launcher, losses, processes_of, run_dir, text, trace,
     write_config,

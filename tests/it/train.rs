@@ -9,8 +9,8 @@
 //! plan, channels-last and bf16) runs on the synthetic shapes (`common::synthetic`).
 use crate::common::{synthetic, tiny, training_lock};
 use devise::collective::SingleProcess;
+use devise::config::plan::Plan;
 use devise::config::RunConfig;
-use devise::plan::Plan;
 use devise::train::{train, Outcome, Resume, RunOptions};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -39,7 +39,7 @@ fn run(cfg: &RunConfig, resume: Resume, stop_after_step: Option<u64>) -> Outcome
         local_rank: 0,
         local_world_size: 1,
     };
-    train(cfg, &plan, &opts, &SingleProcess).unwrap()
+    train(&plan, &opts, &SingleProcess).unwrap()
 }
 
 /// (step, stage, loss) of every metrics line with a training loss.
@@ -395,10 +395,7 @@ fn init_from_reuses_a_softmax_stage_and_evaluates_it_first() {
         local_rank: 0,
         local_world_size: 1,
     };
-    let err = format!(
-        "{:#}",
-        train(&cfg_c, &plan, &opts, &SingleProcess).unwrap_err()
-    );
+    let err = format!("{:#}", train(&plan, &opts, &SingleProcess).unwrap_err());
     assert!(
         err.contains("classifier") && err.contains("train.init_from"),
         "{err}"
@@ -424,7 +421,7 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
             local_rank: 0,
             local_world_size: 1,
         };
-        train(&cfg, &plan, &opts, &SingleProcess)
+        train(&plan, &opts, &SingleProcess)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     };
@@ -521,13 +518,12 @@ fn channels_last_and_bf16_autocast_train_every_stage_on_the_cpu() {
     let images = tch::Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
     let features = |layout: &str| {
         let loaded =
-            devise::predict::load_model(url, tch::Device::Cpu, &[layout.to_string()]).unwrap();
-        let conv_nhwc = loaded
-            .model
-            .vs
-            .variables()
-            .values()
-            .any(|v| v.dim() == 4 && devise::gpu::is_channels_last(v) && v.size()[2] > 1);
+            devise::eval::predict::load_model(url, tch::Device::Cpu, &[layout.to_string()])
+                .unwrap();
+        let conv_nhwc =
+            loaded.model.vs.variables().values().any(|v| {
+                v.dim() == 4 && devise::model::gpu::is_channels_last(v) && v.size()[2] > 1
+            });
         assert_eq!(conv_nhwc, layout.ends_with("true"), "{layout}");
         tch::no_grad(|| loaded.model.features(&images, false))
     };

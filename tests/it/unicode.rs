@@ -7,34 +7,34 @@
 //!
 //! | parser | input |
 //! |---|---|
-//! | `predict::wnid_in_name` | image paths and object-store URLs |
-//! | `predict::read_label_list` | label lists (`--labels`) |
-//! | `split::parse_split` | `labels.split` files |
-//! | `hierarchy::Hierarchy::parse` | `eval.hierarchy` files |
+//! | `eval::predict::wnid_in_name` | image paths and object-store URLs |
+//! | `eval::predict::read_label_list` | label lists (`--labels`) |
+//! | `data::split::parse_split` | `labels.split` files |
+//! | `text::hierarchy::Hierarchy::parse` | `eval.hierarchy` files |
 //! | `text::labels::read_names` | `text.names` (words.txt) files |
 //! | `text::labels::candidate_words`, `map_labels` | synset names -> vocabulary words |
 //! | `text::vectors::read_vectors`, `read_vectors_file` | word2vec text / binary, GloVe, fastText `.vec`; file paths and `file://` URLs |
 //! | `config::RunConfig::load_with_env`, `split_override`, `overlay_overrides` | TOML, `--set`, `DEVISE__*` variables, `--config` overlays |
-//! | `fault::Faults::parse`, `from_env_values` | `DEVISE_FAULT`, `DEVISE_RESTART_ATTEMPT` |
+//! | `train::fault::Faults::parse`, `from_env_values` | `DEVISE_FAULT`, `DEVISE_RESTART_ATTEMPT` |
 //! | `checkpoint::split_step_url`, `list_steps`, `find_latest`; `train::Resume` | checkpoint step URLs, step folder names, `LATEST` |
 //! | `storage::Store` | store URLs and object names |
 //! | `data::webdataset::SampleReader` | tar member names (ustar, GNU long names, pax `path`) |
 //! | `data::index::{expand_pattern, parse_split_pattern, read_sorted_classes, index_shards}`, `data::shards::{read_class_column, read_manifest, build_shards}` | shard patterns, class files, manifests, `.cls` text (also `data::verify::verify_shards`), ImageFolder file names |
 //! | `data::ilsvrc::read_ilsvrc_val` | `LOC_val_solution.csv` and validation file names |
-//! | `report_html::html` | class names in the HTML report |
+//! | `report::html::html` | class names in the HTML report |
 use crate::common::launch::{devise, text};
 use crate::common::shared_dir;
 use devise::checkpoint;
 use devise::config::{overlay_overrides, split_override, RunConfig};
 use devise::data::index::{expand_pattern, parse_split_pattern, read_sorted_classes};
 use devise::data::webdataset::{append_member, SampleReader};
-use devise::fault::Faults;
-use devise::hierarchy::Hierarchy;
-use devise::predict::{read_label_list, wnid_in_name};
+use devise::eval::predict::{read_label_list, wnid_in_name};
 use devise::storage::Store;
+use devise::text::hierarchy::Hierarchy;
 use devise::text::labels::{candidate_words, map_labels, read_names};
 use devise::text::vectors::{read_vectors, read_vectors_file, Format};
 use devise::text::{OnUnmapped, WordVectors};
+use devise::train::fault::Faults;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
@@ -215,7 +215,7 @@ proptest! {
             text.push_str(&format!("{id}\t{kind}\t{names}\r\n"));
             if *is_seen { seen.push(id.clone()) } else { unseen.push(id.clone()) }
         }
-        match devise::split::parse_split(&text, "split-ü.tsv", None) {
+        match devise::data::split::parse_split(&text, "split-ü.tsv", None) {
             Ok(split) => {
                 prop_assert_eq!(&split.seen, &seen);
                 prop_assert_eq!(&split.unseen, &unseen);
@@ -230,7 +230,7 @@ proptest! {
     #[test]
     fn split_files_of_any_text_are_read_or_named(any_text in any::<String>(), nasty_text in nasty(60)) {
         for text in [any_text, nasty_text.replace(';', "\t")] {
-            if let Err(e) = devise::split::parse_split(&text, "split-ü.tsv", Some(3)) {
+            if let Err(e) = devise::data::split::parse_split(&text, "split-ü.tsv", Some(3)) {
                 prop_assert!(names(&e, "split-ü.tsv"), "{e:#}");
             }
         }
@@ -665,7 +665,7 @@ proptest! {
     #[test]
     fn fault_specs_parse_or_are_named(text in prop_oneof![any::<String>(), nasty(40)]) {
         if let Err(e) = Faults::parse(&text, true) {
-            prop_assert!(names(&e, devise::fault::ENV), "{e:#}");
+            prop_assert!(names(&e, devise::train::fault::ENV), "{e:#}");
         }
     }
 
@@ -693,7 +693,7 @@ proptest! {
                 // The fault value is read first, then the attempt, then the fault text parsed.
                 let bad_attempt = attempt.as_ref().is_some_and(|v| v.to_str().is_none());
                 let bad_fault = fault.as_ref().is_some_and(|v| v.to_str().is_none());
-                let var = if bad_attempt && !bad_fault { devise::fault::RESTART_ATTEMPT_ENV } else { devise::fault::ENV };
+                let var = if bad_attempt && !bad_fault { devise::train::fault::RESTART_ATTEMPT_ENV } else { devise::train::fault::ENV };
                 prop_assert!(names(&e, var), "{e:#}");
             }
         }
@@ -1185,7 +1185,7 @@ proptest! {
         };
         let markdown = format!("| class | hit@1 |\n|---|---|\n{}", names_of.iter().map(|n| format!("| {} | 1 |\n", n.replace(['|', '\n'], " "))).collect::<String>());
         let metrics = vec![serde_json::json!({"step": 1, "train/loss": 1.0}), serde_json::json!({"step": 2, "train/loss": 0.5})];
-        let html = devise::report_html::html(&title, &markdown, &[eval], &metrics, &name_of).unwrap();
+        let html = devise::report::html::html(&title, &markdown, &[eval], &metrics, &name_of).unwrap();
         prop_assert!(html.starts_with("<!DOCTYPE html>"));
     }
 }

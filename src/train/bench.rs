@@ -1,15 +1,16 @@
-//! `devise bench-step`: the training loop's own step (`train::train_step`, the per-step vote,
+//! `devise bench-step`: the training loop's own step (`train::step::train_step`, the per-step vote,
 //! the optimizer) timed on one synthetic batch kept on the device, so GPU throughput is measured
 //! without a data pipeline, as the PyTorch reference loop in `bench/gpu_torch.py` is
-//! (`bench/gpu.sh`, BENCHMARKS.md). With a collective (`--nccl` under a one-rank environment)
+//! (`bench/gpu.sh`, BENCHMARKS.md). With a collective (`--collective nccl`, even in a one-rank world)
 //! it also all-reduces a gradient-sized buffer and checks the result: the NCCL smoke test.
+use super::batches::Input;
+use super::step::{stage_parameters, train_step, StepVotes};
 use crate::collective::{ddp, Collective, ReduceOp};
-use crate::gpu::Precision;
+use crate::config::plan::StageKind;
+use crate::model::gpu::Precision;
 use crate::model::{self, DeviseModel, Encoder};
 use crate::optim::{self, Algorithm, Optimizer};
-use crate::plan::StageKind;
-use crate::train::{stage_parameters, train_step, Input, StepVotes};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -48,6 +49,108 @@ pub struct BenchResult {
     /// All-reduce smoke test, when a collective was given: (bytes, milliseconds per call,
     /// calls) with the result checked against the input.
     pub all_reduce: Option<(usize, f64, usize)>,
+}
+
+/// `devise bench-step`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Encoder architecture.
+    #[arg(long, value_enum, default_value_t = Encoder::Resnet50)]
+    pub encoder: Encoder,
+    /// Input side, pixels.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: i64,
+    /// Images per step.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: i64,
+    /// Which stage's step.
+    #[arg(long, value_enum, default_value_t = StageKind::Softmax)]
+    pub stage: StageKind,
+    /// Arithmetic of the encoder's forward pass.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
+    /// NHWC layout.
+    #[arg(long)]
+    pub channels_last: bool,
+    /// Softmax classes / seen labels.
+    #[arg(long, default_value_t = 1000)]
+    pub classes: i64,
+    /// Timed steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: u64,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u64,
+    /// Intra-op threads (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Join the process group of the rank environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    /// MASTER_PORT; one rank is fine) with this backend and check an all-reduce.
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub collective: Option<crate::collective::Backend>,
+    /// --device, --dry-run.
+    #[command(flatten)]
+    pub worker: crate::config::WorkerArgs,
+}
+
+/// `devise bench-step`: times the step and prints one JSON line (the flags and the
+/// [`BenchResult`]). With `--collective` the process joins its process group through
+/// [`crate::collective::init_with`] (even a one-rank world) and runs the all-reduce check.
+pub fn run_command(args: &Args) -> Result<()> {
+    use crate::collective::{self, Join, SingleProcess, WorkerEnv};
+    let env = WorkerEnv::from_env().context("reading the rank environment")?;
+    let device_kind = args.worker.device.unwrap_or_default();
+    let device = crate::train::select_device(device_kind, env.local_rank, env.local_world_size)
+        .with_context(|| format!("choosing the GPU of {env}"))?;
+    let bench = BenchStep {
+        encoder: args.encoder,
+        image_size: args.image_size,
+        batch_size: args.batch_size,
+        stage: args.stage,
+        precision: args.precision,
+        channels_last: args.channels_last,
+        classes: args.classes,
+        steps: args.steps,
+        warmup: args.warmup,
+    };
+    if args.worker.dry_run {
+        println!("world: {env}");
+        println!("device: {device_kind} -> {device:?}");
+        println!("{bench:?}");
+        if let Some(backend) = args.collective {
+            println!("collective: {}", backend.resolve(device));
+        }
+        return Ok(());
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
+    let group: Box<dyn Collective> = match args.collective {
+        None => Box::new(SingleProcess),
+        Some(backend) => {
+            let cfg = collective::Config {
+                backend,
+                ..Default::default()
+            };
+            collective::init_with(&env, &cfg, device, Join::Always)?
+        }
+    };
+    let result = run(&bench, device, group.as_ref(), args.collective.is_some())?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "encoder": args.encoder,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "stage": args.stage,
+            "precision": args.precision,
+            "channels_last": args.channels_last,
+            "device": format!("{device:?}"),
+            "threads": tch::get_num_threads(),
+            "result": result,
+        })
+    );
+    Ok(())
 }
 
 fn synchronize(device: Device) {

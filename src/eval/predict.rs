@@ -319,6 +319,131 @@ fn read_image(image: &str) -> Result<Vec<u8>> {
     }
 }
 
+/// Appends the training labels `seen` that `wnids` lacks, in their order: the candidates of the
+/// paper's DeViSE+1K mode (`--plus-seen`).
+pub fn add_seen(wnids: &mut Vec<String>, seen: &[String]) {
+    let have: std::collections::HashSet<String> = wnids.iter().cloned().collect();
+    wnids.extend(seen.iter().filter(|w| !have.contains(*w)).cloned());
+}
+
+/// `devise predict`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// A checkpoint step directory (.../checkpoints/step-NNNNNNNNN), or a run directory (its
+    /// latest complete checkpoint, checkpoints/LATEST). Its config's relative paths (word
+    /// vectors, names) are read from the working directory.
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Label list: a file with one wnid per line (e.g. ImageNet's 1K, 2-hop, 3-hop or 21K
+    /// list), or `seen` for the checkpoint's training labels.
+    #[arg(long)]
+    pub labels: String,
+    /// Rank the checkpoint's training labels too (the paper's DeViSE+1K mode).
+    #[arg(long)]
+    pub plus_seen: bool,
+    /// Labels printed per image.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Fail instead of warning when the word-vector file gives the training labels other
+    /// vectors than the checkpoint was trained with (or it carries none to compare with).
+    #[arg(long)]
+    pub strict: bool,
+    /// --device, --dry-run.
+    #[command(flatten)]
+    pub worker: crate::config::WorkerArgs,
+    /// Image files or URLs.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<String>,
+}
+
+/// `devise predict`: loads the checkpoint, ranks the labels for every image and prints the top
+/// `--top-k` per image (a table, or JSON with `--json`), then hit@1 / hit@5 over the images
+/// whose file name names a candidate. One process: the device is the first GPU this process
+/// sees (`--device`, default `auto`).
+pub fn run_command(args: &Args) -> Result<()> {
+    let checkpoint = checkpoint::resolve_step_url(&args.checkpoint)?;
+    let device_kind = args.worker.device.unwrap_or_default();
+    let device = crate::config::device::select_device(device_kind, 0, 1)?;
+    if args.worker.dry_run {
+        println!("checkpoint: {checkpoint}");
+        println!("device: {device_kind} -> {device:?}");
+        println!(
+            "labels: {}{}",
+            args.labels,
+            if args.plus_seen {
+                " + the training labels"
+            } else {
+                ""
+            }
+        );
+        println!("images: {}", args.images.len());
+        return Ok(());
+    }
+    let loaded = load_model(&checkpoint, device, &[])?;
+    let mut wnids = if args.labels == "seen" {
+        loaded.seen.clone()
+    } else {
+        read_label_list(&args.labels)?
+    };
+    if args.plus_seen {
+        add_seen(&mut wnids, &loaded.seen);
+    }
+    let cands = candidates(&loaded, &wnids, args.strict, device)?;
+    if !cands.unmapped.is_empty() {
+        eprintln!(
+            "{} of {} labels have no word vector for any of their names and are left out: {}",
+            cands.unmapped.len(),
+            wnids.len(),
+            cands.unmapped.join(" ")
+        );
+    }
+    let preds = predict(&loaded, &cands, &args.images, args.top_k, device)?;
+    let (n, hit1, hit5) = hits(&preds);
+    if args.json {
+        let doc = serde_json::json!({
+            "checkpoint": loaded.url,
+            "labels": args.labels,
+            "plus_seen": args.plus_seen,
+            "candidates": cands.wnids.len(),
+            "unmapped": cands.unmapped,
+            "predictions": preds,
+            "scored_images": n,
+            "hit_at_1": (n > 0).then_some(hit1),
+            "hit_at_5": (n > 0).then_some(hit5),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    for p in &preds {
+        let truth = match (&p.label_from_name, p.true_rank) {
+            (Some(w), Some(r)) => format!("  (file name: {w}, ranked {r})"),
+            (Some(w), None) => format!("  (file name: {w}, not a candidate)"),
+            _ => String::new(),
+        };
+        println!("{}{truth}", p.image);
+        for (i, (wnid, name, score)) in p.top.iter().enumerate() {
+            println!("  {:>2}. {wnid}  {score:.3}  {name}", i + 1);
+        }
+    }
+    println!(
+        "{} candidate labels ({} left out without a word vector), {} images",
+        cands.wnids.len(),
+        cands.unmapped.len(),
+        preds.len()
+    );
+    if n > 0 {
+        println!(
+            "hit@1 {:.1}%  hit@5 {:.1}%  over the {n} images whose file name names a candidate",
+            100.0 * hit1,
+            100.0 * hit5
+        );
+    }
+    Ok(())
+}
+
 /// hit@1 and hit@5 over the predictions whose file-name label is a candidate:
 /// `(images counted, hit@1, hit@5)`.
 pub fn hits(preds: &[Prediction]) -> (usize, f64, f64) {

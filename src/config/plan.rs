@@ -1,4 +1,4 @@
-//! The validated plan (STYLE.md point 4): what the user wrote, resolved once against the shard
+//! The validated plan: what the user wrote, resolved once against the shard
 //! manifest, the split file and the word vectors into every number the run uses. Nothing after
 //! this point re-validates. `devise train --dry-run` prints it.
 //!
@@ -15,28 +15,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use tch::Tensor;
 
-/// A training stage (paper §3.3 recipe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StageKind {
-    /// Encoder + softmax head, cross-entropy: the pretraining and the softmax baseline.
-    Softmax,
-    /// Projection only, encoder frozen (eval-mode BatchNorm, no gradient), hinge rank loss.
-    Devise,
-    /// Encoder + projection, hinge rank loss.
-    Finetune,
-}
-
-impl StageKind {
-    /// `softmax`, `devise`, `finetune`.
-    pub fn name(self) -> &'static str {
-        match self {
-            StageKind::Softmax => "softmax",
-            StageKind::Devise => "devise",
-            StageKind::Finetune => "finetune",
-        }
-    }
-}
+pub use crate::model::StageKind;
 
 /// One stage's steps (global step numbers, 1-based, inclusive) and optimizer.
 #[derive(Debug, Clone, Serialize)]
@@ -54,6 +33,11 @@ pub struct StagePlan {
 }
 
 impl StagePlan {
+    /// The learning rate of global step `step` of this stage.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        self.optimizer.lr_at(step - self.first_step, self.steps())
+    }
+
     /// Number of steps in the stage.
     pub fn steps(&self) -> u64 {
         self.last_step + 1 - self.first_step
@@ -122,7 +106,7 @@ pub struct Plan {
     pub embed_dim: usize,
     /// `eval.hierarchy`, loaded: hierarchical precision@k is measured when present.
     #[serde(skip)]
-    pub hierarchy: Option<std::sync::Arc<crate::hierarchy::Hierarchy>>,
+    pub hierarchy: Option<std::sync::Arc<crate::text::hierarchy::Hierarchy>>,
     /// Unit label vectors of `seen`, row-major `[seen, embed_dim]`.
     #[serde(skip)]
     pub seen_matrix: Vec<f32>,
@@ -140,9 +124,35 @@ pub struct Plan {
     pub stages: Vec<StagePlan>,
     /// Last global step.
     pub total_steps: u64,
+    /// The configuration this plan was built from.
+    #[serde(skip)]
+    pub config: RunConfig,
 }
 
 impl Plan {
+    /// What the run report says about this run and `cfg` (besides the evaluations).
+    pub fn report_facts<'a>(&'a self, cfg: &'a RunConfig) -> Result<crate::report::RunFacts<'a>> {
+        Ok(crate::report::RunFacts {
+            name: &cfg.run.name,
+            config: serde_json::to_value(cfg)?,
+            plan: serde_json::to_value(self)?,
+            encoder: format!("{:?}", cfg.model.encoder),
+            embed_dim: self.embed_dim,
+            global_batch_size: self.global_batch_size,
+            world_size: self.world_size,
+            seen: self.seen.len(),
+            train_images: self.train_images,
+            val_images_seen: self.val_images_seen,
+            unseen: self.unseen.len(),
+            val_images_unseen: self.val_images_unseen,
+            vectors: &cfg.text.vectors,
+            left_out: &self.left_out,
+            coincident_labels: &self.coincident_labels,
+            stages: self.stages.iter().map(StagePlan::describe).collect(),
+            labels: &self.labels,
+        })
+    }
+
     /// Resolves `cfg` for a run of `world_size` processes, as rank `rank`. Reads the manifest,
     /// the split file, the names file and the needed word vectors.
     pub fn build(cfg: &RunConfig, rank: usize, world_size: usize) -> Result<Plan> {
@@ -163,7 +173,7 @@ impl Plan {
                 );
             }
         }
-        let split = crate::split::read_split(&cfg.labels)?;
+        let split = crate::data::split::read_split(&cfg.labels)?;
         let mut wanted: Vec<String> = split.seen.clone();
         wanted.extend(split.unseen.iter().cloned());
         let labels = crate::text::load_label_embeddings(&cfg.text, &wanted)?;
@@ -254,11 +264,8 @@ impl Plan {
 
         let mut stages = Vec::new();
         let mut next = 1u64;
-        for (kind, stage) in [
-            (StageKind::Softmax, &cfg.train.softmax),
-            (StageKind::Devise, &cfg.train.devise),
-            (StageKind::Finetune, &cfg.train.finetune),
-        ] {
+        for kind in StageKind::ALL {
+            let stage = cfg.train.stage(kind);
             let steps =
                 (stage.epochs * train_images as f64 / global_batch_size as f64).ceil() as u64;
             if steps == 0 {
@@ -279,7 +286,7 @@ impl Plan {
         let coincident_labels = labels.coincident.clone();
         let hierarchy = match &cfg.eval.hierarchy {
             Some(path) => {
-                let h = crate::hierarchy::Hierarchy::load(std::path::Path::new(path))
+                let h = crate::text::hierarchy::Hierarchy::load(std::path::Path::new(path))
                     .context("eval.hierarchy")?;
                 let missing: Vec<&String> = seen
                     .iter()
@@ -322,6 +329,7 @@ impl Plan {
             label_provenance: crate::text::provenance(&cfg.text, &labels.vectors_report),
             labels,
             total_steps: next - 1,
+            config: cfg.clone(),
             stages,
         })
     }

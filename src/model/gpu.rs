@@ -11,7 +11,7 @@
 //!   cuDNN picks its NHWC tensor-core kernels (PyTorch's `model.to(memory_format=
 //!   torch.channels_last)`). Values are unchanged; only strides differ.
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::ffi::c_void;
 use tch::{Device, Tensor};
 
@@ -24,7 +24,7 @@ extern "C" {
 }
 
 /// Arithmetic of the encoder's forward pass (`train.precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Precision {
     /// float32 throughout (default).
@@ -34,6 +34,8 @@ pub enum Precision {
     /// gradients, optimizer state, head and loss.
     Bf16,
 }
+
+deserialize_by_name!(Precision);
 
 /// c10::DeviceType of `device`.
 fn device_type(device: Device) -> i32 {

@@ -7,7 +7,7 @@
 //! on seen classes and zero-shot (unseen only, seen + unseen) with chance; hp@k curves (with
 //! `eval.hierarchy`); per-class zero-shot hit@1 / hit@5; example unseen images with their top-5
 //! labels.
-use crate::eval::{FlatHits, StageEval, HIT_KS};
+use crate::report::results::{FlatHits, HpAtK, StageEval, HIT_KS};
 use anyhow::{anyhow, Result};
 use base64::Engine;
 use plotters::prelude::*;
@@ -65,7 +65,7 @@ pub fn html(
         e.rows
             .get("zero_shot/devise_0")
             .filter(|r| !r.per_class.is_empty())
-            .map(|r| (e.stage.as_str(), r))
+            .map(|r| (e.stage.name(), r))
     }) {
         figure(
             &format!("Zero-shot DeViSE-0 per unseen class after {stage}: hit@1 (blue) and hit@5 (orange)"),
@@ -76,7 +76,7 @@ pub fn html(
         let _ = writeln!(
             body,
             "<h2>Unseen images after {}: DeViSE-0 top 5</h2><div class=\"examples\">",
-            escape(&e.stage)
+            escape(e.stage.name())
         );
         for ex in &e.examples {
             let _ = write!(
@@ -286,7 +286,7 @@ fn hit_bars(rows: &[(String, &FlatHits)]) -> Result<Option<String>> {
 }
 
 fn hp_curves(rows: &[(String, &FlatHits)]) -> Result<Option<String>> {
-    let rows: Vec<(&String, &crate::hierarchy::HpAtK)> = rows
+    let rows: Vec<(&String, &HpAtK)> = rows
         .iter()
         .filter_map(|(n, h)| Some((n, h.hp.as_ref()?)))
         .collect();

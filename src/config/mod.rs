@@ -1,8 +1,10 @@
 //! The run configuration: TOML through the `config` crate, then `DEVISE__SECTION__KEY`
 //! environment overrides, then `--set section.key=value` flags (later wins). Each component owns
 //! its section (`data::Config`, `text::Config`, ...); this file only nests them. Every section is
-//! `deny_unknown_fields`, so a misspelt key is an error naming it. [`crate::plan::Plan`] is what
+//! `deny_unknown_fields`, so a misspelt key is an error naming it. [`crate::config::plan::Plan`] is what
 //! the rest of the program uses.
+pub mod device;
+pub mod plan;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -41,7 +43,7 @@ pub struct RunSection {
 }
 
 /// `run.device`: where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     /// The CPU.
@@ -53,6 +55,140 @@ pub enum DeviceKind {
     Auto,
 }
 
+deserialize_by_name!(DeviceKind);
+
+impl DeviceKind {
+    /// `cpu`, `cuda`, `auto`: as TOML and the command line spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// The flags every worker command (`train`, `eval`, `predict`, `bench-step`) takes, so they
+/// read the same everywhere and `devise-launch --dry-run` (which appends `--dry-run`) works
+/// with any of them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WorkerArgs {
+    /// Where the model runs. train and eval: the same as --set run.device=VALUE (default: the
+    /// configuration's run.device); predict and bench-step: default auto.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceKind>,
+    /// Print what would run (the world, the device choice, the plan or the request) and exit
+    /// without running it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl WorkerArgs {
+    /// `overrides` with `run.device=...` appended when `--device` was given (it wins over an
+    /// earlier `--set run.device`).
+    pub fn with_device(&self, mut overrides: Vec<String>) -> Vec<String> {
+        if let Some(device) = self.device {
+            overrides.push(format!("run.device={:?}", device.name()));
+        }
+        overrides
+    }
+}
+
+/// A `--set` item's clap parser: it must look like `section.key=value` ([`split_override`]).
+pub fn parse_set(s: &str) -> std::result::Result<String, String> {
+    match split_override(s) {
+        Ok(_) => Ok(s.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The values of a choice, as the command line and TOML spell them: `cpu, cuda, auto`.
+pub fn choice_values<T: clap::ValueEnum>() -> String {
+    T::value_variants()
+        .iter()
+        .filter_map(|v| v.to_possible_value())
+        .map(|p| p.get_name().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The configuration keys that take one of a fixed set of values, with the values: the text
+/// `devise --help` and `devise train --help` end with.
+pub fn choices_help() -> String {
+    use crate::config::plan;
+    use crate::model::gpu;
+    use crate::{collective, model, optim, text};
+    let rows = [
+        ("run.device", choice_values::<DeviceKind>()),
+        (
+            "run.preempt_signal",
+            choice_values::<devise_launch::signal::PreemptSignal>(),
+        ),
+        ("dist.backend", choice_values::<collective::Backend>()),
+        ("model.encoder", choice_values::<model::Encoder>()),
+        ("model.norm", choice_values::<model::Norm>()),
+        ("model.precision", choice_values::<gpu::Precision>()),
+        ("text.vectors_format", choice_values::<text::Format>()),
+        ("text.on_unmapped", choice_values::<text::OnUnmapped>()),
+        (
+            "train.non_finite",
+            choice_values::<crate::optim::NonFinite>(),
+        ),
+        (
+            "train.<stage>.optimizer.algorithm",
+            choice_values::<optim::Algorithm>(),
+        ),
+        (
+            "train.<stage>.optimizer.schedule",
+            choice_values::<optim::Schedule>(),
+        ),
+        (
+            "<stage> ([train.<stage>], bench-step --stage)",
+            choice_values::<plan::StageKind>(),
+        ),
+    ];
+    let mut s = String::from(
+        "Configuration choices (in TOML, as --set KEY=VALUE or as DEVISE__SECTION__KEY=VALUE):\n",
+    );
+    for (key, values) in rows {
+        s.push_str(&format!("  {key:<36} {values}\n"));
+    }
+    s
+}
+
+/// The environment variables `devise` reads, for `devise --help`.
+pub const ENVIRONMENT_HELP: &str = "\
+Environment:
+  RUST_LOG                 log filter (default info), e.g. RUST_LOG=devise=debug
+  DEVISE__SECTION__KEY     overrides a configuration key (DEVISE__TRAIN__LR=0.1 sets train.lr),
+                           after the TOML file, before --set; DEVISE__RUN__PREEMPT_SIGNAL is how
+                           devise-launch --preempt-signal reaches its workers
+  RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+                           the rank environment (devise-launch, torchrun); without it, srun's
+                           SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_NTASKS, SLURM_LOCALID,
+                           SLURM_NODEID, SLURM_STEP_TASKS_PER_NODE, SLURM_GTIDS,
+                           SLURM_TASKS_PER_NODE, SLURM_NTASKS_PER_NODE, SLURM_STEP_NUM_NODES,
+                           SLURM_STEP_ID, SLURM_JOB_ID and the node list (SLURM_STEP_NODELIST,
+                           SLURM_JOB_NODELIST, SLURM_NODELIST); else one process (LOCAL_RANK,
+                           LOCAL_WORLD_SIZE or GROUP_RANK alone is an error, never rank 0 of 1)
+  TORCHELASTIC_USE_AGENT_STORE, TORCHELASTIC_RUN_ID, TORCHELASTIC_RESTART_COUNT
+                           under torchrun: its store's port, the run id, the restart count
+  DEVISE_RUN_ID, DEVISE_RDZV_TOKEN, DEVISE_RESTART_ATTEMPT, DEVISE_HEARTBEAT_FILE
+                           set by devise-launch: run id, rendezvous token, restart attempt,
+                           the worker's heartbeat file
+  CUDA_VISIBLE_DEVICES     the GPUs a worker picks its own from (its local rank's entry)
+  NCCL_PROXY_DUMP_SIGNAL   warned about when it names the preemption signal; NCCL_* are read
+                           by NCCL itself
+  AWS_*, GOOGLE_*, AZURE_* object-store credentials and client options (s3://, gs://, az://)
+  DEVISE_FAULT             fault injection, for tests only
+";
+
 /// The whole run configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +198,7 @@ pub struct RunConfig {
     /// `[data]`
     pub data: crate::data::Config,
     /// `[labels]`
-    pub labels: crate::split::Config,
+    pub labels: crate::data::split::Config,
     /// `[text]`
     pub text: crate::text::Config,
     /// `[model]`
@@ -319,6 +455,45 @@ mod tests {
             let e = format!("{:#}", load(&[set]).unwrap_err());
             assert!(e.contains(key), "{set}: {e}");
         }
+    }
+
+    /// Every choice is written (serde) as the command line spells it (clap), and read back.
+    #[test]
+    fn every_choice_is_spelt_the_same_in_files_and_on_the_command_line() {
+        fn check<T>()
+        where
+            T: clap::ValueEnum
+                + Serialize
+                + serde::de::DeserializeOwned
+                + PartialEq
+                + std::fmt::Debug,
+        {
+            for v in T::value_variants() {
+                let name = v.to_possible_value().unwrap().get_name().to_string();
+                assert_eq!(serde_json::to_value(v).unwrap(), serde_json::json!(name));
+                let back: T = serde_json::from_value(serde_json::json!(name)).unwrap();
+                assert_eq!(&back, v);
+            }
+            let err = serde_json::from_value::<T>(serde_json::json!("nonesuch")).unwrap_err();
+            assert!(err.to_string().contains(&choice_values::<T>()), "{err}");
+        }
+        check::<DeviceKind>();
+        check::<crate::collective::Backend>();
+        check::<crate::model::StageKind>();
+        check::<crate::model::Encoder>();
+        check::<crate::model::Norm>();
+        check::<crate::model::gpu::Precision>();
+        check::<crate::text::Format>();
+        check::<crate::text::OnUnmapped>();
+        check::<crate::optim::NonFinite>();
+        check::<crate::optim::Algorithm>();
+        check::<crate::optim::Schedule>();
+        check::<devise_launch::signal::PreemptSignal>();
+        // The names `Display` and `name()` give are the same.
+        assert_eq!(DeviceKind::Cuda.to_string(), "cuda");
+        assert_eq!(crate::collective::Backend::Nccl.to_string(), "nccl");
+        assert_eq!(crate::model::StageKind::Finetune.to_string(), "finetune");
+        assert_eq!(crate::text::Format::Word2vecText.name(), "word2vec-text");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! | `nan_loss:STEP:RANK` | rank RANK's loss at step STEP becomes NaN before backward (so its gradients too) |
 //! | `inf_grad:STEP:RANK` | one gradient element of rank RANK becomes +inf after backward at step STEP (its loss stays finite) |
 //! | `hang:STEP:RANK` | rank RANK stops making progress at the start of step STEP (sleeps forever, ignores the stop flag) |
-//! | `checkpoint_pause_ms:MS` | saving a checkpoint sleeps MS milliseconds after each file, after publishing and after `LATEST` |
+//! | `checkpoint_pause_ms:MS` | saving a checkpoint sleeps MS milliseconds after each file, after publishing and after `LATEST` ([`crate::checkpoint::set_write_pause`]) |
 //!
 //! Step and rank faults fire only in the first attempt (`DEVISE_RESTART_ATTEMPT` unset or 0), so
 //! a restarted group runs clean. Unset: no fault, no cost beyond one check. A malformed value is
@@ -98,6 +98,19 @@ impl Faults {
     }
 }
 
+impl Faults {
+    /// `hang:STEP:RANK`: at `step` on `rank`, stop making progress for good (sleep forever,
+    /// ignoring the stop flag).
+    pub fn hang_if_due(&self, step: u64, rank: usize) {
+        if self.hang.is_some_and(|(s, r)| s == step && r == rank) {
+            tracing::warn!("{ENV}: hanging at step {step} (injected fault)");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
 static FAULTS: OnceLock<Faults> = OnceLock::new();
 
 /// Reads [`ENV`] once (and `DEVISE_RESTART_ATTEMPT`); call at startup so a malformed value fails
@@ -113,7 +126,11 @@ pub fn init() -> Result<&'static Faults> {
     if parsed != Faults::default() {
         tracing::warn!("{ENV} is set: injecting faults {parsed:?} (tests only)");
     }
-    Ok(FAULTS.get_or_init(|| parsed))
+    let faults = FAULTS.get_or_init(|| parsed);
+    if let Some(pause) = faults.checkpoint_pause {
+        crate::checkpoint::set_write_pause(pause);
+    }
+    Ok(faults)
 }
 
 /// The faults in effect (none when [`init`] was not called or failed).
@@ -125,13 +142,6 @@ pub fn get() -> &'static Faults {
         checkpoint_pause: None,
     };
     FAULTS.get().unwrap_or(&NONE)
-}
-
-/// Sleeps for the checkpoint pause, if one is set.
-pub fn checkpoint_pause() {
-    if let Some(d) = get().checkpoint_pause {
-        std::thread::sleep(d);
-    }
 }
 
 #[cfg(test)]

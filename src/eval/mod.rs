@@ -10,19 +10,21 @@
 //!
 //! Data parallel: each rank evaluates its share of the images; hit counts are summed over ranks
 //! with the collective before dividing, so every rank computes the same numbers.
+pub mod checkpoint;
+pub mod hierarchy;
+pub mod predict;
 use crate::collective::Collective;
+use crate::config::plan::{Plan, StageKind};
 use crate::data::reader::eval_batches;
-use crate::hierarchy::{CandidateIndex, Hierarchy, HpAtK, HpCounter};
+use crate::eval::hierarchy::HpCounter;
 use crate::model::DeviseModel;
-use crate::plan::Plan;
+pub use crate::report::results::{ClassHits, Example, FlatHits, HpAtK, StageEval, HIT_KS};
+use crate::text::hierarchy::{CandidateIndex, Hierarchy};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
-
-/// The k of hit@k, as in the paper's tables.
-pub const HIT_KS: [usize; 5] = [1, 2, 5, 10, 20];
 
 /// The T of ConSE's top-T convex combination (Norouzi et al. 2014 report T = 1, 5, 10).
 pub const CONSE_TS: [usize; 3] = [1, 5, 10];
@@ -35,7 +37,7 @@ pub struct Config {
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// A `parent child` wnid file (ImageNet's `wordnet.is_a.txt`): with it, every row also
-    /// reports hierarchical precision@k (paper appendix A.3, `crate::hierarchy`).
+    /// reports hierarchical precision@k (paper appendix A.3, `crate::eval::hierarchy`).
     #[serde(default)]
     pub hierarchy: Option<String>,
     /// Also evaluate every this many optimizer steps (0: only at the end of each stage). Each
@@ -77,70 +79,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// One row of a results table: hit@k of one model on one image set with one candidate set.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FlatHits {
-    /// Images evaluated (all ranks).
-    pub images: u64,
-    /// Number of candidate labels ranked.
-    pub candidates: usize,
-    /// k -> fraction of images whose true label is in the top k.
-    pub hit_at_k: BTreeMap<usize, f64>,
-    /// k -> chance rate `min(k, candidates) / candidates`.
-    pub chance_at_k: BTreeMap<usize, f64>,
-    /// Hierarchical precision@k (k = 1, 2, 5, 10, 20 capped at the candidates), mean correct-set
-    /// sizes and chance, when `eval.hierarchy` is set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hp: Option<HpAtK>,
-    /// Per true label (zero-shot DeViSE-0 rows and `devise eval --labels` rows): images,
-    /// hit@1 and hit@5 of that label's images, for labels with at least one image.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub per_class: Vec<ClassHits>,
-}
-
-/// hit@1 / hit@5 of the images of one true label.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ClassHits {
-    /// The label.
-    pub wnid: String,
-    /// Its images (all ranks).
-    pub images: u64,
-    /// Fraction of them with the label ranked first.
-    pub hit_at_1: f64,
-    /// Fraction of them with the label in the top 5.
-    pub hit_at_5: f64,
-}
-
-/// What a stage-end evaluation measured, keyed by row name (`seen/softmax`, `seen/devise`,
-/// `zero_shot/devise_0`, `zero_shot/devise_plus_seen`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StageEval {
-    /// Stage evaluated (`softmax`, `devise`, `finetune`).
-    pub stage: String,
-    /// Optimizer step at which it was evaluated.
-    pub step: u64,
-    /// Rows.
-    pub rows: BTreeMap<String, FlatHits>,
-    /// Wall time of the evaluation, seconds.
-    pub seconds: f64,
-    /// A few unseen validation images (rank 0's first) with their DeViSE-0 top-5, for the
-    /// HTML report (devise / finetune evaluations only).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub examples: Vec<Example>,
-}
-
-/// One example image and its top labels.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Example {
-    /// True label.
-    pub wnid: String,
-    /// The evaluated image (after the eval transform), PNG, base64.
-    pub png_base64: String,
-    /// `(wnid, score)` best first (dot product of the image embedding with the unit label
-    /// vector).
-    pub top: Vec<(String, f32)>,
 }
 
 /// How many example images a devise-head evaluation keeps.
@@ -323,6 +261,16 @@ pub enum Heads {
     Devise,
 }
 
+impl Heads {
+    /// The heads a stage trained, whose rows its evaluation reports.
+    pub fn after(stage: StageKind) -> Self {
+        match stage {
+            StageKind::Softmax => Heads::Softmax,
+            StageKind::Devise | StageKind::Finetune => Heads::Devise,
+        }
+    }
+}
+
 /// Evaluates `model` on the validation split. `stage`/`step` label the result.
 pub fn evaluate(
     model: &DeviseModel,
@@ -330,7 +278,7 @@ pub fn evaluate(
     heads: Heads,
     collective: &dyn Collective,
     device: Device,
-    stage: &str,
+    stage: StageKind,
     step: u64,
 ) -> Result<StageEval> {
     let started = std::time::Instant::now();
@@ -493,7 +441,7 @@ pub fn evaluate(
         }
     }
     Ok(StageEval {
-        stage: stage.to_string(),
+        stage,
         step,
         rows,
         seconds: started.elapsed().as_secs_f64(),

@@ -1,27 +1,67 @@
 //! The run report, written by rank 0 into the run directory: `report.json` (everything),
 //! `report.md` (the paper-style tables: softmax baseline vs DeViSE on seen classes, zero-shot
 //! DeViSE-0 and seen+unseen, chance; hp@k with `eval.hierarchy`), `report.html` (the same tables
-//! with plots and example images, [`crate::report_html`]), plus a terminal summary.
-use crate::config::RunConfig;
+//! with plots and example images, [`crate::report::html`]), plus a terminal summary.
+pub mod html;
+pub mod results;
 use crate::data::reader::DataStats;
-use crate::eval::{FlatHits, StageEval, HIT_KS};
-use crate::plan::Plan;
+use crate::model::StageKind;
 use crate::storage::Store;
+use crate::text::LabelEmbeddings;
 use anyhow::Result;
+use results::{FlatHits, StageEval, HIT_KS};
 use std::fmt::Write;
 use std::time::Duration;
+
+/// What the report says about the run besides its evaluations; the run layer fills it in from
+/// the configuration and the plan (`config::plan::Plan::report_facts`).
+pub struct RunFacts<'a> {
+    /// `run.name`.
+    pub name: &'a str,
+    /// The configuration as run (`report.json`'s `config`).
+    pub config: serde_json::Value,
+    /// The plan (`report.json`'s `plan`).
+    pub plan: serde_json::Value,
+    /// The image encoder, as the Markdown header names it.
+    pub encoder: String,
+    /// Dimension of the word space.
+    pub embed_dim: usize,
+    /// Images per optimizer step, all ranks together.
+    pub global_batch_size: usize,
+    /// Processes in the run.
+    pub world_size: usize,
+    /// Seen classes, and their training and validation images.
+    pub seen: usize,
+    /// Training images of the seen classes.
+    pub train_images: u64,
+    /// Validation images of the seen classes.
+    pub val_images_seen: u64,
+    /// Unseen (zero-shot) classes.
+    pub unseen: usize,
+    /// Validation images of the unseen classes.
+    pub val_images_unseen: u64,
+    /// `text.vectors`: the word-vector file.
+    pub vectors: &'a str,
+    /// Classes left out of every stage, with the reason.
+    pub left_out: &'a [(String, String)],
+    /// Groups of labels whose vectors are identical.
+    pub coincident_labels: &'a [Vec<String>],
+    /// One line per stage.
+    pub stages: Vec<String>,
+    /// How each label mapped to the word vectors (names, match kind, file format).
+    pub labels: &'a LabelEmbeddings,
+}
 
 /// Writes `report.json` and `report.md`, prints the summary, returns the URL of `report.md`.
 pub fn write(
     run: &Store,
-    cfg: &RunConfig,
-    plan: &Plan,
+    facts: &RunFacts,
     evals: &[StageEval],
     metrics: &[serde_json::Value],
     wall: Duration,
     data: &DataStats,
 ) -> Result<String> {
-    let mapping: Vec<serde_json::Value> = plan
+    let mapping: Vec<serde_json::Value> = facts
         .labels
         .entries
         .iter()
@@ -35,20 +75,20 @@ pub fn write(
         })
         .collect();
     let json = serde_json::json!({
-        "run": cfg.run.name,
+        "run": facts.name,
         "run_dir": run.url(),
         "wall_seconds": wall.as_secs_f64(),
-        "plan": plan,
+        "plan": facts.plan,
         "evaluations": evals,
         "label_mapping": mapping,
         "data_stats": data,
         "final_train": metrics.iter().rev().find(|m| m.get("train/loss").is_some()),
-        "config": cfg,
+        "config": facts.config,
     });
     run.put("report.json", serde_json::to_vec_pretty(&json)?.into())?;
-    let md = markdown(cfg, plan, evals, wall, data);
+    let md = markdown(facts, evals, wall, data);
     run.put("report.md", md.clone().into_bytes().into())?;
-    let names: std::collections::HashMap<&str, &str> = plan
+    let names: std::collections::HashMap<&str, &str> = facts
         .labels
         .entries
         .iter()
@@ -59,8 +99,8 @@ pub fn write(
             .get(wnid)
             .map_or_else(|| wnid.to_string(), |n| n.to_string())
     };
-    let html = crate::report_html::html(
-        &format!("DeViSE run {}", cfg.run.name),
+    let html = crate::report::html::html(
+        &format!("DeViSE run {}", facts.name),
         &md,
         evals,
         metrics,
@@ -113,17 +153,17 @@ fn chance(out: &mut String, hits: &FlatHits, with_hp: bool) {
     );
 }
 
-fn find<'a>(evals: &'a [StageEval], stage: &str, key: &str) -> Option<&'a FlatHits> {
+fn find<'a>(evals: &'a [StageEval], stage: StageKind, key: &str) -> Option<&'a FlatHits> {
     evals
         .iter()
         .find(|e| e.stage == stage)
         .and_then(|e| e.rows.get(key))
 }
 
-fn table(out: &mut String, title: &str, evals: &[StageEval], rows: &[(&str, &str, &str)]) {
+fn table(out: &mut String, title: &str, evals: &[StageEval], rows: &[(&str, StageKind, &str)]) {
     let present: Vec<(&str, &FlatHits)> = rows
         .iter()
-        .filter_map(|(label, stage, key)| find(evals, stage, key).map(|h| (*label, h)))
+        .filter_map(|(label, stage, key)| find(evals, *stage, key).map(|h| (*label, h)))
         .collect();
     if present.is_empty() {
         return;
@@ -154,42 +194,36 @@ fn table(out: &mut String, title: &str, evals: &[StageEval], rows: &[(&str, &str
     }
 }
 
-fn markdown(
-    cfg: &RunConfig,
-    plan: &Plan,
-    evals: &[StageEval],
-    wall: Duration,
-    data: &DataStats,
-) -> String {
+fn markdown(facts: &RunFacts, evals: &[StageEval], wall: Duration, data: &DataStats) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "# DeViSE run `{}`\n", cfg.run.name);
+    let _ = writeln!(s, "# DeViSE run `{}`\n", facts.name);
     let _ = writeln!(
         s,
-        "- wall time: {:.1} min; encoder `{:?}`, embed_dim {}, global batch {}, world size {}",
+        "- wall time: {:.1} min; encoder `{}`, embed_dim {}, global batch {}, world size {}",
         wall.as_secs_f64() / 60.0,
-        cfg.model.encoder,
-        plan.embed_dim,
-        plan.global_batch_size,
-        plan.world_size
+        facts.encoder,
+        facts.embed_dim,
+        facts.global_batch_size,
+        facts.world_size
     );
     let _ = writeln!(
         s,
         "- classes: {} seen ({} train / {} val images), {} unseen ({} val images)",
-        plan.seen.len(),
-        plan.train_images,
-        plan.val_images_seen,
-        plan.unseen.len(),
-        plan.val_images_unseen
+        facts.seen,
+        facts.train_images,
+        facts.val_images_seen,
+        facts.unseen,
+        facts.val_images_unseen
     );
     let _ = writeln!(
         s,
         "- word vectors: `{}` ({:?})",
-        cfg.text.vectors, plan.labels.vectors_report.format
+        facts.vectors, facts.labels.vectors_report.format
     );
-    for (wnid, why) in &plan.left_out {
+    for (wnid, why) in facts.left_out {
         let _ = writeln!(s, "- left out: {wnid}: {why}");
     }
-    for group in &plan.coincident_labels {
+    for group in facts.coincident_labels {
         let _ = writeln!(s, "- identical label vectors: {}", group.join(", "));
     }
     let _ = writeln!(
@@ -197,8 +231,8 @@ fn markdown(
         "- data: {} decode errors, {} shard errors, {} incomplete samples skipped",
         data.decode_errors, data.shard_errors, data.incomplete_samples
     );
-    for st in &plan.stages {
-        let _ = writeln!(s, "- stage {}", st.describe());
+    for st in &facts.stages {
+        let _ = writeln!(s, "- stage {st}");
     }
     s.push_str(&tables(evals));
     s
@@ -214,9 +248,9 @@ pub fn tables(evals: &[StageEval]) -> String {
         "Seen classes (validation images of the training labels)",
         evals,
         &[
-            ("softmax baseline", "softmax", "seen/softmax"),
-            ("DeViSE (frozen CNN)", "devise", "seen/devise"),
-            ("DeViSE (fine-tuned)", "finetune", "seen/devise"),
+            ("softmax baseline", StageKind::Softmax, "seen/softmax"),
+            ("DeViSE (frozen CNN)", StageKind::Devise, "seen/devise"),
+            ("DeViSE (fine-tuned)", StageKind::Finetune, "seen/devise"),
         ],
     );
     table(
@@ -224,21 +258,29 @@ pub fn tables(evals: &[StageEval]) -> String {
         "Zero-shot, DeViSE-0 (unseen images, unseen labels only)",
         evals,
         &[
-            ("DeViSE (frozen CNN)", "devise", "zero_shot/devise_0"),
-            ("DeViSE (fine-tuned)", "finetune", "zero_shot/devise_0"),
+            (
+                "DeViSE (frozen CNN)",
+                StageKind::Devise,
+                "zero_shot/devise_0",
+            ),
+            (
+                "DeViSE (fine-tuned)",
+                StageKind::Finetune,
+                "zero_shot/devise_0",
+            ),
             (
                 "ConSE T=1 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t1_0",
             ),
             (
                 "ConSE T=5 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t5_0",
             ),
             (
                 "ConSE T=10 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t10_0",
             ),
         ],
@@ -250,32 +292,32 @@ pub fn tables(evals: &[StageEval]) -> String {
         &[
             (
                 "softmax baseline (names seen labels only)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/softmax_plus_seen",
             ),
             (
                 "DeViSE (frozen CNN)",
-                "devise",
+                StageKind::Devise,
                 "zero_shot/devise_plus_seen",
             ),
             (
                 "DeViSE (fine-tuned)",
-                "finetune",
+                StageKind::Finetune,
                 "zero_shot/devise_plus_seen",
             ),
             (
                 "ConSE T=1 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t1_plus_seen",
             ),
             (
                 "ConSE T=5 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t5_plus_seen",
             ),
             (
                 "ConSE T=10 (softmax stage)",
-                "softmax",
+                StageKind::Softmax,
                 "zero_shot/conse_t10_plus_seen",
             ),
         ],
@@ -285,22 +327,30 @@ pub fn tables(evals: &[StageEval]) -> String {
         "Seen images, seen + unseen candidates",
         evals,
         &[
-            ("DeViSE (frozen CNN)", "devise", "seen/devise_plus_unseen"),
-            ("DeViSE (fine-tuned)", "finetune", "seen/devise_plus_unseen"),
+            (
+                "DeViSE (frozen CNN)",
+                StageKind::Devise,
+                "seen/devise_plus_unseen",
+            ),
+            (
+                "DeViSE (fine-tuned)",
+                StageKind::Finetune,
+                "seen/devise_plus_unseen",
+            ),
         ],
     );
-    let custom: Vec<(String, String, String)> = evals
+    let custom: Vec<(String, StageKind, String)> = evals
         .iter()
         .flat_map(|e| {
             e.rows
                 .keys()
                 .filter(|k| k.starts_with("labels/"))
-                .map(|k| (format!("{} ({})", k, e.stage), e.stage.clone(), k.clone()))
+                .map(|k| (format!("{} ({})", k, e.stage), e.stage, k.clone()))
         })
         .collect();
-    let custom: Vec<(&str, &str, &str)> = custom
+    let custom: Vec<(&str, StageKind, &str)> = custom
         .iter()
-        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+        .map(|(a, b, c)| (a.as_str(), *b, c.as_str()))
         .collect();
     for row in &custom {
         table(

@@ -16,13 +16,97 @@
 //! trained against), the other labels with the current vector file's; a vector file of another
 //! dimension is an error, one that gives the training labels other vectors a warning (an error
 //! with `--strict`): [`predict::check_label_vectors`].
-use crate::collective::Collective;
+use crate::collective::{Collective, WorkerEnv};
+use crate::config::plan::Plan;
+use crate::eval::predict;
 use crate::eval::{self, Heads, StageEval};
-use crate::plan::Plan;
-use crate::predict;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+
+/// `devise eval`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// A checkpoint step directory (.../checkpoints/step-NNNNNNNNN), or a run directory (its
+    /// latest complete checkpoint, checkpoints/LATEST).
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Candidate labels: a file with one wnid per line, `seen` or `unseen`; default: the
+    /// rows of a stage-end evaluation for the checkpoint's stage.
+    #[arg(long)]
+    pub labels: Option<String>,
+    /// Rank the training labels too (the paper's DeViSE+1K mode).
+    #[arg(long, requires = "labels")]
+    pub plus_seen: bool,
+    /// A configuration overlay (some sections' keys, e.g. configs/zero-shot-21k-eval.toml)
+    /// layered over the checkpoint's configuration, before --set.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<String>,
+    /// Override a key of the checkpoint's configuration (e.g. eval.hierarchy=FILE).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = crate::config::parse_set)]
+    pub set: Vec<String>,
+    /// Fail instead of warning when the word-vector file gives the training labels other
+    /// vectors than the checkpoint was trained with (or it carries none to compare with).
+    #[arg(long)]
+    pub strict: bool,
+    /// --device, --dry-run.
+    #[command(flatten)]
+    pub worker: crate::config::WorkerArgs,
+}
+
+/// `devise eval`: resolves the checkpoint (a run directory stands for its latest), layers
+/// `--config` and `--set` (and `--device`) over its configuration, joins the process group of
+/// the rank environment ([`crate::collective::init`]) and runs [`run`]. Returns the report URL
+/// (rank 0) or an empty string (other ranks, and `--dry-run`).
+pub fn run_command(args: &Args) -> Result<String> {
+    let checkpoint = crate::checkpoint::resolve_step_url(&args.checkpoint)?;
+    let mut overrides = match &args.config {
+        Some(path) => crate::config::overlay_overrides(path)?,
+        None => Vec::new(),
+    };
+    overrides.extend(args.set.iter().cloned());
+    let overrides = args.worker.with_device(overrides);
+    let env = WorkerEnv::from_env().context("reading the rank environment")?;
+    let cfg = predict::checkpoint_config(&checkpoint, &overrides).with_context(|| {
+        match &args.config {
+            Some(path) => format!("layering {path} over the configuration of {checkpoint}"),
+            None => format!("the configuration of {checkpoint}"),
+        }
+    })?;
+    let device =
+        crate::config::device::select_device(cfg.run.device, env.local_rank, env.local_world_size)
+            .with_context(|| format!("choosing the GPU of {env}"))?;
+    if args.worker.dry_run {
+        println!("world: {env}");
+        println!("checkpoint: {checkpoint}");
+        println!("device: {} -> {device:?}", cfg.run.device);
+        println!(
+            "labels: {}{}",
+            args.labels
+                .as_deref()
+                .unwrap_or("the checkpoint's stage-end rows"),
+            if args.plus_seen {
+                " + the training labels"
+            } else {
+                ""
+            }
+        );
+        return Ok(String::new());
+    }
+    let collective = crate::collective::init(&env, &cfg.dist, device)?;
+    run(
+        &Request {
+            checkpoint,
+            overrides,
+            labels: args.labels.clone(),
+            plus_seen: args.plus_seen,
+            strict: args.strict,
+        },
+        collective.as_ref(),
+        env.local_rank,
+        env.local_world_size,
+    )
+}
 
 /// What to evaluate.
 pub struct Request {
@@ -50,7 +134,8 @@ pub fn run(
 ) -> Result<String> {
     let started = std::time::Instant::now();
     let cfg = predict::checkpoint_config(&req.checkpoint, &req.overrides)?;
-    let device = crate::train::select_device(cfg.run.device, local_rank, local_world_size)?;
+    let device =
+        crate::config::device::select_device(cfg.run.device, local_rank, local_world_size)?;
     let loaded = predict::load_model(&req.checkpoint, device, &req.overrides)?;
     let mut plan = Plan::build(&loaded.cfg, collective.rank(), collective.world_size())?;
     crate::text::label_embedding::check_dim(
@@ -70,7 +155,7 @@ pub fn run(
         // The training labels are ranked with the vectors the model was trained against.
         plan.seen_matrix = stored.values.clone();
     }
-    let (stage, step) = (loaded.state.stage.clone(), loaded.state.step);
+    let (stage, step) = (loaded.state.stage, loaded.state.step);
     let mut unmapped = Vec::new();
     let mut images = None;
     let (result, suffix) = match &req.labels {
@@ -81,18 +166,13 @@ pub fn run(
                 req.strict,
                 collective.rank() == 0,
             )?;
-            let heads = if stage == "softmax" {
-                Heads::Softmax
-            } else {
-                Heads::Devise
-            };
             let r = eval::evaluate(
                 &loaded.model,
                 &plan,
-                heads,
+                Heads::after(stage),
                 collective,
                 device,
-                &stage,
+                stage,
                 step,
             )?;
             (r, String::new())
@@ -111,11 +191,7 @@ pub fn run(
             };
             let mut row = format!("labels/{name}/devise_0");
             if req.plus_seen {
-                for w in &plan.seen {
-                    if !wnids.contains(w) {
-                        wnids.push(w.clone());
-                    }
-                }
+                predict::add_seen(&mut wnids, &plan.seen);
                 row = format!("labels/{name}/devise_plus_seen");
             }
             let cands = predict::candidates(&loaded, &wnids, req.strict, device)?;
@@ -141,7 +217,7 @@ pub fn run(
             )?;
             let suffix = format!("-{}", row.replace('/', "-").trim_start_matches("labels-"));
             let r = StageEval {
-                stage: stage.clone(),
+                stage,
                 step,
                 rows: BTreeMap::from([(row, hits)]),
                 seconds: started.elapsed().as_secs_f64(),

@@ -27,6 +27,7 @@
 //! They must not contain empty, `.` or `..` segments (`object_store::path::Path::parse` rules).
 
 mod presigned;
+pub mod tensors;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

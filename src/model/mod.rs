@@ -1,17 +1,19 @@
 //! The DeViSE model (paper §3): an image encoder `v(image)`, a softmax head used for the
 //! pretraining stage (the paper's softmax baseline), and the linear projection `M` into the word
-//! space. The model holds architecture only: it never knows its rank (STYLE.md point 5).
+//! space. The model holds architecture only: it never knows its rank (data
+//! parallelism lives in `collective`).
 //!
 //! Parameter names follow torchvision under three prefixes, so PyTorch users recognise them in the
 //! safetensors checkpoint: `encoder.conv1.weight`, `encoder.layer1.0.bn1.running_mean`, ...,
 //! `classifier.weight` `[num_classes, feature_dim]`, `projection.weight` `[embed_dim, feature_dim]`.
+pub mod gpu;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
 
 /// Which image encoder to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Encoder {
     /// ResNet-18 from `tch::vision::resnet` (512-d features).
@@ -25,6 +27,8 @@ pub enum Encoder {
     /// Feature dimension = the last width.
     Convnet,
 }
+
+deserialize_by_name!(Encoder);
 
 /// `[model]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,10 +51,10 @@ pub struct Config {
     #[serde(default)]
     pub norm: Norm,
     /// Arithmetic of the encoder's forward pass: `fp32` (default) or `bf16` (bfloat16 autocast;
-    /// float32 weights, gradients, optimizer state, heads and loss; `crate::gpu`). Meant for
+    /// float32 weights, gradients, optimizer state, heads and loss; `crate::model::gpu`). Meant for
     /// CUDA; it also runs on the CPU (oneDNN), slowly without AVX512-BF16.
     #[serde(default)]
-    pub precision: crate::gpu::Precision,
+    pub precision: crate::model::gpu::Precision,
     /// Lay out convolution weights and input batches channels-last (NHWC), what cuDNN's
     /// tensor-core kernels want (PyTorch's `channels_last`). Same values; default `false`.
     #[serde(default)]
@@ -58,7 +62,7 @@ pub struct Config {
 }
 
 /// Normalisation layers of the `convnet` encoder.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Norm {
     /// BatchNorm (running statistics, `encoder.*.bn.*`).
@@ -66,6 +70,43 @@ pub enum Norm {
     Batch,
     /// GroupNorm with 8 groups (1 if the width is not a multiple of 8), `encoder.*.gn.*`.
     Group,
+}
+
+deserialize_by_name!(Norm);
+
+/// A training stage (paper §3.3 recipe). Spelt `softmax`, `devise`, `finetune` in TOML, in
+/// checkpoints (`train_state.json`), in evaluation files and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageKind {
+    /// Encoder + softmax head, cross-entropy: the pretraining and the softmax baseline.
+    Softmax,
+    /// Projection only, encoder frozen (eval-mode BatchNorm, no gradient), hinge rank loss.
+    Devise,
+    /// Encoder + projection, hinge rank loss.
+    Finetune,
+}
+
+deserialize_by_name!(StageKind);
+
+impl StageKind {
+    /// Every stage, in training order.
+    pub const ALL: [StageKind; 3] = [StageKind::Softmax, StageKind::Devise, StageKind::Finetune];
+
+    /// `softmax`, `devise`, `finetune`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Softmax => "softmax",
+            StageKind::Devise => "devise",
+            StageKind::Finetune => "finetune",
+        }
+    }
+}
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
 }
 
 fn default_true() -> bool {
@@ -113,7 +154,7 @@ pub struct DeviseModel {
     pub embed_dim: i64,
     /// Number of softmax classes (the seen training labels).
     pub num_classes: i64,
-    precision: crate::gpu::Precision,
+    precision: crate::model::gpu::Precision,
     channels_last: bool,
     device: Device,
 }
@@ -160,10 +201,10 @@ impl DeviseModel {
             },
         );
         if cfg.channels_last {
-            crate::gpu::to_channels_last(&vs)?;
+            crate::model::gpu::to_channels_last(&vs)?;
         }
         // Fails here, not in the middle of a forward pass, if autocast cannot be set.
-        crate::gpu::autocast(cfg.precision, device, || ())?;
+        crate::model::gpu::autocast(cfg.precision, device, || ())?;
         Ok(DeviseModel {
             vs,
             encoder,
@@ -183,7 +224,7 @@ impl DeviseModel {
     /// With `precision = bf16` the encoder runs under bfloat16 autocast and the features come
     /// back as float32; with `channels_last` a 4-d batch is laid out NHWC first.
     pub fn features(&self, images: &Tensor, train: bool) -> Tensor {
-        use crate::gpu::{self, Precision};
+        use crate::model::gpu::{self, Precision};
         // Layout only (same values): if libtorch refused it, NCHW computes the same features.
         let nhwc = (self.channels_last && images.dim() == 4)
             .then(|| gpu::channels_last(images).ok())
@@ -261,8 +302,8 @@ impl DeviseModel {
             if src.kind() != var.kind() {
                 bail!(
                     "tensor '{name}': dtype {} in the weights, {} expected by this model",
-                    crate::checkpoint::dtype_name(src.kind()),
-                    crate::checkpoint::dtype_name(var.kind())
+                    crate::storage::tensors::dtype_name(src.kind()),
+                    crate::storage::tensors::dtype_name(var.kind())
                 );
             }
             tch::no_grad(|| var.shallow_clone().copy_(src));
