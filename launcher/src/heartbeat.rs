@@ -90,6 +90,13 @@ impl Watch {
     /// `Some(age of the last beat)` when `path`'s worker has beaten at least once and not for
     /// longer than the timeout; `None` otherwise (disabled, no beat yet, fresh, or unreadable).
     pub fn stale(&self, path: &Path) -> Option<Duration> {
+        self.age(path).filter(|age| *age > self.timeout)
+    }
+
+    /// `Some(age of the last beat)` when the watch is on and `path`'s worker has beaten at least
+    /// once; `None` otherwise. An age is known to within [`MIN_INTERVAL`] (beats closer together
+    /// are dropped), so of two workers that stopped at the same step, either can look older.
+    pub fn age(&self, path: &Path) -> Option<Duration> {
         if self.timeout.is_zero() {
             return None;
         }
@@ -97,8 +104,7 @@ impl Watch {
         if modified <= UNIX_EPOCH {
             return None;
         }
-        let age = SystemTime::now().duration_since(modified).ok()?;
-        (age > self.timeout).then_some(age)
+        SystemTime::now().duration_since(modified).ok()
     }
 }
 
@@ -125,6 +131,7 @@ mod tests {
             .unwrap();
         let age = watch.stale(&path).expect("6 s old beat, 5 s timeout");
         assert!(age >= Duration::from_secs(6));
+        assert!(watch.age(&path).expect("armed") >= Duration::from_secs(6));
         // Disabled watch never reports.
         let off = Watch::new(Duration::ZERO).unwrap();
         let p = off.arm(0).unwrap();

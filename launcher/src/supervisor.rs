@@ -437,10 +437,15 @@ fn run_attempt(spec: &Spec, attempt: u32, signals: &mut Signals, watch: &Watch) 
         // A hung worker (no heartbeat within the timeout) fails the group like a crashed one.
         if phase == Phase::Running && now - heartbeats_checked >= Duration::from_secs(1) {
             heartbeats_checked = now;
-            let hung: Vec<(usize, u32, Duration)> = workers
-                .iter()
-                .filter(|w| w.status.is_none())
-                .filter_map(|w| Some((w.rank, w.pid, watch.stale(&w.heartbeat)?)))
+            let running = || workers.iter().filter(|w| w.status.is_none());
+            let any_stale = running().any(|w| watch.stale(&w.heartbeat).is_some());
+            // Name every worker whose last beat is as old as the stale one's within the beats'
+            // resolution (heartbeat::MIN_INTERVAL): a rank blocked in a collective by a hung peer
+            // can look older than that peer by up to that much.
+            let cutoff = watch.timeout().saturating_sub(heartbeat::MIN_INTERVAL);
+            let hung: Vec<(usize, u32, Duration)> = running()
+                .filter_map(|w| Some((w.rank, w.pid, watch.age(&w.heartbeat)?)))
+                .filter(|&(_, _, age)| any_stale && age > cutoff)
                 .collect();
             if !hung.is_empty() {
                 failed = true;
