@@ -149,7 +149,7 @@ pub fn choices_help() -> String {
             choice_values::<optim::Schedule>(),
         ),
         (
-            "<stage> ([train.<stage>], bench-step --stage)",
+            "<stage> in [train.<stage>]",
             choice_values::<plan::StageKind>(),
         ),
     ];
