@@ -4,7 +4,8 @@
 //!   each, rendered once per test process): build shards, read them back, labels, determinism,
 //!   sample-exact resume from a saved cursor (mid-epoch and across an epoch boundary), epochs
 //!   differ, bounded streaming memory, ranks partition the global batch, eval covers every
-//!   sample once, checksum / strict / I/O errors on a one-shard manifest.
+//!   sample once, checksum / strict / I/O errors on a one-shard manifest, a truncated JPEG
+//!   skipped by two ranks that stay aligned and resume exactly.
 //! - The whole shapes dataset through the same path.
 //! - Tiny ImageNet (3 classes of `../shared/data/tiny-imagenet-200.tar.gz`, extracted once into
 //!   `CARGO_TARGET_TMPDIR`): greyscale JPEGs come out RGB.
@@ -1035,9 +1036,12 @@ fn throughput_tiny_imagenet() {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
-    let (good, bad) = (field("B07_good.jpg"), field("B07_truncated_60pct.jpg"));
+    // A shapes JPEG, and the same one cut at 60% of its bytes.
+    let good = std::fs::read(shapes_subset().join("train/blue_circle/blue_circle_0.JPEG")).unwrap();
+    let bad = good[..good.len() * 6 / 10].to_vec();
+    assert!(decode_rgb(&good, &DecodeOptions::new(1 << 20)).is_ok());
+    assert!(decode_rgb(&bad, &DecodeOptions::new(1 << 20)).is_err());
     // 7 samples, s3 undecodable.
     let mut b = tar::Builder::new(Vec::new());
     for i in 0..7 {
