@@ -4,8 +4,8 @@
 //! written); `--help` of `devise`, its worker commands and `devise-launch` (every choice's
 //! values, exit codes, environment); `--device` and `--dry-run` on `train`, `eval`, `predict`
 //! and `bench-step`, also run once by `devise-launch --dry-run`; a run directory as `eval` /
-//! `predict --checkpoint` (a synthetic run made here, no `../shared`).
-use crate::common::tiny::{config_toml, shards, tiny_classes};
+//! `predict --checkpoint`. All on the synthetic shapes dataset (no `../shared`).
+use crate::common::synthetic::{config_toml, shapes};
 use std::process::Command;
 
 fn devise() -> Command {
@@ -13,19 +13,18 @@ fn devise() -> Command {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn build_shards_command_writes_manifest() {
-    let tree = tiny_classes(&["n01443537", "n01629819", "n01641577", "n01644900"]);
+    let tree = &shapes().tree;
     let dst = tempfile::tempdir().unwrap();
     let classes = dst.path().join("classes.txt");
     std::fs::write(
         &classes,
-        "# two of them\nn01629819\textra column\nn01443537\nn01641577\n",
+        "# two of them\nblue_cross\textra column\nblue_circle\nblue_square\n",
     )
     .unwrap();
     let out = devise()
         .args(["data", "build-shards", "--src"])
-        .arg(&tree)
+        .arg(tree)
         .arg("--dst")
         .arg(dst.path().join("shards"))
         .args([
@@ -48,9 +47,9 @@ fn build_shards_command_writes_manifest() {
             .unwrap();
     assert_eq!(
         manifest["classes"],
-        serde_json::json!(["n01443537", "n01629819"])
+        serde_json::json!(["blue_circle", "blue_cross"])
     );
-    assert_eq!(manifest["splits"]["train"]["samples"], 1000);
+    assert_eq!(manifest["splits"]["train"]["samples"], 150);
     assert!(
         manifest["splits"]["train"]["shards"]
             .as_array()
@@ -66,12 +65,10 @@ fn train_cli(args: &[&str], cfg: &std::path::Path) -> std::process::Output {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn train_dry_run_errors_preemption_and_resume() {
-    let (_dir, shards) = shards();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, config_toml(shards, &dir.path().join("run"))).unwrap();
+    std::fs::write(&cfg, config_toml(&shapes().shards, &dir.path().join("run"))).unwrap();
 
     let out = train_cli(&["train", "--dry-run", "--config"], &cfg);
     assert!(
@@ -81,7 +78,7 @@ fn train_dry_run_errors_preemption_and_resume() {
     );
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(
-        plan.contains("3 seen") && plan.contains("total steps 9"),
+        plan.contains("20 seen") && plan.contains("total steps 9"),
         "{plan}"
     );
     assert!(

@@ -1,12 +1,17 @@
 //! Scope: `devise::data` and `devise::storage` end to end on real files.
 //!
-//! - Tiny ImageNet subset (3 classes of `../shared/data/tiny-imagenet-200.tar.gz`, extracted
-//!   once into `CARGO_TARGET_TMPDIR`): build shards, read them back, labels, greyscale -> RGB,
-//!   determinism, sample-exact resume from a saved cursor (mid-epoch and across an epoch
-//!   boundary), epochs differ, ranks partition the global batch, eval covers every sample once.
-//! - Field cases B01 B02 B04 B05 B06 B07 B08 B10 of `../shared/field-cases/` (MANIFEST.json):
-//!   each fixture tar is served through a one-shard manifest, so the real reader policy runs.
-//! - The synthetic shapes dataset through the same path.
+//! - Three classes of the synthetic shapes dataset (500 training and 50 validation images
+//!   each, rendered once per test process): build shards, read them back, labels, determinism,
+//!   sample-exact resume from a saved cursor (mid-epoch and across an epoch boundary), epochs
+//!   differ, bounded streaming memory, ranks partition the global batch, eval covers every
+//!   sample once, checksum / strict / I/O errors on a one-shard manifest, a truncated JPEG
+//!   skipped by two ranks that stay aligned and resume exactly.
+//! - The whole shapes dataset through the same path.
+//! - Tiny ImageNet (3 classes of `../shared/data/tiny-imagenet-200.tar.gz`, extracted once into
+//!   `CARGO_TARGET_TMPDIR`): greyscale JPEGs come out RGB.
+//! - Field cases B01 B02 B04 B05 B06 B07 B08 B10 B27 of `../shared/field-cases/`
+//!   (MANIFEST.json): each fixture tar is served through a one-shard manifest, so the real
+//!   reader policy runs.
 //! - `throughput_tiny_imagenet` (ignored; run with `--ignored --nocapture`) prints images/s.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,7 +40,7 @@ fn tiny_subset() -> PathBuf {
     crate::common::tiny::tiny_classes(&CLASSES)
 }
 
-/// Shards of the subset (200 KB shards -> several per split), built once per test process.
+/// Shards of the Tiny ImageNet subset (200 KB shards), built once per test process.
 fn tiny_shards() -> (PathBuf, Manifest) {
     static SHARDS: OnceLock<(tempfile::TempDir, Manifest)> = OnceLock::new();
     let (dir, m) = SHARDS.get_or_init(|| {
@@ -45,6 +50,70 @@ fn tiny_shards() -> (PathBuf, Manifest) {
         (dst, m)
     });
     (dir.path().to_path_buf(), m.clone())
+}
+
+/// Three classes of the synthetic shapes dataset, sorted; `blue_triangle` is one of the
+/// dataset's unseen classes.
+const SHAPE_CLASSES: [&str; 3] = ["blue_circle", "blue_triangle", "green_circle"];
+
+/// `<tmp>/{train,val}/<id>/<id>_<i>.JPEG` for [`SHAPE_CLASSES`] only: 500 training and 50
+/// validation images each, 32 px, rendered once per test process.
+fn shapes_subset() -> PathBuf {
+    static TREE: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = TREE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ShapesOptions {
+            image_size: 32,
+            train_per_class: 500,
+            val_per_class: 50,
+            seed: 7,
+        };
+        generate_shapes(dir.path(), &opts).unwrap();
+        // Only the three classes stay in the tree: a build of it has exactly these classes.
+        for split in ["train", "val"] {
+            for e in std::fs::read_dir(dir.path().join(split)).unwrap() {
+                let path = e.unwrap().path();
+                if !SHAPE_CLASSES.iter().any(|c| path.ends_with(c)) {
+                    std::fs::remove_dir_all(&path).unwrap();
+                }
+            }
+        }
+        dir
+    });
+    dir.path().to_path_buf()
+}
+
+/// Shards of the shapes subset (200 KB shards -> several per split), built once per test
+/// process.
+fn shapes_shards() -> (PathBuf, Manifest) {
+    static SHARDS: OnceLock<(tempfile::TempDir, Manifest)> = OnceLock::new();
+    let (dir, m) = SHARDS.get_or_init(|| {
+        let src = shapes_subset();
+        let dst = tempfile::tempdir().unwrap();
+        let m = build_shards(&src, dst.path().to_str().unwrap(), &options(7)).unwrap();
+        (dst, m)
+    });
+    (dir.path().to_path_buf(), m.clone())
+}
+
+/// A webdataset tar of the first `n` training images of the shapes subset, keys `000000`,
+/// ..., sample `i` of class `i % 3`.
+fn shapes_tar(n: usize) -> Vec<u8> {
+    let src = shapes_subset();
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..n {
+        let class = SHAPE_CLASSES[i % 3];
+        let jpg = std::fs::read(src.join(format!("train/{class}/{class}_{i}.JPEG"))).unwrap();
+        let key = format!("{i:06}");
+        devise::data::webdataset::append_member(&mut b, &format!("{key}.jpg"), &jpg).unwrap();
+        devise::data::webdataset::append_member(
+            &mut b,
+            &format!("{key}.cls"),
+            (i % 3).to_string().as_bytes(),
+        )
+        .unwrap();
+    }
+    b.into_inner().unwrap()
 }
 
 fn options(seed: u64) -> BuildOptions {
@@ -67,10 +136,10 @@ fn all_labels(m: &Manifest) -> Vec<Option<i64>> {
     (0..m.classes.len() as i64).map(Some).collect()
 }
 
-/// `stem -> wnid` of every file of `split` in the extracted tree.
+/// `stem -> class` of every file of `split` in the generated tree.
 fn source_labels(root: &Path, split: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for c in CLASSES {
+    for c in SHAPE_CLASSES {
         for e in std::fs::read_dir(root.join(split).join(c)).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().into_owned();
             out.insert(name.trim_end_matches(".JPEG").to_string(), c.to_string());
@@ -84,12 +153,11 @@ fn take(stream: &mut TrainStream, n: usize) -> Vec<(devise::data::Batch, Cursor)
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
-    let src = tiny_subset();
-    let (dir, m) = tiny_shards();
+    let src = shapes_subset();
+    let (dir, m) = shapes_shards();
     assert_eq!(m.format, FORMAT);
-    assert_eq!(m.classes, CLASSES);
+    assert_eq!(m.classes, SHAPE_CLASSES);
     let train = &m.splits["train"];
     let val = &m.splits["val"];
     assert_eq!((train.samples, val.samples), (1500, 150));
@@ -156,14 +224,14 @@ fn build_shards_writes_webdataset_tars_and_a_consistent_manifest() {
 
     // Restricting classes; a typo is an error.
     let mut opts = options(7);
-    opts.classes = Some(vec!["n01698640".into()]);
+    opts.classes = Some(vec!["green_circle".into()]);
     let sub = tempfile::tempdir().unwrap();
     let m4 = build_shards(&src, sub.path().to_str().unwrap(), &opts).unwrap();
-    assert_eq!(m4.classes, ["n01698640"]);
+    assert_eq!(m4.classes, ["green_circle"]);
     assert_eq!(m4.splits["train"].samples, 500);
-    opts.classes = Some(vec!["n99999999".into()]);
+    opts.classes = Some(vec!["orange_circle".into()]);
     let err = build_shards(&src, sub.path().to_str().unwrap(), &opts).unwrap_err();
-    assert!(err.to_string().contains("n99999999"), "{err}");
+    assert!(err.to_string().contains("orange_circle"), "{err}");
     opts.classes = None;
     opts.splits = vec!["test".into()];
     assert!(build_shards(&src, sub.path().to_str().unwrap(), &opts).is_err());
@@ -191,9 +259,8 @@ fn greyscale_images_come_out_rgb() {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn train_stream_is_deterministic_and_covers_each_epoch_once() {
-    let (dir, m) = tiny_shards();
+    let (dir, m) = shapes_shards();
     let mut cfg = config(&dir, 32);
     cfg.eval_resize = Some(36);
     let start = |seed| {
@@ -237,11 +304,11 @@ fn train_stream_is_deterministic_and_covers_each_epoch_once() {
     }
     assert_eq!(labels, [500, 500, 500]);
     // Labels match the source tree.
-    let src = tiny_subset();
+    let src = shapes_subset();
     let truth = source_labels(&src, "train");
     for (batch, _) in &ba[..3] {
         for (k, l) in batch.keys.iter().zip(&batch.labels) {
-            assert_eq!(truth[k], CLASSES[*l as usize]);
+            assert_eq!(truth[k], SHAPE_CLASSES[*l as usize]);
         }
     }
     // The next epoch visits the samples in another order.
@@ -256,9 +323,8 @@ fn train_stream_is_deterministic_and_covers_each_epoch_once() {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn resume_from_a_saved_cursor_is_sample_exact() {
-    let (dir, m) = tiny_shards();
+    let (dir, m) = shapes_shards();
     // Shuffle buffer larger than a shard (a uniform shuffle of it) and smaller (a streaming
     // buffer that refills while slots are taken): resume is exact either way.
     for (shuffle_buffer, prefetch_shards) in [(1000, 1), (5, 3)] {
@@ -304,10 +370,14 @@ fn resume_exact(cfg: &Config, m: &Manifest) {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
-    let (dir, m) = tiny_shards();
-    let mut cfg = config(&dir, 16);
+    // 1 MiB shards (about 250 samples each, the last one too), so that "never held whole" is
+    // not decided by a last shard of a few samples.
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(7);
+    opts.shard_size_bytes = 1 << 20;
+    let m = build_shards(&shapes_subset(), dir.path().to_str().unwrap(), &opts).unwrap();
+    let mut cfg = config(dir.path(), 16);
     cfg.shuffle_buffer = 5;
     cfg.shard_readahead = 2;
     cfg.prefetch_shards = 1;
@@ -322,7 +392,7 @@ fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
     // Held at most: the shuffle buffer, two streaming shards' channels (+1 sample each being
     // sent), one batch of candidates.
     let samples_bound = (cfg.shuffle_buffer + 2 * (cfg.shard_readahead + 1) + batch) as u64;
-    let largest_image = 8_000; // the 64x64 Tiny ImageNet JPEGs are 1-4 KB
+    let largest_image = 8_000; // the 32x32 shapes JPEGs are 1-1.5 KB
     assert!(stats.peak_buffered_bytes > 0);
     assert!(
         stats.peak_buffered_bytes <= samples_bound * largest_image,
@@ -338,11 +408,10 @@ fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
-    let (dir, m) = tiny_shards();
+    let (dir, m) = shapes_shards();
     let cfg = config(&dir, 16);
-    // Class 1 (tailed frog) held out, as an unseen zero-shot class would be.
+    // Class 1 (blue_triangle, unseen in the shapes split) held out, as a zero-shot class is.
     let map = vec![Some(0), None, Some(1)];
     let mut one =
         TrainStream::start(&cfg, &m, map.clone(), 40, 3, Cursor::default(), 0, 1).unwrap();
@@ -364,7 +433,7 @@ fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
     }
     let s = one.stats();
     assert_eq!(s.samples, 1200);
-    // 1200 accepted of 2/3 of the slots: about 600 tailed-frog slots were filtered.
+    // 1200 accepted of 2/3 of the slots: about 600 blue_triangle slots were filtered.
     assert!((550..=650).contains(&s.filtered), "{s:?}");
     // A label map that accepts nothing is refused up front.
     let err = TrainStream::start(&cfg, &m, vec![None; 3], 8, 0, Cursor::default(), 0, 1)
@@ -380,10 +449,9 @@ fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn eval_covers_every_accepted_sample_once_across_ranks() {
-    let (dir, m) = tiny_shards();
-    let src = tiny_subset();
+    let (dir, m) = shapes_shards();
+    let src = shapes_subset();
     let truth = source_labels(&src, "val");
     let cfg = config(&dir, 56);
     let mut keys = Vec::new();
@@ -396,7 +464,7 @@ fn eval_covers_every_accepted_sample_once_across_ranks() {
         for b in batches {
             assert_eq!(b.images.len(), b.n * 3 * 56 * 56);
             for (k, l) in b.keys.iter().zip(&b.labels) {
-                assert_eq!(truth[k], CLASSES[*l as usize]);
+                assert_eq!(truth[k], SHAPE_CLASSES[*l as usize]);
             }
             keys.extend(b.keys);
         }
@@ -862,9 +930,8 @@ fn b10_decompression_bombs_are_rejected_from_the_header() {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn sha_mismatch_is_a_shard_error_strict_mode_fails_and_io_errors_are_fatal() {
-    let full = field("B01_full_shard.tar");
+    let full = shapes_tar(3);
     // Shards are streamed: a checksum mismatch is known at the end of the shard, after its
     // samples were used; it is counted (and warned with the shard URL).
     let (dir, mut m) = one_shard(&full, 3, 3);
@@ -909,9 +976,8 @@ fn sha_mismatch_is_a_shard_error_strict_mode_fails_and_io_errors_are_fatal() {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn dropping_a_stream_mid_flight_stops_its_thread() {
-    let (dir, m) = tiny_shards();
+    let (dir, m) = shapes_shards();
     let cfg = config(&dir, 16);
     let t = Instant::now();
     for _ in 0..5 {
@@ -970,9 +1036,12 @@ fn throughput_tiny_imagenet() {
 }
 
 #[test]
-#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
 fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
-    let (good, bad) = (field("B07_good.jpg"), field("B07_truncated_60pct.jpg"));
+    // A shapes JPEG, and the same one cut at 60% of its bytes.
+    let good = std::fs::read(shapes_subset().join("train/blue_circle/blue_circle_0.JPEG")).unwrap();
+    let bad = good[..good.len() * 6 / 10].to_vec();
+    assert!(decode_rgb(&good, &DecodeOptions::new(1 << 20)).is_ok());
+    assert!(decode_rgb(&bad, &DecodeOptions::new(1 << 20)).is_err());
     // 7 samples, s3 undecodable.
     let mut b = tar::Builder::new(Vec::new());
     for i in 0..7 {
