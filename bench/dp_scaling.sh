@@ -4,7 +4,7 @@
 #           (convnet at 56 px, softmax stage), through devise-launch and the `cpu` backend. Also
 #           the share of step time spent waiting for data and in all-reduce (time/data_wait_pct,
 #           time/allreduce_pct of metrics.jsonl). Runs alternate: 1 rank, 2 ranks, 1, 2, ...
-# Goal:     2-rank steps/s per rank >= 0.95 x the 1-rank steps/s (issue 9).
+# Goal:     2-rank steps/s per rank >= 0.95 x the 1-rank steps/s.
 # Hardware: written on a 2-core VM: each rank gets 1 compute thread and 1 decode thread, so the
 #           2-rank run has half the CPU per rank of the 1-rank run: on 2 cores the ratio
 #           measures the hardware split as much as our overhead; read time/allreduce_pct for the

@@ -21,7 +21,7 @@
 #           links libtorch, Python imports numpy+scipy+gensim: ~110 MB each before any work).
 #           Prints a Markdown table (medians, min-max) and appends the raw JSON lines to
 #           bench/results/label_matrix-<UTC date>.jsonl (each with "run", "round", "file").
-# Goal:     ours >= 10x faster than gensim and <= 1/5 of its peak memory (issue 9, benchmark 3).
+# Goal:     ours >= 10x faster than gensim and <= 1/5 of its peak memory.
 # Hardware: written on a 2-core AMD EPYC VM (Linux, no GPU, 23 GiB RAM), shared with other jobs:
 #           a spread (max-min)/median over 20% is flagged as noisy; rerun then (check `uptime`).
 #           Each timed run holds `flock /tmp/bench.lock`, so runs of different benchmarks on the

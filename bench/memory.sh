@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Purpose:  memory of one training worker (issue 9, benchmark 5): peak RSS (/usr/bin/time -v,
+# Purpose:  memory of one training worker: peak RSS (/usr/bin/time -v,
 #           "Maximum resident set size") and steady-state RSS (VmRSS of /proc/<pid>/status every
 #           0.5 s, median over the second half of the run's wall time) of `devise train` on real
 #           Tiny ImageNet shards, one process, no launcher. Grid: data.prefetch_batches in

@@ -10,7 +10,7 @@
 #           Ours reads real Tiny ImageNet JPEGs (first 20 classes of the split, 64 px, no
 #           augmentation, 1 decode thread) and its step time includes any data wait; the peer
 #           trains on one fixed random batch. Runs interleave: ours, peer, ours, peer, ...
-# Goal:     ours no more than 2 % slower per step (issue 9).
+# Goal:     ours no more than 2 % slower per step.
 # Command:  bash scripts/prepare-tiny-imagenet.sh 200 && bash bench/train_step.sh
 #           (ROUNDS=5 STEPS=30 THREADS=2 by default; MODES="softmax devise devise-cached")
 # Time:     ~15 min for 5 rounds on 2 cores (after the release build).
