@@ -34,7 +34,7 @@ fn mean_correct_set_sizes_over_the_1k_labels_are_on_the_papers_scale() {
     assert_eq!(means[0], 1.0);
     // Paper Table 5 (means over the 50K validation images, ~50 per class): 6.5 / 12.5 / 22.5 /
     // 41.7 for k = 2 / 5 / 10 / 20. This file's graph gives 4.5 / 9.5 / 18.0 / 33.8 with the
-    // paper's definition (§4.2: undirected hops, valid = the 1K labels): the paper's sets are
+    // paper's definition (appendix A.3: undirected hops, valid = the 1K labels): the paper's sets are
     // 1.2-1.4x larger, presumably another version of the hierarchy (not established; an
     // "ancestor height" variant gives 14.2 / 38.6 / 65.5 / 103, much further off). The hand-made
     // unit tests in src/text/hierarchy.rs and src/eval/hierarchy.rs pin the definition; this pins the real-data scale.
