@@ -89,27 +89,7 @@ impl HpCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// ```text
-    ///            root
-    ///          /      \
-    ///        a          b
-    ///      / | \        |
-    ///    a1  a2  a3     b1
-    ///    |               \
-    ///   a1x               b1x
-    /// ```
-    fn tree() -> Hierarchy {
-        Hierarchy::parse(
-            "root a\nroot b\na a1\na a2\na a3\nb b1\na1 a1x\nb1 b1x\n",
-            "tree",
-        )
-        .unwrap()
-    }
-
-    fn names(c: &[&str]) -> Vec<String> {
-        c.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::text::hierarchy::fixture::{names, tree};
 
     #[test]
     fn hp_at_k_by_hand() {

@@ -170,9 +170,10 @@ impl CandidateIndex {
     }
 }
 
+/// The small tree the hierarchy tests of this module and of `eval::hierarchy` share.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixture {
+    use super::Hierarchy;
 
     /// ```text
     ///            root
@@ -183,7 +184,7 @@ mod tests {
     ///    |               \
     ///   a1x               b1x
     /// ```
-    fn tree() -> Hierarchy {
+    pub(crate) fn tree() -> Hierarchy {
         Hierarchy::parse(
             "root a\nroot b\na a1\na a2\na a3\nb b1\na1 a1x\nb1 b1x\n",
             "tree",
@@ -191,9 +192,15 @@ mod tests {
         .unwrap()
     }
 
-    fn names(c: &[&str]) -> Vec<String> {
+    pub(crate) fn names(c: &[&str]) -> Vec<String> {
         c.iter().map(|s| s.to_string()).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::{names, tree};
+    use super::*;
 
     #[test]
     fn correct_sets_grow_by_hop_radius_over_valid_labels_only() {
