@@ -297,101 +297,23 @@ fn a_wrong_choice_in_toml_names_the_key_and_the_values() {
     }
 }
 
-/// A tiny synthetic run (shapes, 16 px, generated word vectors, a small convnet, one step per
-/// stage), trained through `devise train --device cpu`: (its folder, the run directory, the
-/// validation images).
-fn synthetic_run() -> (tempfile::TempDir, std::path::PathBuf, Vec<String>) {
-    use devise::data::shards::{build_shards, BuildOptions};
-    use devise::data::synthetic::{generate_shapes, ShapesOptions, COLOURS, SHAPES};
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    let opts = ShapesOptions {
-        image_size: 16,
-        train_per_class: 8,
-        val_per_class: 4,
-        seed: 11,
-    };
-    generate_shapes(&src, &opts).unwrap();
-    let shards = dir.path().join("shards");
-    let build = BuildOptions {
-        splits: vec!["train".into(), "val".into()],
-        classes: None,
-        shard_size_bytes: 1 << 20,
-        seed: 0,
-        progress: false,
-    };
-    build_shards(&src, shards.to_str().unwrap(), &build).unwrap();
-    // Ten words, 8-d vectors that are far from each other (one-hot plus a shared offset).
-    let words: Vec<&str> = COLOURS.iter().map(|(c, _)| *c).chain(SHAPES).collect();
-    let mut vectors = format!("{} 10\n", words.len());
-    for (i, w) in words.iter().enumerate() {
-        let v: Vec<String> = (0..10)
-            .map(|j| if i == j { "1.0" } else { "0.1" }.to_string())
-            .collect();
-        vectors.push_str(&format!("{w} {}\n", v.join(" ")));
-    }
-    std::fs::write(dir.path().join("vectors.txt"), vectors).unwrap();
-    let run = dir.path().join("run");
-    let config = dir.path().join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[run]
-name = "it-cli"
-dir = "{run}"
-seed = 1
-threads = 1
-
-[data]
-shards = "{shards}"
-image_size = 16
-eval_resize = 16
-decode_threads = 1
-prefetch_batches = 2
-
-[labels]
-split = "{src}/split.tsv"
-
-[text]
-vectors = "{vectors}"
-vectors_format = "word2vec-text"
-names = "{src}/names.tsv"
-
-[model]
-encoder = "convnet"
-widths = [4, 8]
-
-[train]
-global_batch_size = 32
-log_every_steps = 1
-softmax = {{ epochs = 0.2, optimizer = {{ algorithm = "sgd", lr = 0.05 }} }}
-devise = {{ epochs = 0.2, optimizer = {{ algorithm = "adagrad", lr = 0.1 }} }}
-finetune = {{ epochs = 0.2, optimizer = {{ algorithm = "sgd", lr = 0.01 }} }}
-
-[eval]
-batch_size = 64
-"#,
-            run = run.display(),
-            shards = shards.display(),
-            src = src.display(),
-            vectors = dir.path().join("vectors.txt").display(),
-        ),
-    )
-    .unwrap();
+/// The shared synthetic run (`common::synthetic::trained_run`): (its folder, the run directory,
+/// the validation images). `devise train --device cpu` accepts it (`--dry-run`: it is trained).
+fn synthetic_run() -> (&'static std::path::Path, std::path::PathBuf, Vec<String>) {
+    let (dir, run) = crate::common::synthetic::trained_run();
     let out = devise()
-        .args(["train", "--device", "cpu", "--config"])
-        .arg(&config)
+        .args(["train", "--device", "cpu", "--dry-run", "--config"])
+        .arg(dir.path().join("run.toml"))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", output_text(&out));
-    let mut images: Vec<String> = std::fs::read_dir(src.join("val"))
+    let mut images: Vec<String> = std::fs::read_dir(shapes().tree.join("val"))
         .unwrap()
         .flat_map(|class| std::fs::read_dir(class.unwrap().path()).unwrap())
         .map(|f| f.unwrap().path().to_str().unwrap().to_string())
         .collect();
     images.sort();
-    (dir, run, images)
+    (dir.path(), run.clone(), images)
 }
 
 /// `eval` and `predict` take a run directory for its latest checkpoint (the same report as
@@ -456,7 +378,7 @@ fn a_run_directory_stands_for_its_latest_checkpoint_and_every_worker_takes_devic
     );
 
     for cmd in ["eval", "predict"] {
-        let nowhere = dir.path().join("no-such-run");
+        let nowhere = dir.join("no-such-run");
         let mut command = devise();
         command
             .args([cmd, "--labels", "seen", "--checkpoint"])
