@@ -130,8 +130,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// What the run report says about this run and `cfg` (besides the evaluations).
-    pub fn report_facts<'a>(&'a self, cfg: &'a RunConfig) -> Result<crate::report::RunFacts<'a>> {
+    /// What the run report says about this run and its configuration (besides the evaluations).
+    pub fn report_facts(&self) -> Result<crate::report::RunFacts<'_>> {
+        let cfg = &self.config;
         Ok(crate::report::RunFacts {
             name: &cfg.run.name,
             config: serde_json::to_value(cfg)?,

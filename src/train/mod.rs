@@ -320,7 +320,7 @@ pub fn train(plan: &Plan, opts: &RunOptions, collective: &dyn Collective) -> Res
 
     let report = if collective.rank() == 0 {
         let wall = Duration::from_secs_f64(base_seconds + started.elapsed().as_secs_f64());
-        let facts = plan.report_facts(cfg)?;
+        let facts = plan.report_facts()?;
         crate::report::write(&run, &facts, &evals, &metrics.lines, wall, &batches.stats())?
     } else {
         String::new()
