@@ -67,3 +67,58 @@ fn the_shared_folder_is_where_the_build_saw_it() {
         if present { "was missing" } else { "existed" },
     );
 }
+
+/// The run configuration both small test runs share ([`synthetic::config_toml`] on the shapes,
+/// [`tiny::config_toml`] on Tiny ImageNet): `name`, writing into `run_dir`, reading `shards`, with
+/// their own `[labels]` and `[text]` sections: a convnet of widths 8 and 16 on 32 px images, 16
+/// images per step, 3 steps per stage (1500 seen training images), a checkpoint every 2 steps,
+/// hp@k on `hierarchy`.
+pub fn small_run_toml(
+    name: &str,
+    run_dir: &std::path::Path,
+    shards: &std::path::Path,
+    labels_and_text: &str,
+    hierarchy: &std::path::Path,
+) -> String {
+    format!(
+        r#"
+[run]
+name = "{name}"
+dir = "{run}"
+seed = 3
+threads = 2
+device = "cpu"
+
+[data]
+shards = "{shards}"
+image_size = 32
+eval_resize = 36
+decode_threads = 2
+prefetch_batches = 2
+
+{labels_and_text}
+[model]
+encoder = "convnet"
+widths = [8, 16]
+
+[train]
+global_batch_size = 16
+log_every_steps = 1
+# 1500 seen training images / 16 per step: 0.032 epochs = 3 steps per stage.
+softmax = {{ epochs = 0.032, optimizer = {{ algorithm = "sgd", lr = 0.05, warmup_steps = 1 }} }}
+devise = {{ epochs = 0.032, optimizer = {{ algorithm = "adagrad", lr = 0.05 }} }}
+finetune = {{ epochs = 0.032, optimizer = {{ algorithm = "sgd", lr = 0.01 }} }}
+
+[checkpoint]
+every_steps = 2
+keep_last = 2
+
+[eval]
+batch_size = 64
+hierarchy = "{hierarchy}"
+"#,
+        run = run_dir.display(),
+        shards = shards.display(),
+        hierarchy = hierarchy.display(),
+    )
+}

@@ -117,54 +117,17 @@ pub fn write_text_vectors(path: &Path, words: &[(String, Vec<f32>)], digits: usi
 /// hierarchy.
 pub fn config_toml(shards: &Path, run_dir: &Path) -> String {
     let data = shapes();
-    format!(
-        r#"
-[run]
-name = "it-shapes"
-dir = "{run}"
-seed = 3
-threads = 2
-device = "cpu"
-
-[data]
-shards = "{shards}"
-image_size = 32
-eval_resize = 36
-decode_threads = 2
-prefetch_batches = 2
-
-[labels]
-split = "{tree}/split.tsv"
-
-[text]
-vectors = "{vectors}"
-names = "{tree}/names.tsv"
-
-[model]
-encoder = "convnet"
-widths = [8, 16]
-
-[train]
-global_batch_size = 16
-log_every_steps = 1
-# 1500 seen training images / 16 per step: 0.032 epochs = 3 steps per stage.
-softmax = {{ epochs = 0.032, optimizer = {{ algorithm = "sgd", lr = 0.05, warmup_steps = 1 }} }}
-devise = {{ epochs = 0.032, optimizer = {{ algorithm = "adagrad", lr = 0.05 }} }}
-finetune = {{ epochs = 0.032, optimizer = {{ algorithm = "sgd", lr = 0.01 }} }}
-
-[checkpoint]
-every_steps = 2
-keep_last = 2
-
-[eval]
-batch_size = 64
-hierarchy = "{hierarchy}"
-"#,
-        run = run_dir.display(),
-        shards = shards.display(),
+    let labels_and_text = format!(
+        "[labels]\nsplit = \"{tree}/split.tsv\"\n\n[text]\nvectors = \"{vectors}\"\nnames = \"{tree}/names.tsv\"\n",
         tree = data.tree.display(),
         vectors = data.vectors.display(),
-        hierarchy = data.hierarchy.display(),
+    );
+    super::small_run_toml(
+        "it-shapes",
+        run_dir,
+        shards,
+        &labels_and_text,
+        &data.hierarchy,
     )
 }
 

@@ -79,54 +79,12 @@ pub fn shards() -> &'static (tempfile::TempDir, PathBuf) {
 /// A small but complete run configuration over [`shards`] (3 steps per stage).
 pub fn config_toml(shards: &Path, run_dir: &Path) -> String {
     let shared = shared_dir();
-    format!(
-        r#"
-[run]
-name = "it-train"
-dir = "{run}"
-seed = 3
-threads = 2
-device = "cpu"
-
-[data]
-shards = "{shards}"
-image_size = 32
-eval_resize = 36
-decode_threads = 2
-prefetch_batches = 2
-
-[labels]
-split = "{shared}/data/tiny-imagenet-200-zero-shot-split.tsv"
-limit = 4
-
-[text]
-vectors = "{shared}/data/vectors/wiki-skipgram-300d.bin"
-names = "{shared}/data/imagenet-meta/words.txt"
-
-[model]
-encoder = "convnet"
-widths = [8, 16]
-
-[train]
-global_batch_size = 16
-log_every_steps = 1
-# 1500 seen training images / 16 per step: 0.032 epochs = 3 steps per stage.
-softmax = {{ epochs = 0.032, optimizer = {{ algorithm = "sgd", lr = 0.05, warmup_steps = 1 }} }}
-devise = {{ epochs = 0.032, optimizer = {{ algorithm = "adagrad", lr = 0.05 }} }}
-finetune = {{ epochs = 0.032, optimizer = {{ algorithm = "sgd", lr = 0.01 }} }}
-
-[checkpoint]
-every_steps = 2
-keep_last = 2
-
-[eval]
-batch_size = 64
-hierarchy = "{shared}/data/imagenet-meta/wordnet.is_a.txt"
-"#,
-        run = run_dir.display(),
-        shards = shards.display(),
-        shared = shared.display()
-    )
+    let labels_and_text = format!(
+        "[labels]\nsplit = \"{shared}/data/tiny-imagenet-200-zero-shot-split.tsv\"\nlimit = 4\n\n[text]\nvectors = \"{shared}/data/vectors/wiki-skipgram-300d.bin\"\nnames = \"{shared}/data/imagenet-meta/words.txt\"\n",
+        shared = shared.display(),
+    );
+    let hierarchy = shared.join("data/imagenet-meta/wordnet.is_a.txt");
+    super::small_run_toml("it-train", run_dir, shards, &labels_and_text, &hierarchy)
 }
 
 /// One run of [`config_toml`] over [`shards`] trained by `devise train` (all stages, 9 steps,
