@@ -20,6 +20,12 @@ if ((${#missing[@]})); then
   mkdir -p data
   tar xzf "$shared/tiny-imagenet-200.tar.gz" -C data "${missing[@]}"
 fi
+# A manifest without per-shard class counts (written by an older devise; then "class_counts"
+# appears only once per split) cannot plan the partitioned training stream: rebuild the shards.
+if [ -f "$dst/manifest.json" ] && [ "$(grep -c '"class_counts"' "$dst/manifest.json")" -le 2 ]; then
+  echo "rebuilding $dst: its manifest.json has no per-shard class counts" >&2
+  rm -rf "$dst"
+fi
 if [ ! -f "$dst/manifest.json" ]; then
   "$bin" data build-shards --src data/tiny-imagenet-200 --dst "$dst" \
     --classes "$split" --limit-classes "$n" --shard-size-bytes 4000000

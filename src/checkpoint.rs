@@ -87,7 +87,7 @@ impl Config {
 
 /// Everything besides tensors that a resume needs. All randomness is derived, not stored: the
 /// libtorch generator is re-seeded from `(seed, step)` before every step, and the data pipeline's
-/// order and augmentation come from `(seed, epoch, slot)`; so `seed`, `step` and `cursor` are the
+/// order and augmentation come from `(seed, cursor)` (see `data::reader`); so `seed`, `step` and `cursor` are the
 /// complete RNG state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
@@ -146,6 +146,10 @@ pub struct Loaded {
     /// The training labels' vectors it was trained against (`label_embedding.safetensors`);
     /// `None` for a checkpoint written without one.
     pub label_embedding: Option<LabelEmbeddingMatrix>,
+    /// The checkpoint's data cursor was written by a devise whose training stream read every
+    /// shard on every rank (`{epoch, position}`): its weights load, but it cannot be resumed
+    /// (`state.cursor` is then the default and means nothing).
+    pub cursor_of_unpartitioned_stream: bool,
 }
 
 impl Loaded {
@@ -460,8 +464,14 @@ pub fn load(run: &Store, step: u64) -> Result<Loaded> {
         &files["optimizer.safetensors"],
         &format!("{url}/optimizer.safetensors"),
     )?;
-    let state: TrainState = serde_json::from_slice(&files["train_state.json"])
+    let mut state: serde_json::Value = serde_json::from_slice(&files["train_state.json"])
         .with_context(|| format!("{url}/train_state.json"))?;
+    let cursor_of_unpartitioned_stream = state["cursor"].get("epoch").is_some();
+    if cursor_of_unpartitioned_stream {
+        state["cursor"] = serde_json::to_value(Cursor::default())?;
+    }
+    let state: TrainState =
+        serde_json::from_value(state).with_context(|| format!("{url}/train_state.json"))?;
     let config_toml = config_text(&files, &url)?;
     let label_embedding = match files.get(label_embedding::FILE_NAME) {
         Some(bytes) => {
@@ -475,6 +485,7 @@ pub fn load(run: &Store, step: u64) -> Result<Loaded> {
         None => None,
     };
     let loaded = Loaded {
+        cursor_of_unpartitioned_stream,
         url,
         model,
         optimizer,

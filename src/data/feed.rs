@@ -32,6 +32,8 @@ pub(crate) const IMAGE_FIELDS: &[&str] = &["jpg", "jpeg", "png", "img"];
 pub(crate) struct Memory {
     bytes: AtomicU64,
     peak: AtomicU64,
+    /// Shard bytes read from the store so far (every open feed together).
+    downloaded: AtomicU64,
 }
 
 impl Memory {
@@ -41,6 +43,10 @@ impl Memory {
     }
     fn sub(&self, n: u64) {
         self.bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+    /// Shard bytes read from the store so far.
+    pub(crate) fn downloaded(&self) -> u64 {
+        self.downloaded.load(Ordering::Relaxed)
     }
     /// `(current, peak)` bytes.
     pub(crate) fn read(&self) -> (u64, u64) {
@@ -257,17 +263,21 @@ impl Drop for ShardFeed {
 }
 
 /// Hashes and counts the bytes read through it.
-struct Hashing<R> {
+struct Hashing<'a, R> {
     inner: R,
     sha: Sha256,
     bytes: u64,
+    memory: &'a Memory,
 }
 
-impl<R: Read> Read for Hashing<R> {
+impl<R: Read> Read for Hashing<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.sha.update(&buf[..n]);
         self.bytes += n as u64;
+        self.memory
+            .downloaded
+            .fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -286,6 +296,7 @@ fn stream_shard(
         inner: store.open_read(&info.name)?,
         sha: Sha256::new(),
         bytes: 0,
+        memory,
     };
     let mut samples = 0u64;
     let mut problem = None;
@@ -351,6 +362,7 @@ mod tests {
             samples,
             bytes: bytes.len() as u64,
             sha256: hex::encode(Sha256::digest(bytes)),
+            class_counts: Vec::new(),
         }
     }
 

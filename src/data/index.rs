@@ -250,6 +250,7 @@ fn scan_shard(
         samples,
         bytes: bytes.len() as u64,
         sha256: hex::encode(Sha256::digest(&bytes)),
+        class_counts: counts.clone(),
     };
     Ok((info, counts))
 }

@@ -13,6 +13,7 @@
 //! | [`webdataset`] | tar bytes -> samples (`<key>.jpg` + `<key>.cls` + ...), with the failure policy for bad shards |
 //! | [`feed`] | one shard streamed from its object (sha256 on the fly) by a thread into a bounded channel |
 //! | [`image`] | bytes -> RGB (format sniffing, decompression-bomb guard), train/eval transforms -> CHW `f32` |
+//! | [`partition`] | how many partitions a run has, which shards each owns, each partition's endless stream and a rank's interleave of its partitions |
 //! | [`reader`] | the deterministic, resumable [`reader::TrainStream`] (cursor!) and [`reader::eval_batches`] |
 //! | [`cli`] | `devise data`: the flags and runs of build-shards, verify and index |
 //!
@@ -23,6 +24,7 @@ pub mod feed;
 pub mod ilsvrc;
 pub mod image;
 pub mod index;
+pub mod partition;
 pub mod reader;
 pub mod shards;
 pub mod split;
@@ -94,12 +96,23 @@ pub struct Config {
     /// (PIL's `Image.MAX_IMAGE_PIXELS`).
     #[serde(default = "default_max_pixels")]
     pub max_pixels: u64,
-    /// Samples held in each training shard's shuffle buffer (see [`reader`]): memory is about
-    /// this many encoded images (~110 KB each for ImageNet). A buffer at least as large as a
-    /// shard shuffles it uniformly. Default 1000 (WebDataset's usual `shuffle(1000)`).
+    /// Virtual partitions of the training split (see [`reader`], "Partitions"): each owns whole
+    /// shards, and rank `r` of `world_size` streams only the partitions `p` with
+    /// `p % world_size == r`, so each shard is downloaded once per epoch by the whole job. Fixed
+    /// when a run starts and stored in its checkpoints: the run can later continue on any world
+    /// size that divides it. Choose a multiple of every world size the run will use, at most
+    /// the number of shards: e.g. 64 for 1 to 8 nodes of 8 GPUs. Default: chosen at the start of
+    /// the run as `world_size * 2^k`, the largest such value that is at most 64 (or
+    /// `world_size`, when that is more) and at most the number of shards.
+    #[serde(default)]
+    pub partitions: Option<usize>,
+    /// Samples held in the shuffle buffer of each partition's open shard (see [`reader`]): a
+    /// rank holds `partitions / world_size` of them, so memory is about that many times this
+    /// many encoded images (~110 KB each for ImageNet). A buffer at least as large as a shard
+    /// shuffles it (nearly) uniformly. Default 1000 (WebDataset's usual `shuffle(1000)`).
     #[serde(default = "default_shuffle_buffer")]
     pub shuffle_buffer: usize,
-    /// Shards streamed ahead of the one being read, per stream. Default 1.
+    /// Shards streamed ahead of the one being read, per partition. Default 1.
     #[serde(default = "default_prefetch_shards")]
     pub prefetch_shards: usize,
     /// Samples each streaming shard may read ahead of its consumer (channel capacity).
@@ -176,6 +189,7 @@ impl Config {
             mean: default_mean(),
             std: default_std(),
             max_pixels: default_max_pixels(),
+            partitions: None,
             shuffle_buffer: default_shuffle_buffer(),
             prefetch_shards: default_prefetch_shards(),
             shard_readahead: default_shard_readahead(),
@@ -201,6 +215,11 @@ impl Config {
         }
         if self.val_split.is_empty() {
             bail!("data.val_split must not be empty");
+        }
+        if self.partitions == Some(0) {
+            bail!(
+                "data.partitions must be at least 1 (or left out: chosen at the start of the run)"
+            );
         }
         if self.image_size == 0 {
             bail!("data.image_size must be > 0");

@@ -2,57 +2,66 @@
 //!
 //! # The training stream and its cursor (state that crosses time: read this before changing it)
 //!
-//! The stream is infinite: epoch 0, 1, 2, ... of one manifest split. Epoch `e` visits a fixed
-//! order of **slots**, one per sample the manifest says the split holds:
+//! The stream is endless: the training split's samples, epoch after epoch, in a **global
+//! order** that every world size shares. Only samples of a class the label map keeps count:
+//! the manifest's per-shard class counts say how many samples of each shard are trained on
+//! (its **units**), before any shard is read.
 //!
-//! 1. the split's shards, permuted by ChaCha8 seeded from `mix(seed, SHARDS, e)`;
-//! 2. within each shard (manifest index `k`), its samples in tar order passed through a shuffle
-//!    buffer of `data.shuffle_buffer` samples: the buffer fills, then each slot takes the
-//!    sample at a ChaCha8-drawn index (seeded from `mix(seed, SAMPLES, e, k)`) and the next
-//!    sample of the tar refills it. A buffer at least as large as the shard gives a uniform
-//!    permutation of it; a smaller one bounds memory (shards are built shuffled, so the buffer
-//!    only has to vary the order between epochs).
+//! ## Partitions
 //!
-//! A [`Cursor`] `{epoch, position}` says "`position` slots of epoch `epoch`'s order have been
-//! consumed". Every slot counts, whatever happened to it: accepted, filtered out by the label
-//! map, incomplete, undecodable, or lost to a shard error. So the cursor is a pure function of
-//! how many slots were walked, and [`TrainStream::start`] can jump to it from the manifest's
-//! per-shard counts alone: whole shards before the cursor are never downloaded, and the shard
-//! the cursor lands in is streamed through its shuffle buffer from the start, its first slots
-//! skipped without decoding. A cursor saved with a checkpoint therefore resumes the stream
-//! exactly: same samples, same order, same augmentation (each sample's crop/flip comes from
-//! ChaCha8 seeded by `mix(seed, AUGMENT, epoch, position of its slot)`, independent of threads
-//! and of where the stream was started).
-//! `position == samples of the split` never appears: it is normalised to `{epoch + 1, 0}`.
+//! `P` virtual partitions (`data.partitions`, see [`super::partition::choose_partitions`]; fixed
+//! when the run starts, saved in every cursor) each own whole shards, assigned once per run,
+//! balanced by units ([`super::partition::Layout`]); shards without a unit are left out (never
+//! downloaded). Rank `r` of `W` (`W` must divide `P`) streams only the partitions `p` with
+//! `p % W == r`, so every shard is downloaded once per epoch by the whole job, and a rank's
+//! bytes are within about one shard per partition of `1/W` of the split's.
 //!
-//! Batches run straight across epoch boundaries; nothing is dropped or padded.
+//! Every partition contributes the same `U` units to each epoch: the smallest partition's
+//! count. In epoch `e`, partition `p` visits its shards in an order drawn by ChaCha8 from
+//! `mix(seed, SHARDS, p, e)` until it has `U` units (a larger partition's last visit takes part
+//! of a shard and may skip the rest: its **leftover**, different samples every epoch; the total
+//! is logged at start, and the default `P` keeps it under 1 % where it can); each shard through
+//! a shuffle buffer seeded from `mix(seed, SAMPLES, e, shard)` that starts small and grows by one
+//! sample per output up to `data.shuffle_buffer` (so no partition reads a whole buffer before its
+//! first sample). Its `q`-th unit (counting across epochs) is unit `q mod U` of epoch `q / U`.
 //!
-//! # Ranks
+//! ## The global order
 //!
-//! Every rank walks the SAME slot order (and so reads every shard; the cost of an exact,
-//! rank-independent cursor). A **global batch** is the next `per_rank_batch_size * world_size`
-//! accepted slots (label map `Some`); rank `r` keeps the `j`-th of them when
-//! `j % world_size == r`. All ranks therefore run the same number of steps per epoch-span and no
-//! rank ever waits on another for data (field case B27).
+//! Global position `i` is unit `i / P` of partition `i % P`: the partitions interleave one
+//! sample each, so any `P` consecutive positions come from `P` different shards, and which
+//! samples share a batch changes every epoch (each partition draws a new shard order and new
+//! buffer orders). An epoch is `P * U` positions: every sample at most once, every partition
+//! crossing into the next epoch within the same `P` positions. Batches run straight across
+//! epoch boundaries; nothing is padded.
+//!
+//! A **global batch** is `per_rank_batch_size * W` consecutive positions; rank `r` takes its
+//! positions `i % W == r` of it (exactly `per_rank_batch_size`), so step `s` trains on the same
+//! global batch on every `W` that divides `P`, every rank takes the same number of steps, and no
+//! rank waits on another for data (field case B27).
+//!
+//! A [`Cursor`] `{partitions, position}` says "`position` positions of the global order have been
+//! consumed". From it, each partition's next unit follows by arithmetic, and a partition resumes
+//! by opening the shard that unit is in and walking its shuffle buffer to the unit without
+//! decoding: whole shards before it are never downloaded. A cursor therefore resumes the stream
+//! exactly, on any world size that divides `P`: same samples, same order, same augmentation
+//! (each sample's crop/flip comes from ChaCha8 seeded by `mix(seed, AUGMENT, position)`,
+//! independent of ranks and threads).
+//!
+//! ## Bad samples
 //!
 //! A sample whose image fails to decode is skipped (warned with shard + key, counted in
-//! [`DataStats::decode_errors`]) and the rank's batch is topped up from further slots, so batches
-//! are always full:
-//! - `world_size == 1`: top-ups are simply the next accepted slots, and the cursor moves past them
-//!   (exactly as if the bad sample had been filtered).
-//! - `world_size > 1`: only the rank that owns a bad sample knows it is bad (ranks decode only
-//!   their own share), so the cursor must not depend on it: the cursor after a batch is the end of
-//!   the global batch on every rank, and the top-ups are taken by looking ahead at the slots that
-//!   follow it that this rank would own (`j % world_size == rank`, counting on past the batch).
-//!   Consequence: such a top-up sample is seen twice by that rank, once as a top-up and once in
-//!   the next batch. Resume stays exact on every rank. (With ImageNet's 1.28M images and the
-//!   CMYK/PNG handling of [`crate::data::image`] there are no decode failures; this is a
-//!   safety net, not a hot path.)
+//! [`DataStats::decode_errors`]), and so is a **hole**: a unit a shard did not deliver because it
+//! ended early (truncated or malformed; counted in [`DataStats::lost_to_shard_errors`]). The rank
+//! tops its batch up from the positions after the global batch that it would own, read ahead
+//! without consuming them (only the rank that owns a bad sample knows it is bad, so the cursor
+//! cannot depend on it): such a top-up sample is trained on twice, once as a top-up and once in
+//! the next batch. Batches are always full, and resume stays exact on every rank. Samples
+//! without `.cls` or image, or with a `.cls` that is not a class index, are skipped where they
+//! are read (counted by reason); they are not units.
 //!
-//! Shard-level problems (truncation, malformed grouping: see [`crate::data::webdataset`];
-//! sha256 or size different from the manifest) are warned with the shard URL and counted once
-//! per visit in [`DataStats::shard_errors`]; the samples read before the problem are used, the
-//! shard's remaining slots are lost (counted in [`DataStats::lost_to_shard_errors`]). Shards are
+//! Shard-level problems (truncation, malformed grouping: see [`crate::data::webdataset`]; sha256
+//! or size different from the manifest) are warned with the shard URL and counted once per visit
+//! in [`DataStats::shard_errors`]; the samples read before the problem are used. Shards are
 //! streamed, so a sha256 mismatch is known only at the end of the shard, after its samples were
 //! used (`devise data verify` checks a shard directory beforehand). An I/O error reading a shard
 //! that `object_store`'s retries (which resume a cut download at its byte offset) could not cure
@@ -61,17 +70,20 @@
 //!
 //! # Threads and memory
 //!
-//! A background thread walks the slots and assembles batches into a bounded channel
+//! A background thread walks the rank's positions and assembles batches into a bounded channel
 //! (`prefetch_batches` deep); decoding + augmentation run on a rayon pool of `decode_threads`,
-//! order preserved. Each open shard is streamed by its own thread ([`crate::data::feed`]) into
-//! a channel of `shard_readahead` samples; the shard being read and the next `prefetch_shards`
-//! ones stream at once. Encoded bytes held by the reader are therefore bounded by about
-//! `(shuffle_buffer + (1 + prefetch_shards) * shard_readahead + per_rank_batch_size *
-//! world_size)` samples, never whole shards, and are reported as
-//! [`DataStats::buffered_bytes`] / [`DataStats::peak_buffered_bytes`]. Errors and panics in any
-//! of these threads come out of [`TrainStream::next_batch`] as errors; dropping the stream
-//! stops and joins the loader thread (shard threads stop at their next sample).
+//! order preserved. Each open shard is streamed by its own thread ([`crate::data::feed`]) into a
+//! channel of `shard_readahead` samples; each of the rank's `P / W` partitions streams its
+//! current shard and the next `prefetch_shards` ones. Encoded bytes held by the reader are
+//! therefore bounded by about `P / W * (shuffle_buffer + (1 + prefetch_shards) *
+//! shard_readahead) + 2 * per_rank_batch_size` samples, never whole shards, and are reported as
+//! [`DataStats::buffered_bytes`] / [`DataStats::peak_buffered_bytes`]; the shard bytes the rank
+//! downloaded as [`DataStats::shard_bytes`]. Errors and panics in any of these threads come out
+//! of [`TrainStream::next_batch`] as errors; dropping the stream stops and joins the loader
+//! thread (shard threads stop at their next sample).
 //!
+//! Evaluation ([`eval_batches`]) is one pass over a split in manifest order; every rank reads
+//! every shard of it and keeps its share.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,13 +98,12 @@ use serde::{Deserialize, Serialize};
 
 use super::feed::{Entry, Memory, SampleData, ShardFeed};
 use super::image::{decode_eval, decode_train};
-use super::shards::{mix, shuffle, Manifest, ShardInfo};
+use super::partition::{self, Layout, RankWalker, Unit};
+use super::shards::{mix, Manifest, ShardInfo};
 use super::Config;
 use crate::storage::Store;
 
-/// Seed domain tags (never change: saved cursors depend on them).
-const TAG_SHARDS: u64 = 0x5348_4152_4453; // "SHARDS"
-const TAG_SAMPLES: u64 = 0x5341_4d50_4c45; // "SAMPLE"
+/// Seed domain tag of the augmentation (never change: saved cursors depend on it).
 const TAG_AUGMENT: u64 = 0x4155_474d_454e; // "AUGMEN"
 
 /// A batch of decoded, transformed images for one rank.
@@ -105,10 +116,10 @@ pub struct Batch {
     pub labels: Vec<i64>,
     /// `[n]` sample keys (unique within a split), for debugging and eval bookkeeping.
     pub keys: Vec<String>,
-    /// `[n]` each sample's id in the stream: training, the slot `(epoch, position)` it was read
-    /// from (the same on every world size); evaluation, `(0, i)` with `i` its index among the
-    /// split's accepted samples (all ranks together, see [`eval_batches`]).
-    pub slots: Vec<Cursor>,
+    /// `[n]` each sample's position: training, its global position in the stream (the same on
+    /// every world size; see the module docs); evaluation, its index among the split's accepted
+    /// samples (all ranks together, see [`eval_batches`]).
+    pub positions: Vec<u64>,
     /// Images in the batch.
     pub n: usize,
     /// Side of each image, pixels.
@@ -122,7 +133,7 @@ impl Batch {
             images: Vec::with_capacity(n * 3 * image_size * image_size),
             labels: Vec::with_capacity(n),
             keys: Vec::with_capacity(n),
-            slots: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
             n: 0,
             image_size,
         }
@@ -130,19 +141,22 @@ impl Batch {
 }
 
 /// Position in the training stream; save it with a checkpoint, pass it to
-/// [`TrainStream::start`] to resume exactly (see the module docs for the slot order).
+/// [`TrainStream::start`] to resume exactly (see the module docs for the global order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Cursor {
-    /// Epoch whose slot order is being consumed (0-based).
-    pub epoch: u64,
-    /// Slots of that epoch's order already consumed, `0 <= position < split samples`.
+    /// Partitions of the training split, fixed when the run started; 0 before the stream chose
+    /// them (a fresh run: `data.partitions`, or the default for the world size).
+    pub partitions: usize,
+    /// Positions of the global order consumed, all ranks together, since the run started.
     pub position: u64,
 }
 
 /// Counters of what a stream (this rank's view) has seen since it was started (they restart
 /// from zero on resume: they are diagnostics, not part of the cursor). The `*_errors`,
 /// `incomplete_samples`, `invalid_labels` and `lost_to_shard_errors` counters are the skipped
-/// samples by reason (`data/skipped_samples/<reason>` in the metrics).
+/// samples by reason (`data/skipped_samples/<reason>` in the metrics). Samples are counted where
+/// they are read, which may be ahead of the batches handed out.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DataStats {
     /// Samples delivered in batches (top-ups included).
@@ -152,25 +166,29 @@ pub struct DataStats {
     /// Visits of shards with a content problem (truncation, malformed grouping, sha256 or size
     /// different from the manifest): counted each time the stream finishes such a shard.
     pub shard_errors: u64,
-    /// Slots of the split lost because their shard ended early (truncated or malformed).
+    /// Samples to train on lost because their shard ended early (truncated or malformed).
     pub lost_to_shard_errors: u64,
     /// Samples skipped for a missing component (`.cls` or the image).
     pub incomplete_samples: u64,
-    /// Slots skipped because the label map has `None` for their class (before decoding; not
+    /// Samples skipped because the label map has `None` for their class (before decoding; not
     /// a data problem: e.g. zero-shot classes held out of training).
     pub filtered: u64,
     /// Samples skipped because their `.cls` is not a valid manifest class index.
     pub invalid_labels: u64,
     /// Bytes of encoded samples the reader held when this batch was handed out: channels of
-    /// open shards, the shuffle buffer, look-ahead, samples being decoded.
+    /// open shards, the shuffle buffers, look-ahead, samples being decoded.
     pub buffered_bytes: u64,
     /// The most `buffered_bytes` has been since the stream started.
     pub peak_buffered_bytes: u64,
+    /// Shard bytes this stream has read from the store so far (prefetched shards included).
+    pub shard_bytes: u64,
+    /// Partitions this rank streams (`partitions / world_size`; 0 for evaluation).
+    pub partitions: u64,
 }
 
 impl DataStats {
     /// Skipped samples by reason, as `(reason, count)`: `decode_error`, `incomplete`,
-    /// `invalid_label`, `shard_error` (slots lost to a shard that ended early).
+    /// `invalid_label`, `shard_error` (samples lost to a shard that ended early).
     pub fn skipped_by_reason(&self) -> [(&'static str, u64); 4] {
         [
             ("decode_error", self.decode_errors),
@@ -181,57 +199,36 @@ impl DataStats {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The slot walker: the cursor's state machine
-
-/// What one slot holds after classification (before decoding).
-enum Slot {
-    /// Label map `Some`: to be decoded.
-    Accepted(Candidate),
-    /// Anything else; already counted in the stats passed to `Walker::next_slot`.
-    Skipped,
-}
-
-/// An accepted sample waiting to be decoded.
+/// A sample to train on (or evaluate), waiting to be decoded.
 #[derive(Clone)]
-struct Candidate {
-    data: Arc<SampleData>,
+pub(super) struct Candidate {
+    pub(super) data: Arc<SampleData>,
     /// URL of its shard (messages).
-    shard: Arc<str>,
-    label: i64,
-    /// Epoch and slot position, the augmentation seed.
-    epoch: u64,
-    position: u64,
-}
-
-/// A slot as read by the walker's read head, before it is classified and counted.
-#[derive(Clone)]
-struct RawSlot {
-    epoch: u64,
-    position: u64,
-    shard: Arc<str>,
-    /// `None`: the shard ended before this slot (truncated or malformed shard).
-    entry: Option<Entry>,
+    pub(super) shard: Arc<str>,
+    pub(super) label: i64,
+    /// Global position (training: the augmentation seed) or index among accepted (eval).
+    pub(super) position: u64,
 }
 
 /// Immutable description of one stream, shared by its threads.
-struct Plan {
-    cfg: Config,
+pub(super) struct Plan {
+    pub(super) cfg: Config,
     store: Store,
     shards: Vec<ShardInfo>,
     n_classes: usize,
     label_map: Vec<Option<i64>>,
-    seed: u64,
+    pub(super) seed: u64,
     per_rank_batch_size: usize,
-    rank: usize,
-    world_size: usize,
-    /// Slots per epoch (= samples of the split).
-    epoch_slots: u64,
+    pub(super) rank: usize,
+    pub(super) world_size: usize,
+    /// Samples of each shard (manifest index) that the label map keeps, from the manifest's
+    /// per-shard class counts (training streams only; empty for evaluation).
+    pub(super) units: Vec<u64>,
     memory: Arc<Memory>,
 }
 
 impl Plan {
-    fn open_feed(&self, k: usize) -> ShardFeed {
+    pub(super) fn open_feed(&self, k: usize) -> ShardFeed {
         ShardFeed::open(
             &self.store,
             &self.shards[k],
@@ -242,48 +239,41 @@ impl Plan {
         )
     }
 
-    /// Classifies a slot; with `stats`, counts and warns about skips (look-ahead passes `None`:
-    /// the slot is counted when the walker consumes it). Strict mode turns a skip into an error.
-    fn classify(&self, raw: RawSlot, stats: Option<&mut DataStats>) -> Result<Slot> {
-        let Some(entry) = raw.entry else {
-            if let Some(s) = stats {
-                s.lost_to_shard_errors += 1;
-            }
-            return Ok(Slot::Skipped);
-        };
+    /// The sample is one the stream trains on (or evaluates): complete, with a class the label
+    /// map keeps.
+    pub(super) fn accepts(&self, entry: &Entry) -> bool {
+        matches!(entry, Entry::Ok(d) if self.label_map[d.class].is_some())
+    }
+
+    /// A sample of shard `shard` and its label when the label map keeps it; otherwise `None`,
+    /// the skip counted in `stats` (and warned, or an error in strict mode, for a data problem).
+    pub(super) fn classify(
+        &self,
+        entry: Entry,
+        shard: &Arc<str>,
+        stats: Option<&mut DataStats>,
+    ) -> Result<Option<(Arc<SampleData>, i64)>> {
+        let mut scratch = DataStats::default();
+        let stats = stats.unwrap_or(&mut scratch);
         let problem = match entry {
             Entry::Ok(data) => {
                 return match self.label_map[data.class] {
-                    Some(label) => Ok(Slot::Accepted(Candidate {
-                        data,
-                        shard: raw.shard,
-                        label,
-                        epoch: raw.epoch,
-                        position: raw.position,
-                    })),
+                    Some(label) => Ok(Some((data, label))),
                     None => {
-                        if let Some(s) = stats {
-                            s.filtered += 1;
-                        }
-                        Ok(Slot::Skipped)
+                        stats.filtered += 1;
+                        Ok(None)
                     }
                 };
             }
             Entry::Incomplete { key, missing } => {
-                let Some(s) = stats else {
-                    return Ok(Slot::Skipped);
-                };
-                s.incomplete_samples += 1;
-                format!("sample {key} of {}: missing component {missing}", raw.shard)
+                stats.incomplete_samples += 1;
+                format!("sample {key} of {shard}: missing component {missing}")
             }
             Entry::InvalidLabel { key, cls } => {
-                let Some(s) = stats else {
-                    return Ok(Slot::Skipped);
-                };
-                s.invalid_labels += 1;
+                stats.invalid_labels += 1;
                 format!(
-                    "sample {key} of {}: cls {cls:?} is not a class index (the manifest has {})",
-                    raw.shard, self.n_classes
+                    "sample {key} of {shard}: cls {cls:?} is not a class index (the manifest has {})",
+                    self.n_classes
                 )
             }
         };
@@ -291,252 +281,7 @@ impl Plan {
             bail!("{problem} (data.strict = true)");
         }
         tracing::warn!("{problem}: sample skipped");
-        Ok(Slot::Skipped)
-    }
-}
-
-/// The shard the read head is in, streamed through the shuffle buffer.
-struct OpenShard {
-    /// Position in the epoch's shard order.
-    t: usize,
-    feed: ShardFeed,
-    buffer: Vec<Entry>,
-    rng: ChaCha8Rng,
-    /// Slots of this shard walked so far.
-    slots: u64,
-    /// The feed reached its end (and its problem, if any, was counted).
-    done: bool,
-}
-
-/// Walks the slot order from a cursor. The read head may run ahead of the consumed cursor
-/// (look-ahead for top-ups); slots read ahead wait in `ahead`.
-struct Walker {
-    plan: Arc<Plan>,
-    /// Consumed cursor.
-    epoch: u64,
-    position: u64,
-    /// Read head: the next slot `pull` produces; `order`/`starts` belong to `head_epoch`.
-    head_epoch: u64,
-    head_position: u64,
-    /// Manifest shard indices in `head_epoch`'s order, and the slot where each starts.
-    order: Vec<usize>,
-    starts: Vec<u64>,
-    open: Option<OpenShard>,
-    /// Shards after the open one, already streaming (`prefetch_shards` of them).
-    prefetch: VecDeque<ShardFeed>,
-    /// Slots read but not consumed yet.
-    ahead: VecDeque<RawSlot>,
-    /// Shard problems seen by the read head, not yet added to the stats.
-    shard_problems: u64,
-}
-
-impl Walker {
-    fn new(plan: Arc<Plan>, start: Cursor) -> Walker {
-        let mut w = Walker {
-            plan,
-            epoch: start.epoch,
-            position: start.position,
-            head_epoch: start.epoch,
-            head_position: start.position,
-            order: Vec::new(),
-            starts: Vec::new(),
-            open: None,
-            prefetch: VecDeque::new(),
-            ahead: VecDeque::new(),
-            shard_problems: 0,
-        };
-        w.enter_epoch(start.epoch);
-        w
-    }
-
-    fn cursor(&self) -> Cursor {
-        Cursor {
-            epoch: self.epoch,
-            position: self.position,
-        }
-    }
-
-    /// Epoch `epoch`'s shard order: manifest shard indices.
-    fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.plan.shards.len()).collect();
-        let seed = mix(&[self.plan.seed, TAG_SHARDS, epoch]);
-        shuffle(&mut order, &mut ChaCha8Rng::seed_from_u64(seed));
-        order
-    }
-
-    /// Moves the read head's shard order to `epoch`.
-    fn enter_epoch(&mut self, epoch: u64) {
-        let order = self.epoch_order(epoch);
-        let mut starts = Vec::with_capacity(order.len());
-        let mut acc = 0;
-        for &k in &order {
-            starts.push(acc);
-            acc += self.plan.shards[k].samples;
-        }
-        self.head_epoch = epoch;
-        self.order = order;
-        self.starts = starts;
-    }
-
-    /// The `n` manifest shard indices the read head visits after shard `t` of its order.
-    fn shards_after(&self, t: usize, n: usize) -> Vec<usize> {
-        let mut next: Vec<usize> = self.order[t + 1..].iter().copied().take(n).collect();
-        let mut epoch = self.head_epoch;
-        while next.len() < n {
-            epoch += 1;
-            let order = self.epoch_order(epoch);
-            next.extend(order.into_iter().take(n - next.len()));
-        }
-        next
-    }
-
-    /// Closes the open shard: reads its feed to the end (so a sha256 mismatch is seen) and
-    /// counts its problem; extra samples beyond the manifest's count are warned about.
-    fn close_open(&mut self) -> Result<()> {
-        let Some(mut open) = self.open.take() else {
-            return Ok(());
-        };
-        let mut extra = open.buffer.len() as u64;
-        if !open.done {
-            while open.feed.next()?.is_some() {
-                extra += 1;
-            }
-            self.note_problem(&open.feed)?;
-        }
-        if extra > 0 {
-            tracing::warn!(
-                shard = %open.feed.url,
-                "the shard holds {extra} samples more than the manifest says; the extra ones are ignored"
-            );
-        }
-        Ok(())
-    }
-
-    fn note_problem(&mut self, feed: &ShardFeed) -> Result<()> {
-        if let Some(problem) = feed.problem() {
-            if self.plan.cfg.strict {
-                bail!("{problem} (data.strict = true)");
-            }
-            self.shard_problems += 1;
-        }
-        Ok(())
-    }
-
-    /// Opens shard `order[t]` for the read head (from the prefetch queue when it is there) and
-    /// keeps the next `prefetch_shards` shards streaming.
-    fn open_shard(&mut self, t: usize) -> Result<()> {
-        self.close_open()?;
-        let k = self.order[t];
-        let feed = match self.prefetch.front() {
-            Some(f) if f.index == k => self.prefetch.pop_front().expect("front exists"),
-            _ => {
-                self.prefetch.clear();
-                self.plan.open_feed(k)
-            }
-        };
-        let want = self.shards_after(t, self.plan.cfg.prefetch_shards);
-        if !self
-            .prefetch
-            .iter()
-            .map(|f| f.index)
-            .eq(want.iter().copied().take(self.prefetch.len()))
-        {
-            self.prefetch.clear();
-        }
-        for &k2 in &want[self.prefetch.len()..] {
-            self.prefetch.push_back(self.plan.open_feed(k2));
-        }
-        let seed = mix(&[self.plan.seed, TAG_SAMPLES, self.head_epoch, k as u64]);
-        self.open = Some(OpenShard {
-            t,
-            feed,
-            buffer: Vec::with_capacity(self.plan.cfg.shuffle_buffer.min(1 << 16)),
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            slots: 0,
-            done: false,
-        });
-        Ok(())
-    }
-
-    /// The open shard's next sample out of the shuffle buffer; `None` once the shard is
-    /// exhausted. Output order is a pure function of the tar order and the shard's seed.
-    fn next_output(&mut self) -> Result<Option<Entry>> {
-        let (capacity, strict) = (self.plan.cfg.shuffle_buffer, self.plan.cfg.strict);
-        let open = self.open.as_mut().expect("a shard is open");
-        while !open.done && open.buffer.len() < capacity {
-            match open.feed.next()? {
-                Some(e) => open.buffer.push(e),
-                None => {
-                    open.done = true;
-                    if let Some(problem) = open.feed.problem() {
-                        if strict {
-                            bail!("{problem} (data.strict = true)");
-                        }
-                        self.shard_problems += 1;
-                    }
-                }
-            }
-        }
-        let n = open.buffer.len();
-        if n == 0 {
-            return Ok(None);
-        }
-        use rand::RngCore;
-        let i = ((open.rng.next_u64() as u128 * n as u128) >> 64) as usize;
-        Ok(Some(open.buffer.swap_remove(i)))
-    }
-
-    /// Reads the slot at the read head and advances it.
-    fn pull(&mut self) -> Result<RawSlot> {
-        if self.head_position >= self.plan.epoch_slots {
-            self.enter_epoch(self.head_epoch + 1);
-            self.head_position = 0;
-            self.close_open()?;
-        }
-        // Shard t of the order holds slots starts[t] .. starts[t] + samples.
-        let t = self.starts.partition_point(|&s| s <= self.head_position) - 1;
-        if !matches!(&self.open, Some(o) if o.t == t) {
-            self.open_shard(t)?;
-            // Resuming inside the shard: walk its first slots without decoding.
-            let offset = self.head_position - self.starts[t];
-            while self.open.as_ref().expect("opened").slots < offset {
-                self.next_output()?;
-                self.open.as_mut().expect("opened").slots += 1;
-            }
-        }
-        let entry = self.next_output()?;
-        let open = self.open.as_mut().expect("opened");
-        open.slots += 1;
-        let raw = RawSlot {
-            epoch: self.head_epoch,
-            position: self.head_position,
-            shard: open.feed.url.clone(),
-            entry,
-        };
-        self.head_position += 1;
-        Ok(raw)
-    }
-
-    /// Consumes one slot, counting skips into `stats`.
-    fn next_slot(&mut self, stats: &mut DataStats) -> Result<Slot> {
-        let raw = match self.ahead.pop_front() {
-            Some(raw) => raw,
-            None => self.pull()?,
-        };
-        stats.shard_errors += std::mem::take(&mut self.shard_problems);
-        self.epoch = raw.epoch;
-        self.position = raw.position + 1;
-        self.plan.classify(raw, Some(stats))
-    }
-
-    /// The `i`-th slot after the consumed cursor (0 = the next one), classified without
-    /// counting; the walker still consumes it later.
-    fn peek(&mut self, i: usize) -> Result<Slot> {
-        while self.ahead.len() <= i {
-            let raw = self.pull()?;
-            self.ahead.push_back(raw);
-        }
-        self.plan.classify(self.ahead[i].clone(), None)
+        Ok(None)
     }
 }
 
@@ -558,8 +303,7 @@ fn decode_all(
             .map(|c| {
                 let mut out = vec![0f32; 3 * s * s];
                 if augment {
-                    let mut rng =
-                        ChaCha8Rng::seed_from_u64(mix(&[seed, TAG_AUGMENT, c.epoch, c.position]));
+                    let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, TAG_AUGMENT, c.position]));
                     decode_train(&c.data.image, cfg, &mut rng, &mut out)?;
                 } else {
                     decode_eval(&c.data.image, cfg, &mut out)?;
@@ -601,10 +345,7 @@ fn accept_decoded(
                 batch.images.extend_from_slice(&pixels);
                 batch.labels.push(c.label);
                 batch.keys.push(c.data.key.clone());
-                batch.slots.push(Cursor {
-                    epoch: c.epoch,
-                    position: c.position,
-                });
+                batch.positions.push(c.position);
                 batch.n += 1;
                 stats.samples += 1;
             }
@@ -647,11 +388,13 @@ impl TrainStream {
     ///   `manifest.classes.len()`.
     /// - `per_rank_batch_size`: images per batch on this rank.
     /// - `seed`: shuffling and augmentation seed (the same on every rank).
-    /// - `start`: [`Cursor::default()`] for a fresh run, or the cursor saved with a checkpoint.
+    /// - `start`: [`Cursor::default()`] for a fresh run (partitions from `cfg.partitions`, or the
+    ///   default for `world_size`), or the cursor saved with a checkpoint.
     ///
-    /// Errors (synchronous): invalid config, split missing from the manifest or empty, no class
-    /// with samples is mapped, bad rank/world size/batch size/label map length, a cursor beyond
-    /// the split, the shard directory missing.
+    /// Errors (synchronous): invalid config, split missing from the manifest or empty, a manifest
+    /// without per-shard class counts, no class with samples is mapped, bad rank/world
+    /// size/batch size/label map length, partitions that `world_size` does not divide or that
+    /// differ from `cfg.partitions`, more ranks than shards, the shard directory missing.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         cfg: &Config,
@@ -663,7 +406,7 @@ impl TrainStream {
         rank: usize,
         world_size: usize,
     ) -> Result<TrainStream> {
-        let plan = make_plan(
+        let mut plan = make_plan(
             cfg,
             manifest,
             &cfg.train_split,
@@ -673,11 +416,64 @@ impl TrainStream {
             rank,
             world_size,
         )?;
-        if start.position > plan.epoch_slots {
+        if let Some(shard) = plan.shards.iter().find(|s| s.class_counts.is_empty()) {
             bail!(
-                "cursor {start:?} is beyond split {:?} of {} samples (was the shard directory rebuilt?)",
-                cfg.train_split,
-                plan.epoch_slots
+                "{}/manifest.json has no per-shard class counts (shard {}): it was written by an older devise; \
+                 rewrite it with `devise data index --shards {}` (reads every shard once)",
+                cfg.shards,
+                shard.name,
+                cfg.shards
+            );
+        }
+        plan.units = plan
+            .shards
+            .iter()
+            .map(|s| {
+                s.class_counts
+                    .iter()
+                    .zip(&plan.label_map)
+                    .filter(|(_, l)| l.is_some())
+                    .map(|(n, _)| n)
+                    .sum()
+            })
+            .collect();
+        let trainable = plan.units.iter().filter(|&&u| u > 0).count();
+        let partitions = if start.partitions == 0 {
+            if start.position != 0 {
+                bail!("cursor {start:?} has a position but no partitions");
+            }
+            partition::choose_partitions(cfg.partitions, &plan.shards, &plan.units, world_size)?
+        } else {
+            if let Some(p) = cfg.partitions.filter(|&p| p != start.partitions) {
+                bail!(
+                    "data.partitions = {p}, but the run's training stream has {} partitions (fixed when it started, \
+                     saved in its checkpoints): leave data.partitions out or set it to {}",
+                    start.partitions,
+                    start.partitions
+                );
+            }
+            partition::check_partitions(start.partitions, world_size)?;
+            if start.partitions > trainable {
+                bail!(
+                    "the cursor has {} partitions but split {:?} has only {trainable} shards with training samples \
+                     (were the shards rebuilt?)",
+                    start.partitions,
+                    cfg.train_split
+                );
+            }
+            start.partitions
+        };
+        let layout = Layout::new(&plan.shards, &plan.units, partitions);
+        if rank == 0 {
+            let total: u64 = plan.units.iter().sum();
+            tracing::info!(
+                "training stream: {partitions} partitions of {trainable} shards, {} per rank; an epoch is {} samples \
+                 ({} per partition), leaving out {} of the split's {total} ({:.2} %, different ones each epoch)",
+                partitions / world_size,
+                layout.epoch_positions(),
+                layout.epoch_units,
+                layout.leftover,
+                100.0 * layout.leftover as f64 / total as f64
             );
         }
         let pool = build_pool(cfg.decode_threads)?;
@@ -689,7 +485,16 @@ impl TrainStream {
             .name(format!("devise-data-rank{rank}"))
             .spawn(move || {
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    produce(plan, pool, start, &tx, &thread_stop)
+                    let walker = RankWalker::new(plan.clone(), &layout, start.position);
+                    produce(
+                        plan,
+                        pool,
+                        walker,
+                        partitions,
+                        start.position,
+                        &tx,
+                        &thread_stop,
+                    )
                 }));
                 let err = match result {
                     Ok(Ok(())) => return, // stopped
@@ -802,7 +607,7 @@ fn make_plan(
         per_rank_batch_size,
         rank,
         world_size,
-        epoch_slots: info.samples,
+        units: Vec::new(),
         memory: Arc::new(Memory::default()),
     })
 }
@@ -811,77 +616,64 @@ fn make_plan(
 fn produce(
     plan: Arc<Plan>,
     pool: rayon::ThreadPool,
-    start: Cursor,
+    mut walker: RankWalker,
+    partitions: usize,
+    mut position: u64,
     tx: &mpsc::SyncSender<Message>,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let mut walker = Walker::new(plan.clone(), start);
-    let mut stats = DataStats::default();
-    let (b, w, r) = (plan.per_rank_batch_size, plan.world_size, plan.rank);
-    let (s, strict) = (plan.cfg.image_size as usize, plan.cfg.strict);
-    // Two whole epochs without filling a batch means nothing usable is left: fail, don't spin.
-    let max_slots = 2 * plan.epoch_slots + (b * w) as u64;
+    let mut stats = DataStats {
+        partitions: (partitions / plan.world_size) as u64,
+        ..DataStats::default()
+    };
+    let (b, w) = (plan.per_rank_batch_size, plan.world_size);
+    let (s, strict, augment) = (
+        plan.cfg.image_size as usize,
+        plan.cfg.strict,
+        plan.cfg.augment,
+    );
+    // Two whole epochs of this rank's partitions without a usable top-up: nothing usable is left.
+    let max_peek = 2 * walker.epoch_units() as usize + b;
     while !stop.load(Ordering::SeqCst) {
         let mut batch = Batch::with_capacity(b, s);
-        let mut walked = 0u64;
-        let split = &plan.cfg.train_split;
-        let guard = |walked: &mut u64| -> Result<()> {
-            *walked += 1;
-            if *walked > max_slots {
-                bail!(
-                    "no usable sample in {max_slots} consecutive slots of split {split:?} (every image undecodable or every shard bad?)"
-                );
-            }
-            Ok(())
-        };
-        // 1. The global batch: the next b*w accepted slots; this rank keeps j % w == r.
+        // 1. This rank's part of the global batch: its `b` positions among the next `b * w`.
         let mut mine = Vec::with_capacity(b);
-        let mut j = 0;
-        while j < b * w {
-            guard(&mut walked)?;
-            if let Slot::Accepted(c) = walker.next_slot(&mut stats)? {
-                if j % w == r {
-                    mine.push(c);
-                }
-                j += 1;
+        for _ in 0..b {
+            if let (_, Unit::Sample(c)) = walker.next(&mut stats)? {
+                mine.push(c);
             }
         }
-        let decoded = decode_all(&pool, &plan.cfg, plan.seed, &mine, plan.cfg.augment);
-        let mut missing = accept_decoded(&mut batch, mine, decoded, &mut stats, strict)?;
-        // 2. Top-ups for undecodable images (see the module docs for world_size > 1): with one
-        //    rank, the next accepted slots; with several, the slots after the global batch
-        //    that this rank would own, read ahead without consuming them.
+        let mut missing = b - mine.len();
+        let decoded = decode_all(&pool, &plan.cfg, plan.seed, &mine, augment);
+        missing += accept_decoded(&mut batch, mine, decoded, &mut stats, strict)?;
+        // 2. Top-ups for holes and undecodable images: this rank's positions after the global
+        //    batch, read ahead without consuming them (see the module docs).
         let mut peeked = 0usize;
-        let mut j_ahead = b * w; // global index of the next look-ahead accepted slot
         while missing > 0 {
             let mut more = Vec::with_capacity(missing);
             while more.len() < missing {
-                guard(&mut walked)?;
-                if w == 1 {
-                    if let Slot::Accepted(c) = walker.next_slot(&mut stats)? {
-                        more.push(c);
-                    }
-                } else {
-                    if let Slot::Accepted(c) = walker.peek(peeked)? {
-                        if j_ahead % w == r {
-                            more.push(c);
-                        }
-                        j_ahead += 1;
-                    }
-                    peeked += 1;
+                if peeked >= max_peek {
+                    bail!(
+                        "no usable sample in {max_peek} positions of split {:?} read ahead by rank {} (every image undecodable or every shard bad?)",
+                        plan.cfg.train_split,
+                        plan.rank
+                    );
                 }
+                if let Unit::Sample(c) = walker.peek(peeked, &mut stats)? {
+                    more.push(c.clone());
+                }
+                peeked += 1;
             }
-            let decoded = decode_all(&pool, &plan.cfg, plan.seed, &more, plan.cfg.augment);
+            let decoded = decode_all(&pool, &plan.cfg, plan.seed, &more, augment);
             missing = accept_decoded(&mut batch, more, decoded, &mut stats, strict)?;
         }
-        let mut cursor = walker.cursor();
-        if cursor.position >= plan.epoch_slots {
-            cursor = Cursor {
-                epoch: cursor.epoch + 1,
-                position: 0,
-            };
-        }
+        position += (b * w) as u64;
+        let cursor = Cursor {
+            partitions,
+            position,
+        };
         (stats.buffered_bytes, stats.peak_buffered_bytes) = plan.memory.read();
+        stats.shard_bytes = plan.memory.downloaded();
         if tx.send(Ok((batch, cursor, stats.clone()))).is_err() {
             break; // receiver dropped
         }
@@ -998,16 +790,15 @@ impl EvalBatches {
                 continue;
             };
             let i = self.accepted;
-            let raw = RawSlot {
-                epoch: 0,
-                position: i,
-                shard,
-                entry: Some(entry),
-            };
-            if let Slot::Accepted(c) = self.plan.classify(raw, Some(&mut self.stats))? {
+            if let Some((data, label)) = self.plan.classify(entry, &shard, Some(&mut self.stats))? {
                 self.accepted += 1;
                 if i % self.plan.world_size as u64 == self.plan.rank as u64 {
-                    self.pending.push_back(c);
+                    self.pending.push_back(Candidate {
+                        data,
+                        shard,
+                        label,
+                        position: i,
+                    });
                 }
             }
             return Ok(true);

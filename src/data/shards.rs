@@ -65,6 +65,12 @@ pub struct ShardInfo {
     pub bytes: u64,
     /// sha256 of the whole tar, lower-case hex (readers verify it).
     pub sha256: String,
+    /// Samples of the shard per manifest class, indexed like [`Manifest::classes`]. The
+    /// training stream plans from it how many samples of each shard it will train on (without
+    /// reading the shard) and so where a saved cursor points; empty in manifests written before
+    /// it existed (training then asks for `devise data index` to rewrite the manifest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_counts: Vec<u64>,
 }
 
 /// One split (`train`, `val`, ...) of a shard directory.
@@ -133,6 +139,18 @@ impl Manifest {
                     split.class_counts.len(),
                     self.classes.len()
                 );
+            }
+            for shard in split.shards.iter().filter(|s| !s.class_counts.is_empty()) {
+                let sum: u64 = shard.class_counts.iter().sum();
+                if shard.class_counts.len() != self.classes.len() || sum != shard.samples {
+                    bail!(
+                        "manifest split {name:?}, shard {}: {} class counts adding to {sum}, for {} classes and {} samples",
+                        shard.name,
+                        shard.class_counts.len(),
+                        self.classes.len(),
+                        shard.samples
+                    );
+                }
             }
         }
         Ok(())
@@ -654,11 +672,16 @@ fn write_shard(
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let size = bytes.len() as u64;
     store.put(&name, Bytes::from(bytes))?;
+    let mut class_counts = vec![0u64; classes.len()];
+    for f in &files[plan.range.clone()] {
+        class_counts[f.class] += 1;
+    }
     Ok(ShardInfo {
         name,
         samples: plan.range.len() as u64,
         bytes: size,
         sha256,
+        class_counts,
     })
 }
 
@@ -829,6 +852,7 @@ mod tests {
                         samples: 3,
                         bytes: 10,
                         sha256: String::new(),
+                        class_counts: vec![1, 2],
                     }],
                     class_counts: vec![1, 2],
                 },

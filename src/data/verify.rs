@@ -13,7 +13,8 @@
 //! 5. every image decodes with [`decode_rgb`] (in parallel, the reader's decompression-bomb
 //!    limit);
 //!
-//! and per split: the class counts of the `.cls` fields read are the manifest's, and no key
+//! and per shard and per split: the class counts of the `.cls` fields read are the manifest's
+//! (the training stream plans from the per-shard ones), and no key
 //! appears twice. A shard whose checks fail is still parsed as far as it goes, so a damaged shard
 //! reports both "sha256 differs" and what is wrong inside it (which sample no longer decodes).
 //!
@@ -196,6 +197,28 @@ pub fn verify_shards(url: &str, opts: &VerifyOptions) -> Result<VerifyReport> {
             }
             summary.samples_read += check.keys.len() as u64;
             summary.images_decoded += check.images_decoded;
+            let shard = &info.shards[i];
+            if !shard.class_counts.is_empty() && check.class_counts != shard.class_counts {
+                let differ: Vec<String> = (0..n_classes)
+                    .filter(|&c| check.class_counts[c] != shard.class_counts[c])
+                    .take(5)
+                    .map(|c| {
+                        format!(
+                            "class {c} ({}): {} read, manifest {}",
+                            manifest.classes[c], check.class_counts[c], shard.class_counts[c]
+                        )
+                    })
+                    .collect();
+                report.problems.push(Problem {
+                    split: split.clone(),
+                    shard: shard.name.clone(),
+                    key: None,
+                    message: format!(
+                        "per-shard class counts differ from the manifest's: {}",
+                        differ.join("; ")
+                    ),
+                });
+            }
             for (c, n) in check.class_counts.iter().enumerate() {
                 class_counts[c] += n;
             }

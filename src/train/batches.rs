@@ -96,7 +96,8 @@ impl<'a> Batches<'a> {
                 .next_batch()
                 .with_context(|| format!("step {step}: reading training data"))?;
             *cursor = next;
-            self.trace.slots(step, stage.kind, &batch.slots)?;
+            self.trace
+                .positions(step, stage.kind, &batch.positions, &batch.keys)?;
             let (images, labels) = eval::batch_tensors(&batch, device);
             Input::Images(images, labels)
         })

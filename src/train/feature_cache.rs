@@ -58,7 +58,7 @@ impl FeatureCache {
         for batch in batches {
             let batch = batch.context("caching features of the training images")?;
             devise_launch::heartbeat::beat();
-            let batch_rows: Vec<i64> = batch.slots.iter().map(|c| c.position as i64).collect();
+            let batch_rows: Vec<i64> = batch.positions.iter().map(|&p| p as i64).collect();
             if let Some(&bad) = batch_rows.iter().find(|&&r| r >= capacity) {
                 bail!(
                     "caching features: sample slot {bad} is outside split '{}' ({capacity} samples)",

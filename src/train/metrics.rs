@@ -66,6 +66,8 @@ impl Window {
             "data/shard_errors": stats.shard_errors,
             "data/buffered_mb": stats.buffered_bytes as f64 / 1e6,
             "data/peak_buffered_mb": stats.peak_buffered_bytes as f64 / 1e6,
+            // Shard bytes this rank downloaded since the stream started (prefetch included).
+            "data/shard_mb": stats.shard_bytes as f64 / 1e6,
         });
         let mut line = line;
         for (reason, n) in stats.skipped_by_reason() {

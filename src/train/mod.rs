@@ -23,10 +23,11 @@
 //!
 //! Exact resume: weights, optimizer state, the data cursor and the step are checkpointed, and all
 //! randomness is derived from `(seed, step)` (libtorch generator, re-seeded before each step) and
-//! `(seed, epoch, slot)` (data order and augmentation), so a resumed run continues with the same
+//! `(seed, data cursor)` (data order and augmentation), so a resumed run continues with the same
 //! batches, the same random choices and the same losses as an uninterrupted one. On another
-//! world size (the global batch still divisible by it) every step trains on the same samples;
-//! the losses then differ only by the order in which the gradient mean is summed.
+//! world size that divides the run's data partitions and the global batch, every step trains on
+//! the same samples; the losses then differ only by the order in which the gradient mean is
+//! summed.
 //!
 //! Each step, after backward and the gradient all-reduce, one small all-reduce carries the loss,
 //! every rank's non-finite verdict on its own loss and gradients, and the stop votes (a signal
@@ -73,7 +74,7 @@ pub struct Config {
     /// Images per optimizer step, all ranks together.
     pub global_batch_size: usize,
     /// Every rank appends the ids of the samples of each step to `run.dir/trace/rank-<R>.jsonl`
-    /// (`{"step", "stage", "slots": [[epoch, position], ...]}` for image batches, `"rows"` for
+    /// (`{"step", "stage", "slots": [global position, ...], "keys": [sample key, ...]}` for image batches, `"rows"` for
     /// cached features): for tests and debugging of the sample order. Local run dirs only.
     #[serde(default)]
     pub trace_samples: bool,

@@ -49,6 +49,15 @@ pub(crate) fn start_state(
     let cfg = &plan.config;
     Ok(match resumed {
         Some(ck) => {
+            if ck.cursor_of_unpartitioned_stream {
+                bail!(
+                    "{}: its data cursor ({{epoch, position}}) belongs to the earlier training stream in which every rank \
+                     read every shard; this devise partitions the shards between ranks and cannot place that cursor. \
+                     Start a new run.dir, with train.init_from = \"{}\" to start from its weights",
+                    ck.url,
+                    ck.url
+                );
+            }
             check_resume_label_vectors(ck, plan, &cfg.text.vectors)?;
             model
                 .load_state_dict(&ck.model)

@@ -411,7 +411,7 @@ impl Replicas {
         ddp::check_identical(collective, &self.variables, step)?;
         // Ranks that read a shard differently (one saw a checksum mismatch the others did
         // not) keep the same batch count but walk different slots: their cursors differ.
-        let cursor = (cursor.epoch << 40) ^ cursor.position;
+        let cursor = ((cursor.partitions as u64) << 48) ^ cursor.position;
         ddp::check_agree(collective, cursor, &format!("after step {step}: the data cursor"))
             .context("the ranks read the training data differently (a shard that failed its checksum or was truncated on some ranks only?)")
     }

@@ -41,17 +41,20 @@ impl SampleTrace {
         Ok(())
     }
 
-    pub(crate) fn slots(
+    /// An image batch: its samples' global positions in the training stream, and their keys.
+    pub(crate) fn positions(
         &mut self,
         step: u64,
         kind: StageKind,
-        slots: &[crate::data::reader::Cursor],
+        positions: &[u64],
+        keys: &[String],
     ) -> Result<()> {
         if self.file.is_none() {
             return Ok(());
         }
-        let ids: Vec<[u64; 2]> = slots.iter().map(|c| [c.epoch, c.position]).collect();
-        self.write(serde_json::json!({"step": step, "stage": kind.name(), "slots": ids}))
+        self.write(
+            serde_json::json!({"step": step, "stage": kind.name(), "slots": positions, "keys": keys}),
+        )
     }
 
     pub(crate) fn rows(&mut self, step: u64, kind: StageKind, rows: &[i64]) -> Result<()> {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use devise::data::image::{decode_rgb, DecodeOptions};
+use devise::data::partition::Layout;
 use devise::data::shards::{ShardInfo, SplitInfo, FORMAT};
 use devise::data::synthetic::{generate_shapes, ShapesOptions};
 use devise::data::webdataset::{SampleReader, ShardError};
@@ -134,6 +135,24 @@ fn config(shards: &Path, size: u32) -> Config {
 
 fn all_labels(m: &Manifest) -> Vec<Option<i64>> {
     (0..m.classes.len() as i64).map(Some).collect()
+}
+
+/// The partition layout a training stream over split "train" of `m` uses with `partitions`.
+fn layout_of(m: &Manifest, labels: &[Option<i64>], partitions: usize) -> Layout {
+    let split = m.split("train").unwrap();
+    let units: Vec<u64> = split
+        .shards
+        .iter()
+        .map(|s| {
+            s.class_counts
+                .iter()
+                .zip(labels)
+                .filter(|(_, l)| l.is_some())
+                .map(|(n, _)| n)
+                .sum()
+        })
+        .collect();
+    Layout::new(&split.shards, &units, partitions)
 }
 
 /// `stem -> class` of every file of `split` in the generated tree.
@@ -274,24 +293,24 @@ fn train_stream_is_deterministic_and_covers_each_epoch_once() {
     );
     assert_ne!(ba[0].0.keys, bc[0].0.keys, "another seed, another order");
 
-    // 1500 samples / 50 = 30 batches = exactly one epoch: every sample once, cursor -> {1, 0}.
-    assert_eq!(
-        ba[29].1,
-        Cursor {
-            epoch: 1,
-            position: 0
-        }
-    );
+    // The default partitions of these shards leave nothing out: 1500 samples / 50 = 30 batches
+    // = exactly one epoch, every sample once.
+    let partitions = ba[0].1.partitions;
+    let layout = layout_of(&m, &all_labels(&m), partitions);
+    assert_eq!((layout.leftover, layout.epoch_positions()), (0, 1500));
     assert_eq!(
         ba[0].1,
         Cursor {
-            epoch: 0,
+            partitions,
             position: 50
         }
     );
+    assert_eq!(ba[29].1.position, 1500);
     let epoch0: Vec<&String> = ba.iter().flat_map(|(b, _)| &b.keys).collect();
     let unique: BTreeSet<_> = epoch0.iter().collect();
     assert_eq!(unique.len(), 1500);
+    let positions: Vec<u64> = ba.iter().flat_map(|(b, _)| b.positions.clone()).collect();
+    assert_eq!(positions, (0..1500).collect::<Vec<u64>>());
     let mut labels = [0; 3];
     for (batch, _) in &ba {
         assert_eq!(batch.n, 50);
@@ -341,13 +360,7 @@ fn resume_exact(cfg: &Config, m: &Manifest) {
     let start = |cursor| TrainStream::start(cfg, m, all_labels(m), 37, 11, cursor, 0, 1).unwrap();
     let mut full = start(Cursor::default());
     let reference = take(&mut full, 46);
-    assert_eq!(
-        reference[40].1,
-        Cursor {
-            epoch: 1,
-            position: 17
-        }
-    );
+    assert_eq!(reference[40].1.position, 41 * 37);
     for k in [0usize, 12, 39, 40] {
         let saved = reference[k].1;
         let mut resumed = start(saved);
@@ -389,9 +402,11 @@ fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
         s.next_batch().unwrap(); // two epochs
     }
     let stats = s.stats();
-    // Held at most: the shuffle buffer, two streaming shards' channels (+1 sample each being
-    // sent), one batch of candidates.
-    let samples_bound = (cfg.shuffle_buffer + 2 * (cfg.shard_readahead + 1) + batch) as u64;
+    // Held at most, per partition of the rank: the shuffle buffer, two streaming shards'
+    // channels (+1 sample each being sent); and a batch of candidates with its top-ups.
+    let per_partition = cfg.shuffle_buffer + 2 * (cfg.shard_readahead + 1);
+    let samples_bound = (stats.partitions as usize * per_partition + 2 * batch) as u64;
+    assert!(stats.partitions >= 1);
     let largest_image = 8_000; // the 32x32 shapes JPEGs are 1-1.5 KB
     assert!(stats.peak_buffered_bytes > 0);
     assert!(
@@ -410,7 +425,9 @@ fn streaming_memory_stays_bounded_by_the_buffers_not_the_shards() {
 #[test]
 fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
     let (dir, m) = shapes_shards();
-    let cfg = config(&dir, 16);
+    let mut cfg = config(&dir, 16);
+    // The same partitions on 1 and 2 ranks (the default depends on the world size).
+    cfg.partitions = Some(2);
     // Class 1 (blue_triangle, unseen in the shapes split) held out, as a zero-shot class is.
     let map = vec![Some(0), None, Some(1)];
     let mut one =
@@ -426,26 +443,180 @@ fn label_map_filters_before_decoding_and_ranks_partition_global_batches() {
         assert_eq!(ca, cb, "ranks agree on the cursor");
         let even: Vec<_> = g.keys.iter().step_by(2).cloned().collect();
         let odd: Vec<_> = g.keys.iter().skip(1).step_by(2).cloned().collect();
-        assert_eq!(a.keys, even, "rank 0 keeps j % 2 == 0 of the global batch");
+        assert_eq!(
+            a.keys, even,
+            "rank 0 takes the even positions of the global batch"
+        );
         assert_eq!(b.keys, odd);
+        assert!(a.positions.iter().all(|p| p % 2 == 0));
         let rows = 3 * 16 * 16;
         assert!(a.images[..rows] == g.images[..rows]);
     }
     let s = one.stats();
     assert_eq!(s.samples, 1200);
-    // 1200 accepted of 2/3 of the slots: about 600 blue_triangle slots were filtered.
-    assert!((550..=650).contains(&s.filtered), "{s:?}");
+    // 1200 accepted, read from shards that hold about 600 blue_triangles as well.
+    assert!((550..=700).contains(&s.filtered), "{s:?}");
     // A label map that accepts nothing is refused up front.
     let err = TrainStream::start(&cfg, &m, vec![None; 3], 8, 0, Cursor::default(), 0, 1)
         .err()
         .unwrap();
     assert!(err.to_string().contains("label map"), "{err}");
     assert!(TrainStream::start(&cfg, &m, vec![Some(0); 2], 8, 0, Cursor::default(), 0, 1).is_err());
-    let beyond = Cursor {
-        epoch: 0,
-        position: 1501,
+    // A cursor without partitions but with a position; partitions 3 ranks cannot share; a
+    // data.partitions different from the cursor's.
+    let no_partitions = Cursor {
+        partitions: 0,
+        position: 8,
     };
-    assert!(TrainStream::start(&cfg, &m, map, 8, 0, beyond, 0, 1).is_err());
+    assert!(TrainStream::start(&cfg, &m, map.clone(), 8, 0, no_partitions, 0, 1).is_err());
+    let two = Cursor {
+        partitions: 2,
+        position: 8,
+    };
+    let err = TrainStream::start(&cfg, &m, map.clone(), 8, 0, two, 0, 3)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("World sizes that work: 1, 2"), "{err}");
+    let mut other = cfg.clone();
+    other.partitions = Some(1);
+    let err = TrainStream::start(&other, &m, map, 8, 0, two, 0, 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("data.partitions = 1"), "{err}");
+}
+
+/// Key -> shard name of every sample of split "train".
+fn shard_of_keys(dir: &Path, m: &Manifest) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for shard in &m.split("train").unwrap().shards {
+        let bytes = std::fs::read(dir.join(&shard.name)).unwrap();
+        for sample in SampleReader::new(&bytes[..], &shard.name) {
+            out.insert(sample.unwrap().key, shard.name.clone());
+        }
+    }
+    out
+}
+
+/// The partitioned plan on 4 partitions: each global batch of 16 draws from at least 4 shards;
+/// which samples share a batch changes between epochs; every sample at most once per epoch;
+/// each rank reads only its partitions' shards; and a cursor written on 2 ranks resumes on 1
+/// and on 4 with the same global batches, sample for sample.
+#[test]
+fn partitions_mix_shards_change_batches_per_epoch_and_resume_on_other_world_sizes() {
+    let (dir, m) = shapes_shards();
+    let shard_of = shard_of_keys(&dir, &m);
+    let mut cfg = config(&dir, 16);
+    cfg.partitions = Some(4);
+    let labels = all_labels(&m);
+    let layout = layout_of(&m, &labels, 4);
+    let epoch = layout.epoch_positions();
+    assert!(layout.leftover * 10 <= 1500, "{layout:?}");
+    let global = 16usize;
+    let start = |world: usize, rank: usize, cursor: Cursor| {
+        TrainStream::start(
+            &cfg,
+            &m,
+            labels.clone(),
+            global / world,
+            3,
+            cursor,
+            rank,
+            world,
+        )
+        .unwrap()
+    };
+    // Steps of the reference run on 2 ranks: (cursor after, position -> key).
+    let steps = (2 * epoch as usize).div_ceil(global) + 1;
+    let mut ranks: Vec<TrainStream> = (0..2).map(|r| start(2, r, Cursor::default())).collect();
+    let mut reference: Vec<(Cursor, BTreeMap<u64, String>)> = Vec::new();
+    let mut rank_shards = vec![BTreeSet::new(); 2];
+    for _ in 0..steps {
+        let mut batch = BTreeMap::new();
+        let mut cursor = None;
+        for (r, s) in ranks.iter_mut().enumerate() {
+            let (b, c) = s.next_batch().unwrap();
+            assert!(cursor.is_none_or(|x| x == c));
+            cursor = Some(c);
+            for (p, k) in b.positions.iter().zip(&b.keys) {
+                rank_shards[r].insert(shard_of[k].clone());
+                assert!(batch.insert(*p, k.clone()).is_none());
+            }
+        }
+        reference.push((cursor.unwrap(), batch));
+    }
+    // Each rank read only the shards of its partitions (0, 2 or 1, 3).
+    for (r, read) in rank_shards.iter().enumerate() {
+        let names: BTreeSet<String> = [r, r + 2]
+            .iter()
+            .flat_map(|&p| layout.owned[p].iter())
+            .map(|&k| m.splits["train"].shards[k].name.clone())
+            .collect();
+        assert_eq!(
+            read, &names,
+            "rank {r} reads exactly its partitions' shards"
+        );
+    }
+    // Mixing: every global batch spans at least min(P, shards) = 4 shards.
+    for (i, (_, batch)) in reference.iter().enumerate() {
+        let shards: BTreeSet<&String> = batch.values().map(|k| &shard_of[k]).collect();
+        assert!(shards.len() >= 4, "step {i}: {} shards", shards.len());
+    }
+    // Every sample at most once per epoch; batch composition differs between epochs 0 and 1.
+    let mut by_epoch: Vec<BTreeMap<String, u64>> = vec![BTreeMap::new(); 2];
+    for (_, batch) in &reference {
+        for (p, k) in batch {
+            if let Some(e) = by_epoch.get_mut((p / epoch) as usize) {
+                assert!(
+                    e.insert(k.clone(), p % epoch / global as u64).is_none(),
+                    "{k} twice in an epoch"
+                );
+            }
+        }
+    }
+    assert_eq!(by_epoch[0].len() as u64, epoch);
+    assert_eq!(by_epoch[1].len() as u64, epoch);
+    let (mut pairs, mut again) = (0, 0);
+    let keys: Vec<&String> = by_epoch[0].keys().collect();
+    for (i, a) in keys.iter().enumerate() {
+        for b in &keys[i + 1..] {
+            if by_epoch[0][*a] == by_epoch[0][*b] {
+                pairs += 1;
+                if by_epoch[1]
+                    .get(*a)
+                    .is_some_and(|x| Some(x) == by_epoch[1].get(*b))
+                {
+                    again += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        pairs > 0 && again * 10 < pairs,
+        "{again} of {pairs} pairs share a batch again"
+    );
+    // Resume the 2-rank cursor after step 5 and after the first epoch boundary on 1 and 4 ranks.
+    let boundary = (epoch as usize).div_ceil(global);
+    for k in [5usize, boundary] {
+        let saved = reference[k - 1].0;
+        for world in [1usize, 4] {
+            let mut streams: Vec<TrainStream> =
+                (0..world).map(|r| start(world, r, saved)).collect();
+            for (step, (cursor, want)) in reference.iter().enumerate().skip(k).take(4) {
+                let mut got = BTreeMap::new();
+                for s in streams.iter_mut() {
+                    let (b, c) = s.next_batch().unwrap();
+                    assert_eq!(&c, cursor);
+                    got.extend(b.positions.iter().copied().zip(b.keys.iter().cloned()));
+                }
+                assert_eq!(
+                    &got, want,
+                    "step {step} resumed from {k} on {world} rank(s)"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -604,6 +775,7 @@ fn one_shard(tar: &[u8], samples: u64, n_classes: usize) -> (tempfile::TempDir, 
             samples,
             bytes: tar.len() as u64,
             sha256: hex::encode(Sha256::digest(tar)),
+            class_counts: class_counts.clone(),
         }],
         class_counts,
     };
@@ -619,6 +791,41 @@ fn one_shard(tar: &[u8], samples: u64, n_classes: usize) -> (tempfile::TempDir, 
         )
         .unwrap();
     (dir, m)
+}
+
+/// A shard directory with two one-class shards of `samples` samples each (split "train").
+fn two_shards(first: &[u8], second: &[u8], samples: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    let mut shards = Vec::new();
+    for (i, tar) in [first, second].into_iter().enumerate() {
+        let name = format!("train-{i:06}.tar");
+        store.put(&name, Bytes::copy_from_slice(tar)).unwrap();
+        shards.push(ShardInfo {
+            name,
+            samples,
+            bytes: tar.len() as u64,
+            sha256: hex::encode(Sha256::digest(tar)),
+            class_counts: vec![samples],
+        });
+    }
+    let split = SplitInfo {
+        samples: 2 * samples,
+        shards,
+        class_counts: vec![2 * samples],
+    };
+    let m = Manifest {
+        format: FORMAT.into(),
+        classes: vec!["c0000".into()],
+        splits: BTreeMap::from([("train".into(), split)]),
+    };
+    store
+        .put(
+            "manifest.json",
+            Bytes::from(serde_json::to_vec(&m).unwrap()),
+        )
+        .unwrap();
+    dir
 }
 
 /// A single-rank training stream over a 3-class fixture manifest, every class mapped, seed 0.
@@ -714,8 +921,11 @@ fn b01_truncated_shard_yields_complete_samples_then_a_shard_error() {
     let set: BTreeSet<_> = b.keys.iter().cloned().collect();
     assert_eq!(set.len(), 2, "{:?}", b.keys); // 000000 + 000001 (+ one of them again from epoch 1)
     assert!(b.keys.iter().all(|k| k == "000000" || k == "000001"));
-    assert_eq!(c.epoch, 1);
-    assert!(s.stats().shard_errors >= 2);
+    assert_eq!(
+        c.position, 3,
+        "one epoch: the 3 samples the manifest promises"
+    );
+    assert!(s.stats().lost_to_shard_errors >= 1);
 }
 
 #[test]
@@ -1042,15 +1252,19 @@ fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
     let bad = good[..good.len() * 6 / 10].to_vec();
     assert!(decode_rgb(&good, &DecodeOptions::new(1 << 20)).is_ok());
     assert!(decode_rgb(&bad, &DecodeOptions::new(1 << 20)).is_err());
-    // 7 samples, s3 undecodable.
-    let mut b = tar::Builder::new(Vec::new());
-    for i in 0..7 {
-        let data = if i == 3 { &bad } else { &good };
-        devise::data::webdataset::append_member(&mut b, &format!("s{i}.jpg"), data).unwrap();
-        devise::data::webdataset::append_member(&mut b, &format!("s{i}.cls"), b"0").unwrap();
-    }
-    let bytes = b.into_inner().unwrap();
-    let (dir, m) = one_shard(&bytes, 7, 1);
+    // Two shards of 7 samples, one per rank's partition; s3 undecodable.
+    let shard = |prefix: &str, bad_at: Option<usize>| {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..7 {
+            let data = if Some(i) == bad_at { &bad } else { &good };
+            let key = format!("{prefix}{i}");
+            devise::data::webdataset::append_member(&mut b, &format!("{key}.jpg"), data).unwrap();
+            devise::data::webdataset::append_member(&mut b, &format!("{key}.cls"), b"0").unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let dir = two_shards(&shard("s", Some(3)), &shard("t", None), 7);
+    let m = read_manifest(dir.path().to_str().unwrap()).unwrap();
     let cfg = config(dir.path(), 16);
     let start =
         |rank, cursor| TrainStream::start(&cfg, &m, vec![Some(0)], 2, 9, cursor, rank, 2).unwrap();
@@ -1078,15 +1292,16 @@ fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
 
 /// Field case B27: 145 samples in 10 uneven shards (9 x 15 + 1 x 10), 3 ranks, 16 images per
 /// rank. Naive per-rank shard assignment gives the ranks 4/3/3 steps and hangs the collective
-/// (SCENARIO.json). Here every rank walks the same slot order and keeps `j % 3 == rank` of each
-/// global batch of 48, so: every rank yields a batch at every step (same count by
-/// construction), the ranks' batches are disjoint and together are exactly the 1-rank stream's
-/// batch of 48 (the order does not depend on the world size), every slot of epoch 0 is used
-/// exactly once, and none is left over (the 4th global batch takes epoch 0's last slot and
-/// continues into epoch 1).
+/// (SCENARIO.json). Here 3 partitions own 55/45/45 samples, each contributes 45 to every epoch
+/// (an epoch is 135 positions; 10 samples of the largest partition are left out of each epoch,
+/// different ones each epoch), and rank `r` takes the positions `i % 3 == r` of each global
+/// batch of 48, so: every rank yields a batch at every step (same count by construction,
+/// without reading another rank's shards), the ranks' batches are disjoint and together are
+/// exactly the 1-rank stream's batch of 48 (the order does not depend on the world size), and
+/// every position of epoch 0 holds a different sample.
 #[test]
 #[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]
-fn b27_uneven_shards_every_rank_same_steps_same_global_batches_nothing_left_over() {
+fn b27_uneven_shards_every_rank_same_steps_same_global_batches_leftover_bounded() {
     let shared = shared_dir();
     let dir = shared.join("field-cases/B27_uneven_shards");
     let scenario: serde_json::Value =
@@ -1098,6 +1313,7 @@ fn b27_uneven_shards_every_rank_same_steps_same_global_batches_nothing_left_over
         let name = format!("shard-{i:06}.tar");
         let bytes = std::fs::read(dir.join(&name)).unwrap();
         let mut samples = 0;
+        let mut shard_counts = vec![0u64; 16];
         let mut archive = tar::Archive::new(&bytes[..]);
         for entry in archive.entries().unwrap() {
             let mut entry = entry.unwrap();
@@ -1109,7 +1325,9 @@ fn b27_uneven_shards_every_rank_same_steps_same_global_batches_nothing_left_over
             {
                 let mut text = String::new();
                 std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
-                counts[text.trim().parse::<usize>().unwrap()] += 1;
+                let class = text.trim().parse::<usize>().unwrap();
+                counts[class] += 1;
+                shard_counts[class] += 1;
                 samples += 1;
             }
         }
@@ -1118,6 +1336,7 @@ fn b27_uneven_shards_every_rank_same_steps_same_global_batches_nothing_left_over
             samples,
             bytes: bytes.len() as u64,
             sha256: hex::encode(Sha256::digest(&bytes)),
+            class_counts: shard_counts,
         });
     }
     let sizes: Vec<u64> = shards.iter().map(|s| s.samples).collect();
@@ -1125,6 +1344,9 @@ fn b27_uneven_shards_every_rank_same_steps_same_global_batches_nothing_left_over
     assert_eq!(sizes, expected_sizes);
     let n_classes = counts.iter().rposition(|&c| c > 0).unwrap() + 1;
     counts.truncate(n_classes);
+    for shard in &mut shards {
+        shard.class_counts.truncate(n_classes);
+    }
     let split = SplitInfo {
         samples: sizes.iter().sum(),
         shards,
@@ -1136,69 +1358,66 @@ fn b27_uneven_shards_every_rank_same_steps_same_global_batches_nothing_left_over
         classes: (0..n_classes).map(|i| format!("c{i:04}")).collect(),
         splits: BTreeMap::from([("train".into(), split)]),
     };
-    let cfg = config(&dir, 16);
+    let mut cfg = config(&dir, 16);
+    cfg.partitions = Some(3); // the default on 3 ranks; the 1-rank stream must use the same
     let labels: Vec<Option<i64>> = (0..n_classes as i64).map(Some).collect();
+    let layout = layout_of(&m, &labels, 3);
+    assert_eq!(
+        (
+            layout.epoch_units,
+            layout.epoch_positions(),
+            layout.leftover
+        ),
+        (45, 135, 10)
+    );
     let (world, per_rank) = (3usize, 16usize);
-    let mut ranks: Vec<TrainStream> = (0..world)
-        .map(|r| {
-            TrainStream::start(
-                &cfg,
-                &m,
-                labels.clone(),
-                per_rank,
-                5,
-                Cursor::default(),
-                r,
-                world,
-            )
-            .unwrap()
-        })
-        .collect();
-    let mut single = TrainStream::start(
-        &cfg,
-        &m,
-        labels,
-        per_rank * world,
-        5,
-        Cursor::default(),
-        0,
-        1,
-    )
-    .unwrap();
-    let mut epoch0 = BTreeMap::<u64, usize>::new();
+    let start = |batch, rank, world| {
+        TrainStream::start(
+            &cfg,
+            &m,
+            labels.clone(),
+            batch,
+            5,
+            Cursor::default(),
+            rank,
+            world,
+        )
+        .unwrap()
+    };
+    let mut ranks: Vec<TrainStream> = (0..world).map(|r| start(per_rank, r, world)).collect();
+    let mut single = start(per_rank * world, 0, 1);
+    let mut epoch0 = BTreeMap::<u64, String>::new();
     for step in 0..4 {
         let (global, global_cursor) = single.next_batch().unwrap();
-        let mut union = BTreeSet::new();
-        for stream in ranks.iter_mut() {
+        let mut union = BTreeMap::new();
+        for (r, stream) in ranks.iter_mut().enumerate() {
             let (b, cursor) = stream.next_batch().unwrap();
             assert_eq!(b.n, per_rank, "step {step}: every rank gets a full batch");
             assert_eq!(
                 cursor, global_cursor,
                 "step {step}: the ranks agree on the cursor"
             );
-            for slot in &b.slots {
+            for (p, k) in b.positions.iter().zip(&b.keys) {
+                assert_eq!(*p as usize % world, r, "rank {r} takes its own positions");
                 assert!(
-                    union.insert((slot.epoch, slot.position)),
+                    union.insert(*p, k.clone()).is_none(),
                     "step {step}: ranks overlap"
                 );
             }
         }
-        let expected: BTreeSet<(u64, u64)> =
-            global.slots.iter().map(|c| (c.epoch, c.position)).collect();
+        let expected: BTreeMap<u64, String> = global
+            .positions
+            .iter()
+            .copied()
+            .zip(global.keys.iter().cloned())
+            .collect();
         assert_eq!(
             union, expected,
-            "step {step}: 3 x 16 = the 1-rank batch of 48"
+            "step {step}: 3 x 16 = the 1-rank batch of 48, sample for sample"
         );
-        for (e, p) in expected {
-            if e == 0 {
-                *epoch0.entry(p).or_default() += 1;
-            }
-        }
+        epoch0.extend(expected.into_iter().filter(|(p, _)| *p < 135));
     }
-    assert_eq!(
-        epoch0.len(),
-        145,
-        "every slot of epoch 0 is used (none left over)"
-    );
-    assert!(epoch0.values().all(|&n| n == 1), "no slot of epoch 0 twice");
+    assert_eq!(epoch0.len(), 135, "every position of epoch 0 is used");
+    let distinct: BTreeSet<&String> = epoch0.values().collect();
+    assert_eq!(distinct.len(), 135, "no sample twice in epoch 0");
 }

@@ -435,6 +435,40 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
     // A later stage may change: more fine-tuning after the checkpoint is fine.
     try_run(&["train.finetune.epochs=0.05"]).unwrap();
 
+    // A checkpoint whose data cursor is the earlier unpartitioned stream's `{epoch, position}`
+    // (rewritten here, with its checksum) is refused, naming train.init_from for its weights.
+    let store = devise::storage::Store::open(dir.path().to_str().unwrap()).unwrap();
+    let last = *devise::checkpoint::list_steps(&store)
+        .unwrap()
+        .last()
+        .unwrap();
+    let ck = dir
+        .path()
+        .join("checkpoints")
+        .join(devise::checkpoint::step_dir_name(last));
+    let read_json = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(ck.join(name)).unwrap()).unwrap()
+    };
+    let mut state = read_json("train_state.json");
+    state["cursor"] = serde_json::json!({"epoch": 0, "position": 80});
+    let bytes = serde_json::to_vec(&state).unwrap();
+    std::fs::write(ck.join("train_state.json"), &bytes).unwrap();
+    let mut manifest = read_json("manifest.json");
+    manifest["files"]["train_state.json"] = serde_json::json!({
+        "bytes": bytes.len(),
+        "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+    });
+    std::fs::write(
+        ck.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let err = try_run(&["train.finetune.epochs=0.05"]).unwrap_err();
+    assert!(
+        err.contains("every rank") && err.contains("train.init_from"),
+        "{err}"
+    );
+
     // Every checkpoint broken: refuse to start over silently.
     for step in devise::checkpoint::list_steps(
         &devise::storage::Store::open(dir.path().to_str().unwrap()).unwrap(),

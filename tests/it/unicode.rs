@@ -1015,6 +1015,7 @@ fn index_and_read_back(
                     samples: n,
                     bytes: tar_bytes,
                     sha256: tar_sha256,
+                    class_counts: class_counts.clone(),
                 }],
                 class_counts,
             },

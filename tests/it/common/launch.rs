@@ -29,7 +29,8 @@ pub fn write_config(dir: &Path, name: &str, softmax_epochs: f64, extra: &str) ->
     let run = dir.join(name);
     let toml = config_toml(&shapes().shards, &run)
         .replace("threads = 2", "threads = 1")
-        .replace("decode_threads = 2", "decode_threads = 1")
+        // Partitions that 1, 2 and 4 ranks share, so runs on each see the same global batches.
+        .replace("decode_threads = 2", "decode_threads = 1\npartitions = 4")
         .replace("widths = [8, 16]", "widths = [8, 16]\nnorm = \"group\"")
         .replace(
             "log_every_steps = 1",

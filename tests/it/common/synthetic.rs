@@ -54,13 +54,15 @@ pub fn shapes() -> &'static Shapes {
             &BuildOptions {
                 splits: vec!["train".into(), "val".into()],
                 classes: None,
-                shard_size_bytes: 1 << 20,
+                // About 20 training shards: enough for 4 data partitions of several shards.
+                shard_size_bytes: 1 << 17,
                 seed: 0,
                 progress: false,
             },
         )
         .unwrap();
         assert_eq!(m.classes.len(), 25);
+        assert!(m.splits["train"].shards.len() >= 16);
         assert_eq!(m.splits["train"].samples, 25 * 75);
         assert_eq!(m.splits["val"].samples, 25 * 10);
         let vectors = dir.path().join("vectors.txt");
