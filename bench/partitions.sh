@@ -37,7 +37,8 @@
 #           shards via scripts/prepare-tiny-imagenet.sh; s3s-fs into .deps/s3s; the Python venv
 #           of bench/venv.sh plus webdataset 1.0.2 and boto3 1.44.18 (idempotent). The shards
 #           reach the server by being copied into its storage directory.
-# Time:     builds aside, ~N s per W per design per round on 2 cores (see the report).
+# Time:     on 2 cores, per W (1, 2, 4): ours and previous 17-28 s each, the peer 70-100 s;
+#           one round of everything ~6 min, plus ~5 min the first time to build PREVIOUS.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

@@ -262,9 +262,17 @@ def table(path):
         ours = [rs for (d, _), rs in designs.items() if d == "ours"]
         peer_ = [rs for (d, _), rs in designs.items() if d == "peer"]
         if ours and peer_:
-            pc = lambda rs: sum(r["bytes"] for r in rs) / sum(r["cpu_seconds"] for r in rs)
-            ratio = statistics.median(pc(o) for o in ours) / statistics.median(pc(p) for p in peer_)
-            print(f"\nMB/s per core, ours / peer: {ratio:.2f}x")
+            ratio = lambda f: statistics.median(f(o) for o in ours) / statistics.median(
+                f(p) for p in peer_
+            )
+            per_cpu = lambda key: lambda rs: sum(r[key] for r in rs) / sum(
+                r["cpu_seconds"] for r in rs
+            )
+            print(
+                f"\nours / peer: MB/s per core {ratio(per_cpu('bytes')):.2f}x, "
+                f"images per CPU second {ratio(per_cpu('samples')):.2f}x "
+                "(bytes count what was downloaded, used or not)"
+            )
 
 
 if __name__ == "__main__":
