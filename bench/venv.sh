@@ -9,14 +9,15 @@
 #           each exports the exact (versioned) symbols the torch libraries import, and aborts with a
 #           message if ever called. CPU-only torch, gloo included, works. torchvision==0.26.0 (the
 #           release for torch 2.11) is installed with --no-deps too, so pip cannot replace torch.
-# Command:  bash bench/venv.sh      (the bench scripts call it)
+# Command:  bash bench/venv.sh      (the bench scripts call it; BENCH_VENV=<path> puts the venv
+#           elsewhere than .deps/bench-venv)
 # Time:     ~1 min and ~1 GB of downloads the first time (torch), ~10 s more for torchvision;
 #           instant afterwards. The venv is ~1.5 GB; nothing is cached.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 log() { printf '[bench-venv] %s\n' "$*" >&2; }
-venv="$root/.deps/bench-venv"
+venv=${BENCH_VENV:-"$root/.deps/bench-venv"}
 if [ ! -f "$venv/.complete" ]; then
   log "creating $venv (torch 2.11.0 from PyPI, CUDA libraries stubbed)"
   rm -rf "$venv"

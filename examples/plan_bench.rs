@@ -1,0 +1,141 @@
+//! One rank's view of the training stream: streams the train split of a shard directory (any URL
+//! the trainer accepts: path, s3://, ...) as rank `--rank` of `--world-size` through
+//! [`devise::data::TrainStream`], the trainer's own reader, for `--epochs-fraction` epochs of
+//! global batches (default 1.25, so the run crosses one epoch boundary), and prints one JSON line:
+//! `rank`, `world_size`, `per_rank_batch_size`, `partitions` (null when not given), `steps`,
+//! `samples` (delivered to this rank), `seconds` (from `TrainStream::start` to the last batch),
+//! `time_to_first_batch_s`, `median_batch_wait_s`, `max_batch_wait_s`,
+//! `longest_epoch_boundary_wait_s`, `cpu_seconds` (user + system of the whole process, getrusage)
+//! and `images_per_sec`.
+//!
+//! A batch's wait is the time `next_batch` took (nothing else happens between batches). Step `s`
+//! covers the global sample range `[s*G, (s+1)*G)`, `G = per_rank_batch_size * world_size`; it is
+//! an epoch-boundary step when that range comes within `G` samples of a multiple of the split's
+//! sample count, and `longest_epoch_boundary_wait_s` is the longest wait among those steps.
+//!
+//! Settings: image size 56, augmentation on (RandomResizedCrop scale 0.35..1 + flip, as
+//! configs/tiny-imagenet.toml), `decode_threads = 1` (one core per rank), every manifest class
+//! labelled. The `[data]` table is built as TOML and deserialised like a run config; `partitions`
+//! is put in only when `--partitions` is given. Bytes are not counted here: bench/partitions.sh
+//! puts a counting proxy in front of each rank.
+//!
+//! Run by bench/partitions.sh (which starts the S3 server and the proxies); by hand:
+//! `cargo run --release --example plan_bench -- s3://bucket/shards --rank 0 --world-size 2`.
+use anyhow::{Context, Result};
+use clap::Parser;
+use devise::data::shards::read_manifest;
+use devise::data::{Config, Cursor, TrainStream};
+use std::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    /// Shard directory URL (holding manifest.json).
+    url: String,
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    /// Samples per rank per step; default 256 / world size (global batch 256).
+    #[arg(long)]
+    per_rank_batch_size: Option<usize>,
+    /// Epochs of global batches to stream (rounded up to whole steps).
+    #[arg(long, default_value_t = 1.25)]
+    epochs_fraction: f64,
+    /// `data.partitions`; left out of the config when not given.
+    #[arg(long)]
+    partitions: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let w = args.world_size;
+    let per_rank = args.per_rank_batch_size.unwrap_or(256 / w);
+    let global = (per_rank * w) as u64;
+
+    let mut table = toml::Table::new();
+    table.insert("shards".into(), args.url.clone().into());
+    table.insert("image_size".into(), 56.into());
+    table.insert("augment".into(), true.into());
+    table.insert("min_crop_scale".into(), 0.35.into());
+    table.insert("decode_threads".into(), 1.into());
+    if let Some(p) = args.partitions {
+        table.insert("partitions".into(), (p as i64).into());
+    }
+    let cfg: Config = toml::Value::Table(table)
+        .try_into()
+        .context("building the [data] config")?;
+    cfg.validate()?;
+
+    let manifest = read_manifest(&args.url)?;
+    let epoch = manifest.split(&cfg.train_split)?.samples;
+    let steps = (args.epochs_fraction * epoch as f64 / global as f64).ceil() as u64;
+    let label_map = (0..manifest.classes.len() as i64).map(Some).collect();
+
+    let t0 = Instant::now();
+    let mut stream = TrainStream::start(
+        &cfg,
+        &manifest,
+        label_map,
+        per_rank,
+        args.seed,
+        Cursor::default(),
+        args.rank,
+        w,
+    )?;
+    let (mut waits, mut boundary_wait, mut samples) = (Vec::new(), 0f64, 0u64);
+    for step in 0..steps {
+        let t = Instant::now();
+        let (batch, _cursor) = stream.next_batch()?;
+        let wait = t.elapsed().as_secs_f64();
+        samples += batch.n as u64;
+        waits.push(wait);
+        if near_epoch_boundary(step, global, epoch) {
+            boundary_wait = boundary_wait.max(wait);
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let first = waits.first().copied().unwrap_or(f64::NAN);
+    let max = waits.iter().copied().fold(0f64, f64::max);
+    waits.sort_by(f64::total_cmp);
+    let median = waits.get(waits.len() / 2).copied().unwrap_or(f64::NAN);
+    println!(
+        "{}",
+        serde_json::json!({
+            "rank": args.rank,
+            "world_size": w,
+            "per_rank_batch_size": per_rank,
+            "partitions": args.partitions,
+            "steps": steps,
+            "samples": samples,
+            "seconds": seconds,
+            "time_to_first_batch_s": first,
+            "median_batch_wait_s": median,
+            "max_batch_wait_s": max,
+            "longest_epoch_boundary_wait_s": boundary_wait,
+            "cpu_seconds": cpu_seconds(),
+            "images_per_sec": samples as f64 / seconds,
+        })
+    );
+    Ok(())
+}
+
+/// Whether `[step*g, (step+1)*g)` comes within `g` samples of a positive multiple of `epoch`.
+fn near_epoch_boundary(step: u64, g: u64, epoch: u64) -> bool {
+    let (lo, hi) = ((step * g).saturating_sub(g), (step + 2) * g);
+    // the first positive multiple of `epoch` at or above `lo`
+    let k = (lo.div_ceil(epoch)).max(1) * epoch;
+    k <= hi
+}
+
+/// User + system CPU seconds of this process (all threads), getrusage(RUSAGE_SELF).
+fn cpu_seconds() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value; getrusage only writes into it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable rusage.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    assert_eq!(rc, 0, "getrusage(RUSAGE_SELF)");
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
