@@ -95,6 +95,18 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; log "port $1 never opened"; exit 1; }
 mkdir -p "$store/bench"
 cp -r "$shards" "$store/bench/shards"
+# The previous design's manifest reader rejects per-shard class counts (a newer field): it reads
+# the same tars (hard links) under a manifest without them.
+cp -al "$store/bench/shards" "$store/bench/shards-previous"
+rm "$store/bench/shards-previous/manifest.json"
+python3 - "$shards/manifest.json" >"$store/bench/shards-previous/manifest.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+for split in m["splits"].values():
+    for shard in split["shards"]:
+        shard.pop("class_counts", None)
+print(json.dumps(m))
+PY
 port=$(free_port)
 .deps/s3s/bin/s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key bench-secret "$store" >/dev/null 2>&1 &
 pids+=($!)
@@ -125,7 +137,7 @@ for round in $(seq "$rounds"); do
         args=("$url" --rank "$r" --world-size "$w" --epochs-fraction "$fraction")
         case $design in
           ours) cmd=("$work/ours" "${args[@]}" ${PARTITIONS:+--partitions "$PARTITIONS"}) ;;
-          previous) cmd=("$work/previous" "${args[@]}") ;;
+          previous) cmd=("$work/previous" "s3://bench/shards-previous" "${args[@]:1}") ;;
           peer) cmd=("$py" -W ignore bench/partitions_helper.py peer "${args[@]}") ;;
         esac
         AWS_ENDPOINT="http://127.0.0.1:$(cat "$run/port-$r")" "${cmd[@]}" >"$run/rank-$r.json" &
