@@ -1,13 +1,13 @@
 //! Scope: the partitioned training stream over object storage, measured on the wire. The
 //! synthetic shapes (`common::synthetic`) are built into the local S3 server (`common::s3`) in
-//! about 160 small train shards, and 4 ranks (`devise-launch --nproc-per-node 4`) train 2 epochs
+//! about 160 small train shards, and 4 ranks (`devise-launch --nproc-per-node 4`) train 3 epochs
 //! of the softmax stage from them with `[data] partitions = 4` (P = 4: each virtual partition
 //! owns whole shards, rank r streams the partitions p with p % 4 == r), reading through a
 //! counting proxy (`common::proxy`) that attributes every response byte to the rank named in the
 //! request's User-Agent (`devise/<version> rank/<R>`). Checked:
 //! - the train shards' GET bytes per epoch, all ranks together, are at most 1.05 x the split's
 //!   bytes (the manifest's shard sizes): each shard is downloaded by one rank, not by every
-//!   rank; the 5% cover what the ranks read ahead when the run stops at the end of epoch 1;
+//!   rank; the 5% cover what the ranks read ahead when the run stops at the end of epoch 2;
 //! - each rank's share of those bytes is within 10% of 1/4;
 //! - the batches of epoch 1 are not those of epoch 0 (the sample trace's `keys`: the samples that
 //!   share a global batch change from one epoch to the next).
@@ -24,9 +24,10 @@ use std::process::Command;
 /// Ranks and virtual partitions of the run.
 const RANKS: u64 = 4;
 const PARTITIONS: u64 = 4;
-/// 1500 seen training images / 20 per step: 75 steps per epoch, the run ends on an epoch's end.
+/// 1500 seen training images / 20 per step: 75 steps per epoch, the run ends on an epoch's end
+/// (3 epochs: what the ranks read ahead when it stops is spread over 3).
 const GLOBAL_BATCH: u64 = 20;
-const EPOCHS: u64 = 2;
+const EPOCHS: u64 = 3;
 
 /// `write_config`'s run (GroupNorm, sample trace) reading `shards` in `PARTITIONS` partitions:
 /// `EPOCHS` epochs of the softmax stage and nothing else, `GLOBAL_BATCH` images per step.
