@@ -172,10 +172,8 @@ fn four_ranks_in_four_partitions_download_each_train_shard_once_per_epoch() {
         }
     }
 
-    // The trace: which samples shared a global batch. A sample's first use is epoch 0, its
-    // second epoch 1; a step is of epoch e when all its samples are at their e-th use.
-    let run = run_dir(&config);
-    match keys_per_step(&run) {
+    // The trace: which samples shared a global batch.
+    match keys_per_step(&run_dir(&config)) {
         Err(e) => failures.push(e),
         Ok(steps) => {
             let steps_per_epoch = 1500 / GLOBAL_BATCH;
@@ -184,47 +182,98 @@ fn four_ranks_in_four_partitions_download_each_train_shard_once_per_epoch() {
                 (1..=EPOCHS * steps_per_epoch).collect::<Vec<_>>(),
                 "every step traced"
             );
-            let mut uses: BTreeMap<&String, usize> = BTreeMap::new();
-            let mut batches: [BTreeSet<Vec<&String>>; 2] = Default::default();
             for keys in steps.values() {
                 assert_eq!(keys.len() as u64, GLOBAL_BATCH, "a full global batch");
-                let epochs: BTreeSet<usize> = keys
-                    .iter()
-                    .map(|k| {
-                        let n = uses.entry(k).or_default();
-                        *n += 1;
-                        *n - 1
-                    })
-                    .collect();
-                if let [e] = epochs.into_iter().collect::<Vec<_>>()[..] {
-                    if e < 2 {
-                        batches[e].insert(keys.iter().collect());
-                    }
-                }
             }
-            let [first, second] = &batches;
-            eprintln!(
-                "global batches wholly in epoch 0: {}, in epoch 1: {}",
-                first.len(),
-                second.len()
-            );
-            let min = steps_per_epoch as usize / 2;
-            if first.len() < min || second.len() < min {
-                failures.push(format!(
-                    "only {} and {} global batches lie wholly in epoch 0 and 1 (want {min} each)",
-                    first.len(),
-                    second.len()
-                ));
-            }
-            let again = second.intersection(first).count();
-            if again * 10 > second.len() {
-                failures.push(format!(
-                    "{again} of epoch 1's {} global batches hold the same samples as one of \
-                     epoch 0 (the composition must change between epochs)",
-                    second.len()
-                ));
-            }
+            failures.extend(composition_changes(&steps, steps_per_epoch as usize / 2).err());
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Whether the samples that share a global batch change from epoch 0 to epoch 1 (at most 10% of
+/// epoch 1's batches are batches of epoch 0), with at least `min` batches wholly inside each
+/// epoch. A sample's first use is in epoch 0, its second in epoch 1; a step belongs to epoch e
+/// when all its samples are at their e-th use.
+fn composition_changes(steps: &BTreeMap<u64, BTreeSet<String>>, min: usize) -> Result<(), String> {
+    let mut uses: BTreeMap<&String, usize> = BTreeMap::new();
+    let mut batches: [BTreeSet<Vec<&String>>; 2] = Default::default();
+    for keys in steps.values() {
+        let epochs: BTreeSet<usize> = keys
+            .iter()
+            .map(|k| {
+                let n = uses.entry(k).or_default();
+                *n += 1;
+                *n - 1
+            })
+            .collect();
+        if let [e] = epochs.into_iter().collect::<Vec<_>>()[..] {
+            if e < 2 {
+                batches[e].insert(keys.iter().collect());
+            }
+        }
+    }
+    let [first, second] = &batches;
+    eprintln!(
+        "global batches wholly in epoch 0: {}, in epoch 1: {}",
+        first.len(),
+        second.len()
+    );
+    if first.len() < min || second.len() < min {
+        return Err(format!(
+            "only {} and {} global batches lie wholly in epoch 0 and 1 (want {min} each)",
+            first.len(),
+            second.len()
+        ));
+    }
+    let again = second.intersection(first).count();
+    if again * 10 > second.len() {
+        return Err(format!(
+            "{again} of epoch 1's {} global batches hold the same samples as one of epoch 0 \
+             (the composition must change between epochs)",
+            second.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The check above on made-up traces: batches re-used in another order fail it, batches
+/// re-drawn pass it, and so does a batch straddling the epochs.
+#[test]
+fn the_composition_check_tells_reshuffled_batches_from_reordered_ones() {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let samples: Vec<String> = (0..100).map(|i| format!("s{i:03}")).collect();
+    let batches_of = |order: &[String]| -> Vec<BTreeSet<String>> {
+        order
+            .chunks(10)
+            .map(|c| c.iter().cloned().collect())
+            .collect()
+    };
+    let steps = |epochs: Vec<Vec<BTreeSet<String>>>| -> BTreeMap<u64, BTreeSet<String>> {
+        (1..).zip(epochs.into_iter().flatten()).collect()
+    };
+    let mut order = samples.clone();
+    order.shuffle(&mut rng);
+    let epoch0 = batches_of(&order);
+    // Same batches, other order.
+    let mut reordered = epoch0.clone();
+    reordered.shuffle(&mut rng);
+    let e = composition_changes(&steps(vec![epoch0.clone(), reordered]), 5).unwrap_err();
+    assert!(e.contains("10 of epoch 1's 10"), "{e}");
+    // Re-drawn.
+    let mut again = samples.clone();
+    again.shuffle(&mut rng);
+    composition_changes(&steps(vec![epoch0.clone(), batches_of(&again)]), 5).unwrap();
+    // 15-sample batches, one straddling the epochs: the others still count.
+    let both: Vec<String> = order.iter().chain(&again).cloned().collect();
+    let straddling = both
+        .chunks(15)
+        .map(|c| c.iter().cloned().collect())
+        .collect::<Vec<_>>();
+    composition_changes(&steps(vec![straddling]), 5).unwrap();
+    // Too few whole batches to tell.
+    let e = composition_changes(&steps(vec![epoch0]), 5).unwrap_err();
+    assert!(e.contains("10 and 0"), "{e}");
 }
