@@ -14,6 +14,12 @@
 //! exponential backoff (`object_store`'s retry policy: throttling such as 503 SlowDown and 429,
 //! server errors and cut connections; up to 10 retries within 3 minutes).
 //!
+//! S3 requests carry the HTTP `User-Agent` `devise/<version>`, plus ` rank/<R>` when the
+//! environment variable `RANK` is an integer (`devise-launch` sets it for each worker, as
+//! torchrun and most SLURM setups do): `devise/0.1.0 rank/3`. S3 server access logs record it,
+//! so they attribute every GET to the rank that made it. A user agent set with
+//! `AWS_USER_AGENT` is kept, first: `my-site devise/0.1.0 rank/3`.
+//!
 //! Some S3-compatible gateways and proxies answer GETs with chunked transfer encoding and no
 //! `Content-Length`, which `object_store` rejects. An S3 store whose endpoint does that is
 //! noticed on its first GET and from then on reads objects through presigned URLs, streamed, with
@@ -58,6 +64,7 @@ fn cloud_backend(url: &Url) -> Result<(Arc<dyn ObjectStore>, ObjectPath, Option<
             let builder = object_store::aws::AmazonS3Builder::from_env()
                 .with_url(url.as_str())
                 .with_retry(retry.clone());
+            let builder = with_user_agent(builder, std::env::var("RANK").ok().as_deref());
             let s3 = Arc::new(builder.clone().build()?);
             presigned = Presigned::new(s3.clone(), &builder, url, retry);
             s3
@@ -84,6 +91,35 @@ fn cloud_backend(url: &Url) -> Result<(Arc<dyn ObjectStore>, ObjectPath, Option<
         other => bail!("unsupported storage scheme {other:?}"),
     };
     Ok((backend, path, presigned))
+}
+
+/// `builder` with the HTTP `User-Agent` of the module docs: [`user_agent`] of the one it read
+/// from the environment (`AWS_USER_AGENT`, if any) and of `rank` (the `RANK` variable). Only that
+/// client option is set; every other one `from_env` read stays.
+fn with_user_agent(
+    builder: object_store::aws::AmazonS3Builder,
+    rank: Option<&str>,
+) -> object_store::aws::AmazonS3Builder {
+    use object_store::aws::AmazonS3ConfigKey;
+    use object_store::ClientConfigKey;
+    let key = AmazonS3ConfigKey::Client(ClientConfigKey::UserAgent);
+    let agent = user_agent(builder.get_config_value(&key).as_deref(), rank);
+    builder.with_config(key, agent)
+}
+
+/// `devise/<version>`, plus ` rank/<R>` when `rank` (the `RANK` variable) is an integer, after
+/// `from_env` (a user agent the environment already set, kept first).
+fn user_agent(from_env: Option<&str>, rank: Option<&str>) -> String {
+    let mut agent = String::new();
+    if let Some(first) = from_env.map(str::trim).filter(|a| !a.is_empty()) {
+        agent.push_str(first);
+        agent.push(' ');
+    }
+    agent.push_str(concat!("devise/", env!("CARGO_PKG_VERSION")));
+    if let Some(rank) = rank.and_then(|r| r.trim().parse::<u64>().ok()) {
+        agent.push_str(&format!(" rank/{rank}"));
+    }
+    agent
 }
 
 /// The process-wide tokio runtime that every blocking [`Store`] call runs on (2 worker threads,
@@ -505,6 +541,58 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn s3_requests_name_devise_and_the_rank() {
+        let v = env!("CARGO_PKG_VERSION");
+        assert_eq!(user_agent(None, None), format!("devise/{v}"));
+        assert_eq!(user_agent(None, Some("3")), format!("devise/{v} rank/3"));
+        assert_eq!(
+            user_agent(Some(""), Some(" 12 ")),
+            format!("devise/{v} rank/12")
+        );
+        for not_a_rank in ["", "x", "-1", "1.5"] {
+            assert_eq!(user_agent(None, Some(not_a_rank)), format!("devise/{v}"));
+        }
+        assert_eq!(
+            user_agent(Some("site/2"), Some("0")),
+            format!("site/2 devise/{v} rank/0")
+        );
+        // On the builder: only the user agent changes, the other client options stay.
+        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+        use object_store::ClientConfigKey;
+        let builder = AmazonS3Builder::new()
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp),
+                "true",
+            )
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ProxyUrl),
+                "http://proxy:3128",
+            );
+        let builder = with_user_agent(builder, Some("5"));
+        let get = |k| builder.get_config_value(&AmazonS3ConfigKey::Client(k));
+        assert_eq!(
+            get(ClientConfigKey::UserAgent),
+            Some(format!("devise/{v} rank/5"))
+        );
+        assert_eq!(get(ClientConfigKey::AllowHttp).as_deref(), Some("true"));
+        assert_eq!(
+            get(ClientConfigKey::ProxyUrl).as_deref(),
+            Some("http://proxy:3128")
+        );
+        let twice = with_user_agent(
+            AmazonS3Builder::new().with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::UserAgent),
+                "site/2",
+            ),
+            None,
+        );
+        assert_eq!(
+            twice.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::UserAgent)),
+            Some(format!("site/2 devise/{v}"))
+        );
     }
 
     #[test]

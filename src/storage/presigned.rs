@@ -6,7 +6,8 @@
 //! such an endpoint notices that error on its first GET and from then on reads objects here
 //! instead: a URL presigned by `object_store`'s [`Signer`] (SigV4 query authentication, the
 //! same credentials chain), fetched with the HTTP client `object_store` itself builds from the
-//! same `AWS_*` client options (timeouts, proxy, TLS roots, `AWS_ALLOW_HTTP`), the body streamed
+//! same `AWS_*` client options (timeouts, proxy, TLS roots, `AWS_ALLOW_HTTP`) and the store's
+//! user agent (`devise/<version> rank/<R>`, see the storage module docs), the body streamed
 //! as it arrives. Failures are retried as `object_store` retries a GET (`RetryConfig`): 5xx,
 //! 429 and 408 answers, connection errors and timeouts, with the same exponential backoff and
 //! jitter, at most `max_retries` retries within `retry_timeout`; a body cut mid-way is
@@ -35,7 +36,7 @@ use object_store::client::{
 };
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
-use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ClientOptions, RetryConfig};
 use rand::Rng;
 use url::Url;
 
@@ -88,9 +89,17 @@ impl Presigned {
             .get_config_value(&AmazonS3ConfigKey::Endpoint)
             .unwrap_or_default();
         let id = format!("{}|{endpoint}", &url[..url::Position::BeforePath]);
+        // The user agent the store's own requests send (`devise/<version> rank/<R>`, see the
+        // storage module docs), so that presigned GETs are attributed like the others.
+        let mut options = client_options_from_env();
+        if let Some(agent) =
+            builder.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::UserAgent))
+        {
+            options = options.with_config(ClientConfigKey::UserAgent, agent);
+        }
         Some(Presigned {
             s3,
-            options: client_options_from_env(),
+            options,
             http: Arc::new(OnceLock::new()),
             retry,
             id,

@@ -11,6 +11,7 @@ mod hierarchy;
 mod image;
 mod label_vectors;
 mod layers;
+mod partitions;
 mod predict;
 mod report;
 mod resume;

@@ -4,7 +4,8 @@
 //!   cached-feature stage) and resumed each time gives the uninterrupted run's per-step losses
 //!   and final weights, bit for bit;
 //! - a 2-rank checkpoint resumed on 1 rank and on 4 ranks: every step trains on exactly the
-//!   samples of the uninterrupted run (no repeat, no skip), losses within float tolerance;
+//!   samples of the uninterrupted run (no repeat, no skip), losses within float tolerance; from
+//!   shards on this disk, and from shards in the local S3 server read in 4 partitions;
 //! - the whole group SIGKILLed in the middle of checkpoint writes (10 times per store, at four
 //!   different points of the write) always leaves a loadable checkpoint no older than the last
 //!   one, and the run then completes with the uninterrupted run's weights;
@@ -23,7 +24,8 @@ use crate::common::launch::{
     write_config,
 };
 use crate::common::ports;
-use crate::common::s3::{s3_env, start_server, S3Server};
+use crate::common::s3::{build_small_shards, s3_env, start_server, S3Server};
+use crate::common::synthetic::shapes;
 use crate::common::tiny;
 use devise::storage::Store;
 use std::collections::BTreeSet;
@@ -232,30 +234,67 @@ fn copy_dir(from: &Path, to: &Path) {
     assert!(status.success());
 }
 
-#[test]
-fn a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_with_exact_sample_accounting() {
+/// Where the runs of [`exact_resume_on_one_and_on_four_ranks`] read their shards: the
+/// synthetic shapes on this disk, or a URL in the local S3 server (its port for the workers'
+/// environment), with extra `[data]` keys.
+struct ShardsAt<'a> {
+    url: Option<&'a str>,
+    s3_port: Option<u16>,
+    data_keys: &'a str,
+}
+
+const LOCAL_SHARDS: ShardsAt<'static> = ShardsAt {
+    url: None,
+    s3_port: None,
+    data_keys: "",
+};
+
+/// `write_config`'s run over 0.1 epochs of softmax (10 steps), reading `shards`.
+fn config_reading(dir: &Path, name: &str, shards: &ShardsAt) -> PathBuf {
+    let config = write_config(dir, name, 0.1, "");
+    let local = format!("shards = \"{}\"", shapes().shards.display());
+    let url = shards
+        .url
+        .map_or(local.clone(), |u| format!("shards = \"{u}\""));
+    let toml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&local, &url)
+        .replace("[data]\n", &format!("[data]\n{}", shards.data_keys));
+    assert!(toml.contains(&url) && toml.contains(shards.data_keys));
+    std::fs::write(&config, toml).unwrap();
+    config
+}
+
+/// A 2-rank run stopped after step 7, resumed on 1 rank and on 4: per step, exactly the samples
+/// of the uninterrupted 2-rank run.
+fn exact_resume_on_one_and_on_four_ranks(shards: &ShardsAt) {
     let dir = tempfile::tempdir().unwrap();
-    let reference = reference(dir.path(), 0.1, "");
+    let reference = config_reading(dir.path(), "reference", shards);
+    let out = output(launch_cmd(2, &[], &reference, &[]), shards.s3_port);
+    assert!(out.status.success(), "{}", text(&out));
+    let reference = run_dir(&reference);
     let want = trace(&reference, 2);
     let total = *want.keys().last().unwrap();
 
-    let to1 = write_config(dir.path(), "to1", 0.1, "");
-    let to4 = write_config(dir.path(), "to4", 0.1, "");
+    let to1 = config_reading(dir.path(), "to1", shards);
+    let to4 = config_reading(dir.path(), "to4", shards);
     // 2 ranks, stopped after step 7 (odd: between checkpoints, inside the softmax stage).
-    let out = output(launch_cmd(2, &[], &to1, &["--stop-after-step", "7"]), None);
+    let out = output(
+        launch_cmd(2, &[], &to1, &["--stop-after-step", "7"]),
+        shards.s3_port,
+    );
     assert_eq!(out.status.code(), Some(75), "{}", text(&out));
     std::fs::remove_dir_all(run_dir(&to4)).ok();
     copy_dir(&run_dir(&to1), &run_dir(&to4));
 
     // The same checkpoint resumed by 1 process (no launcher) and by 4.
-    let out = Command::new(devise())
-        .args(["train", "--config", to1.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let mut one = Command::new(devise());
+    one.args(["train", "--config", to1.to_str().unwrap()]);
+    let out = output(one, shards.s3_port);
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("step-000000007"), "{log}");
-    let out = output(launch_cmd(4, &[], &to4, &[]), None);
+    let out = output(launch_cmd(4, &[], &to4, &[]), shards.s3_port);
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("step-000000007"), "{log}");
@@ -286,6 +325,28 @@ fn a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_with_exact_sample_acco
             &format!("resumed on {world_after} rank(s)"),
         );
     }
+}
+
+#[test]
+fn a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_with_exact_sample_accounting() {
+    exact_resume_on_one_and_on_four_ranks(&LOCAL_SHARDS);
+}
+
+/// The same from shards in the local S3 server, about 160 small train shards read in P = 4
+/// virtual partitions (`[data] partitions = 4`): 1, 2 and 4 ranks all divide P, so every step's
+/// global batch is the same on each.
+#[test]
+fn a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_from_s3_shards_in_four_partitions() {
+    let Some(server) = start_server("devise") else {
+        return;
+    };
+    let manifest = build_small_shards(&server, "shards", 160);
+    assert!(manifest.splits["train"].shards.len() >= 80);
+    exact_resume_on_one_and_on_four_ranks(&ShardsAt {
+        url: Some("s3://devise/shards"),
+        s3_port: Some(server.port),
+        data_keys: "partitions = 4\n",
+    });
 }
 
 const CHECKPOINT_FILES: [&str; 6] = [

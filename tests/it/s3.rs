@@ -290,6 +290,8 @@ struct ChunkingState {
     chunked: AtomicU64,
     /// `Range` and `If-Match` headers of the presigned GETs ("" when absent).
     requests: Mutex<Vec<(String, String)>>,
+    /// `User-Agent` headers of the presigned GETs ("" when absent).
+    agents: Mutex<Vec<String>>,
 }
 
 /// A loopback HTTP/1.1 proxy (hyper, on its own tokio runtime) in front of the S3 server: it
@@ -367,6 +369,7 @@ async fn chunking_forward(
         };
         let headers = (header("range"), header("if-match"));
         state.requests.lock().unwrap().push(headers);
+        state.agents.lock().unwrap().push(header("user-agent"));
         let throttle = state
             .throttle
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
@@ -510,6 +513,13 @@ fn chunked_answers_without_content_length_are_read_through_presigned_urls() {
         resumed(&proxy.state),
         1,
         "the cut body resumed at its offset, guarded by its ETag"
+    );
+    // Presigned GETs name devise as the store's own requests do (` rank/R` only under `RANK`).
+    let agent = format!("devise/{}", env!("CARGO_PKG_VERSION"));
+    let agents = proxy.state.agents.lock().unwrap().clone();
+    assert!(
+        !agents.is_empty() && agents.iter().all(|a| a.starts_with(&agent)),
+        "User-Agent of the presigned GETs: {agents:?}"
     );
 
     // Training streams the shards and keeps its run (checkpoints included) behind the proxy:

@@ -8,6 +8,7 @@
 //!   processes, and what their run directories hold.
 //! - [`ports`]: TCP ports for servers in child processes, reserved without a bind-drop race.
 //! - [`s3`]: a local S3 server (`s3s-fs`).
+//! - [`proxy`]: a proxy in front of it that counts the bytes each rank downloads.
 //!
 //! Tests that read `../shared` (the project's real ImageNet data, which users do not have)
 //! carry `#[cfg_attr(devise_no_shared, ignore = "needs ../shared (real ImageNet data)")]`:
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 
 pub mod launch;
 pub mod ports;
+pub mod proxy;
 pub mod s3;
 pub mod synthetic;
 pub mod tiny;

@@ -86,3 +86,37 @@ pub fn s3_env(mut cmd: Command, port: u16) -> Command {
         .env("AWS_ALLOW_HTTP", "true");
     cmd
 }
+
+/// The synthetic shapes ([`super::synthetic::shapes`]) built by `devise data build-shards` into
+/// `s3://devise/<prefix>` of `server` in small shards, about `train_shards` of them in the train
+/// split (the shard size is the split's bytes at 1 MiB shards over `train_shards`); returns the
+/// manifest, read from the server's folder.
+pub fn build_small_shards(
+    server: &S3Server,
+    prefix: &str,
+    train_shards: u64,
+) -> devise::data::shards::Manifest {
+    let data = super::synthetic::shapes();
+    let read = |dir: &std::path::Path| -> devise::data::shards::Manifest {
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let train_bytes: u64 = read(&data.shards).splits["train"]
+        .shards
+        .iter()
+        .map(|s| s.bytes)
+        .sum();
+    let shard_size = (train_bytes / train_shards).to_string();
+    let out = s3_env(Command::new(env!("CARGO_BIN_EXE_devise")), server.port)
+        .args(["data", "build-shards", "--src", data.tree.to_str().unwrap()])
+        .args(["--dst", &format!("s3://devise/{prefix}")])
+        .args(["--shard-size-bytes", &shard_size])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    read(&server.root.path().join("devise").join(prefix))
+}
