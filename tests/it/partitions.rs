@@ -29,7 +29,7 @@ const PARTITIONS: u64 = 4;
 const GLOBAL_BATCH: u64 = 20;
 const EPOCHS: u64 = 3;
 
-/// `write_config`'s run (GroupNorm, sample trace) reading `shards` in `PARTITIONS` partitions:
+/// `write_config`'s run (GroupNorm, sample trace, `PARTITIONS` partitions) reading `shards`:
 /// `EPOCHS` epochs of the softmax stage and nothing else, `GLOBAL_BATCH` images per step.
 fn partitioned_config(dir: &Path, shards: &str) -> std::path::PathBuf {
     let config = write_config(dir, "partitioned", EPOCHS as f64, "");
@@ -39,7 +39,6 @@ fn partitioned_config(dir: &Path, shards: &str) -> std::path::PathBuf {
             &format!("shards = \"{}\"", shapes().shards.display()),
             &format!("shards = \"{shards}\""),
         )
-        .replace("[data]\n", &format!("[data]\npartitions = {PARTITIONS}\n"))
         .replace(
             "global_batch_size = 16",
             &format!("global_batch_size = {GLOBAL_BATCH}"),

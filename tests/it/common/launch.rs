@@ -29,8 +29,9 @@ pub fn write_config(dir: &Path, name: &str, softmax_epochs: f64, extra: &str) ->
     let run = dir.join(name);
     let toml = config_toml(&shapes().shards, &run)
         .replace("threads = 2", "threads = 1")
+        .replace("decode_threads = 2", "decode_threads = 1")
         // Partitions that 1, 2 and 4 ranks share, so runs on each see the same global batches.
-        .replace("decode_threads = 2", "decode_threads = 1\npartitions = 4")
+        .replace("[data]\n", "[data]\npartitions = 4\n")
         .replace("widths = [8, 16]", "widths = [8, 16]\nnorm = \"group\"")
         .replace(
             "log_every_steps = 1",
@@ -46,8 +47,8 @@ pub fn write_config(dir: &Path, name: &str, softmax_epochs: f64, extra: &str) ->
             "lr = 0.05 }, cache_features = true }\nfinetune",
         );
     assert!(
-        toml.contains("cache_features = true"),
-        "the devise override applied"
+        toml.contains("cache_features = true") && toml.contains("partitions = 4"),
+        "the overrides applied"
     );
     // The paper's first-violation hinge: its random label order is drawn per sample of the
     // global batch, so it too must not depend on the world size.
