@@ -11,8 +11,8 @@
 //! A batch's wait is the time `next_batch` took (nothing else happens between batches). Step `s`
 //! covers the global sample range `[s*G, (s+1)*G)`, `G = per_rank_batch_size * world_size`; it is
 //! an epoch-boundary step when that range comes within `G` samples of the interval
-//! `[k * split - split / 100, k * split]` for some `k >= 1` (the partitioned stream's epoch may
-//! leave up to 1 % of the split out, so its boundary can come a little before the split's
+//! `[k * split - split / 20, k * split]` for some `k >= 1` (the partitioned stream's epoch may
+//! leave a few % of the split out, so its boundary can come a little before the split's
 //! sample count), and `longest_epoch_boundary_wait_s` is the longest wait among those steps.
 //!
 //! Settings: image size 56, augmentation on (RandomResizedCrop scale 0.35..1 + flip, as
@@ -123,13 +123,13 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Whether `[step*g, (step+1)*g)` comes within `g` samples of `[k*epoch - epoch/100, k*epoch]`
+/// Whether `[step*g, (step+1)*g)` comes within `g` samples of `[k*epoch - epoch/20, k*epoch]`
 /// for some `k >= 1`.
 fn near_epoch_boundary(step: u64, g: u64, epoch: u64) -> bool {
     let (lo, hi) = ((step * g).saturating_sub(g), (step + 2) * g);
     // the first positive multiple of `epoch` at or above `lo`
     let k = (lo.div_ceil(epoch)).max(1) * epoch;
-    k - epoch / 100 <= hi
+    k - epoch / 20 <= hi
 }
 
 /// User + system CPU seconds of this process (all threads), getrusage(RUSAGE_SELF).

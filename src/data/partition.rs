@@ -90,7 +90,7 @@ impl Layout {
 
 /// Each epoch may leave out at most this fraction of the samples for the default partition
 /// count to be preferred to a smaller one.
-const DEFAULT_MAX_LEFTOVER: f64 = 0.01;
+const DEFAULT_MAX_LEFTOVER: f64 = 0.02;
 
 /// The number of partitions of a run on `world_size` ranks (see [`Layout`] for `shards` and
 /// `units`).
@@ -98,7 +98,7 @@ const DEFAULT_MAX_LEFTOVER: f64 = 0.01;
 /// `configured` (`data.partitions`) must be a multiple of `world_size` and at most the number
 /// of shards holding samples to train on. `None` picks among `world_size * 2^k`, at most
 /// `max(64, world_size)` and at most that number of shards, the largest whose epochs leave out
-/// at most 1 % of the samples, else the one that leaves out the fewest.
+/// at most 2 % of the samples, else the one that leaves out the fewest.
 ///
 /// Errors name the value, the world size and the shard count.
 pub fn choose_partitions(

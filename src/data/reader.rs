@@ -20,7 +20,7 @@
 //! count. In epoch `e`, partition `p` visits its shards in an order drawn by ChaCha8 from
 //! `mix(seed, SHARDS, p, e)` until it has `U` units (a larger partition's last visit takes part
 //! of a shard and may skip the rest: its **leftover**, different samples every epoch; the total
-//! is logged at start, and the default `P` keeps it under 1 % where it can); each shard through
+//! is logged at start, and the default `P` keeps it under 2 % where it can); each shard through
 //! a shuffle buffer seeded from `mix(seed, SAMPLES, e, shard)` that starts small and grows by one
 //! sample per output up to `data.shuffle_buffer` (so no partition reads a whole buffer before its
 //! first sample). Its `q`-th unit (counting across epochs) is unit `q mod U` of epoch `q / U`.
