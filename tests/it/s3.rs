@@ -308,31 +308,10 @@ type ProxyBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Err
 
 impl ChunkingProxy {
     fn start(upstream: u16) -> ChunkingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let state = Arc::new(ChunkingState::default());
         state.cut_after.store(u64::MAX, Ordering::SeqCst);
-        let shared = state.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                while let Ok((client, _)) = listener.accept().await {
-                    let state = shared.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |request| {
-                            chunking_forward(state.clone(), upstream, request)
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(client), service)
-                            .await;
-                    });
-                }
-            });
+        let port = crate::common::proxy::serve(state.clone(), move |state, request| {
+            chunking_forward(state, upstream, request)
         });
         ChunkingProxy { port, state }
     }

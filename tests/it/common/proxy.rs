@@ -31,33 +31,49 @@ pub struct CountingProxy {
 
 type ProxyBody = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
 
+/// Serves HTTP/1.1 on a free port of 127.0.0.1 from a thread (and runtime) of its own, every
+/// request answered by `handle(state, request)`; returns the port. The proxies of the tests are
+/// built on it.
+pub fn serve<S, H, F, B>(state: S, handle: H) -> u16
+where
+    S: Clone + Send + 'static,
+    H: Fn(S, hyper::Request<hyper::body::Incoming>) -> F + Copy + Send + 'static,
+    F: std::future::Future<Output = Result<hyper::Response<B>, std::io::Error>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((client, _)) = listener.accept().await {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |request| handle(state.clone(), request));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(client), service)
+                        .await;
+                });
+            }
+        });
+    });
+    port
+}
+
 impl CountingProxy {
     /// Listens on a free port of 127.0.0.1 and forwards to `127.0.0.1:upstream`.
     pub fn start(upstream: u16) -> CountingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let counts: Arc<Mutex<BTreeMap<Key, Arc<Tally>>>> = Arc::default();
-        let shared = counts.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                while let Ok((client, _)) = listener.accept().await {
-                    let counts = shared.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |request| {
-                            forward(counts.clone(), upstream, request)
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(client), service)
-                            .await;
-                    });
-                }
-            });
+        let port = serve(counts.clone(), move |counts, request| {
+            forward(counts, upstream, request)
         });
         CountingProxy { port, counts }
     }
