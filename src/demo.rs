@@ -57,6 +57,21 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
         );
     }
     let shards_url = shards.to_string_lossy().to_string();
+    // Shards built by an older devise lack the per-shard class counts the training stream plans
+    // from: they are rebuilt from the rendered images (in place; the images stay).
+    if shards.join("manifest.json").exists()
+        && !crate::data::read_manifest(&shards_url)?
+            .splits
+            .values()
+            .all(|s| s.shards.iter().all(|k| !k.class_counts.is_empty()))
+    {
+        tracing::warn!(
+            "{}: rebuilding the demo's shards (their manifest has no per-shard class counts)",
+            shards.display()
+        );
+        std::fs::remove_file(shards.join("manifest.json"))
+            .with_context(|| format!("removing {}/manifest.json", shards.display()))?;
+    }
     if !shards.join("manifest.json").exists() {
         let opts = BuildOptions {
             splits: vec!["train".into(), "val".into()],
@@ -70,6 +85,7 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
     if stop.load(std::sync::atomic::Ordering::SeqCst) {
         anyhow::bail!("interrupted before training started");
     }
+    set_aside_unresumable_run(&out.join("run"))?;
     let mut all = vec![
         format!("run.dir={}", quote(&out.join("run").to_string_lossy())),
         format!("data.shards={}", quote(&shards_url)),
@@ -99,6 +115,39 @@ pub fn run(out: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Ou
         local_world_size: 1,
     };
     train(&plan, &opts, &SingleProcess)
+}
+
+/// A demo run directory whose latest checkpoint cannot be resumed by this devise (its data
+/// cursor is the earlier unpartitioned stream's) is renamed to `run.before-partitions[-N]`, kept
+/// as it was, so the demo starts a new run instead of failing.
+pub fn set_aside_unresumable_run(run: &Path) -> Result<()> {
+    if !run.join("checkpoints").is_dir() {
+        return Ok(());
+    }
+    let store = crate::storage::Store::open(&run.to_string_lossy())?;
+    let Some(&last) = crate::checkpoint::list_steps(&store)?.last() else {
+        return Ok(());
+    };
+    let Ok(loaded) = crate::checkpoint::load(&store, last) else {
+        return Ok(()); // training's own resume logic reports or skips a broken checkpoint
+    };
+    if !loaded.cursor_of_unpartitioned_stream {
+        return Ok(());
+    }
+    let mut aside = run.with_extension("before-partitions");
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = run.with_extension(format!("before-partitions-{n}"));
+    }
+    std::fs::rename(run, &aside)
+        .with_context(|| format!("renaming {} to {}", run.display(), aside.display()))?;
+    tracing::warn!(
+        "{} was written by an earlier devise whose checkpoints this one cannot resume; kept as {}, starting a new demo run",
+        run.display(),
+        aside.display()
+    );
+    Ok(())
 }
 
 /// GloVe 6B 50d as `scripts/setup.sh` installs it: `.deps/vectors/` under the current directory

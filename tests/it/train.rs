@@ -468,6 +468,25 @@ fn resume_refuses_a_changed_plan_and_a_run_dir_without_intact_checkpoints() {
         err.contains("every rank") && err.contains("train.init_from"),
         "{err}"
     );
+    // `devise demo` sets such a run directory aside, unchanged, and starts a new one.
+    let demo_run = dir.path().join("demo/run");
+    std::fs::create_dir_all(&demo_run).unwrap();
+    std::fs::create_dir_all(demo_run.join("checkpoints")).unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&ck)
+        .arg(demo_run.join("checkpoints"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    devise::demo::set_aside_unresumable_run(&demo_run).unwrap();
+    assert!(!demo_run.exists());
+    assert!(dir
+        .path()
+        .join("demo/run.before-partitions/checkpoints")
+        .join(devise::checkpoint::step_dir_name(last))
+        .join("train_state.json")
+        .is_file());
 
     // Every checkpoint broken: refuse to start over silently.
     for step in devise::checkpoint::list_steps(
