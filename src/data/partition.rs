@@ -295,7 +295,7 @@ impl PartitionStream {
                     stats.lost_to_shard_errors += 1;
                     Unit::Hole
                 }
-                Some(entry) => match self.plan.classify(entry, &url, Some(stats))? {
+                Some(entry) => match self.plan.classify(entry, &url, stats)? {
                     Some((data, label)) => Unit::Sample(Candidate {
                         data,
                         shard: url,

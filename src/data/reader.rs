@@ -251,10 +251,8 @@ impl Plan {
         &self,
         entry: Entry,
         shard: &Arc<str>,
-        stats: Option<&mut DataStats>,
+        stats: &mut DataStats,
     ) -> Result<Option<(Arc<SampleData>, i64)>> {
-        let mut scratch = DataStats::default();
-        let stats = stats.unwrap_or(&mut scratch);
         let problem = match entry {
             Entry::Ok(data) => {
                 return match self.label_map[data.class] {
@@ -790,7 +788,7 @@ impl EvalBatches {
                 continue;
             };
             let i = self.accepted;
-            if let Some((data, label)) = self.plan.classify(entry, &shard, Some(&mut self.stats))? {
+            if let Some((data, label)) = self.plan.classify(entry, &shard, &mut self.stats)? {
                 self.accepted += 1;
                 if i % self.plan.world_size as u64 == self.plan.rank as u64 {
                     self.pending.push_back(Candidate {

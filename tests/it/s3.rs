@@ -367,13 +367,7 @@ async fn chunking_forward(
         }
     }
     let io_error = |e: hyper::Error| std::io::Error::other(e);
-    let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(server))
-            .await
-            .map_err(io_error)?;
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await.map_err(io_error)?;
+    let response = crate::common::proxy::send_upstream(upstream, request).await?;
     let (mut parts, body) = response.into_parts();
     if method == hyper::Method::HEAD {
         return Ok(hyper::Response::from_parts(

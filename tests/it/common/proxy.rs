@@ -102,6 +102,21 @@ pub fn rank_of(user_agent: &str) -> Option<u64> {
         .find_map(|token| token.strip_prefix("rank/")?.parse().ok())
 }
 
+/// Sends `request` to `127.0.0.1:upstream` on a fresh connection; its answer, body unread.
+pub async fn send_upstream(
+    upstream: u16,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<hyper::body::Incoming>, std::io::Error> {
+    let io_error = |e: hyper::Error| std::io::Error::other(e);
+    let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(server))
+            .await
+            .map_err(io_error)?;
+    tokio::spawn(connection);
+    sender.send_request(request).await.map_err(io_error)
+}
+
 /// One request: forwarded on a fresh upstream connection, its answer's body counted as it
 /// passes.
 async fn forward(
@@ -122,14 +137,7 @@ async fn forward(
     );
     let tally = counts.lock().unwrap().entry(key).or_default().clone();
     tally.requests.fetch_add(1, Ordering::SeqCst);
-    let io_error = |e: hyper::Error| std::io::Error::other(e);
-    let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(server))
-            .await
-            .map_err(io_error)?;
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await.map_err(io_error)?;
+    let response = send_upstream(upstream, request).await?;
     Ok(response.map(|body| {
         body.map_frame(move |frame| {
             if let Some(data) = frame.data_ref() {
