@@ -218,6 +218,9 @@ pub(super) struct PartitionStream {
     open: Option<OpenShard>,
     /// Shards after the open one, already streaming.
     prefetch: VecDeque<ShardFeed>,
+    /// The prefetch queue was topped up for the open shard (it is, once half of the shard's
+    /// visit was delivered: until then the open shard has the partition's bandwidth to itself).
+    prefetching: bool,
 }
 
 impl PartitionStream {
@@ -238,6 +241,7 @@ impl PartitionStream {
             skip: 0,
             open: None,
             prefetch: VecDeque::new(),
+            prefetching: false,
         };
         s.visits = s.epoch_visits(s.epoch);
         let mut u = q % epoch_units;
@@ -307,6 +311,9 @@ impl PartitionStream {
             };
             open.units += 1;
             self.delivered += 1;
+            if !self.prefetching && 2 * open.units >= self.visits[self.t].1 {
+                self.top_up_prefetch();
+            }
             return Ok((position, unit));
         }
     }
@@ -323,8 +330,10 @@ impl PartitionStream {
         next
     }
 
-    /// Opens the shard of visit `t` (from the prefetch queue when it is there), keeps the next
-    /// `prefetch_shards` streaming, and skips the units a resume starts after.
+    /// Opens the shard of visit `t` (from the prefetch queue when it is there) and skips the
+    /// units a resume starts after. The next `prefetch_shards` shards start streaming once half
+    /// of this visit was delivered ([`Self::top_up_prefetch`]), not now: at the start of a run
+    /// every partition opens its first shard at once, and the first batch needs only those.
     fn open_shard(&mut self) -> Result<()> {
         let k = self.visits[self.t].0;
         let feed = match self.prefetch.front() {
@@ -334,18 +343,7 @@ impl PartitionStream {
                 self.plan.open_feed(k)
             }
         };
-        let want = self.shards_after(self.t, self.plan.cfg.prefetch_shards);
-        if !self
-            .prefetch
-            .iter()
-            .map(|f| f.index)
-            .eq(want.iter().copied().take(self.prefetch.len()))
-        {
-            self.prefetch.clear();
-        }
-        for &k2 in &want[self.prefetch.len()..] {
-            self.prefetch.push_back(self.plan.open_feed(k2));
-        }
+        self.prefetching = false;
         let seed = mix(&[self.plan.seed, TAG_SAMPLES, self.epoch, k as u64]);
         self.open = Some(OpenShard {
             k,
@@ -368,6 +366,24 @@ impl PartitionStream {
             self.skip -= 1;
         }
         Ok(())
+    }
+
+    /// Keeps the `prefetch_shards` shards visited after the open one streaming (those already
+    /// queued stay when they are still the right ones).
+    fn top_up_prefetch(&mut self) {
+        let want = self.shards_after(self.t, self.plan.cfg.prefetch_shards);
+        if !self
+            .prefetch
+            .iter()
+            .map(|f| f.index)
+            .eq(want.iter().copied().take(self.prefetch.len()))
+        {
+            self.prefetch.clear();
+        }
+        for &k2 in &want[self.prefetch.len()..] {
+            self.prefetch.push_back(self.plan.open_feed(k2));
+        }
+        self.prefetching = true;
     }
 
     /// The open shard's next sample out of its shuffle buffer; `None` once the shard is
@@ -401,14 +417,20 @@ impl PartitionStream {
         Ok(Some(open.buffer.swap_remove(i)))
     }
 
-    /// Closes the open shard once its visit's units were delivered: reads the rest of it (so a
-    /// sha256 mismatch is seen) and, when the visit took the whole shard, warns about samples to
-    /// train on beyond the manifest's count.
+    /// Closes the open shard once its visit's units were delivered. When the visit took the whole
+    /// shard, reads the rest of it (so a sha256 mismatch is seen; normally only the tar's end is
+    /// left) and warns about samples to train on beyond the manifest's count. A visit that took
+    /// part of its shard (a partition's leftover at the end of an epoch) drops the feed instead:
+    /// the rest is not downloaded, and the shard's checksum is checked in the epochs that read
+    /// it whole.
     fn close_open(&mut self, stats: &mut DataStats) -> Result<()> {
         let Some(mut open) = self.open.take() else {
             return Ok(());
         };
         let whole = open.units == self.plan.units[open.k];
+        if !whole {
+            return Ok(());
+        }
         let mut extra = open.buffer.iter().filter(|e| self.plan.accepts(e)).count();
         if !open.done {
             while let Some(e) = open.feed.next()? {
@@ -421,7 +443,7 @@ impl PartitionStream {
                 stats.shard_errors += 1;
             }
         }
-        if whole && extra > 0 {
+        if extra > 0 {
             tracing::warn!(
                 shard = %open.feed.url,
                 "the shard holds {extra} training samples more than the manifest says; the extra ones are ignored"

@@ -19,7 +19,8 @@
 //! Every partition contributes the same `U` units to each epoch: the smallest partition's
 //! count. In epoch `e`, partition `p` visits its shards in an order drawn by ChaCha8 from
 //! `mix(seed, SHARDS, p, e)` until it has `U` units (a larger partition's last visit takes part
-//! of a shard and may skip the rest: its **leftover**, different samples every epoch; the total
+//! of a shard and skips the rest, which is not downloaded: its **leftover**, different samples
+//! every epoch; the total
 //! is logged at start, and the default `P` keeps it under 2 % where it can); each shard through
 //! a shuffle buffer seeded from `mix(seed, SAMPLES, e, shard)` that starts small and grows by one
 //! sample per output up to `data.shuffle_buffer` (so no partition reads a whole buffer before its
@@ -61,7 +62,9 @@
 //!
 //! Shard-level problems (truncation, malformed grouping: see [`crate::data::webdataset`]; sha256
 //! or size different from the manifest) are warned with the shard URL and counted once per visit
-//! in [`DataStats::shard_errors`]; the samples read before the problem are used. Shards are
+//! in [`DataStats::shard_errors`]; the samples read before the problem are used. A visit that
+//! takes part of a shard (the leftover above) does not read its end, so its checksum is checked
+//! only in the epochs that read it whole. Shards are
 //! streamed, so a sha256 mismatch is known only at the end of the shard, after its samples were
 //! used (`devise data verify` checks a shard directory beforehand). An I/O error reading a shard
 //! that `object_store`'s retries (which resume a cut download at its byte offset) could not cure
@@ -74,7 +77,9 @@
 //! (`prefetch_batches` deep); decoding + augmentation run on a rayon pool of `decode_threads`,
 //! order preserved. Each open shard is streamed by its own thread ([`crate::data::feed`]) into a
 //! channel of `shard_readahead` samples; each of the rank's `P / W` partitions streams its
-//! current shard and the next `prefetch_shards` ones. Encoded bytes held by the reader are
+//! current shard and, once half of that shard's visit was delivered, the next `prefetch_shards`
+//! ones (so at the start of a run, and of a resume, the first shards have the bandwidth to
+//! themselves; later shards start downloading half a shard before they are needed). Encoded bytes held by the reader are
 //! therefore bounded by about `P / W * (shuffle_buffer + (1 + prefetch_shards) *
 //! shard_readahead) + 2 * per_rank_batch_size` samples, never whole shards, and are reported as
 //! [`DataStats::buffered_bytes`] / [`DataStats::peak_buffered_bytes`]; the shard bytes the rank
@@ -294,22 +299,88 @@ fn decode_all(
     cands: &[Candidate],
     augment: bool,
 ) -> Vec<Result<Vec<f32>>> {
-    let s = cfg.image_size as usize;
     pool.install(|| {
         cands
             .par_iter()
-            .map(|c| {
-                let mut out = vec![0f32; 3 * s * s];
-                if augment {
-                    let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, TAG_AUGMENT, c.position]));
-                    decode_train(&c.data.image, cfg, &mut rng, &mut out)?;
-                } else {
-                    decode_eval(&c.data.image, cfg, &mut out)?;
-                }
-                Ok(out)
-            })
+            .map(|c| decode_one(cfg, seed, c, augment))
             .collect()
     })
+}
+
+/// One candidate's pixels, `[3, image_size, image_size]` (training transform seeded by its
+/// position when `augment`, else the eval transform).
+fn decode_one(cfg: &Config, seed: u64, c: &Candidate, augment: bool) -> Result<Vec<f32>> {
+    let s = cfg.image_size as usize;
+    let mut out = vec![0f32; 3 * s * s];
+    if augment {
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, TAG_AUGMENT, c.position]));
+        decode_train(&c.data.image, cfg, &mut rng, &mut out)?;
+    } else {
+        decode_eval(&c.data.image, cfg, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Candidates per decode task of [`read_and_decode`].
+const DECODE_CHUNK: usize = 16;
+
+/// The rank's next `b` units read from `walker` and their samples decoded on `pool`: each run of
+/// [`DECODE_CHUNK`] candidates is handed to the pool as soon as it is read, so decoding overlaps
+/// the reading (which waits on the network when shards start, at the start of a run and at
+/// shard boundaries).
+fn read_and_decode(
+    pool: &rayon::ThreadPool,
+    plan: &Plan,
+    walker: &mut RankWalker,
+    b: usize,
+    stats: &mut DataStats,
+) -> Result<ReadBatch> {
+    let (cfg, seed, augment) = (&plan.cfg, plan.seed, plan.cfg.augment);
+    let (tx, rx) = mpsc::channel();
+    let mut holes = 0;
+    pool.in_place_scope(|scope| -> Result<()> {
+        let mut chunk = Vec::with_capacity(DECODE_CHUNK);
+        for i in 0..b {
+            match walker.next(stats)? {
+                (_, Unit::Sample(c)) => chunk.push(c),
+                (_, Unit::Hole) => holes += 1,
+            }
+            if chunk.len() == DECODE_CHUNK || (i + 1 == b && !chunk.is_empty()) {
+                let cands = std::mem::replace(&mut chunk, Vec::with_capacity(DECODE_CHUNK));
+                let (tx, first) = (tx.clone(), i + 1 - cands.len());
+                scope.spawn(move |_| {
+                    let decoded = cands
+                        .iter()
+                        .map(|c| decode_one(cfg, seed, c, augment))
+                        .collect::<Vec<_>>();
+                    // The receiver outlives the scope.
+                    let _ = tx.send((first, cands, decoded));
+                });
+            }
+        }
+        Ok(())
+    })?;
+    drop(tx);
+    let mut parts: Vec<_> = rx.into_iter().collect();
+    parts.sort_by_key(|part| part.0);
+    let (mut cands, mut decoded) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    for (_, c, d) in parts {
+        cands.extend(c);
+        decoded.extend(d);
+    }
+    Ok(ReadBatch {
+        cands,
+        decoded,
+        holes,
+    })
+}
+
+/// What [`read_and_decode`] read: candidates in position order, their decode results in the
+/// same order, and the number of holes.
+struct ReadBatch {
+    cands: Vec<Candidate>,
+    decoded: Vec<Result<Vec<f32>>>,
+    holes: usize,
 }
 
 fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
@@ -635,15 +706,9 @@ fn produce(
     while !stop.load(Ordering::SeqCst) {
         let mut batch = Batch::with_capacity(b, s);
         // 1. This rank's part of the global batch: its `b` positions among the next `b * w`.
-        let mut mine = Vec::with_capacity(b);
-        for _ in 0..b {
-            if let (_, Unit::Sample(c)) = walker.next(&mut stats)? {
-                mine.push(c);
-            }
-        }
-        let mut missing = b - mine.len();
-        let decoded = decode_all(&pool, &plan.cfg, plan.seed, &mine, augment);
-        missing += accept_decoded(&mut batch, mine, decoded, &mut stats, strict)?;
+        let read = read_and_decode(&pool, &plan, &mut walker, b, &mut stats)?;
+        let mut missing = read.holes;
+        missing += accept_decoded(&mut batch, read.cands, read.decoded, &mut stats, strict)?;
         // 2. Top-ups for holes and undecodable images: this rank's positions after the global
         //    batch, read ahead without consuming them (see the module docs).
         let mut peeked = 0usize;
