@@ -33,7 +33,8 @@
 #           PREVIOUS=<commit>, PARTITIONS=<n> (passed to ours as --partitions),
 #           EPOCHS_FRACTION=1.25, BENCH_VENV=<venv path> are optional)
 # Builds:   the release devise binary and example plan_bench (honours CARGO_TARGET_DIR), the
-#           same example at PREVIOUS (default 9ede550) in a temporary worktree; Tiny ImageNet
+#           same example at PREVIOUS (default 9ede550) in a temporary worktree (kept under
+#           target/bench-previous/ for later runs); Tiny ImageNet
 #           shards via scripts/prepare-tiny-imagenet.sh; s3s-fs into .deps/s3s; the Python venv
 #           of bench/venv.sh plus webdataset 1.0.2 and boto3 1.44.18 (idempotent). The shards
 #           reach the server by being copied into its storage directory.
@@ -69,16 +70,22 @@ cp "$target/examples/plan_bench" "$work/ours"
 ours_commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples || echo "+dirty")
 
 if [[ " $designs " == *" previous "* ]]; then
-  # The example may not exist at PREVIOUS: this tree's copy is built against that commit's src/.
-  log "building examples/plan_bench.rs at $previous"
-  git worktree add --quiet --detach "$work/previous-tree" "$previous"
-  cp examples/plan_bench.rs "$work/previous-tree/examples/"
-  ln -s "$(readlink -f .deps)" "$work/previous-tree/.deps"
-  (cd "$work/previous-tree" && cargo build --quiet --release --example plan_bench)
-  cp "$target/examples/plan_bench" "$work/previous"
-  git worktree remove --force "$work/previous-tree"
-  # put this tree's example back in the shared target directory
-  cargo build --quiet --release --example plan_bench
+  # Kept between runs, keyed by the commit and the example's source.
+  cached="$CARGO_TARGET_DIR/bench-previous/$(git rev-parse --short "$previous")-$(sha256sum examples/plan_bench.rs | cut -c1-12)"
+  if [ ! -x "$cached/plan_bench" ]; then
+    # The example may not exist at PREVIOUS: this tree's copy is built against that commit's src/.
+    log "building examples/plan_bench.rs at $previous"
+    git worktree add --quiet --detach "$work/previous-tree" "$previous"
+    cp examples/plan_bench.rs "$work/previous-tree/examples/"
+    ln -s "$(readlink -f .deps)" "$work/previous-tree/.deps"
+    (cd "$work/previous-tree" && cargo build --quiet --release --example plan_bench)
+    mkdir -p "$cached"
+    cp "$target/examples/plan_bench" "$cached/plan_bench"
+    git worktree remove --force "$work/previous-tree"
+    # put this tree's example back in the shared target directory
+    cargo build --quiet --release --example plan_bench
+  fi
+  cp "$cached/plan_bench" "$work/previous"
 fi
 if [[ " $designs " == *" peer "* ]]; then
   export BENCH_VENV="${BENCH_VENV:-$root/.deps/bench-venv}"

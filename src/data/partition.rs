@@ -250,6 +250,11 @@ impl PartitionStream {
             s.t += 1;
         }
         s.skip = u;
+        // Start the first shard's download now: the walker reads its partitions one position at
+        // a time, so opening each one only when its first sample is needed would wait for one
+        // time-to-first-byte per partition in series at the start of a run.
+        let first = s.plan.open_feed(s.visits[s.t].0);
+        s.prefetch.push_back(first);
         s
     }
 
