@@ -34,12 +34,13 @@
 #           EPOCHS_FRACTION=1.25, BENCH_VENV=<venv path> are optional)
 # Builds:   the release devise binary and example plan_bench (honours CARGO_TARGET_DIR), the
 #           same example at PREVIOUS (default 9ede550) in a temporary worktree (kept under
-#           target/bench-previous/ for later runs); Tiny ImageNet
+#           target/bench-previous/ for later runs; this tree is rebuilt after it); Tiny ImageNet
 #           shards via scripts/prepare-tiny-imagenet.sh; s3s-fs into .deps/s3s; the Python venv
 #           of bench/venv.sh plus webdataset 1.0.2 and boto3 1.44.18 (idempotent). The shards
 #           reach the server by being copied into its storage directory.
 # Time:     on 2 cores, per W (1, 2, 4): ours and previous 17-28 s each, the peer 70-100 s;
-#           one round of everything ~6 min, plus ~5 min the first time to build PREVIOUS.
+#           one round of everything ~6 min, plus ~8 min the first time (PREVIOUS, then this tree
+#           again).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -54,7 +55,15 @@ export LIBTORCH="${LIBTORCH:-$root/.deps/libtorch}"
 [ -x .deps/s3s/bin/s3s-fs ] || cargo install --quiet --locked s3s-fs@0.14.1 --features binary --root .deps/s3s
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 target="$CARGO_TARGET_DIR/release"
+# Cargo names this crate's outputs by its path inside the workspace, so the build of PREVIOUS
+# below (a worktree sharing the target directory) replaces this tree's library, and cargo then
+# takes it for this tree's, fresh. After that build every source of this tree is touched and
+# rebuilt (~3 min); the marker makes a run interrupted in between do it at its next start.
+marker="$CARGO_TARGET_DIR/bench-previous/target-holds-previous"
+touch_sources() { find src examples csrc build.rs -type f -exec touch {} +; }
+[ -e "$marker" ] && touch_sources
 cargo build --quiet --release --bin devise --example plan_bench
+rm -f "$marker"
 shards=$(DEVISE_BIN="$target/devise" bash scripts/prepare-tiny-imagenet.sh 200 | tail -1)
 
 work=$(mktemp -d)
@@ -78,12 +87,15 @@ if [[ " $designs " == *" previous "* ]]; then
     git worktree add --quiet --detach "$work/previous-tree" "$previous"
     cp examples/plan_bench.rs "$work/previous-tree/examples/"
     ln -s "$(readlink -f .deps)" "$work/previous-tree/.deps"
-    (cd "$work/previous-tree" && cargo build --quiet --release --example plan_bench)
     mkdir -p "$cached"
+    touch "$marker"
+    (cd "$work/previous-tree" && cargo build --quiet --release --example plan_bench)
     cp "$target/examples/plan_bench" "$cached/plan_bench"
     git worktree remove --force "$work/previous-tree"
-    # put this tree's example back in the shared target directory
-    cargo build --quiet --release --example plan_bench
+    log "rebuilding this tree's library and binaries (the build of $previous replaced them)"
+    touch_sources
+    cargo build --quiet --release --bin devise --example plan_bench
+    rm -f "$marker"
   fi
   cp "$cached/plan_bench" "$work/previous"
 fi
