@@ -292,8 +292,11 @@ fn stream_shard(
     tx: &mpsc::SyncSender<Result<Item>>,
     stop: &AtomicBool,
 ) -> Result<()> {
+    tracing::debug!(shard = url, "shard feed: GET");
+    let inner = store.open_read(&info.name)?;
+    tracing::debug!(shard = url, "shard feed: opened (response headers in)");
     let mut hashing = Hashing {
-        inner: store.open_read(&info.name)?,
+        inner,
         sha: Sha256::new(),
         bytes: 0,
         memory,
@@ -308,6 +311,9 @@ fn stream_shard(
             }
             match item {
                 Ok(sample) => {
+                    if samples == 0 {
+                        tracing::debug!(shard = url, "shard feed: first sample");
+                    }
                     samples += 1;
                     let entry = Entry::classify(sample, n_classes, memory);
                     if tx.send(Ok(Item::Entry(entry))).is_err() {
@@ -347,6 +353,12 @@ fn stream_shard(
             problem = Some(msg);
         }
     }
+    tracing::debug!(
+        shard = url,
+        samples,
+        bytes = hashing.bytes,
+        "shard feed: end"
+    );
     let _ = tx.send(Ok(Item::End(problem)));
     Ok(())
 }

@@ -703,6 +703,7 @@ fn produce(
     );
     // Two whole epochs of this rank's partitions without a usable top-up: nothing usable is left.
     let max_peek = 2 * walker.epoch_units() as usize + b;
+    let mut first = true;
     while !stop.load(Ordering::SeqCst) {
         let mut batch = Batch::with_capacity(b, s);
         // 1. This rank's part of the global batch: its `b` positions among the next `b * w`.
@@ -737,6 +738,14 @@ fn produce(
         };
         (stats.buffered_bytes, stats.peak_buffered_bytes) = plan.memory.read();
         stats.shard_bytes = plan.memory.downloaded();
+        if first {
+            tracing::debug!(
+                rank = plan.rank,
+                shard_bytes = stats.shard_bytes,
+                "training stream: first batch ready"
+            );
+            first = false;
+        }
         if tx.send(Ok((batch, cursor, stats.clone()))).is_err() {
             break; // receiver dropped
         }

@@ -218,6 +218,10 @@ pub fn train(plan: &Plan, opts: &RunOptions, collective: &dyn Collective) -> Res
     // Rank 0 picks the checkpoint, every rank loads the one it names.
     let resumed = resume::resolve_resume(&run, &opts.resume, collective)?;
     let mut state = resume::start_state(plan, &mut model, resumed.as_ref())?;
+    // The stream starts as soon as its cursor is known: its first batches download and decode
+    // while the replicas are synchronised and the run's files opened.
+    let trace = trace::SampleTrace::open(&run, cfg.train.trace_samples, collective.rank())?;
+    let mut batches = Batches::start(plan, state.cursor, collective, device, trace)?;
     let bucket_bytes = cfg.dist.bucket_bytes();
     let mut replicas = Replicas::start(collective, &cfg.to_toml(), &model, bucket_bytes)?;
     let seen_labels = plan.seen_label_embedding().to(device); // [seen, embed_dim]
@@ -229,7 +233,6 @@ pub fn train(plan: &Plan, opts: &RunOptions, collective: &dyn Collective) -> Res
         &cfg.loss,
         cfg.run.seed,
     );
-    let trace = trace::SampleTrace::open(&run, cfg.train.trace_samples, collective.rank())?;
     let base_seconds = state.train_seconds; // earlier sessions of this run
     let mut metrics = Metrics::open(&run, state.step, collective.rank() == 0)?;
     let mut evals = metrics::read_evals(&run)?;
@@ -249,7 +252,6 @@ pub fn train(plan: &Plan, opts: &RunOptions, collective: &dyn Collective) -> Res
         metrics.record_eval(result, &mut evals)?;
     }
     announce(plan, opts, state.step);
-    let mut batches = Batches::start(plan, state.cursor, collective, device, trace)?;
     let mut optimizers = StageOptimizer::default();
     let mut non_finite =
         NonFinitePolicy::new(cfg.train.non_finite, cfg.train.max_consecutive_skips);
