@@ -21,6 +21,10 @@
 //! is put in only when `--partitions` is given. Bytes are not counted here: bench/partitions.sh
 //! puts a counting proxy in front of each rank.
 //!
+//! `RUST_LOG=devise::data=debug` logs the start-up's stages to stderr (each shard's GET,
+//! response headers, first sample and end; the first batch ready); the JSON line stays alone on
+//! stdout.
+//!
 //! Run by bench/partitions.sh (which starts the S3 server and the proxies); by hand:
 //! `cargo run --release --example plan_bench -- s3://bucket/shards --rank 0 --world-size 2`.
 use anyhow::{Context, Result};
@@ -51,6 +55,10 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let w = args.world_size;
     let per_rank = args.per_rank_batch_size.unwrap_or(256 / w);
@@ -75,6 +83,7 @@ fn main() -> Result<()> {
     let steps = (args.epochs_fraction * epoch as f64 / global as f64).ceil() as u64;
     let label_map = (0..manifest.classes.len() as i64).map(Some).collect();
 
+    tracing::debug!("plan_bench: starting the training stream");
     let t0 = Instant::now();
     let mut stream = TrainStream::start(
         &cfg,
@@ -91,6 +100,9 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let (batch, _cursor) = stream.next_batch()?;
         let wait = t.elapsed().as_secs_f64();
+        if step == 0 {
+            tracing::debug!("plan_bench: first batch received");
+        }
         samples += batch.n as u64;
         waits.push(wait);
         if near_epoch_boundary(step, global, epoch) {
