@@ -37,7 +37,7 @@
 #           target/bench-previous/ for later runs; this tree is rebuilt after it); Tiny ImageNet
 #           shards via scripts/prepare-tiny-imagenet.sh; s3s-fs into .deps/s3s; the Python venv
 #           of bench/venv.sh plus webdataset 1.0.2 and boto3 1.44.18 (idempotent). The shards
-#           reach the server by being copied into its storage directory.
+#           reach the server through its S3 API (PutObject), as they reach a real bucket.
 # Time:     on 2 cores, per W (1, 2, 4): ours and previous 17-28 s each, the peer 70-100 s;
 #           one round of everything ~6 min, plus ~8 min the first time (PREVIOUS, then this tree
 #           again).
@@ -99,26 +99,24 @@ if [[ " $designs " == *" previous "* ]]; then
   fi
   cp "$cached/plan_bench" "$work/previous"
 fi
+# The venv uploads the shards (boto3) and runs the peer.
+export BENCH_VENV="${BENCH_VENV:-$root/.deps/bench-venv}"
+bash bench/venv.sh
+py="$BENCH_VENV/bin/python"
+if ! "$py" -c 'import webdataset, boto3' 2>/dev/null; then
+  log "installing webdataset 1.0.2 and boto3 1.44.18 into $BENCH_VENV"
+  "$BENCH_VENV/bin/pip" install --quiet --no-cache-dir webdataset==1.0.2 boto3==1.44.18
+fi
 if [[ " $designs " == *" peer "* ]]; then
-  export BENCH_VENV="${BENCH_VENV:-$root/.deps/bench-venv}"
-  bash bench/venv.sh
-  py="$BENCH_VENV/bin/python"
-  if ! "$py" -c 'import webdataset, boto3' 2>/dev/null; then
-    log "installing webdataset 1.0.2 and boto3 1.44.18 into $BENCH_VENV"
-    "$BENCH_VENV/bin/pip" install --quiet --no-cache-dir webdataset==1.0.2 boto3==1.44.18
-  fi
   command -v curl >/dev/null || { log "the peer needs curl"; exit 1; }
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; log "port $1 never opened"; exit 1; }
-mkdir -p "$store/bench"
-cp -r "$shards" "$store/bench/shards"
+mkdir -p "$store"
 # The previous design's manifest reader rejects per-shard class counts (a newer field): it reads
-# the same tars (hard links) under a manifest without them.
-cp -al "$store/bench/shards" "$store/bench/shards-previous"
-rm "$store/bench/shards-previous/manifest.json"
-python3 - "$shards/manifest.json" >"$store/bench/shards-previous/manifest.json" <<'PY'
+# the same tars under a manifest without them.
+python3 - "$shards/manifest.json" >"$work/manifest-previous.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 for split in m["splits"].values():
@@ -132,6 +130,13 @@ pids+=($!)
 wait_port "$port"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1 \
   AWS_DEFAULT_REGION=us-east-1 AWS_ALLOW_HTTP=true
+# Shards reach the server through its S3 API, as they reach a real bucket (a file copied into
+# s3s-fs's directory instead has no stored checksum, and the server then hashes the whole
+# object at every GET before it answers).
+log "uploading the shards to the S3 server"
+AWS_ENDPOINT="http://127.0.0.1:$port" "$py" bench/partitions_helper.py upload "$shards" s3://bench/shards
+AWS_ENDPOINT="http://127.0.0.1:$port" "$py" bench/partitions_helper.py upload "$shards" \
+  s3://bench/shards-previous "$work/manifest-previous.json"
 
 mkdir -p bench/results
 out="bench/results/partitions-$(date -u +%Y-%m-%d).jsonl"

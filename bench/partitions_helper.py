@@ -22,6 +22,12 @@ peer URL --rank R --world-size W [--per-rank-batch-size B] [--epochs-fraction F]
     epoch-boundary steps are those within one batch of a multiple of the rank's own epoch
     (the samples of its shards), and cpu_seconds includes the finished curl children.
 
+upload DIR s3://BUCKET/PREFIX [MANIFEST]
+    Creates BUCKET if needed and uploads every file of DIR under PREFIX through the S3 API
+    (boto3 `put_object`, one request per file) to the server at $AWS_ENDPOINT: the way shards
+    reach a bucket in practice (`aws s3 cp`, devise's own writer). With MANIFEST, that file is
+    uploaded as PREFIX/manifest.json instead of DIR's.
+
 table ROWS.jsonl
     The Markdown tables of bench/partitions.sh from its JSON lines.
 """
@@ -228,6 +234,24 @@ def peer(argv):
     os._exit(0)  # do not wait for the curl of a shard left half-read
 
 
+def upload(argv):
+    import boto3
+
+    src, url = argv[0], argv[1]
+    manifest = argv[2] if len(argv) > 2 else None
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT"])
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.ClientError as e:
+        if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
+    for name in sorted(os.listdir(src)):
+        path = manifest if (manifest and name == "manifest.json") else os.path.join(src, name)
+        with open(path, "rb") as f:
+            s3.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=f.read())
+
+
 def table(path):
     rows = [json.loads(l) for l in open(path)]
     groups = collections.OrderedDict()
@@ -240,9 +264,10 @@ def table(path):
         print(
             "| design | bytes/rank (MB, each) | total MB | total / split | max rank share "
             "deviation from 1/W | MB/s per rank | MB/s per core | time to first batch (s) | "
-            "longest epoch-boundary wait (s) | median batch wait (s) |"
+            "longest epoch-boundary wait (s) | longest wait anywhere (s) | median batch wait (s) | "
+            "first batch / median | boundary / median |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for (design, rnd), rs in designs.items():
             rs.sort(key=lambda r: r["rank"])
             mb = [r["bytes"] / 1e6 for r in rs]
@@ -252,12 +277,14 @@ def table(path):
             rate = [r["bytes"] / 1e6 / r["seconds"] for r in rs]
             per_core = sum(r["bytes"] for r in rs) / 1e6 / sum(r["cpu_seconds"] for r in rs)
             fmt = lambda v: ", ".join(f"{x:.0f}" for x in v)
+            first = max(r["time_to_first_batch_s"] for r in rs)
+            boundary = max(r["longest_epoch_boundary_wait_s"] for r in rs)
+            median = statistics.median(r["median_batch_wait_s"] for r in rs)
             print(
                 f"| {design} | {fmt(mb)} | {total:.0f} | {total / split:.2f} | {dev:.3f} | "
-                f"{fmt(rate)} | {per_core:.1f} | "
-                f"{max(r['time_to_first_batch_s'] for r in rs):.2f} | "
-                f"{max(r['longest_epoch_boundary_wait_s'] for r in rs):.2f} | "
-                f"{statistics.median(r['median_batch_wait_s'] for r in rs):.3f} |"
+                f"{fmt(rate)} | {per_core:.1f} | {first:.3f} | {boundary:.3f} | "
+                f"{max(r['max_batch_wait_s'] for r in rs):.3f} | {median:.3f} | "
+                f"{first / median:.1f} | {boundary / median:.1f} |"
             )
         ours = [rs for (d, _), rs in designs.items() if d == "ours"]
         peer_ = [rs for (d, _), rs in designs.items() if d == "peer"]
@@ -281,6 +308,8 @@ if __name__ == "__main__":
         proxy(int(rest[0]), int(rest[1]), rest[2])
     elif cmd == "peer":
         peer(rest)
+    elif cmd == "upload":
+        upload(rest)
     elif cmd == "table":
         table(rest[0])
     else:

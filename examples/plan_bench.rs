@@ -52,6 +52,9 @@ struct Args {
     partitions: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Further `[data]` keys, `KEY=VALUE` (VALUE parsed as TOML), e.g. `--set shard_readahead=8`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -72,6 +75,15 @@ fn main() -> Result<()> {
     table.insert("decode_threads".into(), 1.into());
     if let Some(p) = args.partitions {
         table.insert("partitions".into(), (p as i64).into());
+    }
+    for kv in &args.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        let v: toml::Value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .with_context(|| format!("--set {kv:?}: the value is not TOML"))?["v"]
+            .clone();
+        table.insert(k.to_string(), v);
     }
     let cfg: Config = toml::Value::Table(table)
         .try_into()

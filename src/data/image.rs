@@ -116,8 +116,7 @@ pub fn decode_rgb(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage> {
 struct Jpeg<'a> {
     bytes: &'a [u8],
     info: JpegInfo,
-    /// The image crate's decoder, header parsed: the EXIF reader, and the full-size fallback.
-    fallback: JpegDecoder<Cursor<&'a [u8]>>,
+    max_pixels: u64,
     orientation: Orientation,
 }
 
@@ -132,13 +131,20 @@ impl<'a> Jpeg<'a> {
                 info.height
             );
         }
-        let mut fallback = JpegDecoder::new(Cursor::new(bytes)).context("JPEG header")?;
-        fallback.set_limits(limits_for(opts.max_pixels))?;
-        let orientation = orientation_under(opts, &mut fallback)?;
+        // The image crate's EXIF reader on the APP1 segment found by the scan, as its JPEG
+        // decoder reads it (which would parse the headers twice more to find it).
+        let orientation = match opts.exif_orientation {
+            ExifOrientation::Apply => info
+                .exif
+                .clone()
+                .and_then(|r| Orientation::from_exif_chunk(&bytes[r]))
+                .unwrap_or(Orientation::NoTransforms),
+            ExifOrientation::Ignore => Orientation::NoTransforms,
+        };
         Ok(Jpeg {
             bytes,
             info,
-            fallback,
+            max_pixels: opts.max_pixels,
             orientation,
         })
     }
@@ -167,8 +173,10 @@ impl<'a> Jpeg<'a> {
                 Err(e) => tracing::debug!("libjpeg-turbo: {e:#}; decoding with zune-jpeg"),
             }
         }
+        let mut fallback = JpegDecoder::new(Cursor::new(self.bytes)).context("JPEG header")?;
+        fallback.set_limits(limits_for(self.max_pixels))?;
         Ok(Decoded {
-            img: finish(self.fallback, self.orientation, "JPEG")?,
+            img: finish(fallback, self.orientation, "JPEG")?,
             factor: 1.0,
             offset: (0, 0),
         })
@@ -399,16 +407,20 @@ struct JpegInfo {
     components: u8,
     /// An end-of-image marker follows the first scan's data.
     has_eoi: bool,
+    /// Byte range of the EXIF data (the TIFF structure after `Exif\0\0`) of the last EXIF APP1
+    /// segment before the first scan, if any.
+    exif: Option<std::ops::Range<usize>>,
 }
 
 /// Walks the JPEG marker segments up to the first start-of-scan: the frame header gives the
-/// dimensions; then looks for the end-of-image marker (`FF D9`). Inside entropy-coded data a
+/// dimensions, an APP1 `Exif` segment the EXIF data; then looks for the end-of-image marker (`FF D9`). Inside entropy-coded data a
 /// `FF` byte is always followed by `00` or a restart marker, so `FF D9` after the scan start is
 /// the real end of image (ITU T.81, B.1.1.5).
 fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
     let truncated = || anyhow!("truncated JPEG: ends inside its headers");
     let mut i = 2; // after SOI
     let mut dims: Option<(u32, u32, u8)> = None;
+    let mut exif = None;
     loop {
         if i >= b.len() {
             return Err(truncated());
@@ -434,6 +446,9 @@ fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
             bail!("corrupt JPEG: segment length {len} at byte {i}");
         }
         let seg = b.get(i + 2..i + len).ok_or_else(truncated)?;
+        if marker == 0xE1 && seg.starts_with(b"Exif\0\0") {
+            exif = Some(i + 8..i + len); // the last one counts, as in zune-jpeg
+        }
         let is_sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
         if is_sof {
             if seg.len() < 6 {
@@ -459,6 +474,7 @@ fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
         height,
         components,
         has_eoi,
+        exif,
     })
 }
 

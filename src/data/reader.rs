@@ -143,6 +143,20 @@ impl Batch {
             image_size,
         }
     }
+
+    /// A batch of no images yet, for up to `n`, whose image buffer is `images`: a buffer of
+    /// `n` slots that [`read_and_decode`] fills and [`accept_decoded_in_place`] cuts to the
+    /// images accepted.
+    fn with_images(images: Vec<f32>, n: usize, image_size: usize) -> Batch {
+        Batch {
+            images,
+            labels: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
+            n: 0,
+            image_size,
+        }
+    }
 }
 
 /// Position in the training stream; save it with a checkpoint, pass it to
@@ -312,34 +326,50 @@ fn decode_all(
 fn decode_one(cfg: &Config, seed: u64, c: &Candidate, augment: bool) -> Result<Vec<f32>> {
     let s = cfg.image_size as usize;
     let mut out = vec![0f32; 3 * s * s];
+    decode_into(cfg, seed, c, augment, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_one`] into `out` (`3 * image_size^2` values).
+fn decode_into(
+    cfg: &Config,
+    seed: u64,
+    c: &Candidate,
+    augment: bool,
+    out: &mut [f32],
+) -> Result<()> {
     if augment {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, TAG_AUGMENT, c.position]));
-        decode_train(&c.data.image, cfg, &mut rng, &mut out)?;
+        decode_train(&c.data.image, cfg, &mut rng, out)
     } else {
-        decode_eval(&c.data.image, cfg, &mut out)?;
+        decode_eval(&c.data.image, cfg, out)
     }
-    Ok(out)
 }
 
 /// Candidates per decode task of [`read_and_decode`].
 const DECODE_CHUNK: usize = 16;
 
-/// The rank's next `b` units read from `walker` and their samples decoded on `pool`: each run of
-/// [`DECODE_CHUNK`] candidates is handed to the pool as soon as it is read, so decoding overlaps
-/// the reading (which waits on the network when shards start, at the start of a run and at
-/// shard boundaries).
+/// The rank's next `b` units read from `walker`, their samples decoded on `pool` straight into
+/// `images` (`b` slots of `3 * image_size^2` values; the `j`-th sample read goes to slot `j`):
+/// each run of [`DECODE_CHUNK`] candidates is handed to the pool as soon as it is read, so
+/// decoding overlaps the reading (which waits on the network when shards start, at the start
+/// of a run and at shard boundaries). Once everything is handed out, the reading thread runs
+/// `meanwhile` while the pool decodes.
 fn read_and_decode(
     pool: &rayon::ThreadPool,
     plan: &Plan,
     walker: &mut RankWalker,
-    b: usize,
+    images: &mut [f32],
     stats: &mut DataStats,
+    meanwhile: impl FnOnce(),
 ) -> Result<ReadBatch> {
     let (cfg, seed, augment) = (&plan.cfg, plan.seed, plan.cfg.augment);
+    let img = 3 * (cfg.image_size as usize).pow(2);
+    let b = images.len() / img;
     let (tx, rx) = mpsc::channel();
     let mut holes = 0;
     pool.in_place_scope(|scope| -> Result<()> {
-        let mut chunk = Vec::with_capacity(DECODE_CHUNK);
+        let (mut chunk, mut rest, mut slot) = (Vec::with_capacity(DECODE_CHUNK), images, 0);
         for i in 0..b {
             match walker.next(stats)? {
                 (_, Unit::Sample(c)) => chunk.push(c),
@@ -347,17 +377,22 @@ fn read_and_decode(
             }
             if chunk.len() == DECODE_CHUNK || (i + 1 == b && !chunk.is_empty()) {
                 let cands = std::mem::replace(&mut chunk, Vec::with_capacity(DECODE_CHUNK));
-                let (tx, first) = (tx.clone(), i + 1 - cands.len());
+                let out;
+                (out, rest) = std::mem::take(&mut rest).split_at_mut(cands.len() * img);
+                let (tx, first) = (tx.clone(), slot);
+                slot += cands.len();
                 scope.spawn(move |_| {
                     let decoded = cands
                         .iter()
-                        .map(|c| decode_one(cfg, seed, c, augment))
+                        .zip(out.chunks_exact_mut(img))
+                        .map(|(c, out)| decode_into(cfg, seed, c, augment, out))
                         .collect::<Vec<_>>();
                     // The receiver outlives the scope.
                     let _ = tx.send((first, cands, decoded));
                 });
             }
         }
+        meanwhile();
         Ok(())
     })?;
     drop(tx);
@@ -375,12 +410,18 @@ fn read_and_decode(
     })
 }
 
-/// What [`read_and_decode`] read: candidates in position order, their decode results in the
-/// same order, and the number of holes.
+/// What [`read_and_decode`] read: candidates in position order, whether each decoded (its
+/// pixels in the slot of the same index) in the same order, and the number of holes.
 struct ReadBatch {
     cands: Vec<Candidate>,
-    decoded: Vec<Result<Vec<f32>>>,
+    decoded: Vec<Result<()>>,
     holes: usize,
+}
+
+/// A buffer of `n` values with every page of it written once (NaN), so that the decode threads
+/// filling it later do not take its page faults.
+fn touched_buffer(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n]
 }
 
 fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
@@ -412,27 +453,70 @@ fn accept_decoded(
         match d {
             Ok(pixels) => {
                 batch.images.extend_from_slice(&pixels);
-                batch.labels.push(c.label);
-                batch.keys.push(c.data.key.clone());
-                batch.positions.push(c.position);
-                batch.n += 1;
-                stats.samples += 1;
+                accept(batch, c, stats);
             }
             Err(e) => {
-                if strict {
-                    bail!(
-                        "sample {} of {}: image does not decode: {e:#} (data.strict = true)",
-                        c.data.key,
-                        c.shard
-                    );
-                }
-                tracing::warn!(shard = %c.shard, key = %c.data.key, "image skipped: {e:#}");
-                stats.decode_errors += 1;
+                reject(&c, e, stats, strict)?;
                 failed += 1;
             }
         }
     }
     Ok(failed)
+}
+
+/// [`accept_decoded`] for candidates decoded in place by [`read_and_decode`]: `batch.images`
+/// holds candidate `j`'s pixels in slot `j` (and nothing usable in its other slots); those that
+/// decoded move down over the failed ones, and `batch.images` is cut after the last.
+fn accept_decoded_in_place(
+    batch: &mut Batch,
+    cands: Vec<Candidate>,
+    decoded: Vec<Result<()>>,
+    stats: &mut DataStats,
+    strict: bool,
+) -> Result<usize> {
+    let img = 3 * batch.image_size * batch.image_size;
+    let mut failed = 0;
+    for (j, (c, d)) in cands.into_iter().zip(decoded).enumerate() {
+        match d {
+            Ok(()) => {
+                if j != batch.n {
+                    batch
+                        .images
+                        .copy_within(j * img..(j + 1) * img, batch.n * img);
+                }
+                accept(batch, c, stats);
+            }
+            Err(e) => {
+                reject(&c, e, stats, strict)?;
+                failed += 1;
+            }
+        }
+    }
+    batch.images.truncate(batch.n * img);
+    Ok(failed)
+}
+
+/// Records an accepted candidate (its pixels already in `batch.images`).
+fn accept(batch: &mut Batch, c: Candidate, stats: &mut DataStats) {
+    batch.labels.push(c.label);
+    batch.keys.push(c.data.key.clone());
+    batch.positions.push(c.position);
+    batch.n += 1;
+    stats.samples += 1;
+}
+
+/// A candidate whose image did not decode: warned and counted; an error in strict mode.
+fn reject(c: &Candidate, e: anyhow::Error, stats: &mut DataStats, strict: bool) -> Result<()> {
+    if strict {
+        bail!(
+            "sample {} of {}: image does not decode: {e:#} (data.strict = true)",
+            c.data.key,
+            c.shard
+        );
+    }
+    tracing::warn!(shard = %c.shard, key = %c.data.key, "image skipped: {e:#}");
+    stats.decode_errors += 1;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,12 +788,23 @@ fn produce(
     // Two whole epochs of this rank's partitions without a usable top-up: nothing usable is left.
     let max_peek = 2 * walker.epoch_units() as usize + b;
     let mut first = true;
+    // The next batch's images, written once before the decode threads fill them: the first
+    // batch's while its shards' first bytes are on their way, later ones while the pool decodes.
+    let mut images = touched_buffer(b * 3 * s * s);
     while !stop.load(Ordering::SeqCst) {
-        let mut batch = Batch::with_capacity(b, s);
+        let mut batch = Batch::with_images(std::mem::take(&mut images), b, s);
         // 1. This rank's part of the global batch: its `b` positions among the next `b * w`.
-        let read = read_and_decode(&pool, &plan, &mut walker, b, &mut stats)?;
+        let read = read_and_decode(
+            &pool,
+            &plan,
+            &mut walker,
+            &mut batch.images,
+            &mut stats,
+            || images = touched_buffer(b * 3 * s * s),
+        )?;
         let mut missing = read.holes;
-        missing += accept_decoded(&mut batch, read.cands, read.decoded, &mut stats, strict)?;
+        missing +=
+            accept_decoded_in_place(&mut batch, read.cands, read.decoded, &mut stats, strict)?;
         // 2. Top-ups for holes and undecodable images: this rank's positions after the global
         //    batch, read ahead without consuming them (see the module docs).
         let mut peeked = 0usize;

@@ -1290,6 +1290,62 @@ fn decode_failures_with_two_ranks_keep_cursors_aligned_and_resume_exact() {
     }
 }
 
+#[test]
+fn images_stay_with_their_keys_when_decodes_fail_inside_a_batch() {
+    // Two shards of 9 distinct JPEGs each, three of them cut short (at the start, in the
+    // middle and at the end of a batch of 6): every image of every batch equals the eval
+    // transform of its own key's JPEG, so no pixels are lost or shifted when failed ones drop.
+    let src = shapes_subset().join("train/blue_circle");
+    let mut jpegs = std::collections::HashMap::new();
+    let shard = |prefix: &str,
+                 bad: &[usize],
+                 jpegs: &mut std::collections::HashMap<String, Vec<u8>>| {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..9 {
+            let n = if prefix == "s" { i } else { 9 + i };
+            let mut data = std::fs::read(src.join(format!("blue_circle_{n}.JPEG"))).unwrap();
+            if bad.contains(&i) {
+                data.truncate(data.len() * 6 / 10);
+            }
+            let key = format!("{prefix}{i}");
+            devise::data::webdataset::append_member(&mut b, &format!("{key}.jpg"), &data).unwrap();
+            devise::data::webdataset::append_member(&mut b, &format!("{key}.cls"), b"0").unwrap();
+            jpegs.insert(key, data);
+        }
+        b.into_inner().unwrap()
+    };
+    let (first, second) = (
+        shard("s", &[0, 4], &mut jpegs),
+        shard("t", &[8], &mut jpegs),
+    );
+    let dir = two_shards(&first, &second, 9);
+    let m = read_manifest(dir.path().to_str().unwrap()).unwrap();
+    let mut cfg = config(dir.path(), 16);
+    cfg.augment = false;
+    let mut stream =
+        TrainStream::start(&cfg, &m, vec![Some(0)], 6, 3, Cursor::default(), 0, 1).unwrap();
+    let img = 3 * 16 * 16;
+    let mut checked = 0;
+    for (batch, _) in take(&mut stream, 9) {
+        assert_eq!((batch.n, batch.images.len()), (6, 6 * img));
+        for (j, key) in batch.keys.iter().enumerate() {
+            let mut want = vec![0f32; img];
+            devise::data::image::decode_eval(&jpegs[key], &cfg, &mut want).unwrap();
+            assert!(
+                batch.images[j * img..(j + 1) * img] == want[..],
+                "slot {j} holds {key}'s image"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 54);
+    assert!(
+        stream.stats().decode_errors >= 3,
+        "the cut JPEGs came up: {:?}",
+        stream.stats()
+    );
+}
+
 /// Field case B27: 145 samples in 10 uneven shards (9 x 15 + 1 x 10), 3 ranks, 16 images per
 /// rank. Naive per-rank shard assignment gives the ranks 4/3/3 steps and hangs the collective
 /// (SCENARIO.json). Here 3 partitions own 55/45/45 samples, each contributes 45 to every epoch
