@@ -22,8 +22,9 @@
 #           |rank bytes / total - 1/W|; MB/s per core = all ranks' bytes / all ranks' CPU seconds
 #           (user + system, getrusage; the peer's includes its curl children). Waits are the time
 #           a rank's next batch took: the longest time to first batch over ranks, the longest
-#           wait at an epoch boundary (a step within one global batch of a multiple of the epoch;
-#           the peer's epoch is each rank's own shards) and the median of the ranks' medians.
+#           wait at the epoch boundary (the step where a rank's batch first holds a sample it
+#           already delivered, and the steps just before and after it; the peer's epoch is each
+#           rank's own shards), the longest wait anywhere, and the median of the ranks' medians.
 # Goal:     a rank downloads about 1/W of the split per epoch (total / split stays ~1.25 for
 #           every W) without longer waits at the start or at epoch boundaries, and streams at
 #           least as many MB per CPU second as webdataset.

@@ -18,9 +18,9 @@ peer URL --rank R --world-size W [--per-rank-batch-size B] [--epochs-fraction F]
     decode("pil"), RandomResizedCrop(56, scale=(0.35, 1)) + RandomHorizontalFlip + to float
     CHW normalised (torchvision.transforms.v2), batched(B). Runs ceil(F * split samples / (B*W))
     batches, re-iterating the dataset at each epoch end (webdataset's epoch loop; the rank's
-    epoch is its own shards). Prints the same JSON line as examples/plan_bench.rs; its
-    epoch-boundary steps are those within one batch of a multiple of the rank's own epoch
-    (the samples of its shards), and cpu_seconds includes the finished curl children.
+    epoch is its own shards). Prints the same JSON line as examples/plan_bench.rs, with its
+    epoch boundary found the same way (the first batch holding a key the rank already
+    delivered); cpu_seconds includes the finished curl children.
 
 upload DIR s3://BUCKET/PREFIX [MANIFEST]
     Creates BUCKET if needed and uploads every file of DIR under PREFIX through the S3 API
@@ -191,8 +191,8 @@ def peer(argv):
         )
         .shuffle(1000)
         .decode("pil")
-        .to_tuple("jpg", "cls")
-        .map_tuple(tf, int)
+        .to_tuple("__key__", "jpg", "cls")
+        .map_tuple(str, tf, int)
         .batched(b, partial=False)
     )
 
@@ -200,18 +200,21 @@ def peer(argv):
         while True:  # one pass of the dataset = one epoch of this rank's shards
             yield from dataset
 
-    waits, boundary, samples = [], 0.0, 0
+    waits, samples, seen, boundary_step = [], 0, set(), None
     it = batches()
     for step in range(steps):
         t = time.perf_counter()
-        images, labels = next(it)
+        keys, images, labels = next(it)
         wait = time.perf_counter() - t
         samples += len(labels)
         waits.append(wait)
-        lo, hi = max(0, (step - 1) * b), (step + 2) * b
-        if max(1, -(-lo // rank_epoch)) * rank_epoch <= hi:
-            boundary = max(boundary, wait)
+        if boundary_step is None and not seen.isdisjoint(keys):
+            boundary_step = step
+        seen.update(keys)
     seconds = time.perf_counter() - t0
+    boundary = 0.0
+    if boundary_step is not None:
+        boundary = max(waits[max(0, boundary_step - 1) : boundary_step + 2])
     row = {
         "rank": a.rank,
         "world_size": w,
@@ -224,6 +227,7 @@ def peer(argv):
         "median_batch_wait_s": statistics.median_low(waits),
         "max_batch_wait_s": max(waits),
         "longest_epoch_boundary_wait_s": boundary,
+        "boundary_step": boundary_step,
         "cpu_seconds": cpu_seconds(),
         "images_per_sec": samples / seconds,
         "startup_cpu_seconds": startup_cpu,

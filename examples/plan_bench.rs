@@ -5,15 +5,15 @@
 //! `rank`, `world_size`, `per_rank_batch_size`, `partitions` (null when not given), `steps`,
 //! `samples` (delivered to this rank), `seconds` (from `TrainStream::start` to the last batch),
 //! `time_to_first_batch_s`, `median_batch_wait_s`, `max_batch_wait_s`,
-//! `longest_epoch_boundary_wait_s`, `cpu_seconds` (user + system of the whole process, getrusage)
-//! and `images_per_sec`.
+//! `longest_epoch_boundary_wait_s`, `cpu_seconds` (user + system of the whole process, getrusage),
+//! `images_per_sec`, `boundary_step` and, with `--waits`, `waits_s`.
 //!
-//! A batch's wait is the time `next_batch` took (nothing else happens between batches). Step `s`
-//! covers the global sample range `[s*G, (s+1)*G)`, `G = per_rank_batch_size * world_size`; it is
-//! an epoch-boundary step when that range comes within `G` samples of the interval
-//! `[k * split - split / 20, k * split]` for some `k >= 1` (the partitioned stream's epoch may
-//! leave a few % of the split out, so its boundary can come a little before the split's
-//! sample count), and `longest_epoch_boundary_wait_s` is the longest wait among those steps.
+//! A batch's wait is the time `next_batch` took (nothing else happens between batches). The
+//! epoch boundary is found in the batches themselves: the first step whose batch holds a sample
+//! key this rank already delivered starts the rank's second epoch (every design delivers each
+//! of its samples once per epoch), and `longest_epoch_boundary_wait_s` is the longest wait of
+//! that step and the steps just before and after it (0 when the run never reaches a second
+//! epoch). `boundary_step` says which step it was.
 //!
 //! Settings: image size 56, augmentation on (RandomResizedCrop scale 0.35..1 + flip, as
 //! configs/tiny-imagenet.toml), `decode_threads = 1` (one core per rank), every manifest class
@@ -52,6 +52,9 @@ struct Args {
     partitions: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also print every batch's wait (`waits_s`, seconds, in step order).
+    #[arg(long)]
+    waits: bool,
     /// Further `[data]` keys, `KEY=VALUE` (VALUE parsed as TOML), e.g. `--set shard_readahead=8`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -107,7 +110,8 @@ fn main() -> Result<()> {
         args.rank,
         w,
     )?;
-    let (mut waits, mut boundary_wait, mut samples) = (Vec::new(), 0f64, 0u64);
+    let (mut waits, mut samples) = (Vec::new(), 0u64);
+    let (mut seen, mut boundary_step) = (std::collections::HashSet::new(), None);
     for step in 0..steps {
         let t = Instant::now();
         let (batch, _cursor) = stream.next_batch()?;
@@ -117,11 +121,20 @@ fn main() -> Result<()> {
         }
         samples += batch.n as u64;
         waits.push(wait);
-        if near_epoch_boundary(step, global, epoch) {
-            boundary_wait = boundary_wait.max(wait);
+        for key in batch.keys {
+            if !seen.insert(key) && boundary_step.is_none() {
+                boundary_step = Some(step as usize);
+            }
         }
     }
+    let boundary_wait = boundary_step.map_or(0.0, |b| {
+        waits[b.saturating_sub(1)..(b + 2).min(waits.len())]
+            .iter()
+            .copied()
+            .fold(0f64, f64::max)
+    });
     let seconds = t0.elapsed().as_secs_f64();
+    let all_waits = args.waits.then(|| waits.clone());
     let first = waits.first().copied().unwrap_or(f64::NAN);
     let max = waits.iter().copied().fold(0f64, f64::max);
     waits.sort_by(f64::total_cmp);
@@ -140,20 +153,13 @@ fn main() -> Result<()> {
             "median_batch_wait_s": median,
             "max_batch_wait_s": max,
             "longest_epoch_boundary_wait_s": boundary_wait,
+            "boundary_step": boundary_step,
+            "waits_s": all_waits,
             "cpu_seconds": cpu_seconds(),
             "images_per_sec": samples as f64 / seconds,
         })
     );
     Ok(())
-}
-
-/// Whether `[step*g, (step+1)*g)` comes within `g` samples of `[k*epoch - epoch/20, k*epoch]`
-/// for some `k >= 1`.
-fn near_epoch_boundary(step: u64, g: u64, epoch: u64) -> bool {
-    let (lo, hi) = ((step * g).saturating_sub(g), (step + 2) * g);
-    // the first positive multiple of `epoch` at or above `lo`
-    let k = (lo.div_ceil(epoch)).max(1) * epoch;
-    k - epoch / 20 <= hi
 }
 
 /// User + system CPU seconds of this process (all threads), getrusage(RUSAGE_SELF).
