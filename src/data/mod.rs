@@ -81,7 +81,9 @@ pub struct Config {
     /// Threads of the decode/augment pool of each stream. Default 2.
     #[serde(default = "default_decode_threads")]
     pub decode_threads: usize,
-    /// Batches decoded ahead of the training loop (bounded channel capacity). Default 4.
+    /// Batches decoded ahead of the training loop: `prefetch_batches - 1` wait in a bounded
+    /// channel while one is being decoded (whose loader also holds the image buffer of the batch
+    /// after it, `3 * image_size^2 * 4` bytes per image). Default 4.
     #[serde(default = "default_prefetch_batches")]
     pub prefetch_batches: usize,
     /// Per-channel mean (RGB, 0..1 scale) subtracted after scaling pixels to 0..1.
