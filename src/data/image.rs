@@ -413,9 +413,9 @@ struct JpegInfo {
 }
 
 /// Walks the JPEG marker segments up to the first start-of-scan: the frame header gives the
-/// dimensions, an APP1 `Exif` segment the EXIF data; then looks for the end-of-image marker (`FF D9`). Inside entropy-coded data a
-/// `FF` byte is always followed by `00` or a restart marker, so `FF D9` after the scan start is
-/// the real end of image (ITU T.81, B.1.1.5).
+/// dimensions, an APP1 `Exif` segment the EXIF data; then looks for the end-of-image marker
+/// (`FF D9`). Inside entropy-coded data a `FF` byte is always followed by `00` or a restart
+/// marker, so `FF D9` after the scan start is the real end of image (ITU T.81, B.1.1.5).
 fn scan_jpeg(b: &[u8]) -> Result<JpegInfo> {
     let truncated = || anyhow!("truncated JPEG: ends inside its headers");
     let mut i = 2; // after SOI

@@ -134,14 +134,11 @@ pub struct Batch {
 impl Batch {
     /// An empty batch with room for `n` images of `image_size` x `image_size`.
     pub fn with_capacity(n: usize, image_size: usize) -> Batch {
-        Batch {
-            images: Vec::with_capacity(n * 3 * image_size * image_size),
-            labels: Vec::with_capacity(n),
-            keys: Vec::with_capacity(n),
-            positions: Vec::with_capacity(n),
-            n: 0,
+        Batch::with_images(
+            Vec::with_capacity(n * 3 * image_size * image_size),
+            n,
             image_size,
-        }
+        )
     }
 
     /// A batch of no images yet, for up to `n`, whose image buffer is `images`: a buffer of
