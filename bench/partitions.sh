@@ -6,10 +6,14 @@
 #           augmentation on, decode_threads = 1, global batch 256, 1.25 epochs so the run crosses
 #           an epoch boundary), all W started at once. Each rank talks to the server through its
 #           own counting TCP proxy (bench/partitions_helper.py proxy), so its bytes are exactly
-#           its own. Three designs side by side:
+#           its own. The designs side by side:
 #             ours      the example built from this tree;
 #             previous  the same example built from the commit PREVIOUS (a temporary git
 #                       worktree, the build sharing this tree's target directory);
+#             cache1    ours with a node-local shard cache (data.cache_dir, shared by the W
+#                       ranks, empty at the start): epoch 1 downloads into it;
+#             cache2    ours again on the cache cache1 left (a new process per rank): epoch 2
+#                       read from local disk (its bytes are the manifest only);
 #             peer      Python webdataset 1.0.2, one process per rank, shards split by
 #                       webdataset's split_by_node (shards[r::W]), each shard read through
 #                       `pipe:curl` of a boto3-presigned GET, decoded with PIL and augmented
@@ -30,7 +34,7 @@
 #           least as many MB per CPU second as webdataset.
 # Hardware: written on a 2-core VM (no GPU); server, proxies and all ranks share the 2 cores,
 #           so rates fall with W from CPU contention alone; compare designs within a W.
-# Command:  bash bench/partitions.sh    (ROUNDS=3, WORLDS="1 2", DESIGNS="ours peer",
+# Command:  bash bench/partitions.sh    (ROUNDS=3, WORLDS="1 2", DESIGNS="ours cache1 cache2",
 #           PREVIOUS=<commit>, PARTITIONS=<n> (passed to ours as --partitions),
 #           EPOCHS_FRACTION=1.25, BENCH_VENV=<venv path> are optional)
 # Builds:   the release devise binary and example plan_bench (honours CARGO_TARGET_DIR), the
@@ -47,7 +51,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 rounds=${ROUNDS:-1}
 worlds=${WORLDS:-"1 2 4"}
-designs=${DESIGNS:-"ours previous peer"}
+designs=${DESIGNS:-"ours cache1 cache2 previous peer"}
 previous=${PREVIOUS:-9ede550}
 fraction=${EPOCHS_FRACTION:-1.25}
 log() { printf '[partitions] %s\n' "$*" >&2; }
@@ -162,6 +166,9 @@ for round in $(seq "$rounds"); do
         args=("$url" --rank "$r" --world-size "$w" --epochs-fraction "$fraction")
         case $design in
           ours) cmd=("$work/ours" "${args[@]}" ${PARTITIONS:+--partitions "$PARTITIONS"}) ;;
+          cache1 | cache2)
+            cmd=("$work/ours" "${args[@]}" ${PARTITIONS:+--partitions "$PARTITIONS"}
+              --set "cache_dir=\"$work/cache-$round-$w\"") ;;
           previous) cmd=("$work/previous" "s3://bench/shards-previous" "${args[@]:1}") ;;
           peer) cmd=("$py" -W ignore bench/partitions_helper.py peer "${args[@]}") ;;
         esac
@@ -172,7 +179,7 @@ for round in $(seq "$rounds"); do
       wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
       kill -TERM "${proxies[@]}"
       for p in "${proxies[@]}"; do wait "$p" || true; done
-      case $design in ours) commit=$ours_commit ;; previous) commit=$previous ;; *) commit= ;; esac
+      case $design in ours | cache1 | cache2) commit=$ours_commit ;; previous) commit=$previous ;; *) commit= ;; esac
       python3 - "$run" "$w" "$design" "$round" "$wall" "$shards/manifest.json" "$commit" <<'PY' | tee -a "$out" >>"$rows"
 import json, sys, time
 run, w, design, rnd, wall, manifest, commit = sys.argv[1:]

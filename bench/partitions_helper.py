@@ -269,9 +269,9 @@ def table(path):
             "| design | bytes/rank (MB, each) | total MB | total / split | max rank share "
             "deviation from 1/W | MB/s per rank | MB/s per core | time to first batch (s) | "
             "longest epoch-boundary wait (s) | longest wait anywhere (s) | median batch wait (s) | "
-            "first batch / median | boundary / median |"
+            "first batch / median | boundary / median | MB from the shard cache, total |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for (design, rnd), rs in designs.items():
             rs.sort(key=lambda r: r["rank"])
             mb = [r["bytes"] / 1e6 for r in rs]
@@ -284,11 +284,14 @@ def table(path):
             first = max(r["time_to_first_batch_s"] for r in rs)
             boundary = max(r["longest_epoch_boundary_wait_s"] for r in rs)
             median = statistics.median(r["median_batch_wait_s"] for r in rs)
+            disk = sum(
+                r.get("data_stats", {}).get("cache", {}).get("disk_bytes", 0) for r in rs
+            ) / 1e6
             print(
                 f"| {design} | {fmt(mb)} | {total:.0f} | {total / split:.2f} | {dev:.3f} | "
                 f"{fmt(rate)} | {per_core:.1f} | {first:.3f} | {boundary:.3f} | "
                 f"{max(r['max_batch_wait_s'] for r in rs):.3f} | {median:.3f} | "
-                f"{first / median:.1f} | {boundary / median:.1f} |"
+                f"{first / median:.1f} | {boundary / median:.1f} | {disk:.0f} |"
             )
         ours = [rs for (d, _), rs in designs.items() if d == "ours"]
         peer_ = [rs for (d, _), rs in designs.items() if d == "peer"]

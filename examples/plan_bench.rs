@@ -6,7 +6,9 @@
 //! `samples` (delivered to this rank), `seconds` (from `TrainStream::start` to the last batch),
 //! `time_to_first_batch_s`, `median_batch_wait_s`, `max_batch_wait_s`,
 //! `longest_epoch_boundary_wait_s`, `cpu_seconds` (user + system of the whole process, getrusage),
-//! `images_per_sec`, `boundary_step` and, with `--waits`, `waits_s`.
+//! `images_per_sec`, `boundary_step`, `data_stats` (the stream's counters: shard bytes from the
+//! store, the shard cache's hits and bytes from disk with `--set cache_dir=...`) and, with
+//! `--waits`, `waits_s`.
 //!
 //! A batch's wait is the time `next_batch` took (nothing else happens between batches). The
 //! epoch boundary is found in the batches themselves: the first step whose batch holds a sample
@@ -157,6 +159,8 @@ fn main() -> Result<()> {
             "waits_s": all_waits,
             "cpu_seconds": cpu_seconds(),
             "images_per_sec": samples as f64 / seconds,
+            // The stream's counters (with `--set cache_dir=...`, the shard cache's in `cache`).
+            "data_stats": stream.stats(),
         })
     );
     Ok(())

@@ -20,9 +20,13 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use sha2::{Digest, Sha256};
 
+use super::cache::{Hit, ShardCache, Source, Writer};
 use super::shards::ShardInfo;
 use super::webdataset::{SampleReader, ShardError};
 use crate::storage::Store;
+
+/// Read buffer of a shard read from the shard cache.
+const CACHE_READ_BUFFER: usize = 1 << 20;
 
 /// Members tried, in order, as a sample's image (the first present wins).
 pub(crate) const IMAGE_FIELDS: &[&str] = &["jpg", "jpeg", "png", "img"];
@@ -32,7 +36,8 @@ pub(crate) const IMAGE_FIELDS: &[&str] = &["jpg", "jpeg", "png", "img"];
 pub(crate) struct Memory {
     bytes: AtomicU64,
     peak: AtomicU64,
-    /// Shard bytes read from the store so far (every open feed together).
+    /// Shard bytes read from the store so far (every open feed together; bytes from the shard
+    /// cache are counted there).
     downloaded: AtomicU64,
 }
 
@@ -165,10 +170,12 @@ pub(crate) struct ShardFeed {
 }
 
 impl ShardFeed {
-    /// Starts streaming `info` (manifest shard `index`) from `store`. Never blocks: opening the
-    /// object happens in the thread, and an open failure comes out of [`ShardFeed::next`].
+    /// Starts streaming `info` (manifest shard `index`) from `store`, or from `cache` when it
+    /// holds the shard (a miss is written to it). Never blocks: opening the object happens in
+    /// the thread, and an open failure comes out of [`ShardFeed::next`].
     pub(crate) fn open(
         store: &Store,
+        cache: Option<&Arc<ShardCache>>,
         info: &ShardInfo,
         index: usize,
         n_classes: usize,
@@ -178,8 +185,9 @@ impl ShardFeed {
         let (tx, rx) = mpsc::sync_channel(readahead.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let url: Arc<str> = store.child_url(&info.name).into();
-        let (store, info, memory, thread_stop, thread_url) = (
+        let (store, cache, info, memory, thread_stop, thread_url) = (
             store.clone(),
+            cache.cloned(),
             info.clone(),
             memory.clone(),
             stop.clone(),
@@ -191,6 +199,7 @@ impl ShardFeed {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     stream_shard(
                         &store,
+                        cache.as_ref(),
                         &info,
                         &thread_url,
                         n_classes,
@@ -262,12 +271,14 @@ impl Drop for ShardFeed {
     }
 }
 
-/// Hashes and counts the bytes read through it.
+/// Hashes and counts the bytes read through it (in `counter` too), and hands them to the shard
+/// cache's writer when the shard is being cached.
 struct Hashing<'a, R> {
     inner: R,
     sha: Sha256,
     bytes: u64,
-    memory: &'a Memory,
+    counter: &'a AtomicU64,
+    tee: Option<Writer>,
 }
 
 impl<R: Read> Read for Hashing<'_, R> {
@@ -275,16 +286,30 @@ impl<R: Read> Read for Hashing<'_, R> {
         let n = self.inner.read(buf)?;
         self.sha.update(&buf[..n]);
         self.bytes += n as u64;
-        self.memory
-            .downloaded
-            .fetch_add(n as u64, Ordering::Relaxed);
+        self.counter.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(tee) = &mut self.tee {
+            tee.write(&buf[..n]);
+        }
         Ok(n)
     }
 }
 
+impl<R: Read> Hashing<'_, R> {
+    /// Reads what is left of the object; its sha256 (hex) and whether it and the byte count
+    /// are the manifest's.
+    fn finish(&mut self, info: &ShardInfo) -> std::io::Result<(String, bool)> {
+        std::io::copy(self, &mut std::io::sink())?;
+        let sha = hex::encode(self.sha.finalize_reset());
+        let verified = sha.eq_ignore_ascii_case(&info.sha256) && self.bytes == info.bytes;
+        Ok((sha, verified))
+    }
+}
+
 /// The feed thread's body. `Err` only for read failures; content problems end in `Item::End`.
+#[allow(clippy::too_many_arguments)]
 fn stream_shard(
     store: &Store,
+    cache: Option<&Arc<ShardCache>>,
     info: &ShardInfo,
     url: &str,
     n_classes: usize,
@@ -292,22 +317,31 @@ fn stream_shard(
     tx: &mpsc::SyncSender<Result<Item>>,
     stop: &AtomicBool,
 ) -> Result<()> {
-    tracing::debug!(shard = url, "shard feed: GET");
-    let inner = store.open_read(&info.name)?;
+    let source = cache.map_or(Source::Bypass, |c| c.source(info, stop));
+    let (inner, hit, tee): (Box<dyn Read + Send>, Option<Hit>, Option<Writer>) = match source {
+        Source::Hit(file, hit) => {
+            tracing::debug!(shard = url, "shard feed: from the shard cache");
+            let file = std::io::BufReader::with_capacity(CACHE_READ_BUFFER, file);
+            (Box::new(file), Some(hit), None)
+        }
+        Source::Miss(writer) => (store.open_read(&info.name)?, None, Some(writer)),
+        Source::Bypass => (store.open_read(&info.name)?, None, None),
+    };
     tracing::debug!(shard = url, "shard feed: opened (response headers in)");
     let mut hashing = Hashing {
         inner,
         sha: Sha256::new(),
         bytes: 0,
-        memory,
+        counter: hit.as_ref().map_or(&memory.downloaded, Hit::counter),
+        tee,
     };
-    let mut samples = 0u64;
-    let mut problem = None;
+    let (mut samples, mut problem, mut stopped) = (0u64, None, false);
     {
         let reader = SampleReader::new(&mut hashing, url);
         for item in reader {
             if stop.load(Ordering::Relaxed) {
-                return Ok(());
+                stopped = true;
+                break;
             }
             match item {
                 Ok(sample) => {
@@ -317,7 +351,8 @@ fn stream_shard(
                     samples += 1;
                     let entry = Entry::classify(sample, n_classes, memory);
                     if tx.send(Ok(Item::Entry(entry))).is_err() {
-                        return Ok(()); // the reader moved on
+                        stopped = true; // the reader moved on
+                        break;
                     }
                 }
                 Err(ShardError::Io { offset, message }) => {
@@ -332,14 +367,35 @@ fn stream_shard(
             }
         }
     }
+    if stopped {
+        // Nobody reads this shard any more; one being cached is downloaded to its end.
+        if let Some(tee) = hashing.tee.take() {
+            let mut rest = Hashing {
+                tee: None,
+                ..hashing
+            };
+            tee.commit(rest.finish(info).is_ok_and(|(_, verified)| verified));
+        }
+        return Ok(());
+    }
     if problem.is_none() {
         // The tar's end-of-archive blocks and record padding count in the checksum.
-        std::io::copy(&mut hashing, &mut std::io::sink())
+        let (sha, verified) = hashing
+            .finish(info)
             .map_err(|e| anyhow!("reading {url} at byte {}: {e}", hashing.bytes))?;
-        let sha = hex::encode(hashing.sha.finalize_reset());
-        if !sha.eq_ignore_ascii_case(&info.sha256) || hashing.bytes != info.bytes {
+        if let Some(tee) = hashing.tee.take() {
+            tee.commit(verified);
+        }
+        if !verified {
+            let from = match &hit {
+                Some(hit) => {
+                    hit.discard();
+                    " (its cached copy, now deleted)"
+                }
+                None => "",
+            };
             let msg = format!(
-                "shard {url}: sha256 {sha} ({} bytes) does not match the manifest's {} ({} bytes); its {samples} samples were already used",
+                "shard {url}{from}: sha256 {sha} ({} bytes) does not match the manifest's {} ({} bytes); its {samples} samples were already used",
                 hashing.bytes, info.sha256, info.bytes
             );
             tracing::warn!("{msg}");
@@ -408,7 +464,7 @@ mod tests {
         ]);
         store.put("x.tar", bytes.clone().into()).unwrap();
         let memory = Arc::new(Memory::default());
-        let mut feed = ShardFeed::open(&store, &info("x.tar", &bytes, 6), 0, 3, 1, &memory);
+        let mut feed = ShardFeed::open(&store, None, &info("x.tar", &bytes, 6), 0, 3, 1, &memory);
         assert_eq!(
             drain(&mut feed),
             [
@@ -426,7 +482,7 @@ mod tests {
         // Same bytes, a manifest with another checksum: samples still come, then the problem.
         let mut wrong = info("x.tar", &bytes, 6);
         wrong.sha256 = "00".repeat(32);
-        let mut feed = ShardFeed::open(&store, &wrong, 0, 3, 1, &memory);
+        let mut feed = ShardFeed::open(&store, None, &wrong, 0, 3, 1, &memory);
         assert_eq!(drain(&mut feed).len(), 6);
         let problem = feed.problem().expect("sha mismatch reported");
         assert!(
@@ -435,7 +491,8 @@ mod tests {
         );
 
         // A missing object is an error naming it, not an empty shard.
-        let mut feed = ShardFeed::open(&store, &info("gone.tar", &bytes, 4), 0, 3, 1, &memory);
+        let mut feed =
+            ShardFeed::open(&store, None, &info("gone.tar", &bytes, 4), 0, 3, 1, &memory);
         let err = feed.next().unwrap_err().to_string();
         assert!(
             err.contains("gone.tar") && err.contains("not found"),

@@ -19,6 +19,7 @@
 //!
 //! Nothing here depends on `tch`: a [`reader::Batch`] is a plain `Vec<f32>` `[n, 3, s, s]`.
 
+pub mod cache;
 pub mod cli;
 pub mod feed;
 pub mod ilsvrc;
@@ -34,6 +35,7 @@ pub mod webdataset;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 pub use reader::{eval_batches, Batch, Cursor, DataStats, EvalBatches, TrainStream};
 pub use shards::{
@@ -136,6 +138,19 @@ pub struct Config {
     /// `false` decodes every image at full size (pixel-identical to decode + transform).
     #[serde(default = "default_true")]
     pub jpeg_dct_scaling: bool,
+    /// Node-local shard cache ([`cache`]): a directory on local disk (fast NVMe) where shards
+    /// downloaded from the store are kept, verified, so that later epochs read them from disk;
+    /// every rank of a node using the same directory shares it. Sizing: a full cache holds the
+    /// shards of the node's partitions, `bytes of the split * ranks per node / world_size`
+    /// (and the validation split's, which evaluation reads too). Default: no cache.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes of cached shards under `cache_dir` (all shard builds together); least
+    /// recently used shards are deleted to make room, never one a rank is reading or has
+    /// opened ahead. Must be at least the largest shard's size (an error at start otherwise).
+    /// Default: no limit.
+    #[serde(default)]
+    pub cache_limit_bytes: Option<u64>,
 }
 
 fn default_train_split() -> String {
@@ -198,6 +213,8 @@ impl Config {
             strict: false,
             exif_orientation: image::ExifOrientation::default(),
             jpeg_dct_scaling: true,
+            cache_dir: None,
+            cache_limit_bytes: None,
         }
     }
 
@@ -268,6 +285,11 @@ impl Config {
         if self.shard_readahead == 0 {
             bail!("data.shard_readahead must be > 0");
         }
+        match (&self.cache_dir, self.cache_limit_bytes) {
+            (_, Some(0)) => bail!("data.cache_limit_bytes must be > 0"),
+            (None, Some(_)) => bail!("data.cache_limit_bytes is set but data.cache_dir is not"),
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -332,6 +354,14 @@ mod tests {
         check(&|c| c.std = [1.0, 0.0, 1.0], "data.std[1]");
         check(&|c| c.max_pixels = 0, "data.max_pixels");
         check(&|c| c.shuffle_buffer = 0, "data.shuffle_buffer");
+        check(
+            &|c| c.cache_limit_bytes = Some(1),
+            "data.cache_limit_bytes is set but data.cache_dir",
+        );
+        check(
+            &|c| (c.cache_dir, c.cache_limit_bytes) = (Some("/tmp".into()), Some(0)),
+            "data.cache_limit_bytes must be > 0",
+        );
         check(&|c| c.shard_readahead = 0, "data.shard_readahead");
         check(&|c| c.shards = " ".into(), "data.shards");
     }

@@ -101,6 +101,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::cache::{CacheCounts, ShardCache};
 use super::feed::{Entry, Memory, SampleData, ShardFeed};
 use super::image::{decode_eval, decode_train};
 use super::partition::{self, Layout, RankWalker, Unit};
@@ -196,8 +197,11 @@ pub struct DataStats {
     pub buffered_bytes: u64,
     /// The most `buffered_bytes` has been since the stream started.
     pub peak_buffered_bytes: u64,
-    /// Shard bytes this stream has read from the store so far (prefetched shards included).
+    /// Shard bytes this stream has read from the store so far (prefetched shards included;
+    /// not those read from the shard cache).
     pub shard_bytes: u64,
+    /// The shard cache's counters in this process so far (`data.cache_dir`; zeros without).
+    pub cache: CacheCounts,
     /// Partitions this rank streams (`partitions / world_size`; 0 for evaluation).
     pub partitions: u64,
 }
@@ -241,12 +245,15 @@ pub(super) struct Plan {
     /// per-shard class counts (training streams only; empty for evaluation).
     pub(super) units: Vec<u64>,
     memory: Arc<Memory>,
+    /// The node-local shard cache (`data.cache_dir`).
+    cache: Option<Arc<ShardCache>>,
 }
 
 impl Plan {
     pub(super) fn open_feed(&self, k: usize) -> ShardFeed {
         ShardFeed::open(
             &self.store,
+            self.cache.as_ref(),
             &self.shards[k],
             k,
             self.n_classes,
@@ -747,6 +754,16 @@ fn make_plan(
         bail!("no sample of split {split:?} has a class in the label map");
     }
     let store = Store::open_existing(&cfg.shards)?;
+    let cache = match &cfg.cache_dir {
+        Some(dir) => Some(Arc::new(ShardCache::open(
+            dir,
+            cfg.cache_limit_bytes,
+            manifest,
+            split,
+            &info.shards,
+        )?)),
+        None => None,
+    };
     Ok(Plan {
         cfg: cfg.clone(),
         store,
@@ -759,6 +776,7 @@ fn make_plan(
         world_size,
         units: Vec::new(),
         memory: Arc::new(Memory::default()),
+        cache,
     })
 }
 
@@ -830,6 +848,7 @@ fn produce(
         };
         (stats.buffered_bytes, stats.peak_buffered_bytes) = plan.memory.read();
         stats.shard_bytes = plan.memory.downloaded();
+        stats.cache = plan.cache.as_ref().map(|c| c.counts()).unwrap_or_default();
         if first {
             tracing::debug!(
                 rank = plan.rank,

@@ -1,6 +1,7 @@
 //! What the loop reports as it goes: a metrics line (and a log line) per window of steps, and
 //! each evaluation (logged, `eval/<stage>.json`, `eval/...` metrics), in `metrics.jsonl`.
 use crate::config::plan::StageKind;
+use crate::data::cache::CacheCounts;
 use crate::eval::StageEval;
 use crate::storage::Store;
 use anyhow::{Context, Result};
@@ -17,6 +18,8 @@ pub(crate) struct Window {
     data_wait: Duration,
     comm: Duration,
     elapsed: Duration,
+    /// Store bytes and shard cache counters at the previous line (reported per window).
+    last_data: (u64, CacheCounts),
 }
 
 impl Window {
@@ -69,11 +72,36 @@ impl Window {
             // Shard bytes this rank downloaded since the stream started (prefetch included).
             "data/shard_mb": stats.shard_bytes as f64 / 1e6,
         });
+        // Per window: shard bytes from the store and the shard cache's work (data.cache_dir).
+        let ((last_bytes, last), now) = (self.last_data, stats.cache);
         let mut line = line;
+        for (key, n) in [
+            (
+                "data/store_mb",
+                stats.shard_bytes.saturating_sub(last_bytes),
+            ),
+            (
+                "data/cache/disk_mb",
+                now.disk_bytes.saturating_sub(last.disk_bytes),
+            ),
+        ] {
+            line[key] = (n as f64 / 1e6).into();
+        }
+        for (key, n, before) in [
+            ("data/cache/hits", now.hits, last.hits),
+            ("data/cache/misses", now.misses, last.misses),
+            ("data/cache/bypassed", now.bypassed, last.bypassed),
+            ("data/cache/evictions", now.evictions, last.evictions),
+        ] {
+            line[key] = n.saturating_sub(before).into();
+        }
         for (reason, n) in stats.skipped_by_reason() {
             line[format!("data/skipped_samples/{reason}")] = n.into();
         }
-        *self = Window::default();
+        *self = Window {
+            last_data: (stats.shard_bytes, stats.cache),
+            ..Window::default()
+        };
         line
     }
 }

@@ -2,6 +2,7 @@
 //! in `common`. The machinery runs on data the tests generate; tests about the real ImageNet data
 //! read `../shared` and are reported as ignored, with the reason, when it is absent (under
 //! `CI=true` a missing `../shared` fails).
+mod cache;
 mod cli;
 mod cluster;
 mod common;

@@ -26,13 +26,14 @@ const RANKS: u64 = 4;
 const PARTITIONS: u64 = 4;
 /// 1500 seen training images / 20 per step: 75 steps per epoch, the run ends on an epoch's end
 /// (3 epochs: what the ranks read ahead when it stops is spread over 3).
-const GLOBAL_BATCH: u64 = 20;
-const EPOCHS: u64 = 3;
+pub(crate) const GLOBAL_BATCH: u64 = 20;
+pub(crate) const EPOCHS: u64 = 3;
 
-/// `write_config`'s run (GroupNorm, sample trace, `PARTITIONS` partitions) reading `shards`:
-/// `EPOCHS` epochs of the softmax stage and nothing else, `GLOBAL_BATCH` images per step.
-fn partitioned_config(dir: &Path, shards: &str) -> std::path::PathBuf {
-    let config = write_config(dir, "partitioned", EPOCHS as f64, "");
+/// `write_config`'s run `name` (GroupNorm, sample trace, `PARTITIONS` partitions) reading
+/// `shards`: `EPOCHS` epochs of the softmax stage and nothing else, `GLOBAL_BATCH` images per
+/// step.
+pub(crate) fn partitioned_config(dir: &Path, name: &str, shards: &str) -> std::path::PathBuf {
+    let config = write_config(dir, name, EPOCHS as f64, "");
     let toml = std::fs::read_to_string(&config)
         .unwrap()
         .replace(
@@ -63,11 +64,14 @@ fn partitioned_config(dir: &Path, shards: &str) -> std::path::PathBuf {
     config
 }
 
-/// Step -> the sample keys of all ranks together (the trace's `keys`; the last line per rank
+/// Step -> the sample keys of all `ranks` together (the trace's `keys`; the last line per rank
 /// and step wins), or an error when the trace carries no keys.
-fn keys_per_step(run: &Path) -> Result<BTreeMap<u64, BTreeSet<String>>, String> {
+pub(crate) fn keys_per_step(
+    run: &Path,
+    ranks: u64,
+) -> Result<BTreeMap<u64, BTreeSet<String>>, String> {
     let mut all: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-    for r in 0..RANKS {
+    for r in 0..ranks {
         let path = run.join(format!("trace/rank-{r}.jsonl"));
         let mut steps: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         for line in std::fs::read_to_string(&path).unwrap().lines() {
@@ -115,7 +119,7 @@ fn four_ranks_in_four_partitions_download_each_train_shard_once_per_epoch() {
 
     let proxy = CountingProxy::start(server.port);
     let dir = tempfile::tempdir().unwrap();
-    let config = partitioned_config(dir.path(), "s3://devise/shards");
+    let config = partitioned_config(dir.path(), "partitioned", "s3://devise/shards");
     let out = run_launcher(|port| {
         let mut cmd = s3_env(Command::new(launcher()), proxy.port);
         cmd.args(["--nproc-per-node", &RANKS.to_string()])
@@ -172,7 +176,7 @@ fn four_ranks_in_four_partitions_download_each_train_shard_once_per_epoch() {
     }
 
     // The trace: which samples shared a global batch.
-    match keys_per_step(&run_dir(&config)) {
+    match keys_per_step(&run_dir(&config), RANKS) {
         Err(e) => failures.push(e),
         Ok(steps) => {
             let steps_per_epoch = 1500 / GLOBAL_BATCH;
