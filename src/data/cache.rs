@@ -94,6 +94,8 @@ pub(crate) struct ShardCache {
     limit: Option<u64>,
     counters: Counters,
     warned: AtomicBool,
+    /// What the cache held when opened (logged at the start of training).
+    pub(crate) summary: String,
 }
 
 /// Where a shard's bytes come from.
@@ -228,12 +230,13 @@ impl ShardCache {
         let dir = root.join(&manifest.fingerprint()[..16]);
         fs::create_dir_all(&dir)
             .with_context(|| format!("creating data.cache_dir {}", dir.display()))?;
-        let cache = ShardCache {
+        let mut cache = ShardCache {
             root: root.to_path_buf(),
             dir,
             limit,
             counters: Counters::default(),
             warned: AtomicBool::new(false),
+            summary: String::new(),
         };
         let global = cache
             .global_lock()
@@ -252,13 +255,14 @@ impl ShardCache {
             }
         }
         drop(global);
-        tracing::info!(
+        cache.summary = format!(
             "shard cache {}: {:.1} MB of this shard build cached, {:.1} MB of other builds; limit {}",
             cache.dir.display(),
             held[1] as f64 / 1e6,
             held[0] as f64 / 1e6,
             limit.map_or("none".into(), |l| format!("{:.1} MB", l as f64 / 1e6))
         );
+        tracing::debug!("{}", cache.summary);
         Ok(cache)
     }
 

@@ -318,6 +318,9 @@ fn stream_shard(
     stop: &AtomicBool,
 ) -> Result<()> {
     let source = cache.map_or(Source::Bypass, |c| c.source(info, stop));
+    if stop.load(Ordering::Relaxed) {
+        return Ok(()); // dropped while waiting for another process's download
+    }
     let (inner, hit, tee): (Box<dyn Read + Send>, Option<Hit>, Option<Writer>) = match source {
         Source::Hit(file, hit) => {
             tracing::debug!(shard = url, "shard feed: from the shard cache");

@@ -426,8 +426,8 @@ impl PartitionStream {
     /// shard, reads the rest of it (so a sha256 mismatch is seen; normally only the tar's end is
     /// left) and warns about samples to train on beyond the manifest's count. A visit that took
     /// part of its shard (a partition's leftover at the end of an epoch) drops the feed instead:
-    /// the rest is not downloaded, and the shard's checksum is checked in the epochs that read
-    /// it whole.
+    /// the rest is not downloaded (with a shard cache, the feed's thread downloads it into the
+    /// cache), and the shard's checksum is checked in the epochs that read it whole.
     fn close_open(&mut self, stats: &mut DataStats) -> Result<()> {
         let Some(mut open) = self.open.take() else {
             return Ok(());

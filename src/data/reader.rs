@@ -19,7 +19,8 @@
 //! Every partition contributes the same `U` units to each epoch: the smallest partition's
 //! count. In epoch `e`, partition `p` visits its shards in an order drawn by ChaCha8 from
 //! `mix(seed, SHARDS, p, e)` until it has `U` units (a larger partition's last visit takes part
-//! of a shard and skips the rest, which is not downloaded: its **leftover**, different samples
+//! of a shard and skips the rest, which is not downloaded (with a shard cache it is, into the
+//! cache: [`super::cache`]): its **leftover**, different samples
 //! every epoch; the total
 //! is logged at start, and the default `P` keeps it under 2 % where it can); each shard through
 //! a shuffle buffer seeded from `mix(seed, SAMPLES, e, shard)` that starts small and grows by one
@@ -632,6 +633,9 @@ impl TrainStream {
                 layout.leftover,
                 100.0 * layout.leftover as f64 / total as f64
             );
+            if let Some(cache) = &plan.cache {
+                tracing::info!("{}", cache.summary);
+            }
         }
         let pool = build_pool(cfg.decode_threads)?;
         let plan = Arc::new(plan);

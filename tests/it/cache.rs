@@ -13,15 +13,15 @@
 //!   written to the cache (a `.part` file exists), never leaves a cached file that does not
 //!   match its sha256, and the next run on the same cache completes without cleanup, with the
 //!   same batches.
-use crate::common::launch::{launcher, processes_of, run_dir, run_launcher, text};
+use crate::common::launch::{processes_of, run_dir, run_launcher, text};
 use crate::common::proxy::CountingProxy;
-use crate::common::s3::{build_small_shards, s3_env, start_server, S3Server};
-use crate::partitions::{keys_per_step, partitioned_config};
+use crate::common::s3::{build_small_shards, start_server, S3Server};
+use crate::partitions::{keys_per_step, launch_through, partitioned_config};
 use devise::data::shards::Manifest;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 const RANKS: u64 = 2;
@@ -41,18 +41,8 @@ fn config(dir: &Path, name: &str, cache: Option<(&Path, Option<u64>)>) -> PathBu
     config
 }
 
-fn launch_cmd(proxy: &CountingProxy, config: &Path, port: &str) -> Command {
-    let mut cmd = s3_env(Command::new(launcher()), proxy.port);
-    cmd.args(["--nproc-per-node", &RANKS.to_string()])
-        .args(["--master-port", port, "--stop-timeout-secs", "10"])
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_devise"))
-        .args(["train", "--config", config.to_str().unwrap()]);
-    cmd
-}
-
 fn run(proxy: &CountingProxy, config: &Path) -> Output {
-    run_launcher(|port| launch_cmd(proxy, config, port))
+    run_launcher(|port| launch_through(proxy, RANKS, config, port))
 }
 
 /// GET requests per train shard object so far.
@@ -127,7 +117,7 @@ fn metric_sum(run: &Path, key: &str) -> f64 {
 }
 
 struct Setup {
-    _server: S3Server,
+    server: S3Server,
     manifest: Manifest,
     split_bytes: u64,
     /// Step -> sample keys of the run without a cache.
@@ -153,7 +143,7 @@ fn setup(dir: &Path) -> Option<Setup> {
         "without a cache, shards are downloaded again every epoch: {gets:?}"
     );
     Some(Setup {
-        _server: server,
+        server,
         manifest,
         split_bytes,
         baseline,
@@ -166,7 +156,7 @@ fn a_node_cache_downloads_each_shard_once_evicts_under_its_limit_and_keeps_the_b
     let Some(s) = setup(dir.path()) else {
         return;
     };
-    let proxy = CountingProxy::start(s._server.port);
+    let proxy = CountingProxy::start(s.server.port);
     let shards = s.manifest.splits["train"].shards.len();
 
     // No limit: each train shard downloaded once in 3 epochs.
@@ -246,7 +236,7 @@ fn a_node_cache_downloads_each_shard_once_evicts_under_its_limit_and_keeps_the_b
 /// exists), or after 30 s.
 fn start_until_a_cache_write(proxy: &CountingProxy, config: &Path, cache: &Path) -> (Child, bool) {
     let port = crate::common::ports::reserve().release();
-    let child = launch_cmd(proxy, config, &port.to_string())
+    let child = launch_through(proxy, RANKS, config, &port.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -271,7 +261,7 @@ fn sigkill_during_cache_writes_never_leaves_a_bad_shard_and_the_next_run_needs_n
     let Some(s) = setup(dir.path()) else {
         return;
     };
-    let proxy = CountingProxy::start(s._server.port);
+    let proxy = CountingProxy::start(s.server.port);
     let cache = dir.path().join("cache");
     let killed = config(dir.path(), "killed", Some((&cache, None)));
     let mut interrupted = 0;

@@ -64,6 +64,23 @@ pub(crate) fn partitioned_config(dir: &Path, name: &str, shards: &str) -> std::p
     config
 }
 
+/// `devise-launch --nproc-per-node ranks` on `port` training `config`, reading the S3 server
+/// through `proxy`.
+pub(crate) fn launch_through(
+    proxy: &CountingProxy,
+    ranks: u64,
+    config: &Path,
+    port: &str,
+) -> Command {
+    let mut cmd = s3_env(Command::new(launcher()), proxy.port);
+    cmd.args(["--nproc-per-node", &ranks.to_string()])
+        .args(["--master-port", port, "--stop-timeout-secs", "10"])
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_devise"))
+        .args(["train", "--config", config.to_str().unwrap()]);
+    cmd
+}
+
 /// Step -> the sample keys of all `ranks` together (the trace's `keys`; the last line per rank
 /// and step wins), or an error when the trace carries no keys.
 pub(crate) fn keys_per_step(
@@ -120,15 +137,7 @@ fn four_ranks_in_four_partitions_download_each_train_shard_once_per_epoch() {
     let proxy = CountingProxy::start(server.port);
     let dir = tempfile::tempdir().unwrap();
     let config = partitioned_config(dir.path(), "partitioned", "s3://devise/shards");
-    let out = run_launcher(|port| {
-        let mut cmd = s3_env(Command::new(launcher()), proxy.port);
-        cmd.args(["--nproc-per-node", &RANKS.to_string()])
-            .args(["--master-port", port, "--stop-timeout-secs", "10"])
-            .arg("--")
-            .arg(env!("CARGO_BIN_EXE_devise"))
-            .args(["train", "--config", config.to_str().unwrap()]);
-        cmd
-    });
+    let out = run_launcher(|port| launch_through(&proxy, RANKS, &config, port));
     let log = text(&out);
     assert!(out.status.success(), "{log}");
 
