@@ -204,19 +204,26 @@ struct Entry {
 }
 
 impl ShardCache {
-    /// Opens (creating) the cache for shards of `manifest` under `root`; `shards` are those the
-    /// stream may read (the limit must hold the largest). Deletes dead writers' parts.
+    /// Opens (creating) the cache for shards of `manifest` under `root`; `splits` are those the
+    /// run reads (training and evaluation: the limit must hold their largest shard, so that a
+    /// limit too small fails at the start of training, not at the first evaluation). Deletes
+    /// dead writers' parts.
     ///
-    /// Errors: a limit of 0 or below the largest shard (naming it), a directory that cannot be
-    /// created or locked.
+    /// Errors: a limit below the largest shard (naming it), a directory that cannot be created
+    /// or locked.
     pub(crate) fn open(
         root: &Path,
         limit: Option<u64>,
         manifest: &Manifest,
-        split: &str,
-        shards: &[ShardInfo],
+        splits: &[&str],
     ) -> Result<ShardCache> {
-        if let (Some(limit), Some(largest)) = (limit, shards.iter().rev().max_by_key(|s| s.bytes)) {
+        let largest = splits
+            .iter()
+            .filter_map(|split| Some((*split, manifest.splits.get(*split)?)))
+            .flat_map(|(split, info)| info.shards.iter().map(move |s| (split, s)))
+            .rev()
+            .max_by_key(|(_, s)| s.bytes);
+        if let (Some(limit), Some((split, largest))) = (limit, largest) {
             if limit < largest.bytes {
                 bail!(
                     "data.cache_limit_bytes = {limit} is smaller than shard {:?} of split {split:?} ({} bytes): \
@@ -513,8 +520,7 @@ mod tests {
     }
 
     fn open(root: &Path, limit: Option<u64>, m: &Manifest) -> Result<Arc<ShardCache>> {
-        let shards = &m.splits["train"].shards;
-        ShardCache::open(root, limit, m, "train", shards).map(Arc::new)
+        ShardCache::open(root, limit, m, &["train", "val"]).map(Arc::new)
     }
 
     /// Reads shard `k` through a feed: its keys and the feed's problem.
@@ -636,6 +642,18 @@ mod tests {
                 "data.cache_limit_bytes = {} is smaller than shard \"train-000000.tar\"",
                 size - 1
             )),
+            "{err}"
+        );
+        // A larger validation shard (evaluation reads through the cache too): an error at start.
+        let mut with_val = m.clone();
+        let mut val = m.splits["train"].clone();
+        val.shards[0].bytes = 3 * size;
+        with_val.splits.insert("val".into(), val);
+        let err = open(root.path(), Some(2 * size), &with_val)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("of split \"val\" ({} bytes)", 3 * size)),
             "{err}"
         );
         // Room for two shards.

@@ -763,8 +763,7 @@ fn make_plan(
             dir,
             cfg.cache_limit_bytes,
             manifest,
-            split,
-            &info.shards,
+            &[split, &cfg.val_split],
         )?)),
         None => None,
     };
