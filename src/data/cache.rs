@@ -59,7 +59,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// Write buffer of a shard being cached.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// What the cache did, counted since the process opened it (read with [`ShardCache::counts`]).
+/// What this opened cache did (one per stream: the training stream's, each evaluation's), read
+/// with [`ShardCache::counts`].
 #[derive(Debug, Default)]
 struct Counters {
     hits: AtomicU64,
@@ -69,7 +70,7 @@ struct Counters {
     evictions: AtomicU64,
 }
 
-/// A snapshot of the cache counters of this process.
+/// A snapshot of one opened cache's counters (a stream's).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct CacheCounts {
     /// Shards read from the cache.
@@ -81,7 +82,7 @@ pub struct CacheCounts {
     pub bypassed: u64,
     /// Bytes read from cached files.
     pub disk_bytes: u64,
-    /// Shards this process deleted to stay under the limit.
+    /// Shards this stream deleted to stay under the limit.
     pub evictions: u64,
 }
 
@@ -273,7 +274,7 @@ impl ShardCache {
         Ok(cache)
     }
 
-    /// The counters of this process so far.
+    /// The counters of this opened cache so far.
     pub(crate) fn counts(&self) -> CacheCounts {
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);

@@ -36,8 +36,8 @@ pub(crate) const IMAGE_FIELDS: &[&str] = &["jpg", "jpeg", "png", "img"];
 pub(crate) struct Memory {
     bytes: AtomicU64,
     peak: AtomicU64,
-    /// Shard bytes read from the store so far (every open feed together; bytes from the shard
-    /// cache are counted there).
+    /// Shard bytes read from the store so far (every open feed together; bytes read from the
+    /// shard cache are counted in its counters instead).
     downloaded: AtomicU64,
 }
 

@@ -201,7 +201,7 @@ pub struct DataStats {
     /// Shard bytes this stream has read from the store so far (prefetched shards included;
     /// not those read from the shard cache).
     pub shard_bytes: u64,
-    /// The shard cache's counters in this process so far (`data.cache_dir`; zeros without).
+    /// The shard cache's counters of this stream so far (`data.cache_dir`; zeros without).
     pub cache: CacheCounts,
     /// Partitions this rank streams (`partitions / world_size`; 0 for evaluation).
     pub partitions: u64,
