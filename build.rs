@@ -7,7 +7,9 @@
 //! through LD_LIBRARY_PATH, loads the real `libtorch.so`, which pulls in `libtorch_cuda.so`.
 //!
 //! It also compiles `csrc/gpu_shim.cpp` (autocast dtype, channels-last: libtorch calls tch does
-//! not expose; `src/model/gpu.rs`) against libtorch's headers, with torch-sys's flags.
+//! not expose; `src/model/gpu.rs`) and `csrc/grad_hooks.cpp` (autograd's post-accumulate-grad
+//! hooks and gradient views: `src/collective/reducer.rs`) against libtorch's headers, with
+//! torch-sys's flags.
 //!
 //! And it sets the cfg `devise_no_shared` when the project's real-data folder `../shared/data`
 //! is missing: the integration tests that read it are then ignored, with that reason
@@ -28,6 +30,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/gpu_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/grad_hooks.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set: run scripts/setup.sh (binaries will need LD_LIBRARY_PATH)");
@@ -47,6 +50,7 @@ fn main() {
         ))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/gpu_shim.cpp")
+        .file("csrc/grad_hooks.cpp")
         .compile("devise_gpu_shim");
     let lib = root.join("lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());

@@ -169,12 +169,15 @@ impl Optimizer {
             .collect()
     }
 
-    /// Clears the gradients of every parameter.
+    /// Zeroes the gradient of every parameter, in place (a gradient may be a view into a
+    /// data-parallel bucket, which must stay where it is).
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
             let mut g = p.grad();
             if g.defined() {
-                let _ = g.detach_().zero_();
+                tch::no_grad(|| {
+                    let _ = g.zero_();
+                });
             }
         }
     }

@@ -2,16 +2,11 @@
 //!
 //! - [`broadcast_variables`]: at start (fresh or resumed), every rank takes rank 0's parameters
 //!   and buffers, so the replicas start identical whatever each process initialised or loaded.
-//! - [`GradientBuckets`]: after `backward`, gradients are copied into flat buckets of at most
-//!   `dist.bucket_size_mb` (one dtype per bucket, tensors in a fixed order), each bucket is
-//!   averaged with one all-reduce, and the result copied back. Equal per-rank batch sizes make
-//!   the mean of per-rank mean-loss gradients the gradient of the global batch's mean loss.
-//!   (Buckets are reduced after the whole backward pass: tch exposes no per-parameter gradient
-//!   hooks, so reduction does not overlap backward as PyTorch DDP's does.)
+//! - gradients: averaged in buckets overlapped with backward, by [`super::reducer::Reducer`].
 //! - [`check_identical`]: a checksum of every variable compared across ranks; a difference is
 //!   an error on every rank (so they stop together), naming the ranks and the step.
 //!
-//! All three must be called by every rank at the same point with the same variable list.
+//! Each must be called by every rank at the same point with the same variable list.
 use anyhow::{bail, Context, Result};
 use std::hash::Hasher;
 use tch::{Device, Kind, Tensor};
@@ -71,26 +66,6 @@ pub fn broadcast_variables(
         return Ok(());
     }
     per_bucket(variables, bucket_bytes, |flat| collective.broadcast(flat))
-}
-
-/// Averages gradients over ranks in buckets (see the module docs).
-#[derive(Debug, Clone, Copy)]
-pub struct GradientBuckets {
-    /// Largest bucket, bytes.
-    pub bucket_bytes: usize,
-}
-
-impl GradientBuckets {
-    /// In place: every gradient becomes its mean over ranks. `grads` in the same order on every
-    /// rank (the optimizer's parameter order).
-    pub fn all_reduce_mean(&self, collective: &dyn Collective, grads: &mut [Tensor]) -> Result<()> {
-        if collective.world_size() == 1 {
-            return Ok(());
-        }
-        per_bucket(grads, self.bucket_bytes, |flat| {
-            collective.all_reduce(flat, ReduceOp::Mean)
-        })
-    }
 }
 
 /// A 64-bit hash of the exact bytes of `tensors` (SipHash, deterministic across processes).
@@ -186,17 +161,9 @@ mod tests {
     }
 
     #[test]
-    fn gradients_are_averaged_and_variables_broadcast_in_buckets() {
+    fn variables_are_broadcast_in_buckets_and_checked() {
         let out = with_ring(2, |ring| {
             let r = ring.rank() as f64;
-            let mut grads = vec![
-                Tensor::full([3, 4], r, (Kind::Float, Device::Cpu)),
-                Tensor::full([5], 10.0 * r, (Kind::Float, Device::Cpu)),
-                Tensor::full([2, 2], r, (Kind::BFloat16, Device::Cpu)),
-            ];
-            GradientBuckets { bucket_bytes: 40 }
-                .all_reduce_mean(&ring, &mut grads)
-                .unwrap();
             let mut vars = vec![
                 Tensor::full([7], r + 1.0, (Kind::Float, Device::Cpu)),
                 Tensor::full([2], r as i64 + 1, (Kind::Int64, Device::Cpu)),
@@ -226,17 +193,9 @@ mod tests {
                 check_same_setup(&ring, "a = 1", &other).unwrap_err()
             );
             assert!(shape_err.contains("shapes"), "{shape_err}");
-            (
-                grads
-                    .iter()
-                    .map(|g| g.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]))
-                    .collect::<Vec<_>>(),
-                Vec::<i64>::try_from(&vars[1]).unwrap(),
-                e,
-            )
+            (Vec::<i64>::try_from(&vars[1]).unwrap(), e)
         });
-        for (means, var, e) in out {
-            assert_eq!(means, vec![0.5, 5.0, 0.5]);
+        for (var, e) in out {
             assert_eq!(var, vec![1, 1], "Int64 buffers broadcast too");
             assert!(e.contains("step 7") && e.contains("[1]"), "{e}");
         }

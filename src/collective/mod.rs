@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 pub mod ddp;
+pub mod reducer;
 pub mod ring;
 pub mod store;
 
@@ -45,9 +46,20 @@ pub struct Config {
     /// `auto` (NCCL when `run.device` is CUDA, else `cpu`), `cpu`, or `nccl`.
     #[serde(default)]
     pub backend: Backend,
-    /// Gradients are averaged in flat buckets of at most this many MiB (one all-reduce each).
+    /// Gradients are averaged in flat buckets of at most this many MiB (one all-reduce each);
+    /// also the largest broadcast when the replicas start.
     #[serde(default = "default_bucket_mb")]
     pub bucket_size_mb: f64,
+    /// The first gradient bucket (the gradients backward produces first: the head's, the last
+    /// layers') holds at most this many MiB, so its all-reduce starts early in backward
+    /// (PyTorch DDP's 1 MiB first bucket).
+    #[serde(default = "default_first_bucket_mb")]
+    pub first_bucket_size_mb: f64,
+    /// Average each bucket of gradients while backward still computes the rest (`true`,
+    /// default), or after the whole backward pass (`false`). Both give bit-identical results;
+    /// `false` is there to measure what the overlap hides.
+    #[serde(default = "default_true")]
+    pub overlap: bool,
     /// Every this many steps the ranks compare a checksum of their parameters (and their data
     /// cursors) and stop with an error naming the step when they differ (0: never).
     #[serde(default = "default_check_every")]
@@ -110,6 +122,9 @@ impl std::fmt::Display for Backend {
 fn default_bucket_mb() -> f64 {
     25.0
 }
+fn default_first_bucket_mb() -> f64 {
+    1.0
+}
 fn default_check_every() -> u64 {
     100
 }
@@ -122,6 +137,8 @@ impl Default for Config {
         Config {
             backend: Backend::Auto,
             bucket_size_mb: default_bucket_mb(),
+            first_bucket_size_mb: default_first_bucket_mb(),
+            overlap: true,
             check_params_every_steps: default_check_every(),
             timeout_secs: default_timeout(),
             unix_sockets: true,
@@ -132,11 +149,13 @@ impl Default for Config {
 impl Config {
     /// Checks the section; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        if !(self.bucket_size_mb.is_finite() && self.bucket_size_mb > 0.0) {
-            bail!(
-                "dist.bucket_size_mb must be > 0, got {}",
-                self.bucket_size_mb
-            );
+        for (key, mb) in [
+            ("bucket_size_mb", self.bucket_size_mb),
+            ("first_bucket_size_mb", self.first_bucket_size_mb),
+        ] {
+            if !(mb.is_finite() && mb > 0.0) {
+                bail!("dist.{key} must be > 0, got {mb}");
+            }
         }
         if self.timeout_secs == 0 {
             bail!("dist.timeout_secs must be > 0");
@@ -147,6 +166,15 @@ impl Config {
     /// Bucket size in bytes.
     pub fn bucket_bytes(&self) -> usize {
         (self.bucket_size_mb * (1 << 20) as f64) as usize
+    }
+
+    /// How gradients are bucketed and when they are averaged.
+    pub fn reduce_plan(&self) -> reducer::Plan {
+        reducer::Plan {
+            first_bucket_bytes: (self.first_bucket_size_mb * (1 << 20) as f64) as usize,
+            bucket_bytes: self.bucket_bytes(),
+            overlap: self.overlap,
+        }
     }
 }
 
@@ -159,8 +187,18 @@ pub enum ReduceOp {
     Mean,
 }
 
-/// The operations the training loop needs from a process group.
-pub trait Collective {
+/// What [`Collective::start`] starts on a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// In place, the buffer becomes its sum or mean over ranks ([`Collective::all_reduce`]).
+    AllReduce(ReduceOp),
+    /// In place, rank 0's contents are copied to every rank ([`Collective::broadcast`]).
+    Broadcast,
+}
+
+/// The operations the training loop needs from a process group. `Sync`: the overlapped gradient
+/// reduction starts operations from a communication thread ([`reducer`]).
+pub trait Collective: Send + Sync {
     /// This process's rank, `0..world_size`.
     fn rank(&self) -> usize;
     /// Number of processes in the group.
@@ -181,9 +219,34 @@ pub trait Collective {
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
 
+    /// Starts `op` on `buffer` (the checks of [`Collective::all_reduce`] /
+    /// [`Collective::broadcast`]), ordered after the device work already queued that produced
+    /// the buffer; [`Collective::finish`] waits for everything started. What the overlapped
+    /// gradient reduction calls, from one thread, while backward runs.
+    ///
+    /// Until `finish` returns: operations run in the order started (the same on every rank), the
+    /// caller must not read or write `buffer` (this call keeps its storage alive), and no other
+    /// operation of this collective may be called. The default performs `op` at once on the
+    /// calling thread (the `cpu` ring: the caller is the communication thread); `nccl` enqueues
+    /// it on its own CUDA stream and returns.
+    fn start(&self, buffer: &Tensor, op: Started) -> Result<()> {
+        let mut buffer = buffer.shallow_clone();
+        match op {
+            Started::AllReduce(op) => self.all_reduce(&mut buffer, op),
+            Started::Broadcast => self.broadcast(&mut buffer),
+        }
+    }
+
+    /// Waits until every operation [`Collective::start`]ed has completed (the device's compute
+    /// stream is ordered after them); the first error of any. The default has nothing to wait
+    /// for.
+    fn finish(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Every tensor (any shape, dtype and device) becomes its sum or mean over ranks, computed
     /// in f32 in one flat buffer on [`Collective::device`]: meant for small lists (metrics,
-    /// counts: integers are exact below 2^24); gradients go through [`ddp::GradientBuckets`].
+    /// counts: integers are exact below 2^24); gradients go through [`reducer::Reducer`].
     fn all_reduce_tensors(&self, tensors: &mut [Tensor], op: ReduceOp) -> Result<()> {
         if self.world_size() == 1 || tensors.is_empty() {
             return Ok(());

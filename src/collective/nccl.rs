@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use super::store::Rendezvous;
-use super::{check_1d, check_flat, Collective, ReduceOp};
+use super::{check_1d, check_flat, Collective, ReduceOp, Started};
 
 /// Store key under which rank 0 publishes NCCL's unique id (128 bytes).
 pub const UNIQUE_ID_KEY: &str = "nccl/unique_id";
@@ -390,6 +390,18 @@ struct Comm(ncclComm_t);
 // behind a Mutex, and the init thread hands it over through a channel without keeping a copy.
 unsafe impl Send for Comm {}
 
+/// The overlapped operations' side ([`Collective::start`]): a stream of their own, created on
+/// first use with `CU_STREAM_NON_BLOCKING` (a blocking stream would synchronise with the legacy
+/// default stream, where backward runs, and nothing would overlap), and the buffers of the
+/// operations started and not yet finished, kept alive until then.
+struct Overlap {
+    stream: cu::CUstream,
+    pending: Vec<Tensor>,
+}
+// SAFETY: a CUDA stream handle may be used from any thread (with its context current); it is
+// only used behind the Mutex in `Nccl`.
+unsafe impl Send for Overlap {}
+
 /// A process group of `world_size` ranks, one GPU each, talking through NCCL.
 pub struct Nccl {
     rank: usize,
@@ -403,6 +415,8 @@ pub struct Nccl {
     ctx: Arc<CudaContext>,
     /// `None` once aborted after a failure. The lock also serialises operations.
     comm: Mutex<Option<Comm>>,
+    /// Locked before `comm` when both are.
+    overlap: Mutex<Overlap>,
     /// Kept alive: on rank 0 it hosts the store.
     _store: Rendezvous,
 }
@@ -456,6 +470,10 @@ impl Nccl {
             api,
             ctx,
             comm: Mutex::new(Some(comm)),
+            overlap: Mutex::new(Overlap {
+                stream: std::ptr::null_mut(),
+                pending: Vec::new(),
+            }),
             _store: store,
         })
     }
@@ -475,6 +493,19 @@ impl Nccl {
     /// Enqueues one collective with `enqueue` (given the communicator), then waits for it (see
     /// the module docs). Any failure aborts the communicator: the group is unusable afterwards.
     fn run(&self, what: &str, enqueue: impl FnOnce(&NcclApi, ncclComm_t) -> c_int) -> Result<()> {
+        self.with_comm(what, |comm| {
+            self.api.check(enqueue(self.api, comm), what)?;
+            // SAFETY: querying the legacy default stream of the current context (bound by
+            // `with_comm`) has no preconditions.
+            self.wait_until_done(comm, what, || unsafe {
+                cu::cuStreamQuery(std::ptr::null_mut())
+            })
+        })
+    }
+
+    /// Runs `body` with the communicator and this GPU's context current on the calling thread.
+    /// Any failure aborts the communicator: the group is unusable afterwards.
+    fn with_comm(&self, what: &str, body: impl FnOnce(ncclComm_t) -> Result<()>) -> Result<()> {
         let mut slot = self.comm.lock().unwrap_or_else(|p| p.into_inner());
         let Some(Comm(comm)) = slot.as_ref() else {
             bail!(
@@ -488,8 +519,7 @@ impl Nccl {
             self.ctx
                 .bind_to_thread()
                 .map_err(|e| anyhow!("making cuda:{}'s context current: {e}", self.ordinal))?;
-            self.api.check(enqueue(self.api, comm), what)?;
-            self.wait_for_default_stream(comm, what)
+            body(comm)
         });
         if let Err(e) = result {
             // The communicator's state is unknown (a kernel may still wait for peers): abort
@@ -506,15 +536,19 @@ impl Nccl {
         Ok(())
     }
 
-    /// Returns once the legacy default stream is idle; fails on a CUDA error, on an
-    /// asynchronous NCCL error (a peer died, the network failed), or after `timeout`.
-    fn wait_for_default_stream(&self, comm: ncclComm_t, what: &str) -> Result<()> {
+    /// Returns once `query` (`cuStreamQuery` or `cuEventQuery`) says the work is done; fails on
+    /// a CUDA error, on an asynchronous NCCL error (a peer died, the network failed), or after
+    /// `timeout`. Polls with sleeps growing from 10 us to 1 ms.
+    fn wait_until_done(
+        &self,
+        comm: ncclComm_t,
+        what: &str,
+        query: impl Fn() -> cu::CUresult,
+    ) -> Result<()> {
         let started = Instant::now();
         let mut pause = Duration::from_micros(10);
         loop {
-            // SAFETY: querying the legacy default stream of the current context (bound by the
-            // caller) has no preconditions.
-            match unsafe { cu::cuStreamQuery(std::ptr::null_mut()) } {
+            match query() {
                 cu::CUresult::CUDA_SUCCESS => return Ok(()),
                 cu::CUresult::CUDA_ERROR_NOT_READY => {}
                 e => bail!(
@@ -630,6 +664,16 @@ fn init_comm(
 
 impl Drop for Nccl {
     fn drop(&mut self) {
+        let overlap = self.overlap.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !overlap.stream.is_null() {
+            let stream = overlap.stream;
+            let _ = guarded("cuStreamDestroy", || {
+                let _ = self.ctx.bind_to_thread();
+                // SAFETY: our own stream, never used again; CUDA lets queued work finish first.
+                let _ = unsafe { cu::cuStreamDestroy_v2(stream) };
+                Ok(())
+            });
+        }
         let comm = self
             .comm
             .get_mut()
@@ -714,6 +758,135 @@ impl Collective for Nccl {
         let mut one = Tensor::f_ones([1], (Kind::Float, Device::Cuda(self.ordinal)))?;
         self.all_reduce(&mut one, ReduceOp::Sum).context("barrier")
     }
+
+    /// Enqueues `op` on the overlap stream behind an event recorded now on the legacy default
+    /// stream (so it runs after the kernels that produced `buffer`, and backward's later kernels
+    /// are not waited for), and returns.
+    fn start(&self, buffer: &Tensor, op: Started) -> Result<()> {
+        let what = match op {
+            Started::AllReduce(_) => "all-reduce (overlapped)",
+            Started::Broadcast => "broadcast (overlapped)",
+        };
+        match op {
+            Started::AllReduce(_) => check_flat(buffer, what)?,
+            Started::Broadcast => check_1d(buffer, what)?,
+        }
+        self.check_device(buffer, what)?;
+        let (count, dtype, red) = match op {
+            Started::AllReduce(op) => (buffer.numel(), nccl_dtype(buffer.kind())?, nccl_op(op)),
+            Started::Broadcast => (
+                buffer.numel() * buffer.kind().elt_size_in_bytes(),
+                ncclDataType_t::ncclUint8 as c_int,
+                0,
+            ),
+        };
+        if count == 0 {
+            return Ok(());
+        }
+        let ptr = buffer.data_ptr();
+        let mut overlap = self.overlap.lock().unwrap_or_else(|p| p.into_inner());
+        self.with_comm(what, |comm| {
+            if overlap.stream.is_null() {
+                let mut stream = std::ptr::null_mut();
+                // SAFETY: writes a new stream handle of the current context.
+                cuda_check(
+                    unsafe {
+                        cu::cuStreamCreate(
+                            &mut stream,
+                            cu::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32,
+                        )
+                    },
+                    "cuStreamCreate",
+                )?;
+                overlap.stream = stream;
+            }
+            let stream = overlap.stream;
+            // SAFETY: `event` is created, recorded on the legacy default stream, waited for by
+            // our stream and released (CUDA keeps it until the wait is done).
+            unsafe {
+                let mut event = std::ptr::null_mut();
+                cuda_check(
+                    cu::cuEventCreate(
+                        &mut event,
+                        cu::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
+                    ),
+                    "cuEventCreate",
+                )?;
+                let recorded = cu::cuEventRecord(event, std::ptr::null_mut());
+                let waited = cu::cuStreamWaitEvent(stream, event, 0);
+                cu::cuEventDestroy_v2(event);
+                cuda_check(recorded, "cuEventRecord")?;
+                cuda_check(waited, "cuStreamWaitEvent")?;
+            }
+            // SAFETY: `ptr` addresses `count` elements of `dtype` on this rank's GPU (checked
+            // above), kept alive in `pending` and not accessed by the caller until `finish`
+            // returns (the trait's contract); in place is allowed by NCCL.
+            let code = unsafe {
+                match op {
+                    Started::AllReduce(_) => {
+                        (self.api.all_reduce)(ptr, ptr, count, dtype, red, comm, stream.cast())
+                    }
+                    Started::Broadcast => {
+                        (self.api.broadcast)(ptr, ptr, count, dtype, 0, comm, stream.cast())
+                    }
+                }
+            };
+            self.api.check(code, what)
+        })?;
+        overlap.pending.push(buffer.shallow_clone());
+        Ok(())
+    }
+
+    /// Makes the legacy default stream wait for everything started (the optimizer step queued
+    /// after it sees the results), and waits on the host too: errors and `dist.timeout_secs`
+    /// surface here, and the vote can be read.
+    fn finish(&self) -> Result<()> {
+        let mut overlap = self.overlap.lock().unwrap_or_else(|p| p.into_inner());
+        if overlap.pending.is_empty() {
+            return Ok(());
+        }
+        let stream = overlap.stream;
+        let what = "overlapped operations";
+        let result = self.with_comm(what, |comm| {
+            let mut event = std::ptr::null_mut();
+            // SAFETY: a new event of the current context, recorded on our stream, waited for by
+            // the default stream and polled, then released.
+            unsafe {
+                cuda_check(
+                    cu::cuEventCreate(
+                        &mut event,
+                        cu::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
+                    ),
+                    "cuEventCreate",
+                )?;
+            }
+            let waited = (|| {
+                // SAFETY: as above.
+                unsafe {
+                    cuda_check(cu::cuEventRecord(event, stream), "cuEventRecord")?;
+                    cuda_check(
+                        cu::cuStreamWaitEvent(std::ptr::null_mut(), event, 0),
+                        "cuStreamWaitEvent",
+                    )?;
+                }
+                // SAFETY: `event` is live until destroyed below.
+                self.wait_until_done(comm, what, || unsafe { cu::cuEventQuery(event) })
+            })();
+            // SAFETY: the event is not used after this.
+            unsafe { cu::cuEventDestroy_v2(event) };
+            waited
+        });
+        overlap.pending.clear();
+        result
+    }
+}
+
+/// A CUDA driver result as an error naming the call.
+fn cuda_check(code: cu::CUresult, call: &str) -> Result<()> {
+    if code != cu::CUresult::CUDA_SUCCESS {
+        bail!("{call}: {}", cudarc::driver::DriverError(code));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -265,6 +265,26 @@ impl DeviseModel {
         named
     }
 
+    /// Indices into `params` (parameters of this model) in the order the model created them:
+    /// the order of the forward pass, which backward reverses. Tensors are matched by identity
+    /// (their storage); any not found keep their relative order at the end.
+    pub fn creation_order(&self, params: &[Tensor]) -> Vec<usize> {
+        let rank: std::collections::HashMap<usize, usize> = self
+            .vs
+            .trainable_variables()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.data_ptr() as usize, i))
+            .collect();
+        let mut order: Vec<usize> = (0..params.len()).collect();
+        order.sort_by_key(|&i| {
+            rank.get(&(params[i].data_ptr() as usize))
+                .copied()
+                .unwrap_or(usize::MAX)
+        });
+        order
+    }
+
     /// Every variable (parameters and BatchNorm statistics), sorted by name: what a checkpoint holds.
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();

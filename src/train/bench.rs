@@ -4,14 +4,15 @@
 //! (`bench/gpu.sh`, BENCHMARKS.md). With a collective (`--collective nccl`, even in a one-rank world)
 //! it also all-reduces a gradient-sized buffer and checks the result: the NCCL smoke test.
 use super::batches::Input;
-use super::step::{stage_parameters, train_step, StepVotes};
-use crate::collective::{ddp, Collective, ReduceOp};
+use super::step::{stage_parameters, train_step};
+use crate::collective::reducer::{self, Reducer};
+use crate::collective::{Collective, ReduceOp};
 use crate::config::plan::StageKind;
 use crate::model::gpu::Precision;
 use crate::model::{self, DeviseModel, Encoder};
 use crate::optim::{self, Algorithm, Optimizer};
 use anyhow::{bail, Context, Result};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// What to time.
@@ -35,6 +36,8 @@ pub struct BenchStep {
     pub steps: u64,
     /// Untimed steps first (cuDNN autotuning, allocator warm-up).
     pub warmup: u64,
+    /// Gradient buckets and overlap (with more than one rank).
+    pub reduce: reducer::Plan,
 }
 
 /// What was measured.
@@ -46,8 +49,15 @@ pub struct BenchResult {
     pub step_ms: f64,
     /// The last step's loss (finite, or the run fails).
     pub last_loss: f64,
+    /// Mean milliseconds per timed step spent waiting for communication after backward (the
+    /// exposed part of the gradient all-reduce; 0 with one rank).
+    pub exposed_comm_ms: f64,
+    /// Bytes of each gradient bucket, in start order (empty with one rank).
+    pub buckets: Vec<usize>,
     /// All-reduce smoke test, when a collective was given: (bytes, milliseconds per call,
-    /// calls) with the result checked against the input.
+    /// calls) with the result checked against the input: a sum of every trained parameter's
+    /// size in one buffer, so with several ranks the time of the whole gradient all-reduce done
+    /// after backward.
     pub all_reduce: Option<(usize, f64, usize)>,
 }
 
@@ -85,9 +95,22 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
     /// Join the process group of the rank environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    /// MASTER_PORT; one rank is fine) with this backend and check an all-reduce.
+    /// MASTER_PORT; one rank is fine) with this backend and check an all-reduce. Without it each
+    /// process steps alone (no communication), also under `devise-launch`.
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub collective: Option<crate::collective::Backend>,
+    /// `dist.overlap`: all-reduce gradient buckets during backward.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub overlap: bool,
+    /// `dist.bucket_size_mb`.
+    #[arg(long, default_value_t = 25.0)]
+    pub bucket_size_mb: f64,
+    /// `dist.first_bucket_size_mb`.
+    #[arg(long, default_value_t = 1.0)]
+    pub first_bucket_size_mb: f64,
+    /// `dist.unix_sockets`: `false` sends same-host traffic over TCP too (through a shaped link).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub unix_sockets: bool,
     /// --device, --dry-run.
     #[command(flatten)]
     pub worker: crate::config::WorkerArgs,
@@ -99,6 +122,15 @@ pub struct Args {
 pub fn run_command(args: &Args) -> Result<()> {
     use crate::collective::{self, Join, SingleProcess, WorkerEnv};
     let env = WorkerEnv::from_env().context("reading the rank environment")?;
+    let dist = collective::Config {
+        backend: args.collective.unwrap_or_default(),
+        bucket_size_mb: args.bucket_size_mb,
+        first_bucket_size_mb: args.first_bucket_size_mb,
+        overlap: args.overlap,
+        unix_sockets: args.unix_sockets,
+        ..Default::default()
+    };
+    dist.validate()?;
     let device_kind = args.worker.device.unwrap_or_default();
     let device = crate::train::select_device(device_kind, env.local_rank, env.local_world_size)
         .with_context(|| format!("choosing the GPU of {env}"))?;
@@ -112,6 +144,7 @@ pub fn run_command(args: &Args) -> Result<()> {
         classes: args.classes,
         steps: args.steps,
         warmup: args.warmup,
+        reduce: dist.reduce_plan(),
     };
     if args.worker.dry_run {
         println!("world: {env}");
@@ -127,13 +160,7 @@ pub fn run_command(args: &Args) -> Result<()> {
     }
     let group: Box<dyn Collective> = match args.collective {
         None => Box::new(SingleProcess),
-        Some(backend) => {
-            let cfg = collective::Config {
-                backend,
-                ..Default::default()
-            };
-            collective::init_with(&env, &cfg, device, Join::Always)?
-        }
+        Some(_) => collective::init_with(&env, &dist, device, Join::Always)?,
     };
     let result = run(&bench, device, group.as_ref(), args.collective.is_some())?;
     println!(
@@ -145,6 +172,10 @@ pub fn run_command(args: &Args) -> Result<()> {
             "stage": args.stage,
             "precision": args.precision,
             "channels_last": args.channels_last,
+            "world_size": group.world_size(),
+            "overlap": args.overlap,
+            "bucket_size_mb": args.bucket_size_mb,
+            "first_bucket_size_mb": args.first_bucket_size_mb,
             "device": format!("{device:?}"),
             "threads": tch::get_num_threads(),
             "result": result,
@@ -208,8 +239,26 @@ pub fn run(
         final_lr_fraction: 0.0,
     };
     let mut opt = Optimizer::new(&opt_cfg, model.parameters(stage_parameters(b.stage)));
-    let reducer = ddp::GradientBuckets {
-        bucket_bytes: 25 << 20,
+    let params: Vec<Tensor> = opt
+        .params()
+        .iter()
+        .map(|(_, p)| p.shallow_clone())
+        .collect();
+    let reducer = Reducer::new(
+        collective,
+        b.reduce,
+        &params,
+        &model.creation_order(&params),
+    )?;
+    // As the training loop: BatchNorm statistics from rank 0 in the stages that change them.
+    let mut buffers: Vec<Tensor> = match b.stage {
+        StageKind::Devise => Vec::new(),
+        _ => model
+            .state_dict()
+            .into_iter()
+            .filter(|(_, t)| !t.requires_grad())
+            .map(|(_, t)| t)
+            .collect(),
     };
     let s = b.image_size;
     let images = Tensor::randn([b.batch_size, 3, s, s], (Kind::Float, device));
@@ -220,29 +269,34 @@ pub fn run(
     };
     let mut started = Instant::now();
     let mut last_loss = f64::NAN;
+    let mut exposed = Duration::ZERO;
     for step in 1..=b.warmup + b.steps {
         if step == b.warmup + 1 {
             synchronize(device);
+            collective.barrier()?;
             started = Instant::now();
+            exposed = Duration::ZERO;
         }
         let input = Input::Images(images.shallow_clone(), labels.shallow_clone());
-        let (loss, health, _) = train_step(
+        let (votes, comm) = train_step(
             &model,
             &mut opt,
-            collective,
             &reducer,
+            collective,
             b.stage,
             input,
             &seen_labels,
             &loss_cfg,
             step,
+            &|| false,
+            &mut buffers,
         )?;
-        let votes = StepVotes::all_reduce(collective, loss, health, false, device)?;
         if !votes.unhealthy.is_empty() {
             bail!("step {step}: non-finite loss or gradients");
         }
         opt.step(opt_cfg.lr);
         last_loss = votes.mean_loss;
+        exposed += comm;
     }
     synchronize(device);
     let seconds = started.elapsed().as_secs_f64();
@@ -255,6 +309,8 @@ pub fn run(
         images_per_sec: (b.steps as i64 * b.batch_size) as f64 / seconds,
         step_ms: 1000.0 * seconds / b.steps as f64,
         last_loss,
+        exposed_comm_ms: 1000.0 * exposed.as_secs_f64() / b.steps as f64,
+        buckets: reducer.bucket_bytes(),
         all_reduce,
     })
 }

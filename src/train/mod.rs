@@ -225,14 +225,7 @@ pub fn train(plan: &Plan, opts: &RunOptions, collective: &dyn Collective) -> Res
     let bucket_bytes = cfg.dist.bucket_bytes();
     let mut replicas = Replicas::start(collective, &cfg.to_toml(), &model, bucket_bytes)?;
     let seen_labels = plan.seen_label_embedding().to(device); // [seen, embed_dim]
-    let stepper = Stepper::new(
-        &model,
-        collective,
-        bucket_bytes,
-        seen_labels,
-        &cfg.loss,
-        cfg.run.seed,
-    );
+    let stepper = Stepper::new(&model, collective, seen_labels, &cfg.loss, cfg.run.seed);
     let base_seconds = state.train_seconds; // earlier sessions of this run
     let mut metrics = Metrics::open(&run, state.step, collective.rank() == 0)?;
     let mut evals = metrics::read_evals(&run)?;
@@ -264,25 +257,35 @@ pub fn train(plan: &Plan, opts: &RunOptions, collective: &dyn Collective) -> Res
     for step in state.step + 1..=plan.total_steps {
         // The batch.
         let stage = plan.stage_at(step);
-        let opt = optimizers.for_stage(&model, stage, resumed.as_ref(), step)?;
+        let (opt, reducer) = optimizers.for_stage(
+            &model,
+            stage,
+            resumed.as_ref(),
+            step,
+            collective,
+            cfg.dist.reduce_plan(),
+        )?;
         let wait = Instant::now();
         let lr = stage.lr_at(step);
         let input = batches.next(step, stage, &model, &mut state.cursor)?;
         let (data_wait, images) = (wait.elapsed(), input.len());
         faults.hang_if_due(step, collective.rank());
         devise_launch::heartbeat::beat();
-        // The step, and the ranks' vote on its loss, its finiteness and stopping.
+        // The step (gradients averaged, BatchNorm statistics from rank 0 where the stage
+        // changes them), and the ranks' vote on its loss, its finiteness and stopping.
         let snapshot = non_finite.snapshot(stage.kind, &replicas.buffers);
-        let (votes, mut comm) =
-            stepper.step(opt, stage.kind, input, step, || opts.stop_requested(step))?;
+        let buffers = match stage.kind {
+            StageKind::Devise => &mut [][..],
+            _ => &mut replicas.buffers[..],
+        };
+        let want_stop = || opts.stop_requested(step);
+        let (votes, comm) =
+            stepper.step(opt, reducer, stage.kind, input, step, &want_stop, buffers)?;
         // Apply or skip, on every rank alike.
         let applied =
             non_finite.verdict(&votes, step, stage.kind, snapshot, &mut replicas.buffers)?;
         if applied {
             opt.step(lr);
-            if stage.kind != StageKind::Devise {
-                comm += replicas.broadcast_buffers(collective)?;
-            }
         } else {
             state.skipped_steps += 1;
         }

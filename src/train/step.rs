@@ -6,30 +6,37 @@
 use super::batches::Input;
 use super::fault;
 use crate::checkpoint;
-use crate::collective::{ddp, Collective, ReduceOp};
+use crate::collective::reducer::{self, Reducer, StepInput};
+use crate::collective::{ddp, Collective};
 use crate::config::plan::{StageKind, StagePlan};
 use crate::data::reader::Cursor;
 use crate::loss;
 use crate::model::DeviseModel;
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
-use std::time::{Duration, Instant};
-use tch::{Device, Tensor};
+use std::time::Duration;
+use tch::Tensor;
 
-/// One optimizer step on one batch; returns the batch's loss (this rank's) and the time spent
-/// averaging gradients across ranks.
+pub(crate) use reducer::Votes as StepVotes;
+
+/// One optimizer step's forward and backward on one batch, with the gradients averaged across
+/// ranks (overlapped with backward, [`Reducer`]); returns the ranks' votes and the time this rank
+/// waited for communication after its backward pass. `want_stop` is asked when this rank's vote
+/// is cast; `broadcast` (BatchNorm statistics, or empty) takes rank 0's values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_step(
     model: &DeviseModel,
     opt: &mut Optimizer,
+    reducer: &Reducer,
     collective: &dyn Collective,
-    reducer: &ddp::GradientBuckets,
     kind: StageKind,
     input: Input,
     seen_labels: &Tensor,
     loss_cfg: &loss::Config,
     step: u64,
-) -> Result<(f64, Health, Duration)> {
+    want_stop: &(dyn Fn() -> bool + Sync),
+    broadcast: &mut [Tensor],
+) -> Result<(StepVotes, Duration)> {
     opt.zero_grad();
     // The first-violation hinge's random label order: keys for the whole global batch
     // `[batch * world_size, classes]`, this rank keeping rows `rank, rank + world_size, ...` (its
@@ -86,144 +93,23 @@ pub(crate) fn train_step(
     } else {
         loss
     };
-    loss.backward();
-    let mut grads = opt.grads();
-    if faults.inf_grad == Some((step, rank)) {
+    let inf_grad = faults.inf_grad == Some((step, rank));
+    if inf_grad {
         tracing::warn!(
             "{}: +inf gradient at step {step} (injected fault)",
             fault::ENV
         );
-        tch::no_grad(|| {
-            let _ = grads[0].view([-1]).get(0).fill_(f64::INFINITY);
-        });
     }
-    // Checked on this rank's own gradients, before the all-reduce mixes them: the vote below
-    // names the rank where it happened.
-    let loss = f64::try_from(&loss)?;
-    let health = if !loss.is_finite() {
-        Health::NonFiniteLoss
-    } else if !all_finite(&grads)? {
-        Health::NonFiniteGradients
-    } else {
-        Health::Finite
+    let step_input = StepInput {
+        loss: &loss,
+        want_stop,
+        broadcast,
+        inf_grad,
     };
-    let comm = Instant::now();
-    reducer.all_reduce_mean(collective, &mut grads)?;
-    Ok((loss, health, comm.elapsed()))
-}
-
-/// Whether every element of every tensor is finite (one host sync for all of them): one
-/// `aminmax` pass per tensor (NaN propagates to both, an infinity shows in one), then the sum
-/// of those extremes in float64 (finite float32 extremes cannot overflow it). 7x cheaper than
-/// `isfinite().all()`, which writes and re-reads a bool tensor of every gradient's size
-/// (BENCHMARKS.md, training step).
-fn all_finite(tensors: &[Tensor]) -> Result<bool> {
-    let extremes: Vec<Tensor> = tensors
-        .iter()
-        .filter(|t| t.numel() > 0)
-        .flat_map(|t| {
-            let (min, max) = t.aminmax(None::<i64>, false);
-            [
-                min.to_kind(tch::Kind::Double),
-                max.to_kind(tch::Kind::Double),
-            ]
-        })
-        .collect();
-    if extremes.is_empty() {
-        return Ok(true);
-    }
-    Ok(f64::try_from(Tensor::stack(&extremes, 0).sum(tch::Kind::Double))?.is_finite())
-}
-
-/// One rank's loss and gradients before the all-reduce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Health {
-    Finite,
-    NonFiniteLoss,
-    NonFiniteGradients,
-}
-
-/// What the ranks agreed on after a step's backward pass (one all-reduce of `2 + world_size`
-/// floats).
-pub(crate) struct StepVotes {
-    /// Mean of the ranks' losses (finite ones only; NaN when none is).
-    pub(crate) mean_loss: f64,
-    /// Some rank was asked to stop.
-    pub(crate) stop: bool,
-    /// `(rank, what)` of every rank whose loss or gradients were not finite.
-    pub(crate) unhealthy: Vec<(usize, Health)>,
-}
-
-impl StepVotes {
-    pub(crate) fn all_reduce(
-        collective: &dyn Collective,
-        loss: f64,
-        health: Health,
-        want_stop: bool,
-        device: Device,
-    ) -> Result<Self> {
-        let (w, r) = (collective.world_size(), collective.rank());
-        // [sum of finite losses, ranks with a finite loss, stop votes, health code per rank]
-        let mut values = vec![0f32; 3 + w];
-        if loss.is_finite() {
-            values[0] = loss as f32;
-            values[1] = 1.0;
-        }
-        values[2] = f32::from(u8::from(want_stop));
-        values[3 + r] = match health {
-            Health::Finite => 0.0,
-            Health::NonFiniteLoss => 1.0,
-            Health::NonFiniteGradients => 2.0,
-        };
-        if w > 1 {
-            let mut t = Tensor::from_slice(&values).to_device(device);
-            collective.all_reduce(&mut t, ReduceOp::Sum)?;
-            values = Vec::<f32>::try_from(t.to_device(Device::Cpu))?;
-        }
-        let unhealthy = values[3..]
-            .iter()
-            .enumerate()
-            .filter_map(|(rank, &code)| match code as u8 {
-                0 => None,
-                1 => Some((rank, Health::NonFiniteLoss)),
-                _ => Some((rank, Health::NonFiniteGradients)),
-            })
-            .collect();
-        Ok(StepVotes {
-            mean_loss: if values[1] > 0.0 {
-                f64::from(values[0]) / f64::from(values[1])
-            } else {
-                f64::NAN
-            },
-            stop: values[2] > 0.0,
-            unhealthy,
-        })
-    }
-
-    /// `non-finite loss on rank(s) 1; non-finite gradients (finite loss) on rank(s) 0, 3`.
-    pub(crate) fn describe_unhealthy(&self) -> String {
-        let ranks = |h: Health| -> Vec<String> {
-            self.unhealthy
-                .iter()
-                .filter(|(_, x)| *x == h)
-                .map(|(r, _)| r.to_string())
-                .collect()
-        };
-        let mut parts = Vec::new();
-        for (h, what) in [
-            (Health::NonFiniteLoss, "non-finite loss (NaN/inf)"),
-            (
-                Health::NonFiniteGradients,
-                "non-finite gradients (finite loss)",
-            ),
-        ] {
-            let r = ranks(h);
-            if !r.is_empty() {
-                parts.push(format!("{what} on rank(s) {}", r.join(", ")));
-            }
-        }
-        parts.join("; ")
-    }
+    reducer.backward(collective, step_input, || {
+        loss.f_backward().context("backward")?;
+        Ok(())
+    })
 }
 
 /// libtorch generator seed for `step`: a SplitMix64 mix of (seed, step), so every step's random
@@ -248,90 +134,120 @@ pub(crate) fn stage_parameters(kind: StageKind) -> &'static [&'static str] {
 pub(crate) struct Stepper<'a> {
     model: &'a DeviseModel,
     collective: &'a dyn Collective,
-    /// The gradient mean, bucket by bucket.
-    reducer: ddp::GradientBuckets,
     /// The training labels' vectors `[seen, embed_dim]`, on the model's device.
     seen_labels: Tensor,
     loss: &'a loss::Config,
     /// `run.seed`.
     seed: u64,
-    device: Device,
 }
 
 impl<'a> Stepper<'a> {
-    /// Steps of `model` against `seen_labels` with the `loss` settings; gradients are averaged in
-    /// buckets of at most `bucket_bytes`.
+    /// Steps of `model` against `seen_labels` with the `loss` settings.
     pub(crate) fn new(
         model: &'a DeviseModel,
         collective: &'a dyn Collective,
-        bucket_bytes: usize,
         seen_labels: Tensor,
         loss: &'a loss::Config,
         seed: u64,
     ) -> Self {
-        let device = seen_labels.device();
         Stepper {
             model,
             collective,
-            reducer: ddp::GradientBuckets { bucket_bytes },
             seen_labels,
             loss,
             seed,
-            device,
         }
     }
 
     /// Global step `step` of a `kind` stage on `input`: re-seeds libtorch's generator from
-    /// `(seed, step)`, runs [`train_step`], then one small all-reduce: the global batch's mean
-    /// loss, the ranks whose loss or gradients are not finite, and whether any rank was asked to
-    /// stop (`want_stop`, asked after the step; a signal may reach only some ranks, and all must
-    /// checkpoint at the same step). Returns the votes and the time spent communicating.
+    /// `(seed, step)` and runs [`train_step`] with the stage's `reducer`. The votes: the global
+    /// batch's mean loss, the ranks whose loss or gradients are not finite, and whether any rank
+    /// was asked to stop (`want_stop`; a signal may reach only some ranks, and all must
+    /// checkpoint at the same step). `buffers` (BatchNorm statistics, empty in stages that do not
+    /// change them) take rank 0's values. Returns the votes and the time spent waiting for
+    /// communication after backward.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn step(
         &self,
         opt: &mut Optimizer,
+        reducer: &Reducer,
         kind: StageKind,
         input: Input,
         step: u64,
-        want_stop: impl FnOnce() -> bool,
+        want_stop: &(dyn Fn() -> bool + Sync),
+        buffers: &mut [Tensor],
     ) -> Result<(StepVotes, Duration)> {
         tch::manual_seed(step_seed(self.seed, step));
-        let (loss, health, comm) = train_step(
+        train_step(
             self.model,
             opt,
+            reducer,
             self.collective,
-            &self.reducer,
             kind,
             input,
             &self.seen_labels,
             self.loss,
             step,
-        )?;
-        let voting = Instant::now();
-        let votes = StepVotes::all_reduce(self.collective, loss, health, want_stop(), self.device)?;
-        Ok((votes, comm + voting.elapsed()))
+            want_stop,
+            buffers,
+        )
     }
 }
 
-/// The current stage's optimizer: a fresh one when a stage starts, or, when resuming inside the
-/// stage the checkpoint was written in, one with the checkpoint's state.
+/// The current stage's optimizer and gradient reducer: fresh ones when a stage starts, or, when
+/// resuming inside the stage the checkpoint was written in, an optimizer with the checkpoint's
+/// state.
 #[derive(Default)]
 pub(crate) struct StageOptimizer {
-    current: Option<(StageKind, Optimizer)>,
+    current: Option<(StageKind, Optimizer, Reducer)>,
 }
 
 impl StageOptimizer {
-    /// The optimizer of `stage` at global step `step`, made when the stage changes.
+    /// The optimizer and reducer of `stage` at global step `step`, made when the stage changes
+    /// (`plan`: the reducer's buckets and overlap).
     pub(crate) fn for_stage(
         &mut self,
         model: &DeviseModel,
         stage: &StagePlan,
         resumed: Option<&checkpoint::Loaded>,
         step: u64,
-    ) -> Result<&mut Optimizer> {
-        if self.current.as_ref().map(|(k, _)| *k) != Some(stage.kind) {
-            self.current = Some((stage.kind, stage_optimizer(model, stage, resumed, step)?));
+        collective: &dyn Collective,
+        plan: reducer::Plan,
+    ) -> Result<(&mut Optimizer, &Reducer)> {
+        if self.current.as_ref().map(|(k, ..)| *k) != Some(stage.kind) {
+            // The old reducer lets go of its hooks and gradient views before the new one takes
+            // the parameters the stages share.
+            self.current = None;
+            let opt = stage_optimizer(model, stage, resumed, step)?;
+            let params: Vec<Tensor> = opt
+                .params()
+                .iter()
+                .map(|(_, p)| p.shallow_clone())
+                .collect();
+            let order = model.creation_order(&params);
+            let reducer = Reducer::new(collective, plan, &params, &order)?;
+            let buckets = reducer.bucket_bytes();
+            if collective.rank() == 0 && !buckets.is_empty() {
+                let mib: Vec<String> = buckets
+                    .iter()
+                    .map(|&b| format!("{:.2}", b as f64 / f64::from(1 << 20)))
+                    .collect();
+                tracing::info!(
+                    "{}: gradients averaged in {} bucket(s) of [{}] MiB, {}",
+                    stage.kind,
+                    buckets.len(),
+                    mib.join(", "),
+                    if plan.overlap {
+                        "overlapped with backward"
+                    } else {
+                        "after backward (dist.overlap = false)"
+                    }
+                );
+            }
+            self.current = Some((stage.kind, opt, reducer));
         }
-        Ok(&mut self.current.as_mut().expect("set above").1)
+        let (_, opt, reducer) = self.current.as_mut().expect("set above");
+        Ok((opt, reducer))
     }
 }
 
@@ -358,15 +274,13 @@ fn stage_optimizer(
 }
 
 /// What keeps the data-parallel replicas the same: every rank starts from rank 0's variables,
-/// averages gradients in buckets, follows rank 0's BatchNorm statistics, and checks now and then
-/// that all ranks hold the same parameters and data cursor.
+/// follows rank 0's BatchNorm statistics (broadcast in each step, [`Reducer`]), and checks now
+/// and then that all ranks hold the same parameters and data cursor.
 pub(crate) struct Replicas {
     /// Every model variable (shallow views: writing them writes the model).
     variables: Vec<Tensor>,
     /// The variables without gradients: BatchNorm running statistics.
     pub(crate) buffers: Vec<Tensor>,
-    /// Largest broadcast bucket, bytes.
-    bucket_bytes: usize,
 }
 
 impl Replicas {
@@ -386,19 +300,7 @@ impl Replicas {
             .filter(|t| !t.requires_grad())
             .map(|t| t.shallow_clone())
             .collect();
-        Ok(Replicas {
-            variables,
-            buffers,
-            bucket_bytes,
-        })
-    }
-
-    /// BatchNorm running statistics follow rank 0's (PyTorch DDP's `broadcast_buffers`); returns
-    /// the time spent.
-    pub(crate) fn broadcast_buffers(&mut self, collective: &dyn Collective) -> Result<Duration> {
-        let started = Instant::now();
-        ddp::broadcast_variables(collective, &mut self.buffers, self.bucket_bytes)?;
-        Ok(started.elapsed())
+        Ok(Replicas { variables, buffers })
     }
 
     /// After `step`: the ranks' parameters are identical and their data cursors agree.
@@ -430,33 +332,5 @@ impl Replicas {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn all_finite_sees_any_nan_or_infinity_and_nothing_else() {
-        let t = |v: &[f32]| Tensor::from_slice(v);
-        let big = f32::MAX;
-        // Finite extremes of float32 in many tensors do not overflow the check.
-        let finite: Vec<Tensor> = (0..64).map(|_| t(&[big, -big, 1.0])).collect();
-        assert!(all_finite(&finite).unwrap());
-        assert!(all_finite(&[]).unwrap());
-        assert!(all_finite(&[t(&[]), t(&[0.0])]).unwrap());
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            assert!(
-                !all_finite(&[t(&[1.0, 2.0]), t(&[0.5, bad, 3.0])]).unwrap(),
-                "{bad}"
-            );
-        }
-        // +inf in one tensor and -inf in another do not cancel.
-        assert!(!all_finite(&[t(&[f32::INFINITY]), t(&[f32::NEG_INFINITY])]).unwrap());
-        // A 2-d gradient.
-        let m = Tensor::zeros([3, 4], (tch::Kind::Float, Device::Cpu));
-        let _ = m.get(2).get(1).fill_(f64::NAN);
-        assert!(!all_finite(&[m]).unwrap());
     }
 }
