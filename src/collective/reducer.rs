@@ -745,7 +745,8 @@ mod tests {
         );
         assert_eq!(
             bucket_layout(&params, &order, 4096, 1 << 20),
-            vec![vec![5, 4], vec![3, 2, 1, 0]]
+            vec![vec![5, 4, 3], vec![2, 1, 0]],
+            "2336 B in the first; w2 (8192 B) would pass 4096 B"
         );
         let mixed = vec![
             Tensor::zeros([4], (Kind::Float, Device::Cpu)),
