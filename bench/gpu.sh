@@ -7,6 +7,11 @@
 #                rank loss + Adagrad);
 #             3. NCCL smoke test: one rank joins an NCCL communicator and all-reduces a buffer of
 #                the model's size; the result is checked (exactly the input with one rank).
+#             4. with 2 or more GPUs: the gradient all-reduce overlapped with backward or not,
+#                2 ranks (GPUs 0 and 1) of `devise bench-step --collective nccl`, designs
+#                `none` (both ranks step, no communication), `off` (dist.overlap = false), `on`
+#                (dist.overlap = true); step ms and exposed communication (step - none). On one
+#                GPU it is skipped (a 1-rank all-reduce is a no-op).
 # Needs:    a Linux machine with one NVIDIA GPU and PyTorch 2.11 (CUDA 13) + torchvision in
 #           `python3` (pip install torch==2.11.0 torchvision==0.26.0; the wheel brings NCCL);
 #           no Rust toolchain. The devise binary is built beforehand on any x86-64 Linux machine
@@ -62,6 +67,36 @@ RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER
   --steps 2 --warmup 1 --precision bf16 --channels-last --device "$device" \
   --collective "$collective" | record "$collective-smoke" 1
 
+gpus=$([ "$device" = cuda ] && "$py" -c 'import torch; print(torch.cuda.device_count())' || echo 0)
+if [ "$gpus" -ge 2 ]; then
+  # 2 ranks on GPUs 0 and 1 (LOCAL_RANK picks the GPU), rank 0's line recorded.
+  pair() {
+    local design=$1 round=$2 r pids=() rc=0 flags=()
+    case $design in
+      off) flags=(--collective nccl --overlap false) ;;
+      on) flags=(--collective nccl --overlap true) ;;
+    esac
+    for r in 0 1; do
+      RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 \
+        MASTER_PORT=$((29530 + round)) timeout 300 "$devise" bench-step "${common[@]}" \
+        --stage softmax "${flags[@]}" >"$out.rank$r" 2>/dev/null &
+      pids+=($!)
+    done
+    for r in 0 1; do wait "${pids[$r]}" || rc=$?; done
+    [ "$rc" -eq 0 ] || { log "overlap pair $design round $round failed ($rc)"; return; }
+    record "overlap-$design" "$round" <"$out.rank0"
+    rm -f "$out.rank0" "$out.rank1"
+  }
+  for round in $(seq 1 "$rounds"); do
+    for design in none off on; do
+      log "round $round: 2 GPUs, overlap $design"
+      pair "$design" "$round"
+    done
+  done
+else
+  log "overlap on/off pair skipped: it needs 2 GPUs ($gpus here; on one GPU the all-reduce is a no-op)"
+fi
+
 "$py" - "$out" "$rounds" <<'PY'
 import json, statistics as st, sys
 path, rounds = sys.argv[1], int(sys.argv[2])
@@ -71,11 +106,23 @@ print(f"\n{rows[-1]['encoder']}, {rows[-1]['image_size']} px, bf16 autocast, cha
 print("| stage | ours img/s | PyTorch img/s | ours/PyTorch |")
 print("|---|---:|---:|---:|")
 for stage in ["softmax", "devise"]:
-    v = {s: [r["result"]["images_per_sec"] for r in rows[-(rounds * 4 + 1):-1]
-             if r.get("stage") == stage and r["side"] == s] for s in ["ours", "pytorch"]}
+    v = {s: [r["result"]["images_per_sec"] for r in rows
+             if r.get("stage") == stage and r["side"] == s][-rounds:] for s in ["ours", "pytorch"]}
     if v["ours"] and v["pytorch"]:
         f = lambda x: f"{st.median(x):.0f} ({min(x):.0f}-{max(x):.0f})"
         print(f"| {stage} | {f(v['ours'])} | {f(v['pytorch'])} | {st.median(v['ours']) / st.median(v['pytorch']):.3f} |")
+pairs = {d: [r["result"] for r in rows if r["side"] == f"overlap-{d}"][-rounds:] for d in ["none", "off", "on"]}
+if all(pairs.values()):
+    base = st.median([r["step_ms"] for r in pairs["none"]])
+    print(f"\n2 GPUs, softmax stage, NCCL; step ms, median of {rounds} rounds\n")
+    print("| design | step ms | exposed comm ms (step - none) | reducer's wait ms | buckets started in backward |")
+    print("|---|---:|---:|---:|---:|")
+    for d in ["none", "off", "on"]:
+        step = st.median([r["step_ms"] for r in pairs[d]])
+        last = pairs[d][-1]
+        print(f"| {d} | {step:.1f} | {'-' if d == 'none' else f'{step - base:.1f}'} | "
+              f"{st.median([r['exposed_comm_ms'] for r in pairs[d]]):.1f} | "
+              f"{last['buckets_started_in_backward']} of {len(last['buckets'])} |")
 smoke = [r for r in rows if r["side"].endswith("-smoke")][-1:]
 for r in smoke:
     b, ms, calls = r["result"]["all_reduce"]

@@ -43,7 +43,7 @@
 //! behind backward too.
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -210,6 +210,8 @@ pub struct Reducer {
     started: AtomicUsize,
     /// Of those, how many before backward returned (the last step's).
     started_in_backward: AtomicUsize,
+    /// The last step's backward pass, nanoseconds.
+    backward_ns: AtomicU64,
 }
 
 impl Reducer {
@@ -233,6 +235,7 @@ impl Reducer {
             hooks: None,
             started: AtomicUsize::new(0),
             started_in_backward: AtomicUsize::new(0),
+            backward_ns: AtomicU64::new(0),
         };
         if world_size == 1 || params.is_empty() {
             return Ok(reducer);
@@ -298,6 +301,11 @@ impl Reducer {
         self.started_in_backward.load(Ordering::SeqCst)
     }
 
+    /// How long the last step's backward pass took (with the overlap: while communicating).
+    pub fn last_backward(&self) -> Duration {
+        Duration::from_nanos(self.backward_ns.load(Ordering::SeqCst))
+    }
+
     /// How many buckets, and the bytes of each (gradients only), in start order.
     pub fn bucket_bytes(&self) -> Vec<usize> {
         self.buckets
@@ -317,6 +325,13 @@ impl Reducer {
         input: StepInput<'_>,
         backward: impl FnOnce() -> Result<()>,
     ) -> Result<(Votes, Duration)> {
+        let backward = || {
+            let started = Instant::now();
+            let result = backward();
+            self.backward_ns
+                .store(started.elapsed().as_nanos() as u64, Ordering::SeqCst);
+            result
+        };
         if self.world_size == 1 || self.buckets.is_empty() {
             backward()?;
             return Ok((self.local_votes(&input)?, Duration::ZERO));

@@ -52,8 +52,13 @@ pub struct BenchResult {
     /// Mean milliseconds per timed step spent waiting for communication after backward (the
     /// exposed part of the gradient all-reduce; 0 with one rank).
     pub exposed_comm_ms: f64,
+    /// Mean milliseconds per timed step of the backward pass (with the overlap, while the
+    /// buckets are being all-reduced).
+    pub backward_ms: f64,
     /// Bytes of each gradient bucket, in start order (empty with one rank).
     pub buckets: Vec<usize>,
+    /// Of those, how many the last step started before its backward pass returned.
+    pub buckets_started_in_backward: usize,
     /// All-reduce smoke test, when a collective was given: (bytes, milliseconds per call,
     /// calls) with the result checked against the input: a sum of every trained parameter's
     /// size in one buffer, so with several ranks the time of the whole gradient all-reduce done
@@ -269,13 +274,13 @@ pub fn run(
     };
     let mut started = Instant::now();
     let mut last_loss = f64::NAN;
-    let mut exposed = Duration::ZERO;
+    let (mut exposed, mut backward) = (Duration::ZERO, Duration::ZERO);
     for step in 1..=b.warmup + b.steps {
         if step == b.warmup + 1 {
             synchronize(device);
             collective.barrier()?;
             started = Instant::now();
-            exposed = Duration::ZERO;
+            (exposed, backward) = (Duration::ZERO, Duration::ZERO);
         }
         let input = Input::Images(images.shallow_clone(), labels.shallow_clone());
         let (votes, comm) = train_step(
@@ -297,6 +302,7 @@ pub fn run(
         opt.step(opt_cfg.lr);
         last_loss = votes.mean_loss;
         exposed += comm;
+        backward += reducer.last_backward();
     }
     synchronize(device);
     let seconds = started.elapsed().as_secs_f64();
@@ -310,7 +316,9 @@ pub fn run(
         step_ms: 1000.0 * seconds / b.steps as f64,
         last_loss,
         exposed_comm_ms: 1000.0 * exposed.as_secs_f64() / b.steps as f64,
+        backward_ms: 1000.0 * backward.as_secs_f64() / b.steps as f64,
         buckets: reducer.bucket_bytes(),
+        buckets_started_in_backward: reducer.buckets_started_in_backward(),
         all_reduce,
     })
 }
