@@ -31,7 +31,7 @@ rate=${RATE:-1200mbit}
 delay=${DELAY:-500us}
 batch=${BATCH:-32}
 steps=${STEPS:-16}
-designs=${DESIGNS:-"none off on-25 on-5 on-1"}
+designs=${DESIGNS:-"none off on-25 on-5 on-2"}
 log() { printf '[overlap] %s\n' "$*" >&2; }
 
 [ "$(id -u)" -eq 0 ] || { log "needs root (network namespaces, tc)"; exit 2; }
