@@ -55,6 +55,15 @@
 //! (no CPU/GPU overlap across the call, and up to ~1 ms of polling latency on long operations);
 //! the training loop reads the loss on the CPU every step anyway, so little is lost.
 //!
+//! The overlapped gradient all-reduce ([`Collective::start`] / [`Collective::finish`],
+//! `super::reducer`) is the exception: it runs on a stream of its own, created with
+//! `CU_STREAM_NON_BLOCKING` (a blocking stream would synchronise with the legacy default stream,
+//! where backward runs). Each start records an event on the default stream (after the kernels
+//! that produced the bucket) and makes the overlap stream wait for it before the NCCL call;
+//! `finish` records an event on the overlap stream, makes the default stream wait for it (the
+//! optimizer step is queued after the results) and polls it from the host with the same error and
+//! timeout checks. The started buffers are kept alive until then.
+//!
 //! NCCL's all-reduce algorithms (ring, tree, NVLS) compute each element once and copy it to
 //! every rank, so in practice the result is bit-identical on every rank (what
 //! `ddp::check_identical` relies on; NCCL does not promise it in writing).

@@ -879,6 +879,39 @@ mod tests {
     }
 
     #[test]
+    fn a_rank_that_dies_during_the_overlap_fails_the_step_on_the_others() {
+        let started = Instant::now();
+        let out = with_ring(2, |ring| {
+            let params = mlp();
+            let reducer = Reducer::new(&ring, PLAN, &params, &[0, 1, 2, 3, 4, 5]).unwrap();
+            let loss = loss_of(&params, ring.rank());
+            if ring.rank() == 1 {
+                // Dies once its backward has started the first buckets: its sockets close.
+                loss.backward();
+                drop(reducer);
+                drop(ring);
+                return None;
+            }
+            let input = StepInput {
+                loss: &loss,
+                want_stop: &|| false,
+                broadcast: &mut [],
+                inf_grad: false,
+            };
+            let e = reducer
+                .backward(&ring, input, || Ok(loss.f_backward()?))
+                .unwrap_err();
+            Some(format!("{e:#}"))
+        });
+        let e = out[0].clone().unwrap();
+        assert!(
+            e.contains("gradient bucket") && e.contains("all-reduce failed"),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(15), "not after a timeout");
+    }
+
+    #[test]
     fn one_rank_keeps_libtorchs_gradients_and_votes_alone() {
         let params = mlp();
         let reducer = Reducer::new(&SingleProcess, PLAN, &params, &[0, 1, 2, 3, 4, 5]).unwrap();
