@@ -153,22 +153,6 @@ impl Optimizer {
         &self.params
     }
 
-    /// Gradients of the parameters (`[param shape]` each; zeros where backward produced none),
-    /// in parameter order: what the collective all-reduces.
-    pub fn grads(&self) -> Vec<Tensor> {
-        self.params
-            .iter()
-            .map(|(_, p)| {
-                let g = p.grad();
-                if g.defined() {
-                    g
-                } else {
-                    p.zeros_like()
-                }
-            })
-            .collect()
-    }
-
     /// Zeroes the gradient of every parameter, in place (a gradient may be a view into a
     /// data-parallel bucket, which must stay where it is).
     pub fn zero_grad(&mut self) {

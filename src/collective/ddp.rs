@@ -16,21 +16,8 @@ use super::{Collective, ReduceOp};
 /// Groups `tensors` (in order) into buckets of one dtype and at most `bucket_bytes` each (a
 /// tensor larger than that gets a bucket of its own); returns index lists.
 pub fn buckets(tensors: &[Tensor], bucket_bytes: usize) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut bytes = 0usize;
-    let mut kind = None;
-    for (i, t) in tensors.iter().enumerate() {
-        let size = t.numel() * t.kind().elt_size_in_bytes();
-        let fits = kind == Some(t.kind()) && bytes + size <= bucket_bytes;
-        if !fits || out.is_empty() {
-            out.push(Vec::new());
-            bytes = 0;
-            kind = Some(t.kind());
-        }
-        out.last_mut().expect("pushed above").push(i);
-        bytes += size;
-    }
-    out
+    let order: Vec<usize> = (0..tensors.len()).collect();
+    super::reducer::bucket_layout(tensors, &order, bucket_bytes, bucket_bytes)
 }
 
 /// Applies `op` to each bucket of `tensors` flattened into one buffer, then copies the result

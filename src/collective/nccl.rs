@@ -810,17 +810,10 @@ impl Collective for Nccl {
                 overlap.stream = stream;
             }
             let stream = overlap.stream;
-            // SAFETY: `event` is created, recorded on the legacy default stream, waited for by
-            // our stream and released (CUDA keeps it until the wait is done).
+            let event = new_event()?;
+            // SAFETY: `event` is recorded on the legacy default stream, waited for by our stream
+            // and released (CUDA keeps it until the wait is done).
             unsafe {
-                let mut event = std::ptr::null_mut();
-                cuda_check(
-                    cu::cuEventCreate(
-                        &mut event,
-                        cu::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
-                    ),
-                    "cuEventCreate",
-                )?;
                 let recorded = cu::cuEventRecord(event, std::ptr::null_mut());
                 let waited = cu::cuStreamWaitEvent(stream, event, 0);
                 cu::cuEventDestroy_v2(event);
@@ -857,20 +850,10 @@ impl Collective for Nccl {
         let stream = overlap.stream;
         let what = "overlapped operations";
         let result = self.with_comm(what, |comm| {
-            let mut event = std::ptr::null_mut();
-            // SAFETY: a new event of the current context, recorded on our stream, waited for by
-            // the default stream and polled, then released.
-            unsafe {
-                cuda_check(
-                    cu::cuEventCreate(
-                        &mut event,
-                        cu::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
-                    ),
-                    "cuEventCreate",
-                )?;
-            }
+            let event = new_event()?;
             let waited = (|| {
-                // SAFETY: as above.
+                // SAFETY: `event` is live until destroyed below; recorded on our stream, waited
+                // for by the default stream and polled.
                 unsafe {
                     cuda_check(cu::cuEventRecord(event, stream), "cuEventRecord")?;
                     cuda_check(
@@ -888,6 +871,22 @@ impl Collective for Nccl {
         overlap.pending.clear();
         result
     }
+}
+
+/// A new event of the current context, without timing (destroy it with `cuEventDestroy_v2`).
+fn new_event() -> Result<cu::CUevent> {
+    let mut event = std::ptr::null_mut();
+    // SAFETY: writes a new event handle of the current context.
+    cuda_check(
+        unsafe {
+            cu::cuEventCreate(
+                &mut event,
+                cu::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
+            )
+        },
+        "cuEventCreate",
+    )?;
+    Ok(event)
 }
 
 /// A CUDA driver result as an error naming the call.

@@ -908,7 +908,10 @@ mod tests {
             e.contains("gradient bucket") && e.contains("all-reduce failed"),
             "{e}"
         );
-        assert!(started.elapsed() < Duration::from_secs(15), "not after a timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "not after a timeout"
+        );
     }
 
     #[test]
