@@ -16,7 +16,8 @@
 #           communication cost itself.
 # Command:  bash scripts/prepare-tiny-imagenet.sh 200 && bash bench/dp_scaling.sh
 #           (ROUNDS=3 STEPS=60 by default)
-# Time:     ~1 min per run on 2 cores, ~6 min for 3 rounds (after the release build).
+# Time:     ~1 min per run on 2 cores, ~9 min for 3 rounds with the compute runs (after the
+#           release build).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -81,12 +82,15 @@ compute() {
   local round=$1 r pids=()
   local -a flags=(--encoder convnet --image-size 56 --batch-size 64 --classes 150 --threads 1
     --steps 40 --warmup 5)
-  "$bin/devise" bench-step "${flags[@]}" >"$work/alone.json" 2>/dev/null
+  "$bin/devise" bench-step "${flags[@]}" >"$work/alone.json" 2>"$work/alone.err" ||
+    { log "bench-step failed:"; tail -5 "$work/alone.err" >&2; exit 1; }
   for r in 0 1; do
-    "$bin/devise" bench-step "${flags[@]}" >"$work/shared.$r.json" 2>/dev/null &
+    "$bin/devise" bench-step "${flags[@]}" >"$work/shared.$r.json" 2>"$work/shared.$r.err" &
     pids+=($!)
   done
-  for r in 0 1; do wait "${pids[$r]}"; done
+  for r in 0 1; do
+    wait "${pids[$r]}" || { log "bench-step failed:"; tail -5 "$work/shared.$r.err" >&2; exit 1; }
+  done
   python3 - "$round" "$work/alone.json" "$work/shared.0.json" "$work/shared.1.json" <<'EOF'
 import json, sys
 ms = lambda p: json.loads(open(p).read().strip().splitlines()[-1])["result"]["step_ms"]

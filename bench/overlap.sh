@@ -19,10 +19,12 @@
 #           all-reduce (overlap on).
 # Hardware: written on a 2-core VM: the two ranks share 2 cores (1 compute thread each), and the
 #           ring's communication thread shares them too.
-# Command:  sudo bash bench/overlap.sh    (root: it creates namespaces; ROUNDS=5 RATE=1200mbit
-#           DELAY=500us BATCH=32 STEPS=16 by default). It removes the namespaces (and with them
-#           the veth pair and its qdiscs) on exit, also on failure or Ctrl-C.
-# Time:     ~20 s per run, ~6 min for the default 3 rounds x 5 designs (after the release build).
+# Command:  cargo build --release --workspace --bins && sudo bash bench/overlap.sh
+#           (root: it creates namespaces; build first as yourself, or the build runs as root;
+#           ROUNDS=5 RATE=1200mbit DELAY=500us BATCH=32 STEPS=16 by default). It removes the
+#           namespaces (and with them the veth pair and its qdiscs) on exit, also on failure or
+#           Ctrl-C.
+# Time:     ~30 s per run, ~13 min for the default 5 rounds x 5 designs (after the build).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -66,10 +68,14 @@ ip -n "$ns_b" link set dvov-b up
 # netem (rate + delay) where the kernel has it; else tbf (rate only: the delay is the veth's own,
 # tens of microseconds).
 shape() {
-  local ns=$1 dev=$2
-  if tc -n "$ns" qdisc add dev "$dev" root netem rate "$rate" delay "$delay" limit 10000 2>/dev/null; then
+  local ns=$1 dev=$2 err
+  if err=$(tc -n "$ns" qdisc add dev "$dev" root netem rate "$rate" delay "$delay" limit 10000 2>&1); then
     return
   fi
+  case $err in
+    *"qdisc kind is unknown"*) ;;
+    *) log "tc netem refused RATE=$rate DELAY=$delay: $err"; exit 2 ;;
+  esac
   tc -n "$ns" qdisc add dev "$dev" root tbf rate "$rate" burst 256kb latency 50ms
   delay="none (no netem in this kernel)"
 }
@@ -99,7 +105,14 @@ run() {
       timeout 600 "$bin" bench-step "${flags[@]}" >"$work/out.$r" 2>"$work/err.$r" &
     pids+=($!)
   done
-  for r in 0 1; do wait "${pids[$r]}" || rc=$?; done
+  # The first rank to fail takes the other down (no waiting for its timeout).
+  for r in 0 1; do
+    if ! wait -n "${pids[@]}"; then
+      rc=1
+      kill "${pids[@]}" 2>/dev/null || true
+      break
+    fi
+  done
   if [ "$rc" -ne 0 ]; then
     log "design $design round $round failed ($rc):"
     tail -5 "$work/err.0" "$work/err.1" >&2

@@ -1,5 +1,5 @@
 // What data-parallel training needs from libtorch's autograd and tch 0.24 does not expose
-// (src/collective/ddp.rs): a hook that runs when a parameter's gradient has been accumulated
+// (src/collective/reducer.rs): a hook that runs when a parameter's gradient has been accumulated
 // into its `.grad` during backward (libtorch's post-accumulate-grad hook, what PyTorch's
 // `Tensor.register_post_accumulate_grad_hook` sets), and setting a parameter's `.grad` to a
 // tensor of our choosing (a view into a flat gradient bucket, PyTorch DDP's
@@ -32,8 +32,8 @@ struct GradReady : torch::autograd::PostAccumulateGradHook {
 extern "C" {
 
 // Sets (replacing any) the post-accumulate-grad hook of the leaf tensor `param`: after each
-// backward pass accumulated its gradient, `fn(context, index)` is called. Returns 0, -1 on error
-// (e.g. a tensor that does not require grad).
+// backward pass accumulated its gradient, `fn(context, index)` is called (never, for a tensor
+// that does not require grad: libtorch does not check). Returns 0, -1 on error.
 int devise_set_grad_ready_hook(const at::Tensor *param, devise_grad_ready_fn fn, void *context,
                                int64_t index) {
   try {

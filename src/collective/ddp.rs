@@ -13,8 +13,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::{Collective, ReduceOp};
 
-/// Groups `tensors` (in order) into buckets of one dtype and at most `bucket_bytes` each (a
-/// tensor larger than that gets a bucket of its own); returns index lists.
+/// Groups `tensors` (in order) into buckets of one dtype of about `bucket_bytes` each
+/// ([`super::reducer::bucket_layout`]: closed once they hold that much); returns index lists.
 pub fn buckets(tensors: &[Tensor], bucket_bytes: usize) -> Vec<Vec<usize>> {
     let order: Vec<usize> = (0..tensors.len()).collect();
     super::reducer::bucket_layout(tensors, &order, bucket_bytes, bucket_bytes)

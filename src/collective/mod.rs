@@ -46,13 +46,14 @@ pub struct Config {
     /// `auto` (NCCL when `run.device` is CUDA, else `cpu`), `cpu`, or `nccl`.
     #[serde(default)]
     pub backend: Backend,
-    /// Gradients are averaged in flat buckets of at most this many MiB (one all-reduce each);
-    /// also the largest broadcast when the replicas start.
+    /// Gradients are averaged in flat buckets of about this many MiB, one all-reduce each (a
+    /// bucket is closed once it holds this much, PyTorch DDP's rule); also the size of the
+    /// broadcasts when the replicas start.
     #[serde(default = "default_bucket_mb")]
     pub bucket_size_mb: f64,
     /// The first gradient bucket (the gradients backward produces first: the head's, the last
-    /// layers') holds at most this many MiB, so its all-reduce starts early in backward
-    /// (PyTorch DDP's 1 MiB first bucket).
+    /// layers') is closed once it holds this many MiB, so its all-reduce starts early in
+    /// backward (PyTorch DDP's 1 MiB first bucket).
     #[serde(default = "default_first_bucket_mb")]
     pub first_bucket_size_mb: f64,
     /// Average each bucket of gradients while backward still computes the rest (`true`,
@@ -220,8 +221,8 @@ pub trait Collective: Send + Sync {
     fn barrier(&self) -> Result<()>;
 
     /// Starts `op` on `buffer` (the checks of [`Collective::all_reduce`] /
-    /// [`Collective::broadcast`]), ordered after the device work already queued that produced
-    /// the buffer; [`Collective::finish`] waits for everything started. What the overlapped
+    /// [`Collective::broadcast`]), ordered after the work already queued that produced the
+    /// buffer (on a GPU: libtorch's work on the legacy default stream, where it runs backward); [`Collective::finish`] waits for everything started. What the overlapped
     /// gradient reduction calls, from one thread, while backward runs.
     ///
     /// Until `finish` returns: operations run in the order started (the same on every rank), the

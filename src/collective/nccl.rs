@@ -674,6 +674,30 @@ fn init_comm(
 impl Drop for Nccl {
     fn drop(&mut self) {
         let overlap = self.overlap.get_mut().unwrap_or_else(|p| p.into_inner());
+        // Operations started and never finished (an error or a panic on the way): their kernels
+        // may wait for peers forever, so the communicator is aborted, not destroyed.
+        let unfinished = !overlap.pending.is_empty();
+        let comm = self
+            .comm
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(Comm(comm)) = comm {
+            let _ = guarded("ncclCommDestroy", || {
+                let _ = self.ctx.bind_to_thread();
+                // SAFETY: `comm` is live and taken out of the slot: never used again. Without
+                // unfinished overlapped operations, every operation waited for its collective,
+                // so none is pending.
+                let _ = unsafe {
+                    if unfinished {
+                        (self.api.comm_abort)(comm)
+                    } else {
+                        (self.api.comm_destroy)(comm)
+                    }
+                };
+                Ok(())
+            });
+        }
         if !overlap.stream.is_null() {
             let stream = overlap.stream;
             let _ = guarded("cuStreamDestroy", || {
@@ -683,20 +707,7 @@ impl Drop for Nccl {
                 Ok(())
             });
         }
-        let comm = self
-            .comm
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(Comm(comm)) = comm {
-            let _ = guarded("ncclCommDestroy", || {
-                let _ = self.ctx.bind_to_thread();
-                // SAFETY: `comm` is live and taken out of the slot: never used again. Every
-                // operation waited for its collective, so none is pending.
-                let _ = unsafe { (self.api.comm_destroy)(comm) };
-                Ok(())
-            });
-        }
+        overlap.pending.clear();
     }
 }
 

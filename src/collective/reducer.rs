@@ -5,9 +5,9 @@
 //!
 //! The parameters a stage trains are laid out in flat buckets in the reverse of the order the
 //! model created them, which is the order backward produces their gradients (head first, stem
-//! last). The first bucket holds at most `dist.first_bucket_size_mb`, so its all-reduce starts
-//! early; the others at most `dist.bucket_size_mb`; one dtype per bucket; a tensor larger than
-//! the limit gets a bucket of its own. Each parameter's `.grad` is a view into its bucket, with
+//! last). A bucket is closed once it holds `dist.first_bucket_size_mb` (the first, so its
+//! all-reduce starts early) or `dist.bucket_size_mb` (the others), PyTorch DDP's rule; one dtype
+//! per bucket. Each parameter's `.grad` is a view into its bucket, with
 //! the parameter's strides (PyTorch's `gradient_as_bucket_view`): backward accumulates into
 //! bucket memory and the all-reduce works in place there, with no copy in or out.
 //!
@@ -237,12 +237,22 @@ impl Reducer {
             started_in_backward: AtomicUsize::new(0),
             backward_ns: AtomicU64::new(0),
         };
-        if world_size == 1 || params.is_empty() {
+        if world_size == 1 {
             return Ok(reducer);
+        }
+        if params.is_empty() {
+            bail!("data-parallel training of a stage with no trained parameters");
         }
         let order: Vec<usize> = creation_order.iter().rev().copied().collect();
         let groups = bucket_layout(params, &order, plan.first_bucket_bytes, plan.bucket_bytes);
         let last = groups.len() - 1;
+        if params[groups[last][0]].kind() != Kind::Float {
+            bail!(
+                "data-parallel training needs float32 parameters (the step's vote rides in the \
+                 last gradient bucket); got {:?}",
+                params[groups[last][0]].kind()
+            );
+        }
         for (b, group) in groups.into_iter().enumerate() {
             let first = &params[group[0]];
             let grad_len: i64 = group.iter().map(|&i| params[i].numel() as i64).sum();
@@ -252,9 +262,14 @@ impl Reducer {
             for &i in &group {
                 let p = &params[i];
                 let n = p.numel() as i64;
-                let view = flat
-                    .narrow(0, offset, n)
-                    .as_strided(p.size(), p.stride(), None::<i64>);
+                // The parameter's own strides when they are dense (contiguous, channels-last),
+                // so accumulation keeps its layout; else contiguous.
+                let part = flat.narrow(0, offset, n);
+                let view = if dense(&p.size(), &p.stride()) {
+                    part.as_strided(p.size(), p.stride(), None::<i64>)
+                } else {
+                    part.view(p.size().as_slice())
+                };
                 // SAFETY: both are live tensors; the view has the parameter's shape, strides,
                 // dtype and device.
                 if unsafe { devise_set_grad(p.as_ptr() as *const c_void, view.as_ptr() as _) } != 0
@@ -336,10 +351,25 @@ impl Reducer {
             backward()?;
             return Ok((self.local_votes(&input)?, Duration::ZERO));
         }
-        let broadcast = (!input.broadcast.is_empty()).then(|| {
-            let flat: Vec<Tensor> = input.broadcast.iter().map(|t| t.reshape([-1])).collect();
-            Tensor::cat(&flat, 0)
-        });
+        // One flat copy per dtype of the variables taken from rank 0.
+        let mut broadcast: Vec<(Vec<usize>, Tensor)> = Vec::new();
+        let mut kinds: Vec<Kind> = Vec::new();
+        for (i, t) in input.broadcast.iter().enumerate() {
+            match kinds.iter().position(|&k| k == t.kind()) {
+                Some(g) => broadcast[g].0.push(i),
+                None => {
+                    kinds.push(t.kind());
+                    broadcast.push((vec![i], Tensor::new()));
+                }
+            }
+        }
+        for (indices, flat) in &mut broadcast {
+            let parts: Vec<Tensor> = indices
+                .iter()
+                .map(|&i| input.broadcast[i].reshape([-1]))
+                .collect();
+            *flat = Tensor::cat(&parts, 0);
+        }
         self.started.store(0, Ordering::SeqCst);
         let launcher = Launcher {
             collective,
@@ -360,48 +390,54 @@ impl Reducer {
             inf_param: self.params[0].grad(),
             rank: self.rank,
             world_size: self.world_size,
-            broadcast: broadcast.as_ref().map(|t| t.shallow_clone()),
+            broadcast: broadcast.iter().map(|(_, t)| t.shallow_clone()).collect(),
         };
         let abort = AtomicBool::new(false);
         let exposed = match &self.hooks {
             Some(hooks) => std::thread::scope(|scope| -> Result<Duration> {
                 let (tx, rx) = mpsc::channel::<usize>();
-                *hooks
-                    .ready
-                    .lock()
-                    .map_err(|_| anyhow!("gradient hook lock"))? = Some(tx);
+                let armed = Armed::arm(hooks, &abort, tx)?;
                 let abort = &abort;
                 let worker = std::thread::Builder::new()
                     .name("devise-comm".into())
                     .spawn_scoped(scope, move || launcher.run(Some((rx, abort))))
                     .context("starting the communication thread")?;
+                // A panic in backward drops `armed`: the thread's queue ends and it stops.
                 let computed = backward();
                 self.started_in_backward
                     .store(self.started.load(Ordering::SeqCst), Ordering::SeqCst);
-                // Disarm: the thread's queue ends; it starts what is left unless backward failed.
-                abort.store(computed.is_err(), Ordering::SeqCst);
-                drop(hooks.ready.lock().map(|mut r| r.take()));
+                // Disarm: the thread starts what is left, unless backward failed.
+                armed.disarm(computed.is_ok());
                 let waiting = Instant::now();
-                let communicated = worker
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow!("the communication thread panicked")));
+                let communicated = worker.join().unwrap_or_else(|panic| {
+                    Err(anyhow!(
+                        "the communication thread panicked: {}",
+                        panic_message(&panic)
+                    ))
+                });
+                // Also after a failure: what was started completes (or fails) before the
+                // buffers can be touched again.
+                let finished = collective.finish();
                 computed?;
                 communicated?;
-                collective.finish()?;
+                finished?;
                 Ok(waiting.elapsed())
             })?,
             None => {
                 backward()?;
                 self.started_in_backward.store(0, Ordering::SeqCst);
                 let waiting = Instant::now();
-                launcher.run(None)?;
-                collective.finish()?;
+                let communicated = launcher.run(None);
+                let finished = collective.finish();
+                communicated?;
+                finished?;
                 waiting.elapsed()
             }
         };
-        if let Some(flat) = broadcast {
+        for (indices, flat) in &broadcast {
             let mut offset = 0;
-            for t in input.broadcast.iter_mut() {
+            for &i in indices {
+                let t = &mut input.broadcast[i];
                 let n = t.numel() as i64;
                 let part = flat.narrow(0, offset, n).view_as(t);
                 tch::no_grad(|| t.copy_(&part));
@@ -447,19 +483,74 @@ impl Reducer {
 
 impl Drop for Reducer {
     fn drop(&mut self) {
+        let mut cleared = true;
         for p in &self.params {
             // SAFETY: live leaf tensors; a null gradient resets `.grad` (the bucket memory is
-            // freed with the buckets) and clearing the hook removes the last use of `hooks`.
+            // freed with the buckets) and clearing the hook removes a use of `hooks`.
             unsafe {
                 if self.hooks.is_some() {
-                    devise_clear_grad_ready_hook(p.as_ptr() as _);
+                    cleared &= devise_clear_grad_ready_hook(p.as_ptr() as _) == 0;
                 }
                 if !self.buckets.is_empty() {
                     devise_set_grad(p.as_ptr() as _, std::ptr::null());
                 }
             }
         }
+        if !cleared {
+            // A hook that could not be removed still points at `hooks`: it must outlive it.
+            if let Some(hooks) = self.hooks.take() {
+                Box::leak(hooks);
+            }
+        }
     }
+}
+
+/// The hooks armed for one backward pass. Dropped without [`Armed::disarm`] (a panic in
+/// backward, a failed thread start), it disarms as after a failed pass: the communication
+/// thread's queue ends and nothing more is started.
+struct Armed<'a> {
+    hooks: &'a HookShared,
+    abort: &'a AtomicBool,
+}
+
+impl<'a> Armed<'a> {
+    fn arm(
+        hooks: &'a HookShared,
+        abort: &'a AtomicBool,
+        ready: mpsc::Sender<usize>,
+    ) -> Result<Armed<'a>> {
+        *hooks
+            .ready
+            .lock()
+            .map_err(|_| anyhow!("gradient hook lock poisoned"))? = Some(ready);
+        abort.store(true, Ordering::SeqCst);
+        Ok(Armed { hooks, abort })
+    }
+
+    /// Ends the pass: after a successful backward (`succeeded`) the thread starts what is left.
+    fn disarm(self, succeeded: bool) {
+        self.abort.store(!succeeded, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        // The sender goes: the thread's `for` loop ends.
+        let ready = match self.hooks.ready.lock() {
+            Ok(mut ready) => ready.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(ready);
+    }
+}
+
+/// A panic's message, when it has one.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Starts the buckets, in order, as their gradients complete (the communication thread's side).
@@ -485,8 +576,8 @@ struct Launcher<'a> {
     inf_param: Tensor,
     rank: usize,
     world_size: usize,
-    /// The flat buffer broadcast first, if any.
-    broadcast: Option<Tensor>,
+    /// The flat buffers broadcast first (one per dtype).
+    broadcast: Vec<Tensor>,
 }
 
 impl Launcher<'_> {
@@ -494,8 +585,10 @@ impl Launcher<'_> {
     /// whatever is left unless `abort` was set (backward failed); without `ready`, every bucket
     /// (after backward).
     fn run(mut self, ready: Option<(mpsc::Receiver<usize>, &AtomicBool)>) -> Result<()> {
-        if let Some(flat) = &self.broadcast {
-            self.collective.start(flat, Started::Broadcast)?;
+        for flat in &self.broadcast {
+            self.collective
+                .start(flat, Started::Broadcast)
+                .context("broadcasting the BatchNorm statistics")?;
         }
         if let Some((ready, abort)) = ready {
             for param in ready {
@@ -522,8 +615,12 @@ impl Launcher<'_> {
     fn start(&mut self, b: usize) -> Result<()> {
         let (flat, grad_len) = (&self.buckets[b].0, self.buckets[b].1);
         if self.inf_grad == Some(b) {
+            // The parameter's first element in memory (its gradient may be channels-last).
             tch::no_grad(|| {
-                let _ = self.inf_param.view([-1]).get(0).fill_(f64::INFINITY);
+                let _ = self
+                    .inf_param
+                    .as_strided([1], [1], None::<i64>)
+                    .fill_(f64::INFINITY);
             });
         }
         let grads = flat.narrow(0, 0, grad_len);
@@ -550,15 +647,14 @@ impl Launcher<'_> {
     }
 
     /// This rank's vote `[loss or 0, loss finite, stop, health code at 3 + rank]` on `device`,
-    /// computed there (no host sync).
+    /// computed there (device kernels only: no copy from the host, which would wait for
+    /// backward's queued work).
     fn vote(&self, device: Device) -> Tensor {
         let loss = self.loss.to_kind(Kind::Float).reshape([]);
         let loss_finite = loss.isfinite();
         let grads_finite = match &self.device_extremes {
             Some(acc) if self.host_finite => acc.isfinite(),
-            _ => Tensor::from(i64::from(self.host_finite))
-                .to_kind(Kind::Bool)
-                .to_device(device),
+            _ => Tensor::full([], i64::from(self.host_finite), (Kind::Bool, device)),
         };
         // 0 finite, 1 non-finite loss, 2 non-finite gradients (finite loss).
         let code =
@@ -568,7 +664,7 @@ impl Launcher<'_> {
             &[
                 loss.where_scalarother(&loss_finite, 0.0),
                 loss_finite.to_kind(Kind::Float),
-                Tensor::from(stop as f32).to_device(device),
+                Tensor::full([], stop, (Kind::Float, device)),
             ],
             0,
         );
@@ -577,6 +673,21 @@ impl Launcher<'_> {
         slot.copy_(&code.to_kind(Kind::Float).reshape([1]));
         Tensor::cat(&[head, codes], 0)
     }
+}
+
+/// Whether `stride` lays out `size` densely: every element once, no gaps (any dimension order).
+fn dense(size: &[i64], stride: &[i64]) -> bool {
+    let mut dims: Vec<(i64, i64)> = size.iter().copied().zip(stride.iter().copied()).collect();
+    dims.retain(|&(n, _)| n != 1);
+    dims.sort_by_key(|&(_, s)| s);
+    let mut expected = 1;
+    for (n, s) in dims {
+        if s != expected {
+            return false;
+        }
+        expected *= n;
+    }
+    true
 }
 
 /// Whether every element of a CPU float32 tensor is finite: `x * 0` is 0 for finite `x` and NaN
@@ -622,9 +733,10 @@ pub(crate) fn all_finite<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Resul
     Ok(f64::try_from(Tensor::stack(&extremes, 0).sum(Kind::Double))?.is_finite())
 }
 
-/// Groups `params` taken in `order` (indices) into buckets of one dtype: the first at most
-/// `first_bytes`, the others at most `bytes` (a larger tensor gets a bucket of its own); returns
-/// index lists in start order.
+/// Groups `params` taken in `order` (indices) into buckets of one dtype, PyTorch DDP's rule: a
+/// bucket is closed once it holds at least its limit (`first_bytes` for the first, `bytes` for
+/// the others), so it passes the limit by at most its last tensor, and small tensors never make
+/// a bucket of their own between large ones. Returns index lists in start order.
 pub fn bucket_layout(
     params: &[Tensor],
     order: &[usize],
@@ -632,20 +744,19 @@ pub fn bucket_layout(
     bytes: usize,
 ) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
-    let (mut filled, mut kind) = (0usize, None);
+    let (mut filled, mut kind, mut open) = (0usize, None, false);
     for &i in order {
         let t = &params[i];
-        let size = t.numel() * t.kind().elt_size_in_bytes();
-        // The limit of the bucket being filled: the first's, or the others'.
-        let limit = if out.len() <= 1 { first_bytes } else { bytes };
-        let fits = !out.is_empty() && kind == Some(t.kind()) && filled + size <= limit;
-        if !fits {
+        if !open || kind != Some(t.kind()) {
             out.push(Vec::new());
-            filled = 0;
-            kind = Some(t.kind());
+            (filled, kind, open) = (0, Some(t.kind()), true);
         }
         out.last_mut().expect("pushed above").push(i);
-        filled += size;
+        filled += t.numel() * t.kind().elt_size_in_bytes();
+        let limit = if out.len() == 1 { first_bytes } else { bytes };
+        if filled >= limit {
+            open = false;
+        }
     }
     out
 }
@@ -755,13 +866,20 @@ mod tests {
         let order: Vec<usize> = (0..6).rev().collect();
         assert_eq!(
             bucket_layout(&params, &order, 600, 2200),
-            vec![vec![5], vec![4], vec![3], vec![2], vec![1, 0]],
-            "the first holds b3 (32 B; with w3 it would pass 600 B); w2 alone (over the limit)"
+            vec![vec![5, 4], vec![3, 2], vec![1, 0]],
+            "a bucket closes once it holds its limit: 2080 B >= 600, 8448 B >= 2200, then the rest"
         );
         assert_eq!(
             bucket_layout(&params, &order, 4096, 1 << 20),
-            vec![vec![5, 4, 3], vec![2, 1, 0]],
-            "2336 B in the first; w2 (8192 B) would pass 4096 B"
+            vec![vec![5, 4, 3, 2], vec![1, 0]],
+            "w2 takes the first past 4096 B and closes it"
+        );
+        // Small tensors between large ones join a bucket, never make one of their own.
+        let f = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
+        let mixed = vec![f(1000), f(2), f(1000), f(2), f(1000)];
+        assert_eq!(
+            bucket_layout(&mixed, &[0, 1, 2, 3, 4], 100, 100),
+            vec![vec![0], vec![1, 2], vec![3, 4]]
         );
         let mixed = vec![
             Tensor::zeros([4], (Kind::Float, Device::Cpu)),
@@ -782,7 +900,7 @@ mod tests {
             let overlapped = mlp();
             let on = Reducer::new(&ring, PLAN, &overlapped, &order).unwrap();
             assert!(
-                on.hooks.is_some() && on.buckets.len() >= 4,
+                on.hooks.is_some() && on.buckets.len() >= 3,
                 "several buckets"
             );
             let a = train(&ring, &on, &overlapped, true);
@@ -912,6 +1030,43 @@ mod tests {
             started.elapsed() < Duration::from_secs(15),
             "not after a timeout"
         );
+    }
+
+    #[test]
+    fn a_panic_in_backward_propagates_instead_of_hanging() {
+        let started = Instant::now();
+        let out = with_ring(2, |ring| {
+            let params = mlp();
+            let reducer = Reducer::new(&ring, PLAN, &params, &[0, 1, 2, 3, 4, 5]).unwrap();
+            let loss = loss_of(&params, ring.rank());
+            let input = StepInput {
+                loss: &loss,
+                want_stop: &|| false,
+                broadcast: &mut [],
+                inf_grad: false,
+            };
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                reducer.backward(&ring, input, || {
+                    loss.f_backward()?;
+                    panic!("a panic in backward");
+                })
+            }))
+            .is_err()
+        });
+        assert_eq!(out, vec![true, true]);
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+
+    #[test]
+    fn gradient_views_keep_dense_layouts_only() {
+        assert!(dense(&[8, 3, 3, 3], &[27, 9, 3, 1]), "contiguous");
+        assert!(dense(&[8, 3, 3, 3], &[27, 1, 9, 3]), "channels-last");
+        assert!(
+            dense(&[4, 1, 5], &[5, 7, 1]),
+            "size-1 dimensions' strides do not matter"
+        );
+        assert!(!dense(&[4, 5], &[10, 1]), "gaps");
+        assert!(!dense(&[4, 5], &[1, 1]), "overlap");
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! One optimizer step: the stage's loss on a batch, backward, this rank's verdict on its loss and
-//! gradients, the gradient mean across ranks, and the one small all-reduce where the ranks vote
-//! (mean loss, ranks with a non-finite loss or gradient, stop). Also what each step is seeded
+//! One optimizer step: the stage's loss on a batch and backward, with the gradient mean across
+//! ranks overlapped with it and the ranks' vote (mean loss, ranks with a non-finite loss or
+//! gradient, stop) carried in its last all-reduce (`collective::reducer`). Also what each step is seeded
 //! with, which parameters each stage trains, the current stage's optimizer, and the upkeep of the
 //! data-parallel replicas.
 use super::batches::Input;
