@@ -77,10 +77,12 @@ shape() {
     *) log "tc netem refused RATE=$rate DELAY=$delay: $err"; exit 2 ;;
   esac
   tc -n "$ns" qdisc add dev "$dev" root tbf rate "$rate" burst 256kb latency 50ms
-  delay="none (no netem in this kernel)"
+  added_delay="none (no netem in this kernel)"
 }
+added_delay=$delay
 shape "$ns_a" dvov-a
 shape "$ns_b" dvov-b
+delay=$added_delay
 log "link: $rate, added delay $delay each way; ranks in $ns_a (198.18.0.1, rank 0) and $ns_b (198.18.0.2)"
 
 # run DESIGN ROUND: one 2-rank bench-step; rank 0's JSON line, tagged, appended to $out.
@@ -106,12 +108,15 @@ run() {
     pids+=($!)
   done
   # The first rank to fail takes the other down (no waiting for its timeout).
-  for r in 0 1; do
-    if ! wait -n "${pids[@]}"; then
+  local remaining=("${pids[@]}") done_pid
+  while [ ${#remaining[@]} -gt 0 ]; do
+    if ! wait -n -p done_pid "${remaining[@]}"; then
       rc=1
-      kill "${pids[@]}" 2>/dev/null || true
+      kill "${remaining[@]}" 2>/dev/null || true
+      wait 2>/dev/null || true
       break
     fi
+    remaining=($(printf '%s\n' "${remaining[@]}" | grep -vx "$done_pid" || true))
   done
   if [ "$rc" -ne 0 ]; then
     log "design $design round $round failed ($rc):"
