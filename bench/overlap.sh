@@ -37,7 +37,10 @@ designs=${DESIGNS:-"none off on-25 on-5 on-2"}
 log() { printf '[overlap] %s\n' "$*" >&2; }
 
 [ "$(id -u)" -eq 0 ] || { log "needs root (network namespaces, tc)"; exit 2; }
-command -v ip >/dev/null && command -v tc >/dev/null || { log "needs ip and tc (iproute2)"; exit 2; }
+if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
+  log "needs ip and tc (iproute2)"
+  exit 2
+fi
 export LIBTORCH="$root/.deps/libtorch"
 [ -f "$LIBTORCH/.complete" ] || bash scripts/setup.sh
 cargo build --quiet --release --workspace --bins
@@ -116,7 +119,7 @@ run() {
       wait 2>/dev/null || true
       break
     fi
-    remaining=($(printf '%s\n' "${remaining[@]}" | grep -vx "$done_pid" || true))
+    mapfile -t remaining < <(printf '%s\n' "${remaining[@]}" | grep -vx "$done_pid" || true)
   done
   if [ "$rc" -ne 0 ]; then
     log "design $design round $round failed ($rc):"
